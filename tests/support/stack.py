@@ -1,0 +1,189 @@
+"""Helpers that build and drive a real triage stack from tests: a runtime, a worker process,
+signed webhook posts, and waiting on the database for outcomes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+
+from triage.config import PROJECT_ROOT, Settings, load_config
+from triage.db.session import get_engine
+from triage.ingest.signing import sign
+from triage.pipeline.runtime import Runtime
+
+GENERIC_SECRET = "whsec_" + "dHJpYWdlLXRlc3Qtc2VjcmV0LWtleS0wMTIzNDU2Nzg5"
+TABLES = ("outbox", "attempts", "dead_letters", "dispatches", "classifications", "tickets")
+
+
+def stack_env(database_url: str, redis_url: str, **overrides: str) -> dict[str, str]:
+    """Environment for triage processes under test. Only loopback services."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("TRIAGE_", "ANTHROPIC_")) and k not in ("DATABASE_URL", "REDIS_URL")
+    }
+    env.update(
+        DATABASE_URL=database_url,
+        REDIS_URL=redis_url,
+        TRIAGE_WEBHOOK_SECRET_GENERIC=GENERIC_SECRET,
+        TRIAGE_BACKEND="local",
+        # Short policy delays so retries happen within a test's lifetime.
+        TRIAGE_CLASSIFY_BASE_DELAY="0.05",
+        TRIAGE_CLASSIFY_MAX_DELAY="0.5",
+        TRIAGE_DELIVER_BASE_DELAY="0.05",
+        TRIAGE_DELIVER_MAX_DELAY="0.5",
+        TRIAGE_SWEEP_INTERVAL_SECONDS="1",
+        TRIAGE_API_TIMEOUT_SECONDS="5",
+    )
+    env.update(overrides)
+    return env
+
+
+def make_runtime(env: dict[str, str]) -> Runtime:
+    """A runtime configured exactly as a process started with `env` would be."""
+    saved = dict(os.environ)
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        config = load_config(Settings())
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return Runtime(config)
+
+
+def truncate(database_url: str) -> None:
+    engine = get_engine(database_url)
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+        else:
+            for table in TABLES:
+                conn.execute(text(f"DELETE FROM {table}"))
+
+
+class WorkerProcess:
+    """`triage worker` as a real subprocess, its output kept in a log file for failures."""
+
+    def __init__(self, env: dict[str, str], *, concurrency: int = 50, queues: str = "") -> None:
+        self.env = env
+        self.concurrency = concurrency
+        self.queues = queues
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = Path(tempfile.mkstemp(prefix="triage-worker-", suffix=".log")[1])
+
+    def start(self, timeout: float = 60) -> WorkerProcess:
+        args = [sys.executable, "-m", "triage.cli.main", "worker", "-c", str(self.concurrency)]
+        if self.queues:
+            args += ["-Q", self.queues]
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            args, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT
+        )
+        wait_until(
+            lambda: b" ready." in self.log_path.read_bytes() or self.proc.poll() is not None,  # type: ignore[union-attr]
+            timeout,
+            what="worker ready",
+        )
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"worker exited {self.proc.returncode}:\n{self.log()}")
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, *, what: str = "condition", every: float = 0.1
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+def ticket_payload(
+    external_id: str | None = None,
+    *,
+    subject: str = "Help",
+    body: str = "My order is late.",
+    **extra: Any,
+) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "external_id": external_id or f"t-{uuid.uuid4().hex[:12]}",
+        "subject": subject,
+        "body": body,
+        "requester": {"email": "jane.doe@example.com", "name": "Jane Doe"},
+        "channel": "email",
+        "created_at": "2026-11-24T10:00:00Z",
+        "metadata": {},
+    }
+    payload.update(extra)
+    return payload
+
+
+def signed_headers(
+    body: bytes, secret: str = GENERIC_SECRET, *, ts: int | None = None
+) -> dict[str, str]:
+    msg_id = f"msg_{uuid.uuid4().hex}"
+    timestamp = int(time.time()) if ts is None else ts
+    return {
+        "content-type": "application/json",
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(secret, msg_id, timestamp, body),
+    }
+
+
+def post_ticket(client: Any, payload: dict[str, Any], secret: str = GENERIC_SECRET) -> Any:
+    body = json.dumps(payload).encode()
+    return client.post("/webhooks/generic", content=body, headers=signed_headers(body, secret))
+
+
+class Counter:
+    """A thread-safe counter for tests that count events from several threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def add(self, n: int = 1) -> None:
+        with self._lock:
+            self.value += n

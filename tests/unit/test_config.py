@@ -1,0 +1,77 @@
+"""Config files are validated at start-up; errors name the file, the field and the problem."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from triage.config import PROJECT_ROOT, Settings, load_config
+from triage.errors import ConfigError
+
+
+@pytest.fixture()
+def config_dir(tmp_path: Path) -> Path:
+    shutil.copytree(PROJECT_ROOT / "config", tmp_path / "config")
+    return tmp_path / "config"
+
+
+def edit(path: Path, change) -> None:
+    data = yaml.safe_load(path.read_text())
+    change(data)
+    path.write_text(yaml.safe_dump(data))
+
+
+def test_default_config_loads_and_has_a_stable_version(config_dir):
+    a = load_config(Settings(config_dir=config_dir, backend="local"))
+    b = load_config(Settings(config_dir=config_dir, backend="local"))
+    assert a.taxonomy.version == b.taxonomy.version
+    assert {
+        "billing",
+        "refund",
+        "technical",
+        "account",
+        "shipping",
+        "sales",
+        "feedback",
+        "other",
+    } <= set(a.taxonomy.intents)
+
+
+def test_editing_the_taxonomy_changes_its_version(config_dir):
+    before = load_config(Settings(config_dir=config_dir, backend="local")).taxonomy.version
+    edit(config_dir / "taxonomy.yaml", lambda d: d["intents"]["other"].update(description="Misc."))
+    after = load_config(Settings(config_dir=config_dir, backend="local")).taxonomy.version
+    assert before != after
+
+
+def test_intent_with_unknown_department_names_file_and_field(config_dir):
+    edit(config_dir / "taxonomy.yaml", lambda d: d["intents"]["refund"].update(department="nope"))
+    with pytest.raises(ConfigError) as info:
+        load_config(Settings(config_dir=config_dir, backend="local"))
+    message = str(info.value)
+    assert (
+        "taxonomy.yaml" in message and "intents.refund.department" in message and "nope" in message
+    )
+
+
+def test_out_of_range_threshold_names_the_field(config_dir):
+    edit(config_dir / "taxonomy.yaml", lambda d: d["routing"].update(review_below_confidence=3))
+    with pytest.raises(ConfigError, match=r"routing\.review_below_confidence"):
+        load_config(Settings(config_dir=config_dir, backend="local"))
+
+
+def test_model_missing_from_price_table_is_refused(config_dir):
+    settings = Settings(
+        config_dir=config_dir, backend="anthropic", model="claude-unknown-9", anthropic_api_key="k"
+    )
+    with pytest.raises(ConfigError, match="claude-unknown-9"):
+        load_config(settings)
+
+
+def test_malformed_yaml_names_the_file(config_dir):
+    (config_dir / "models.yaml").write_text("models: [unclosed")
+    with pytest.raises(ConfigError, match=r"models\.yaml"):
+        load_config(Settings(config_dir=config_dir, backend="local"))

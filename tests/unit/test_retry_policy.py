@@ -1,0 +1,58 @@
+"""The one retry policy: transient errors back off with jitter, never before retry-after;
+permanent errors and exhausted budgets dead-letter."""
+
+from __future__ import annotations
+
+import random
+
+from sqlalchemy.exc import OperationalError
+
+from triage.errors import InvalidOutput, PermanentError, RateLimited, Refused, TransientError
+from triage.reliability.retry import RetryPolicy, as_triage_error, decide
+
+POLICY = RetryPolicy(max_attempts=5, base_delay=1.0, max_delay=30.0, max_age=3600.0)
+
+
+def test_transient_error_is_retried_within_the_exponential_ceiling():
+    rng = random.Random(7)
+    for attempt in range(1, 5):
+        d = decide(POLICY, TransientError("boom"), attempt=attempt, age_seconds=0, rng=rng)
+        assert d.retry
+        assert 0 <= d.delay <= min(30.0, 2 ** (attempt - 1))
+
+
+def test_full_jitter_spreads_delays():
+    rng = random.Random(1)
+    delays = {
+        round(decide(POLICY, TransientError("x"), attempt=4, age_seconds=0, rng=rng).delay, 3)
+        for _ in range(50)
+    }
+    assert len(delays) > 40
+
+
+def test_retry_after_is_a_floor():
+    rng = random.Random(3)
+    d = decide(POLICY, RateLimited("429", retry_after=12.5), attempt=1, age_seconds=0, rng=rng)
+    assert d.retry and d.delay >= 12.5
+
+
+def test_attempts_are_bounded():
+    d = decide(POLICY, TransientError("x"), attempt=5, age_seconds=0)
+    assert not d.retry and "exhausted" in d.reason
+
+
+def test_age_is_bounded():
+    d = decide(POLICY, RateLimited("x", retry_after=120), attempt=1, age_seconds=3500)
+    assert not d.retry and "old" in d.reason
+
+
+def test_permanent_errors_are_never_retried():
+    for err in (PermanentError("400"), InvalidOutput("bad"), Refused("no")):
+        assert not decide(POLICY, err, attempt=1, age_seconds=0).retry
+
+
+def test_database_outage_is_transient_and_unknown_bugs_are_permanent():
+    db_down = OperationalError("SELECT 1", {}, Exception("connection refused"))
+    assert isinstance(as_triage_error(db_down), TransientError)
+    assert isinstance(as_triage_error(ConnectionResetError()), TransientError)
+    assert isinstance(as_triage_error(KeyError("x")), PermanentError)

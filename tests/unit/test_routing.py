@@ -1,0 +1,65 @@
+"""Routing rules are a pure function of the label and the taxonomy."""
+
+from __future__ import annotations
+
+import pytest
+
+from triage.classify.schema import TicketLabel
+from triage.config import get_config
+from triage.pipeline.routing import REVIEW_QUEUE, decide_route
+
+
+@pytest.fixture(scope="module")
+def taxonomy():
+    return get_config().taxonomy
+
+
+def label(**kw) -> TicketLabel:
+    base = dict(
+        intent="shipping",
+        department="logistics",
+        priority="normal",
+        language="en",
+        sentiment="neutral",
+        confidence=0.9,
+        summary="Where is my parcel",
+    )
+    base.update(kw)
+    return TicketLabel(**base)
+
+
+def test_intent_routes_to_its_department_queue(taxonomy):
+    route = decide_route(taxonomy, label())
+    assert (route.queue, route.department, route.needs_review) == (
+        "dept.logistics",
+        "logistics",
+        False,
+    )
+
+
+def test_model_department_guess_does_not_override_the_taxonomy(taxonomy):
+    assert decide_route(taxonomy, label(department="sales")).department == "logistics"
+
+
+def test_urgent_priority_goes_to_escalations(taxonomy):
+    route = decide_route(taxonomy, label(priority="urgent"))
+    assert route.queue == "dept.escalations"
+    assert route.rule == "urgent-to-escalations"
+
+
+def test_low_confidence_goes_to_human_review_even_when_urgent(taxonomy):
+    threshold = taxonomy.routing.review_below_confidence
+    route = decide_route(taxonomy, label(priority="urgent", confidence=threshold - 0.01))
+    assert route.queue == REVIEW_QUEUE and route.needs_review
+    assert "below" in (route.reason or "")
+
+
+def test_confidence_at_threshold_is_routed(taxonomy):
+    threshold = taxonomy.routing.review_below_confidence
+    assert not decide_route(taxonomy, label(confidence=threshold)).needs_review
+
+
+def test_override_with_several_conditions_needs_all(taxonomy):
+    hot = label(intent="account", department="accounts", sentiment="negative", priority="high")
+    assert decide_route(taxonomy, hot).department == "escalations"
+    assert decide_route(taxonomy, label(intent="account", priority="high")).department == "accounts"

@@ -1,0 +1,98 @@
+"""The label schema and prompt: built from the taxonomy, strict, cached per version."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from triage.classify.prompt import prompt_version, system_prompt
+from triage.classify.schema import output_schema, validate_label
+from triage.config import get_config
+
+
+@pytest.fixture(scope="module")
+def taxonomy():
+    return get_config().taxonomy
+
+
+def _label(**overrides):
+    data = {
+        "intent": "refund",
+        "department": "billing",
+        "priority": "normal",
+        "language": "en",
+        "sentiment": "negative",
+        "confidence": 0.9,
+        "summary": "Customer wants money back.",
+    }
+    data.update(overrides)
+    return data
+
+
+def test_schema_enums_come_from_the_taxonomy(taxonomy):
+    schema = output_schema(taxonomy)
+    assert schema["properties"]["intent"]["enum"] == list(taxonomy.intents)
+    assert schema["properties"]["department"]["enum"] == list(taxonomy.departments)
+    assert schema["additionalProperties"] is False
+    assert set(schema["required"]) == {
+        "intent",
+        "department",
+        "priority",
+        "language",
+        "sentiment",
+        "confidence",
+        "summary",
+    }
+
+
+def test_schema_has_no_keywords_structured_outputs_reject(taxonomy):
+    def walk(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                assert key not in ("minimum", "maximum", "minLength", "maxLength", "pattern")
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(output_schema(taxonomy))
+
+
+def test_schema_copy_cannot_corrupt_the_cached_one(taxonomy):
+    output_schema(taxonomy)["properties"]["intent"]["enum"].append("bogus")
+    assert "bogus" not in output_schema(taxonomy)["properties"]["intent"]["enum"]
+
+
+def test_valid_label_is_normalized(taxonomy):
+    label = validate_label(taxonomy, _label(language="EN", summary="two\nlines  here"))
+    assert label.language == "en"
+    assert label.summary == "two lines here"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"intent": "not-an-intent"},
+        {"department": "nowhere"},
+        {"confidence": 1.5},
+        {"priority": "whenever"},
+        {"language": "english"},
+        {"summary": ""},
+    ],
+)
+def test_label_outside_the_schema_is_rejected(taxonomy, bad):
+    with pytest.raises(ValidationError):
+        validate_label(taxonomy, _label(**bad))
+
+
+def test_extra_fields_are_rejected(taxonomy):
+    with pytest.raises(ValidationError):
+        validate_label(taxonomy, {**_label(), "note": "hi"})
+
+
+def test_system_prompt_lists_every_intent_and_is_stable(taxonomy):
+    prompt = system_prompt(taxonomy)
+    for name in taxonomy.intents:
+        assert f"- {name} (department:" in prompt
+    assert system_prompt(taxonomy) is prompt  # built once per taxonomy version
+    assert prompt_version(taxonomy).startswith("p-")

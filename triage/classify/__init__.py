@@ -1,0 +1,1 @@
+"""Classification: the output schema, the prompt, and the backends that produce labels."""

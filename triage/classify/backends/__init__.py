@@ -1,0 +1,1 @@
+"""Classification backends: Anthropic (the API), local (offline), cascade (escalation)."""

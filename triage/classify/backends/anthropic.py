@@ -1,0 +1,210 @@
+"""The Anthropic backend: Haiku (or any configured model) under a strict output schema.
+
+One call per ticket in the normal case. The SDK's own retries are off: the pipeline's retry
+policy is the only one (see triage/reliability/retry.py). An answer that fails validation gets
+one repair call that shows the model its validation error; a second failure is permanent.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anthropic
+from anthropic.types import Message
+from pydantic import ValidationError
+
+from triage.classify.backends.base import ClassificationRequest, ClassificationResult, Usage
+from triage.classify.prompt import prompt_version, system_prompt, user_message
+from triage.classify.schema import TicketLabel, output_schema, validate_label
+from triage.config import ModelSpec
+from triage.errors import (
+    InvalidOutput,
+    OutputTruncated,
+    PermanentError,
+    RateLimited,
+    Refused,
+    TransientError,
+    TriageError,
+)
+from triage.taxonomy import Taxonomy
+
+
+class AnthropicBackend:
+    name = "anthropic"
+
+    def __init__(
+        self,
+        *,
+        taxonomy: Taxonomy,
+        model: str,
+        spec: ModelSpec,
+        client: anthropic.Anthropic,
+        max_tokens: int = 256,
+    ) -> None:
+        self.model = model
+        self._spec = spec
+        self._client = client
+        self._max_tokens = max_tokens
+        self._taxonomy = taxonomy
+        # Built once per taxonomy version; every call reuses the same objects.
+        self._system: Any = [
+            {
+                "type": "text",
+                "text": system_prompt(taxonomy),
+                "cache_control": {"type": "ephemeral"},
+            }
+        ]
+        self._output_config: Any = {
+            "format": {"type": "json_schema", "schema": output_schema(taxonomy)}
+        }
+        self._prompt_version = prompt_version(taxonomy)
+        # SDK 2.13 has no `temperature` argument; models that still accept it get it this way.
+        self._extra_body: dict[str, Any] | None = {"temperature": 0} if spec.sampling else None
+
+    def classify(self, request: ClassificationRequest) -> ClassificationResult:
+        messages: list[Any] = [{"role": "user", "content": user_message(request)}]
+        started = time.perf_counter()
+        usage = Usage()
+        calls = 0
+        request_id: str | None = None
+        label: TicketLabel | None = None
+        for repair in (False, True):
+            calls += 1
+            message = self._call(messages, request.ticket_id, calls)
+            request_id = getattr(message, "_request_id", None) or request_id
+            usage = usage + self._usage(message)
+            text = _check_stop(message, request.ticket_id, request_id)
+            try:
+                label = validate_label(self._taxonomy, text)
+                break
+            except ValidationError as exc:
+                if repair:
+                    raise _with_calls(
+                        InvalidOutput(
+                            f"model output failed validation after a repair attempt: "
+                            f"{_errors(exc)}",
+                            ticket_id=request.ticket_id,
+                            request_id=request_id,
+                        ),
+                        calls,
+                    ) from exc
+                messages += [
+                    {"role": "assistant", "content": text or "(empty)"},
+                    {
+                        "role": "user",
+                        "content": "That answer does not match the schema: "
+                        f"{_errors(exc)}. Answer again with only the corrected JSON object.",
+                    },
+                ]
+        assert label is not None
+        return ClassificationResult(
+            label=label,
+            backend=self.name,
+            model=self.model,
+            prompt_version=self._prompt_version,
+            latency_ms=(time.perf_counter() - started) * 1000,
+            usage=usage,
+            request_id=request_id,
+            calls=calls,
+        )
+
+    def _call(self, messages: list[Any], ticket_id: int, calls: int) -> Message:
+        try:
+            message: Message = self._client.messages.create(
+                model=self.model,
+                max_tokens=self._max_tokens,
+                system=self._system,
+                messages=messages,
+                output_config=self._output_config,
+                extra_body=self._extra_body,
+            )
+            return message
+        except anthropic.APIError as exc:
+            raise _with_calls(translate_api_error(exc, ticket_id), calls) from exc
+
+    def _usage(self, message: Message) -> Usage:
+        u = message.usage
+        cache_read = u.cache_read_input_tokens or 0
+        cache_write = u.cache_creation_input_tokens or 0
+        cost = self._spec.cost(u.input_tokens, u.output_tokens, cache_read, cache_write)
+        return Usage(
+            input_tokens=u.input_tokens,
+            output_tokens=u.output_tokens,
+            cache_read_tokens=cache_read,
+            cache_write_tokens=cache_write,
+            cost_usd=cost,
+        )
+
+
+def _check_stop(message: Message, ticket_id: int, request_id: str | None) -> str:
+    text = "".join(block.text for block in message.content if block.type == "text")
+    if message.stop_reason == "refusal":
+        raise Refused(
+            f"model refused to label the ticket: {text[:200] or 'no explanation'}",
+            ticket_id=ticket_id,
+            request_id=request_id,
+        )
+    if message.stop_reason == "max_tokens":
+        raise OutputTruncated(
+            f"label cut off at max_tokens ({message.usage.output_tokens} tokens)",
+            ticket_id=ticket_id,
+            request_id=request_id,
+        )
+    return text
+
+
+def translate_api_error(exc: anthropic.APIError, ticket_id: int | None = None) -> TriageError:
+    """Name an SDK failure by what to do about it."""
+    request_id = getattr(exc, "request_id", None)
+    if isinstance(exc, anthropic.APITimeoutError):
+        return TransientError(f"API timeout: {exc}", ticket_id=ticket_id)
+    if isinstance(exc, anthropic.APIConnectionError):
+        return TransientError(f"API connection failed: {exc}", ticket_id=ticket_id)
+    if isinstance(exc, anthropic.APIStatusError):
+        status = exc.status_code
+        detail = f"API {status}: {exc.message}"
+        if status in (429, 529) or (status == 503 and _retry_after(exc) is not None):
+            return RateLimited(
+                detail, retry_after=_retry_after(exc), ticket_id=ticket_id, request_id=request_id
+            )
+        if status == 408 or status == 409 or status >= 500:
+            return TransientError(detail, ticket_id=ticket_id, request_id=request_id)
+        return PermanentError(detail, ticket_id=ticket_id, request_id=request_id)
+    return PermanentError(f"API error: {exc}", ticket_id=ticket_id, request_id=request_id)
+
+
+def _retry_after(exc: anthropic.APIStatusError) -> float | None:
+    headers = exc.response.headers
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            return max(0.0, float(value) * scale)
+        except ValueError:
+            continue
+    return None
+
+
+def _errors(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def _with_calls(error: TriageError, calls: int) -> TriageError:
+    error.api_calls = calls
+    return error
+
+
+def make_client(*, api_key: str, base_url: str | None, timeout: float) -> anthropic.Anthropic:
+    return anthropic.Anthropic(
+        api_key=api_key,
+        base_url=base_url,
+        timeout=timeout,
+        # One home for retries: the pipeline's policy (see module docstring).
+        max_retries=0,
+    )

@@ -1,0 +1,64 @@
+"""What every backend takes and returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Protocol
+
+from triage.classify.schema import TicketLabel
+
+
+@dataclass(frozen=True, slots=True)
+class ClassificationRequest:
+    """The text a backend may see: already cleaned and redacted by the pipeline."""
+
+    ticket_id: int
+    subject: str
+    body: str
+    channel: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    cost_usd: Decimal = Decimal("0")
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+            cache_read_tokens=self.cache_read_tokens + other.cache_read_tokens,
+            cache_write_tokens=self.cache_write_tokens + other.cache_write_tokens,
+            cost_usd=self.cost_usd + other.cost_usd,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ClassificationResult:
+    label: TicketLabel
+    backend: str
+    model: str
+    prompt_version: str
+    latency_ms: float
+    usage: Usage = field(default_factory=Usage)
+    request_id: str | None = None
+    # Calls made to produce this label, escalations and repairs included (usage sums them).
+    calls: int = 1
+    # Set when an identical ticket's label was reused instead of a new call.
+    reused_from_id: int | None = None
+
+
+class ClassifierBackend(Protocol):
+    """Turns one ticket's text into a validated label.
+
+    Raises triage.errors.TransientError for failures worth retrying and PermanentError for
+    those that are not; never returns a label that failed validation.
+    """
+
+    name: str
+
+    def classify(self, request: ClassificationRequest) -> ClassificationResult: ...

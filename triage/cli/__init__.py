@@ -1,0 +1,1 @@
+"""The `triage` command line: one Typer app, one module per command group."""

@@ -1,0 +1,38 @@
+"""`triage config`: validate settings and config/ files."""
+
+from __future__ import annotations
+
+import typer
+
+from triage.cli.common import console, guarded, print_json
+
+app = typer.Typer(help="Configuration.", no_args_is_help=True)
+
+
+@app.command()
+@guarded
+def validate(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Load and validate settings, taxonomy and model table; exit 2 naming what is wrong.
+
+    Example: TRIAGE_CONFIG_DIR=./config triage config validate
+    """
+    from triage.config import load_config
+
+    cfg = load_config()
+    summary = {
+        "config_dir": str(cfg.settings.config_dir),
+        "taxonomy": cfg.taxonomy.name,
+        "taxonomy_version": cfg.taxonomy.version,
+        "intents": len(cfg.taxonomy.intents),
+        "departments": len(cfg.taxonomy.departments),
+        "backend": cfg.settings.effective_backend(),
+        "model": cfg.settings.model,
+    }
+    if as_json:
+        print_json(summary)
+    else:
+        for key, value in summary.items():
+            console.print(f"[bold]{key}[/]: {value}")
+        console.print("[green]config is valid[/]")

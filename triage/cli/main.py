@@ -1,0 +1,22 @@
+"""The `triage` console script."""
+
+from __future__ import annotations
+
+import typer
+
+from triage.cli import config_cmd, db, run, serve, tickets
+
+app = typer.Typer(
+    name="triage",
+    help="Customer-support ticket triage: webhooks in, labels and department queues out.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.registered_commands += serve.app.registered_commands
+app.registered_commands += run.app.registered_commands
+app.add_typer(db.app, name="db")
+app.add_typer(config_cmd.app, name="config")
+app.add_typer(tickets.app, name="tickets")
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,90 @@
+"""`triage serve` and `triage worker`: the two long-running processes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import typer
+
+from triage.cli.common import guarded
+
+app = typer.Typer()
+
+
+@app.command()
+@guarded
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Interface to bind."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    workers: int = typer.Option(1, help="Uvicorn worker processes."),
+) -> None:
+    """Run the webhook API.
+
+    Example: triage serve --host 0.0.0.0 --port 8000
+    """
+    import uvicorn
+
+    from triage.ingest.app import create_app
+    from triage.pipeline.runtime import get_runtime
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    get_runtime().celery  # noqa: B018 - fail at start-up, not on the first webhook
+    if workers > 1:
+        uvicorn.run("triage.ingest.asgi:app", host=host, port=port, workers=workers)
+    else:
+        uvicorn.run(create_app(), host=host, port=port, log_level="warning")
+
+
+@app.command()
+@guarded
+def worker(
+    concurrency: int = typer.Option(
+        0,
+        "--concurrency",
+        "-c",
+        help="Threads (tasks in flight). Default: TRIAGE_WORKER_CONCURRENCY.",
+    ),
+    queues: str = typer.Option(
+        "", "--queues", "-Q", help="Comma-separated queues. Default: classify, review, every dept."
+    ),
+    loglevel: str = typer.Option("INFO", help="Celery log level."),
+) -> None:
+    """Run a Celery worker (thread pool) plus the sweeper that recovers stuck work.
+
+    Example: triage worker -c 200 -Q triage.classify
+    """
+    from triage.pipeline import tasks  # noqa: F401 - registers the tasks
+    from triage.pipeline.celery_app import all_queues
+    from triage.pipeline.runtime import get_runtime
+    from triage.reliability.sweeper import Periodic, sweep_once
+
+    rt = get_runtime()
+    settings = rt.settings
+    rt.backend  # noqa: B018 - train/connect once before taking messages
+    sweeper = Periodic("triage-sweeper", settings.sweep_interval_seconds, lambda: sweep_once(rt))
+    sweeper.start()
+    argv = [
+        "worker",
+        # Classification waits on the network; threads overlap those waits. The prefork pool
+        # would need a process per in-flight call.
+        "--pool",
+        "threads",
+        "--concurrency",
+        str(concurrency or settings.worker_concurrency),
+        "--queues",
+        queues or ",".join(all_queues(rt.config)),
+        "--hostname",
+        f"triage-{os.getpid()}@{socket.gethostname()}",
+        "--loglevel",
+        loglevel,
+        # Gossip, mingle and heartbeats are chatter we do not use; they cost broker round trips.
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+    try:
+        rt.celery.worker_main(argv)
+    finally:
+        sweeper.stop()

@@ -1,0 +1,215 @@
+"""Settings from the environment, and the validated config/ files they point to.
+
+Environment names follow DESIGN.md: DATABASE_URL, REDIS_URL, ANTHROPIC_API_KEY and
+ANTHROPIC_BASE_URL unprefixed; everything else TRIAGE_*.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from triage.errors import ConfigError
+from triage.taxonomy import Taxonomy
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+BackendName = Literal["auto", "anthropic", "local", "cascade"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TRIAGE_", extra="ignore")
+
+    database_url: str = Field(
+        default=f"sqlite:///{PROJECT_ROOT / 'var' / 'triage.sqlite3'}",
+        validation_alias=AliasChoices("DATABASE_URL", "TRIAGE_DATABASE_URL"),
+    )
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("REDIS_URL", "TRIAGE_REDIS_URL")
+    )
+    # Defaults to REDIS_URL; may point at RabbitMQ (amqp://) while Redis keeps the limits.
+    broker_url: str | None = None
+    anthropic_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("ANTHROPIC_API_KEY", "TRIAGE_ANTHROPIC_API_KEY")
+    )
+    anthropic_base_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("ANTHROPIC_BASE_URL", "TRIAGE_ANTHROPIC_BASE_URL"),
+    )
+    model: str = "claude-haiku-4-5"
+    escalation_model: str | None = "claude-sonnet-4-5"
+    backend: BackendName = "auto"
+    config_dir: Path = PROJECT_ROOT / "config"
+
+    # A label is ~80 output tokens; 256 leaves room without paying for runaway output.
+    max_tokens: int = Field(256, ge=64, le=4096)
+    api_timeout_seconds: float = Field(30.0, gt=0)
+    # Identical ticket text within this window reuses the earlier label: no second paid call.
+    reuse_window_hours: float = Field(72.0, ge=0)
+    redact_personal_data: bool = True
+
+    webhook_secret_generic: SecretStr | None = None
+    webhook_secret_zendesk: SecretStr | None = None
+    webhook_secret_freshdesk: SecretStr | None = None
+    webhook_secret_django_helpdesk: SecretStr | None = None
+    webhook_tolerance_seconds: int = Field(300, ge=1)
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+
+    worker_concurrency: int = Field(200, ge=1)
+    # Retry policy per stage (see triage/reliability/retry.py for how they combine).
+    classify_max_attempts: int = Field(6, ge=1)
+    classify_base_delay: float = Field(2.0, ge=0)
+    classify_max_delay: float = Field(300.0, ge=0)
+    classify_max_age: float = Field(6 * 3600.0, gt=0)
+    deliver_max_attempts: int = Field(8, ge=1)
+    deliver_base_delay: float = Field(5.0, ge=0)
+    deliver_max_delay: float = Field(600.0, ge=0)
+    deliver_max_age: float = Field(24 * 3600.0, gt=0)
+    # Shared API budget across all workers (0 = unlimited); set to your account's tier.
+    api_calls_per_minute: int = Field(0, ge=0)
+    api_input_tokens_per_minute: int = Field(0, ge=0)
+    # Circuit breaker: this many 429/529 answers within the window pause calls for cooldown.
+    circuit_threshold: int = Field(20, ge=1)
+    circuit_window_seconds: float = Field(30.0, gt=0)
+    circuit_cooldown_seconds: float = Field(30.0, gt=0)
+    # How often each worker's sweeper relays the outbox and looks for stuck tickets.
+    sweep_interval_seconds: float = Field(10.0, gt=0)
+    # Tickets stuck in a non-terminal state longer than this are re-enqueued by the sweeper.
+    stuck_after_seconds: float = Field(300.0, gt=0)
+
+    def effective_backend(self) -> Literal["anthropic", "local", "cascade"]:
+        if self.backend != "auto":
+            return self.backend
+        return "cascade" if self.anthropic_api_key else "local"
+
+    def effective_broker_url(self) -> str | None:
+        return self.broker_url or self.redis_url
+
+    def limits_redis_url(self) -> str | None:
+        """Where shared limits live: REDIS_URL, or the broker when that is Redis."""
+        if self.redis_url:
+            return self.redis_url
+        broker = self.effective_broker_url()
+        return broker if broker and broker.startswith(("redis://", "rediss://")) else None
+
+    def webhook_secret(self, source: str) -> str | None:
+        secret: SecretStr | None = getattr(self, f"webhook_secret_{source.replace('-', '_')}", None)
+        return secret.get_secret_value() if secret else None
+
+
+class ModelSpec(BaseModel):
+    """One row of config/models.yaml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input_per_mtok: Decimal = Field(ge=0)
+    output_per_mtok: Decimal = Field(ge=0)
+    cache_read_per_mtok: Decimal = Field(Decimal("0"), ge=0)
+    cache_write_per_mtok: Decimal = Field(Decimal("0"), ge=0)
+    batch_discount: Decimal = Field(Decimal("0.5"), ge=0, le=1)
+    # Whether the model accepts temperature; later models answer 400 to any sampling parameter.
+    sampling: bool = True
+
+    def cost(
+        self,
+        input_tokens: int,
+        output_tokens: int,
+        cache_read_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        *,
+        batch: bool = False,
+    ) -> Decimal:
+        million = Decimal(1_000_000)
+        total = (
+            self.input_per_mtok * input_tokens
+            + self.output_per_mtok * output_tokens
+            + self.cache_read_per_mtok * cache_read_tokens
+            + self.cache_write_per_mtok * cache_write_tokens
+        ) / million
+        if batch:
+            total *= self.batch_discount
+        return total.quantize(Decimal("0.000001"))
+
+
+class ModelTable(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: dict[str, ModelSpec]
+
+    def spec(self, model: str) -> ModelSpec:
+        try:
+            return self.models[model]
+        except KeyError:
+            raise ConfigError(
+                f"models.yaml: model {model!r} is not in the table; add its prices and "
+                f"capabilities (known: {', '.join(sorted(self.models))})"
+            ) from None
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Everything triage needs at run time, validated once at start-up."""
+
+    settings: Settings
+    taxonomy: Taxonomy
+    models: ModelTable
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        with path.open(encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+def _validation_message(path: Path, exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        problems.append(f"{field}: {err['msg']}")
+    return f"{path}: " + "; ".join(problems)
+
+
+def load_taxonomy(path: Path) -> Taxonomy:
+    try:
+        return Taxonomy.model_validate(_read_yaml(path))
+    except ValidationError as exc:
+        raise ConfigError(_validation_message(path, exc)) from None
+
+
+def load_models(path: Path) -> ModelTable:
+    try:
+        return ModelTable.model_validate(_read_yaml(path))
+    except ValidationError as exc:
+        raise ConfigError(_validation_message(path, exc)) from None
+
+
+def load_config(settings: Settings | None = None) -> AppConfig:
+    """Read and validate everything; raise ConfigError naming the file, field and problem."""
+    try:
+        settings = settings or Settings()
+    except ValidationError as exc:
+        raise ConfigError(_validation_message(Path("environment"), exc)) from None
+    config_dir = settings.config_dir
+    taxonomy = load_taxonomy(config_dir / "taxonomy.yaml")
+    models = load_models(config_dir / "models.yaml")
+    if settings.effective_backend() in ("anthropic", "cascade"):
+        models.spec(settings.model)
+        if settings.escalation_model:
+            models.spec(settings.escalation_model)
+    return AppConfig(settings=settings, taxonomy=taxonomy, models=models)
+
+
+@lru_cache(maxsize=1)
+def get_config() -> AppConfig:
+    """The process-wide config, loaded on first use (the API and worker call it at start)."""
+    return load_config()

@@ -1,0 +1,1 @@
+"""Persistence: typed SQLAlchemy models, the one session factory, and repository functions."""

@@ -1,0 +1,237 @@
+"""SQLAlchemy 2 typed mappings. The database is the source of truth; the broker is transport.
+
+Idempotency lives here as constraints: a ticket is unique per (source, external_id), a dispatch
+per (ticket, route, generation), so at-least-once delivery has exactly-once effects.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    Numeric,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
+BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class TicketState(enum.StrEnum):
+    RECEIVED = "received"
+    QUEUED = "queued"
+    CLASSIFYING = "classifying"
+    CLASSIFIED = "classified"
+    ROUTED = "routed"
+    NEEDS_REVIEW = "needs_review"
+    DEAD_LETTERED = "dead_lettered"
+
+
+TERMINAL_STATES = frozenset(
+    {TicketState.ROUTED, TicketState.NEEDS_REVIEW, TicketState.DEAD_LETTERED}
+)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on every database. SQLite has no time zones and would hand back
+    naive values that cannot be compared with aware ones; this stores UTC and restores it."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; triage stores aware UTC datetimes")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSON,
+    }
+
+
+class Ticket(Base):
+    __tablename__ = "tickets"
+    __table_args__ = (
+        UniqueConstraint("source", "external_id", name="uq_tickets_source_external_id"),
+        Index("ix_tickets_state_changed", "state", "state_changed_at"),
+        Index("ix_tickets_content_hash", "content_hash"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    source: Mapped[str] = mapped_column(String(32))
+    external_id: Mapped[str] = mapped_column(String(255))
+    subject: Mapped[str] = mapped_column(Text, default="")
+    # The body exactly as the helpdesk sent it; `clean_text` is what classification sees.
+    body: Mapped[str] = mapped_column(Text, default="")
+    clean_text: Mapped[str] = mapped_column(Text, default="")
+    content_hash: Mapped[str] = mapped_column(String(64))
+    requester_email: Mapped[str | None] = mapped_column(String(320))
+    requester_name: Mapped[str | None] = mapped_column(String(255))
+    channel: Mapped[str | None] = mapped_column(String(32))
+    external_created_at: Mapped[datetime | None]
+    extra: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+
+    state: Mapped[str] = mapped_column(String(16), default=TicketState.RECEIVED)
+    state_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Classification attempts started, across retries and redeliveries.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Bumped by reprocessing; dispatches are unique per generation.
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    department: Mapped[str | None] = mapped_column(String(64))
+    review_reason: Mapped[str | None] = mapped_column(Text)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    # The label routing used. No foreign key: tickets and classifications reference each other,
+    # and a cycle would need ALTER TABLE on SQLite.
+    current_classification_id: Mapped[int | None] = mapped_column(BigInteger)
+
+    classifications: Mapped[list[Classification]] = relationship(
+        back_populates="ticket", order_by="Classification.id"
+    )
+
+
+class Classification(Base):
+    """One row per label produced; reprocessing adds rows and never overwrites history."""
+
+    __tablename__ = "classifications"
+    __table_args__ = (Index("ix_classifications_ticket", "ticket_id"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id", ondelete="CASCADE"))
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    intent: Mapped[str] = mapped_column(String(64))
+    department: Mapped[str] = mapped_column(String(64))
+    priority: Mapped[str] = mapped_column(String(16))
+    language: Mapped[str] = mapped_column(String(8))
+    sentiment: Mapped[str] = mapped_column(String(16))
+    confidence: Mapped[float]
+    summary: Mapped[str] = mapped_column(Text)
+
+    backend: Mapped[str] = mapped_column(String(32))
+    model: Mapped[str] = mapped_column(String(64))
+    taxonomy_version: Mapped[str] = mapped_column(String(32))
+    prompt_version: Mapped[str] = mapped_column(String(32))
+    input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cache_read_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cache_write_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cost_usd: Mapped[Decimal] = mapped_column(Numeric(12, 6), default=Decimal("0"))
+    latency_ms: Mapped[float] = mapped_column(default=0.0)
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    calls: Mapped[int] = mapped_column(Integer, default=1)
+    request_id: Mapped[str | None] = mapped_column(String(128))
+    # Set when the label was reused from an identical ticket instead of a new paid call.
+    reused_from_id: Mapped[int | None] = mapped_column(ForeignKey("classifications.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    ticket: Mapped[Ticket] = relationship(back_populates="classifications")
+
+
+class Dispatch(Base):
+    """A ticket handed to a queue (a department's, or review). Unique per ticket, route and
+    generation: a redelivered classify task finds the row and does not dispatch twice."""
+
+    __tablename__ = "dispatches"
+    __table_args__ = (
+        UniqueConstraint("ticket_id", "route", "generation", name="uq_dispatches_ticket_route"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id", ondelete="CASCADE"))
+    classification_id: Mapped[int | None] = mapped_column(ForeignKey("classifications.id"))
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    route: Mapped[str] = mapped_column(String(96))
+    department: Mapped[str | None] = mapped_column(String(64))
+    rule: Mapped[str | None] = mapped_column(String(96))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]
+    delivery_attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class OutboxMessage(Base):
+    """A task message written in the same transaction as the state it announces, relayed to the
+    broker after commit; a broker outage leaves it here until the relay succeeds."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_pending", "sent_at", "available_at"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id", ondelete="CASCADE"))
+    task: Mapped[str] = mapped_column(String(96))
+    queue: Mapped[str] = mapped_column(String(96))
+    args: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    countdown: Mapped[float] = mapped_column(default=0.0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    available_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None]
+    publish_attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class DeadLetter(Base):
+    """A ticket that could not complete a stage: visible, explained and replayable."""
+
+    __tablename__ = "dead_letters"
+    __table_args__ = (Index("ix_dead_letters_open", "replayed_at"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id", ondelete="CASCADE"))
+    stage: Mapped[str] = mapped_column(String(32))
+    error_type: Mapped[str] = mapped_column(String(96))
+    message: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    first_failed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_failed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    request_id: Mapped[str | None] = mapped_column(String(128))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    replayed_at: Mapped[datetime | None]
+
+
+class Attempt(Base):
+    """Every stage attempt, failed or not: what an operator reads in a ticket's timeline, and
+    how API calls are counted against the retry policy's bound."""
+
+    __tablename__ = "attempts"
+    __table_args__ = (Index("ix_attempts_ticket", "ticket_id"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id", ondelete="CASCADE"))
+    stage: Mapped[str] = mapped_column(String(32))
+    number: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+    outcome: Mapped[str] = mapped_column(String(16))  # ok | retry | dead | reused
+    error_type: Mapped[str | None] = mapped_column(String(96))
+    error: Mapped[str | None] = mapped_column(Text)
+    request_id: Mapped[str | None] = mapped_column(String(128))
+    api_calls: Mapped[int] = mapped_column(Integer, default=0)
+    latency_ms: Mapped[float | None]

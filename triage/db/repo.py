@@ -1,0 +1,158 @@
+"""Repository functions: the queries the API and CLI share."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Insert, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from triage.classify.textclean import clean_ticket_text
+from triage.db.models import Classification, DeadLetter, Dispatch, Ticket, TicketState
+from triage.ingest.models import InboundTicket
+from triage.pipeline.relay import CLASSIFY_TASK, enqueue
+from triage.pipeline.routing import CLASSIFY_QUEUE
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    ticket_id: int
+    duplicate: bool
+    status: str
+    outbox_id: int | None = None
+
+
+def content_hash(subject: str, clean_text: str) -> str:
+    """Equal for tickets whose meaningful text is equal, whatever the whitespace or case."""
+    normalized = " ".join(f"{subject}\n{clean_text}".lower().split())
+    return hashlib.sha256(normalized.encode()).hexdigest()
+
+
+def _insert(session: Session) -> Any:
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert
+    if dialect == "sqlite":
+        return sqlite.insert
+    raise RuntimeError(f"unsupported database dialect {dialect!r}")
+
+
+def accept_ticket(session: Session, inbound: InboundTicket) -> Accepted:
+    """Store a new ticket and its classify message in the caller's transaction, or report the
+    existing one. `ON CONFLICT DO NOTHING` makes concurrent duplicate deliveries safe."""
+    clean = clean_ticket_text(inbound.body)
+    stmt: Insert = (
+        _insert(session)(Ticket)
+        .values(
+            source=inbound.source,
+            external_id=inbound.external_id,
+            subject=inbound.subject,
+            body=inbound.body,
+            clean_text=clean,
+            content_hash=content_hash(inbound.subject, clean),
+            requester_email=inbound.requester_email,
+            requester_name=inbound.requester_name,
+            channel=inbound.channel,
+            external_created_at=inbound.created_at,
+            extra=inbound.metadata,
+            state=TicketState.RECEIVED.value,
+        )
+        .on_conflict_do_nothing(index_elements=["source", "external_id"])
+        .returning(Ticket.id)
+    )
+    ticket_id = session.scalar(stmt)
+    if ticket_id is None:
+        existing = session.execute(
+            select(Ticket.id, Ticket.state).where(
+                Ticket.source == inbound.source, Ticket.external_id == inbound.external_id
+            )
+        ).one()
+        return Accepted(ticket_id=existing.id, duplicate=True, status=existing.state)
+    msg = enqueue(
+        session,
+        ticket_id=ticket_id,
+        task=CLASSIFY_TASK,
+        queue=CLASSIFY_QUEUE,
+        args={"ticket_id": ticket_id},
+    )
+    session.flush()
+    return Accepted(
+        ticket_id=ticket_id, duplicate=False, status=TicketState.RECEIVED, outbox_id=msg.id
+    )
+
+
+def ticket_view(session: Session, ticket_id: int) -> dict[str, Any] | None:
+    """What GET /tickets/{id} shows: state, current label, department, attempts."""
+    ticket = session.get(Ticket, ticket_id)
+    if ticket is None:
+        return None
+    label = (
+        session.get(Classification, ticket.current_classification_id)
+        if ticket.current_classification_id
+        else None
+    )
+    dispatches = session.scalars(
+        select(Dispatch).where(Dispatch.ticket_id == ticket_id).order_by(Dispatch.id)
+    ).all()
+    letters = session.scalars(
+        select(DeadLetter).where(DeadLetter.ticket_id == ticket_id).order_by(DeadLetter.id)
+    ).all()
+    return {
+        "ticket_id": ticket.id,
+        "source": ticket.source,
+        "external_id": ticket.external_id,
+        "state": ticket.state,
+        "department": ticket.department,
+        "review_reason": ticket.review_reason,
+        "attempts": ticket.attempts,
+        "generation": ticket.generation,
+        "received_at": ticket.received_at.isoformat(),
+        "state_changed_at": ticket.state_changed_at.isoformat(),
+        "last_error": ticket.last_error,
+        "labels": None if label is None else _label(label),
+        "dispatches": [
+            {
+                "route": d.route,
+                "department": d.department,
+                "rule": d.rule,
+                "generation": d.generation,
+                "delivered_at": d.delivered_at.isoformat() if d.delivered_at else None,
+            }
+            for d in dispatches
+        ],
+        "dead_letters": [
+            {
+                "id": dl.id,
+                "stage": dl.stage,
+                "error_type": dl.error_type,
+                "message": dl.message,
+                "attempts": dl.attempts,
+                "replayed_at": dl.replayed_at.isoformat() if dl.replayed_at else None,
+            }
+            for dl in letters
+        ],
+    }
+
+
+def _label(row: Classification) -> dict[str, Any]:
+    return {
+        "intent": row.intent,
+        "department": row.department,
+        "priority": row.priority,
+        "language": row.language,
+        "sentiment": row.sentiment,
+        "confidence": row.confidence,
+        "summary": row.summary,
+        "backend": row.backend,
+        "model": row.model,
+        "taxonomy_version": row.taxonomy_version,
+        "prompt_version": row.prompt_version,
+        "input_tokens": row.input_tokens,
+        "output_tokens": row.output_tokens,
+        "cost_usd": str(row.cost_usd),
+        "latency_ms": round(row.latency_ms, 1),
+        "reused_from_id": row.reused_from_id,
+    }

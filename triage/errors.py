@@ -1,0 +1,88 @@
+"""The error types triage raises. Callers catch by meaning, not by message.
+
+TriageError
+├── ConfigError            bad settings or config/ files (start-up refuses to run)
+├── IngestError            a webhook that cannot be accepted (carries an HTTP status)
+├── TransientError         worth retrying: rate limits, overload, 5xx, timeouts, disconnects
+│   └── RateLimited        the server said when to come back (retry_after)
+└── PermanentError         retrying cannot help: dead-letter at once
+    ├── InvalidOutput      the model's answer failed the schema (after the repair attempt)
+    ├── Refused            the model refused (stop_reason "refusal")
+    └── OutputTruncated    stop_reason "max_tokens": the label was cut off
+"""
+
+from __future__ import annotations
+
+
+class TriageError(Exception):
+    """Base class. `ticket_id` and `stage` say where it happened when known."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        ticket_id: int | None = None,
+        stage: str | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.ticket_id = ticket_id
+        self.stage = stage
+        self.request_id = request_id
+        # Paid API calls the failed attempt made, for the attempt log and the call budget.
+        self.api_calls = 0
+
+    def __str__(self) -> str:
+        where = []
+        if self.ticket_id is not None:
+            where.append(f"ticket {self.ticket_id}")
+        if self.stage:
+            where.append(f"stage {self.stage}")
+        if self.request_id:
+            where.append(f"request {self.request_id}")
+        return f"{self.message} ({', '.join(where)})" if where else self.message
+
+
+class ConfigError(TriageError):
+    """A setting or config file is invalid; the message names the file, field and problem."""
+
+
+class IngestError(TriageError):
+    """A webhook request that is refused; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, *, status: int, title: str, **kwargs: object) -> None:
+        super().__init__(message)
+        self.status = status
+        self.title = title
+        self.extra = kwargs
+
+
+class TransientError(TriageError):
+    """A failure that may succeed later."""
+
+    retry_after: float | None = None
+
+
+class RateLimited(TransientError):
+    """429/529 and friends, with the server's retry-after when it gave one."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.retry_after = retry_after
+
+
+class PermanentError(TriageError):
+    """A failure that retrying cannot fix: the ticket is dead-lettered at once."""
+
+
+class InvalidOutput(PermanentError):
+    """The model's output did not validate against the label schema."""
+
+
+class Refused(PermanentError):
+    """The model refused to label the ticket."""
+
+
+class OutputTruncated(PermanentError):
+    """The model hit max_tokens before finishing the label."""

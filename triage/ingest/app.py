@@ -1,0 +1,165 @@
+"""The webhook API. A ticket enters at POST /webhooks/{source}: verified, parsed, committed
+with its outbox message, answered 202, and only then published to the broker.
+
+No model or outbound call happens inside a request: helpdesks wait on us synchronously.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import BackgroundTasks, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
+
+from triage.db.repo import Accepted, accept_ticket, ticket_view
+from triage.db.session import session_scope
+from triage.errors import IngestError
+from triage.ingest import problems
+from triage.ingest.models import InboundTicket
+from triage.ingest.sources.registry import SOURCES
+from triage.metrics import INGEST_LATENCY, WEBHOOKS
+from triage.pipeline.runtime import Runtime, get_runtime
+from triage.reliability.sweeper import Periodic
+
+log = logging.getLogger(__name__)
+
+
+async def read_body_limited(request: Request, limit: int) -> bytes:
+    """Read at most `limit` bytes; refuse larger bodies without reading them all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise IngestError(
+            f"body of {declared} bytes exceeds the {limit}-byte limit",
+            status=413,
+            title="Payload too large",
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise IngestError(
+                f"body exceeds the {limit}-byte limit", status=413, title="Payload too large"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _require_json(request: Request) -> None:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        raise IngestError(
+            f"content-type must be application/json, got {ctype or 'none'}",
+            status=415,
+            title="Unsupported media type",
+        )
+
+
+def create_app(rt: Runtime | None = None, *, relay_interval: float = 2.0) -> FastAPI:
+    runtime = rt or get_runtime()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loop = Periodic("triage-relay", relay_interval, runtime.publisher.relay_pending)
+        loop.start()
+        try:
+            yield
+        finally:
+            loop.stop()
+
+    app = FastAPI(title="triage", version="0.1.0", lifespan=lifespan)
+    problems.install(app)
+    settings = runtime.settings
+
+    def _store(inbound: InboundTicket) -> Accepted:
+        with session_scope(runtime.sessions) as session:
+            return accept_ticket(session, inbound)
+
+    @app.post("/webhooks/{source}", status_code=202)
+    async def receive_webhook(
+        source: str, request: Request, background: BackgroundTasks
+    ) -> JSONResponse:
+        started = time.perf_counter()
+        status = 500
+        try:
+            handler = SOURCES.get(source)
+            if handler is None:
+                raise IngestError(
+                    f"unknown source {source!r}; known: {', '.join(sorted(SOURCES))}",
+                    status=404,
+                    title="Unknown source",
+                )
+            _require_json(request)
+            body = await read_body_limited(request, settings.max_body_bytes)
+            handler.verify(settings, request.headers, body, request.query_params.get("token"))
+            inbound = handler.parse(body)
+            accepted = await run_in_threadpool(_store, inbound)
+            if accepted.outbox_id is not None:
+                # After the response: the helpdesk's wait does not include the broker.
+                background.add_task(runtime.publisher.publish, [accepted.outbox_id])
+            status = 202
+            return JSONResponse(
+                {
+                    "ticket_id": accepted.ticket_id,
+                    "status": str(accepted.status),
+                    "duplicate": accepted.duplicate,
+                },
+                status_code=202,
+            )
+        except IngestError as exc:
+            status = exc.status
+            raise
+        finally:
+            WEBHOOKS.labels(source=source if source in SOURCES else "unknown", status=status).inc()
+            INGEST_LATENCY.observe(time.perf_counter() - started)
+
+    @app.get("/tickets/{ticket_id}")
+    def get_ticket(ticket_id: int) -> dict[str, Any]:
+        with runtime.sessions() as session:
+            view = ticket_view(session, ticket_id)
+        if view is None:
+            raise IngestError(f"ticket {ticket_id} not found", status=404, title="Not found")
+        return view
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        checks = {"database": _check_db(runtime), "broker": _check_broker(runtime)}
+        ok = all(v == "ok" for v in checks.values())
+        if ok:
+            return JSONResponse({"status": "ready", "checks": checks})
+        return problems.problem(503, "Not ready", "a dependency is unavailable", checks=checks)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _check_db(rt: Runtime) -> str:
+    try:
+        with rt.sessions() as session:
+            session.execute(text("SELECT 1"))
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        return f"error: {exc.__class__.__name__}"
+
+
+def _check_broker(rt: Runtime) -> str:
+    try:
+        with rt.celery.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        return f"error: {exc.__class__.__name__}"

@@ -1,0 +1,45 @@
+"""The common inbound ticket every source parses into, and the generic webhook payload."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Requester(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    email: str | None = Field(None, max_length=320)
+    name: str | None = Field(None, max_length=255)
+
+
+class GenericTicketPayload(BaseModel):
+    """The `generic` source's body (DESIGN.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    external_id: str = Field(min_length=1, max_length=255)
+    subject: str = Field("", max_length=1000)
+    body: str = Field(min_length=1)
+    requester: Requester = Requester()
+    channel: str | None = Field(None, max_length=32)
+    created_at: datetime | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class InboundTicket(BaseModel):
+    """A ticket as triage stores it, whatever helpdesk it came from."""
+
+    model_config = ConfigDict(frozen=True)
+
+    source: str
+    external_id: str
+    subject: str
+    body: str
+    requester_email: str | None = None
+    requester_name: str | None = None
+    channel: str | None = None
+    created_at: datetime | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)

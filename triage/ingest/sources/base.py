@@ -1,0 +1,68 @@
+"""The plug-in point for helpdesks: verify a request, parse it into an InboundTicket."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Protocol, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from triage.config import Settings
+from triage.errors import IngestError
+from triage.ingest.models import InboundTicket
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class WebhookSource(Protocol):
+    name: str
+
+    def verify(
+        self, settings: Settings, headers: Mapping[str, str], body: bytes, path_token: str | None
+    ) -> None:
+        """Raise IngestError(401) unless the request is authentic and fresh."""
+
+    def parse(self, body: bytes) -> InboundTicket:
+        """Raise IngestError(400/422) for a body that is not a ticket of this source."""
+
+
+def secret_for(settings: Settings, source: str) -> str:
+    secret = settings.webhook_secret(source)
+    if not secret:
+        # Refuse rather than accept unsigned traffic because a secret was forgotten.
+        raise IngestError(
+            f"no webhook secret configured for source {source!r} "
+            f"(set TRIAGE_WEBHOOK_SECRET_{source.upper().replace('-', '_')})",
+            status=401,
+            title="Webhook source not configured",
+        )
+    return secret
+
+
+def load_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IngestError(
+            f"body is not valid JSON: {exc}", status=400, title="Malformed JSON"
+        ) from None
+
+
+def validate_payload(model: type[M], data: Any) -> M:
+    """Validate a parsed body; a 422 lists every missing or invalid field."""
+    if not isinstance(data, dict):
+        raise IngestError("body must be a JSON object", status=422, title="Invalid ticket payload")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = [
+            {"field": ".".join(str(p) for p in e["loc"]), "problem": e["msg"]} for e in exc.errors()
+        ]
+        fields = ", ".join(e["field"] for e in errors)
+        raise IngestError(
+            f"invalid or missing fields: {fields}",
+            status=422,
+            title="Invalid ticket payload",
+            errors=errors,
+        ) from None

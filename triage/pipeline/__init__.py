@@ -1,0 +1,1 @@
+"""The pipeline: Celery app, tasks, state transitions, routing, and the outbox relay."""

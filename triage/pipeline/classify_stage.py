@@ -1,0 +1,336 @@
+"""Stage 1: a stored ticket becomes a stored label and a dispatch.
+
+Three short transactions, none held across the model call:
+  begin   claim the ticket (state -> classifying) and look for a reusable label
+  call    reuse, or redact and ask the backend
+  finish  store the Classification, route, write the Dispatch and its outbox message
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from triage.classify.backends.base import ClassificationRequest, ClassificationResult, Usage
+from triage.classify.prompt import estimate_input_tokens
+from triage.classify.redact import redact
+from triage.classify.schema import TicketLabel
+from triage.db.models import Attempt, Classification, Dispatch, Ticket, TicketState, utcnow
+from triage.db.session import session_scope
+from triage.errors import RateLimited, TriageError
+from triage.metrics import CLASSIFICATIONS, CLASSIFY_COST, CLASSIFY_LATENCY, CLASSIFY_TOKENS
+from triage.pipeline.relay import CLASSIFY_TASK, DELIVER_TASK, enqueue
+from triage.pipeline.routing import CLASSIFY_QUEUE, Route, decide_route
+from triage.pipeline.runtime import Runtime
+from triage.pipeline.states import transition
+from triage.reliability.guard import StageFailure, handle_failure
+
+log = logging.getLogger(__name__)
+S = TicketState
+CLAIMABLE = frozenset({S.RECEIVED, S.QUEUED, S.CLASSIFYING})
+
+
+@dataclass(frozen=True, slots=True)
+class _Claim:
+    ticket_id: int
+    attempt: int
+    generation: int
+    age_seconds: float
+    request: ClassificationRequest
+    reuse: Classification | None
+
+
+# Waits up to this long are slept through on the worker thread; longer ones put the ticket
+# back on the queue so the thread can serve tickets that may go now.
+MAX_INLINE_WAIT = 1.0
+
+
+def classify_ticket_stage(rt: Runtime, ticket_id: int) -> str:
+    claim = _begin(rt, ticket_id)
+    if isinstance(claim, str):
+        return claim
+    if claim.reuse is None:
+        wait = _admission_wait(rt, claim)
+        if wait > 0:
+            return _defer(rt, claim, wait)
+    try:
+        result = _reuse(claim.reuse) if claim.reuse else rt.backend.classify(claim.request)
+    except Exception as exc:  # noqa: BLE001 - the guard names and decides every failure
+        if isinstance(exc, RateLimited) and rt.admission is not None:
+            rt.admission.breaker.record_overload(exc.retry_after)
+        calls = exc.api_calls if isinstance(exc, TriageError) else 0
+        return handle_failure(rt, _failure(claim, calls), exc)
+    _observe(result)
+    return _finish(rt, claim, result)
+
+
+def _admission_wait(rt: Runtime, claim: _Claim) -> float:
+    """Seconds this call must wait for the shared budget or an open circuit (0: go now)."""
+    if rt.admission is None:
+        return 0.0
+    tokens = estimate_input_tokens(rt.config.taxonomy, claim.request)
+    wait = rt.admission.wait_seconds(tokens)
+    if 0 < wait <= MAX_INLINE_WAIT:
+        time.sleep(wait)
+        wait = rt.admission.wait_seconds(tokens)
+    return wait
+
+
+def _defer(rt: Runtime, claim: _Claim, wait: float) -> str:
+    """Back on the queue for later, without spending an attempt: waiting for our own budget
+    or for the API to recover is not the ticket's failure."""
+    with session_scope(rt.sessions) as session:
+        transition(
+            session,
+            claim.ticket_id,
+            S.QUEUED,
+            only_from=frozenset({S.CLASSIFYING}),
+            attempts=Ticket.attempts - 1,
+        )
+        # Jitter, so tickets deferred together do not all come back in the same instant.
+        msg = enqueue(
+            session,
+            ticket_id=claim.ticket_id,
+            task=CLASSIFY_TASK,
+            queue=CLASSIFY_QUEUE,
+            args={"ticket_id": claim.ticket_id},
+            countdown=wait + random.uniform(0, min(wait, 5.0)),
+        )
+        session.flush()
+        outbox_id = msg.id
+    rt.publisher.publish([outbox_id])
+    return "deferred"
+
+
+def _begin(rt: Runtime, ticket_id: int) -> _Claim | str:
+    settings = rt.settings
+    # A ticket another worker is classifying right now is left alone for this long; after it,
+    # the holder is presumed dead (the message came back) and the ticket is taken over.
+    lease = timedelta(seconds=2 * settings.api_timeout_seconds + 30)
+    with session_scope(rt.sessions) as session:
+        ticket = session.get(Ticket, ticket_id)
+        if ticket is None:
+            log.error("classify: ticket %s does not exist", ticket_id)
+            return "missing"
+        if ticket.state not in CLAIMABLE:
+            return "noop"
+        now = utcnow()
+        fresh_holder = ticket.state == S.CLASSIFYING and ticket.state_changed_at > now - lease
+        if fresh_holder:
+            _reschedule(session, ticket, lease - (now - ticket.state_changed_at))
+            return "deferred"
+        moved = transition(
+            session,
+            ticket_id,
+            S.CLASSIFYING,
+            only_from=CLAIMABLE,
+            where=[Ticket.state_changed_at == ticket.state_changed_at],
+            attempts=Ticket.attempts + 1,
+        )
+        if not moved:
+            return "noop"
+        reuse = _find_reusable(rt, session, ticket)
+        return _Claim(
+            ticket_id=ticket.id,
+            attempt=ticket.attempts + 1,
+            generation=ticket.generation,
+            age_seconds=(now - ticket.received_at).total_seconds(),
+            request=_request(rt, ticket),
+            reuse=reuse,
+        )
+
+
+def _reschedule(session: Session, ticket: Ticket, wait: timedelta) -> None:
+    enqueue(
+        session,
+        ticket_id=ticket.id,
+        task=CLASSIFY_TASK,
+        queue=CLASSIFY_QUEUE,
+        args={"ticket_id": ticket.id},
+        countdown=max(1.0, wait.total_seconds()),
+    )
+
+
+def _request(rt: Runtime, ticket: Ticket) -> ClassificationRequest:
+    subject, body = ticket.subject, ticket.clean_text or ticket.body
+    if rt.settings.redact_personal_data:
+        names = [n for n in (ticket.requester_name,) if n]
+        emails = [e for e in (ticket.requester_email,) if e]
+        subject = redact(subject, names=names, emails=emails)
+        body = redact(body, names=names, emails=emails)
+    return ClassificationRequest(
+        ticket_id=ticket.id, subject=subject, body=body, channel=ticket.channel
+    )
+
+
+def _find_reusable(rt: Runtime, session: Session, ticket: Ticket) -> Classification | None:
+    window = rt.settings.reuse_window_hours
+    if window <= 0:
+        return None
+    since = utcnow() - timedelta(hours=window)
+    return session.scalar(
+        select(Classification)
+        .join(Ticket, Ticket.id == Classification.ticket_id)
+        .where(
+            Ticket.content_hash == ticket.content_hash,
+            Ticket.id != ticket.id,
+            Classification.taxonomy_version == rt.config.taxonomy.version,
+            Classification.backend == rt.backend.name,
+            Classification.reused_from_id.is_(None),
+            Classification.created_at >= since,
+        )
+        .order_by(Classification.id.desc())
+        .limit(1)
+    )
+
+
+def _reuse(source: Classification) -> ClassificationResult:
+    label = TicketLabel(
+        intent=source.intent,
+        department=source.department,
+        priority=source.priority,
+        language=source.language,
+        sentiment=source.sentiment,
+        confidence=source.confidence,
+        summary=source.summary,
+    )
+    return ClassificationResult(
+        label=label,
+        backend=source.backend,
+        model=source.model,
+        prompt_version=source.prompt_version,
+        latency_ms=0.0,
+        usage=Usage(),
+        calls=0,
+        reused_from_id=source.id,
+    )
+
+
+def _failure(claim: _Claim, api_calls: int) -> StageFailure:
+    def back_to_queued(session: Session) -> None:
+        transition(session, claim.ticket_id, S.QUEUED, only_from=frozenset({S.CLASSIFYING}))
+
+    return StageFailure(
+        ticket_id=claim.ticket_id,
+        stage="classify",
+        attempt=claim.attempt,
+        age_seconds=claim.age_seconds,
+        task=CLASSIFY_TASK,
+        queue=CLASSIFY_QUEUE,
+        args={"ticket_id": claim.ticket_id},
+        on_retry=back_to_queued,
+        api_calls=api_calls,
+    )
+
+
+def _finish(rt: Runtime, claim: _Claim, result: ClassificationResult) -> str:
+    route = decide_route(rt.config.taxonomy, result.label)
+    with session_scope(rt.sessions) as session:
+        row = _classification_row(rt, claim, result)
+        session.add(row)
+        session.flush()
+        moved = transition(
+            session,
+            claim.ticket_id,
+            S.CLASSIFIED,
+            only_from=frozenset({S.CLASSIFYING}),
+            current_classification_id=row.id,
+            last_error=None,
+        )
+        if not moved:
+            # Another worker finished this ticket first; its label stands and this one is
+            # dropped with the transaction.
+            session.rollback()
+            return "superseded"
+        outbox_id = _dispatch(session, claim, row, route)
+        session.add(
+            Attempt(
+                ticket_id=claim.ticket_id,
+                stage="classify",
+                number=claim.attempt,
+                finished_at=utcnow(),
+                outcome="reused" if result.reused_from_id else "ok",
+                request_id=result.request_id,
+                api_calls=result.calls,
+                latency_ms=result.latency_ms,
+            )
+        )
+    rt.publisher.publish([outbox_id])
+    return "review" if route.needs_review else "routed"
+
+
+def _dispatch(session: Session, claim: _Claim, row: Classification, route: Route) -> int:
+    target = S.NEEDS_REVIEW if route.needs_review else S.ROUTED
+    transition(
+        session,
+        claim.ticket_id,
+        target,
+        only_from=frozenset({S.CLASSIFIED}),
+        department=route.department,
+        review_reason=route.reason,
+    )
+    dispatch = Dispatch(
+        ticket_id=claim.ticket_id,
+        classification_id=row.id,
+        generation=claim.generation,
+        route=route.queue,
+        department=route.department,
+        rule=route.rule,
+    )
+    session.add(dispatch)
+    session.flush()
+    msg = enqueue(
+        session,
+        ticket_id=claim.ticket_id,
+        task=DELIVER_TASK,
+        queue=route.queue,
+        args={"dispatch_id": dispatch.id},
+    )
+    session.flush()
+    return msg.id
+
+
+def _classification_row(rt: Runtime, claim: _Claim, result: ClassificationResult) -> Classification:
+    label, usage = result.label, result.usage
+    return Classification(
+        ticket_id=claim.ticket_id,
+        generation=claim.generation,
+        intent=label.intent,
+        department=label.department,
+        priority=label.priority,
+        language=label.language,
+        sentiment=label.sentiment,
+        confidence=label.confidence,
+        summary=label.summary,
+        backend=result.backend,
+        model=result.model,
+        taxonomy_version=rt.config.taxonomy.version,
+        prompt_version=result.prompt_version,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cache_read_tokens=usage.cache_read_tokens,
+        cache_write_tokens=usage.cache_write_tokens,
+        cost_usd=usage.cost_usd,
+        latency_ms=result.latency_ms,
+        attempt=claim.attempt,
+        calls=result.calls,
+        request_id=result.request_id,
+        reused_from_id=result.reused_from_id,
+    )
+
+
+def _observe(result: ClassificationResult) -> None:
+    outcome = "reused" if result.reused_from_id else "labelled"
+    CLASSIFICATIONS.labels(backend=result.backend, outcome=outcome).inc()
+    if result.reused_from_id:
+        return
+    CLASSIFY_LATENCY.labels(backend=result.backend).observe(result.latency_ms / 1000)
+    CLASSIFY_TOKENS.labels(model=result.model, kind="input").inc(result.usage.input_tokens)
+    CLASSIFY_TOKENS.labels(model=result.model, kind="output").inc(result.usage.output_tokens)
+    CLASSIFY_COST.labels(model=result.model).inc(float(result.usage.cost_usd))

@@ -1,0 +1,131 @@
+"""The transactional outbox: messages are written with the state they announce and published
+after commit. Publishing claims rows with one atomic UPDATE (a short lease), so the request
+that wrote a row, every worker's sweeper and the API's relay loop can all try without sending
+a row twice in the normal case; a crash between send and mark-sent sends it again, which the
+idempotent tasks absorb."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from triage.db.models import OutboxMessage, TicketState, utcnow
+from triage.db.session import session_scope
+from triage.pipeline.states import transition
+
+log = logging.getLogger(__name__)
+
+CLASSIFY_TASK = "triage.classify_ticket"
+DELIVER_TASK = "triage.deliver"
+DEAD_LETTER_TASK = "triage.dead_lettered"
+# How long a claimed row is left alone before another relay may try it again.
+CLAIM_LEASE = timedelta(seconds=30)
+
+
+def enqueue(
+    session: Session,
+    *,
+    ticket_id: int,
+    task: str,
+    queue: str,
+    args: dict[str, Any],
+    countdown: float = 0.0,
+) -> OutboxMessage:
+    """Add a message to the outbox in the caller's transaction."""
+    msg = OutboxMessage(
+        ticket_id=ticket_id, task=task, queue=queue, args=args, countdown=max(0.0, countdown)
+    )
+    session.add(msg)
+    return msg
+
+
+class Publisher:
+    """Sends claimed outbox rows to the broker. `send` is Celery's `send_task`."""
+
+    def __init__(self, sessions: sessionmaker[Session], send: Any) -> None:
+        self._sessions = sessions
+        self._send = send
+
+    def publish(self, ids: Iterable[int]) -> int:
+        """Publish these rows now (after the commit that wrote them)."""
+        ids = list(ids)
+        if not ids:
+            return 0
+        return self._publish_claimed(self._claim(OutboxMessage.id.in_(ids)))
+
+    def relay_pending(self, *, older_than: float = 2.0, limit: int = 500) -> int:
+        """Publish rows left behind: broker outage, crash after commit, or a lost claim."""
+        cutoff = utcnow() - timedelta(seconds=older_than)
+        with self._sessions() as session:
+            ids = session.scalars(
+                select(OutboxMessage.id)
+                .where(
+                    OutboxMessage.sent_at.is_(None),
+                    OutboxMessage.available_at <= utcnow(),
+                    OutboxMessage.created_at <= cutoff,
+                )
+                .order_by(OutboxMessage.id)
+                .limit(limit)
+            ).all()
+        if not ids:
+            return 0
+        return self._publish_claimed(self._claim(OutboxMessage.id.in_(ids)))
+
+    def _claim(self, which: Any) -> list[OutboxMessage]:
+        now = utcnow()
+        with session_scope(self._sessions) as session:
+            claimed = session.scalars(
+                update(OutboxMessage)
+                .where(which, OutboxMessage.sent_at.is_(None), OutboxMessage.available_at <= now)
+                .values(
+                    available_at=now + CLAIM_LEASE,
+                    publish_attempts=OutboxMessage.publish_attempts + 1,
+                )
+                .returning(OutboxMessage)
+                .execution_options(synchronize_session=False)
+            ).all()
+            session.expunge_all()
+        return list(claimed)
+
+    def _publish_claimed(self, rows: list[OutboxMessage]) -> int:
+        sent: list[OutboxMessage] = []
+        for row in rows:
+            due = row.created_at + timedelta(seconds=row.countdown)
+            countdown = max(0.0, (due - utcnow()).total_seconds())
+            try:
+                self._send(
+                    row.task,
+                    kwargs=row.args,
+                    queue=row.queue,
+                    countdown=countdown or None,
+                )
+            except Exception as exc:  # noqa: BLE001 - any broker failure leaves the row for later
+                log.warning("outbox %s not published (%s); will retry", row.id, exc)
+                continue
+            sent.append(row)
+        if sent:
+            self._mark_sent(sent)
+        return len(sent)
+
+    def _mark_sent(self, rows: list[OutboxMessage]) -> None:
+        now = utcnow()
+        with session_scope(self._sessions) as session:
+            session.execute(
+                update(OutboxMessage)
+                .where(OutboxMessage.id.in_([r.id for r in rows]))
+                .values(sent_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            for row in rows:
+                if row.task == CLASSIFY_TASK:
+                    transition(
+                        session,
+                        row.ticket_id,
+                        TicketState.QUEUED,
+                        only_from=frozenset({TicketState.RECEIVED}),
+                    )

@@ -1,0 +1,89 @@
+"""Per-process singletons: config, the session factory, the Celery app, the publisher, and the
+classification backend. Built once, on first use, and shared by every thread."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from functools import cached_property, lru_cache
+
+import redis
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from triage.classify.backends.base import ClassifierBackend
+from triage.classify.backends.factory import build_backend
+from triage.config import AppConfig, Settings, get_config
+from triage.db.session import get_sessionmaker
+from triage.pipeline.celery_app import make_celery
+from triage.pipeline.relay import Publisher
+from triage.reliability.limits import Admission, ApiLimiter, CircuitBreaker, Limits
+from triage.sinks.base import Sink
+from triage.sinks.registry import SinkTable, load_sinks
+
+
+class Runtime:
+    def __init__(self, config: AppConfig) -> None:
+        self.config = config
+        self._backend: ClassifierBackend | None = None
+        self._backend_lock = threading.Lock()
+
+    @property
+    def settings(self) -> Settings:
+        return self.config.settings
+
+    @cached_property
+    def sessions(self) -> sessionmaker[Session]:
+        return get_sessionmaker(self.config.settings.database_url)
+
+    @cached_property
+    def celery(self) -> Celery:
+        app = make_celery(self.config)
+        app.set_default()
+        return app
+
+    @cached_property
+    def publisher(self) -> Publisher:
+        return Publisher(self.sessions, self.celery.send_task)
+
+    @cached_property
+    def sinks(self) -> SinkTable:
+        return load_sinks(self.config)
+
+    def sinks_for(self, department: str | None) -> Sequence[Sink]:
+        return self.sinks.for_department(department)
+
+    @cached_property
+    def admission(self) -> Admission | None:
+        """Shared rate limit and circuit breaker, for backends that call the API."""
+        settings = self.settings
+        url = settings.limits_redis_url()
+        if settings.effective_backend() == "local" or url is None:
+            return None
+        client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        limiter = ApiLimiter(
+            client,
+            Limits(settings.api_calls_per_minute, settings.api_input_tokens_per_minute),
+        )
+        breaker = CircuitBreaker(
+            client,
+            threshold=settings.circuit_threshold,
+            window=settings.circuit_window_seconds,
+            cooldown=settings.circuit_cooldown_seconds,
+        )
+        return Admission(limiter, breaker)
+
+    @property
+    def backend(self) -> ClassifierBackend:
+        # Built lazily and once: the local backend trains at construction, the API backend
+        # opens a connection pool; neither should happen per ticket or per thread.
+        if self._backend is None:
+            with self._backend_lock:
+                if self._backend is None:
+                    self._backend = build_backend(self.config)
+        return self._backend
+
+
+@lru_cache(maxsize=1)
+def get_runtime() -> Runtime:
+    return Runtime(get_config())

@@ -1,0 +1,64 @@
+"""The only place a ticket changes state.
+
+Every change is a compare-and-set UPDATE (`WHERE state IN allowed`), so two workers handling
+redelivered copies of one message cannot both move the ticket: the loser sees False.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import ColumnElement, update
+from sqlalchemy.orm import Session
+
+from triage.db.models import Ticket, TicketState, utcnow
+
+S = TicketState
+
+# to-state -> the states it may be entered from.
+ALLOWED_FROM: dict[TicketState, frozenset[TicketState]] = {
+    S.QUEUED: frozenset({S.RECEIVED, S.CLASSIFYING, S.ROUTED, S.NEEDS_REVIEW, S.DEAD_LETTERED}),
+    # CLASSIFYING from itself: a redelivered message after a worker died mid-call.
+    S.CLASSIFYING: frozenset({S.RECEIVED, S.QUEUED, S.CLASSIFYING}),
+    S.CLASSIFIED: frozenset({S.CLASSIFYING}),
+    # From DEAD_LETTERED: replaying a delivery that was dead-lettered after routing.
+    S.ROUTED: frozenset({S.CLASSIFIED, S.DEAD_LETTERED}),
+    S.NEEDS_REVIEW: frozenset({S.CLASSIFIED, S.DEAD_LETTERED}),
+    S.DEAD_LETTERED: frozenset(
+        {S.RECEIVED, S.QUEUED, S.CLASSIFYING, S.CLASSIFIED, S.ROUTED, S.NEEDS_REVIEW}
+    ),
+}
+
+
+class IllegalTransitionError(ValueError):
+    pass
+
+
+def transition(
+    session: Session,
+    ticket_id: int,
+    to: TicketState,
+    *,
+    only_from: frozenset[TicketState] | None = None,
+    where: Sequence[ColumnElement[bool]] = (),
+    **fields: Any,
+) -> bool:
+    """Move `ticket_id` to `to` if its current state allows it; set `fields` in the same UPDATE.
+
+    `only_from` narrows the allowed sources (e.g. replay only from dead_lettered). Returns
+    whether the ticket moved; the caller's transaction commits it. `where` adds conditions
+    (a lease on `state_changed_at`, say) to the same atomic check.
+    """
+    allowed = ALLOWED_FROM[to]
+    if only_from is not None:
+        if not only_from <= allowed:
+            raise IllegalTransitionError(f"{sorted(only_from - allowed)} -> {to} is not allowed")
+        allowed = only_from
+    stmt = (
+        update(Ticket)
+        .where(Ticket.id == ticket_id, Ticket.state.in_([s.value for s in allowed]), *where)
+        .values(state=to.value, state_changed_at=utcnow(), **fields)
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(stmt).rowcount == 1  # type: ignore[attr-defined,no-any-return]

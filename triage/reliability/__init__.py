@@ -1,0 +1,1 @@
+"""Reliability: the one retry policy, dead letters, and the sweeper that recovers stuck work."""

@@ -1,0 +1,137 @@
+"""Dead letters: what could not succeed, kept visible and replayable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from triage.db.models import (
+    Attempt,
+    DeadLetter,
+    Dispatch,
+    OutboxMessage,
+    Ticket,
+    TicketState,
+    utcnow,
+)
+from triage.errors import TriageError
+from triage.pipeline.relay import CLASSIFY_TASK, DEAD_LETTER_TASK, DELIVER_TASK, enqueue
+from triage.pipeline.routing import CLASSIFY_QUEUE, DEAD_QUEUE
+from triage.pipeline.states import transition
+
+S = TicketState
+
+
+def dead_letter(
+    session: Session,
+    *,
+    ticket_id: int,
+    stage: str,
+    error: TriageError,
+    attempts: int,
+    payload: dict[str, Any],
+) -> tuple[DeadLetter, OutboxMessage]:
+    """Record the failure, move the ticket to dead_lettered and announce it on triage.dead,
+    all in the caller's transaction. Returns the letter and the announcement to publish."""
+    first_failed = session.scalar(
+        select(func.min(Attempt.started_at)).where(
+            Attempt.ticket_id == ticket_id, Attempt.stage == stage, Attempt.outcome != "ok"
+        )
+    )
+    now = utcnow()
+    letter = DeadLetter(
+        ticket_id=ticket_id,
+        stage=stage,
+        error_type=error.__class__.__name__,
+        message=error.message[:4000],
+        attempts=attempts,
+        first_failed_at=first_failed or now,
+        last_failed_at=now,
+        request_id=error.request_id,
+        payload=payload,
+    )
+    session.add(letter)
+    transition(session, ticket_id, S.DEAD_LETTERED, last_error=str(error)[:4000])
+    session.flush()
+    notice = enqueue(
+        session,
+        ticket_id=ticket_id,
+        task=DEAD_LETTER_TASK,
+        queue=DEAD_QUEUE,
+        args={
+            "dead_letter_id": letter.id,
+            "ticket_id": ticket_id,
+            "stage": stage,
+            "error_type": letter.error_type,
+            "message": letter.message,
+        },
+    )
+    session.flush()
+    return letter, notice
+
+
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    ticket_id: int
+    stage: str
+    outbox_id: int
+
+
+def replay(session: Session, dead_letter_id: int) -> Replayed | None:
+    """Put a dead-lettered ticket back through the stage that failed, history kept.
+
+    Returns None when the letter was already replayed or the ticket has moved on; the caller
+    publishes `outbox_id` after commit.
+    """
+    letter = session.get(DeadLetter, dead_letter_id)
+    if letter is None or letter.replayed_at is not None:
+        return None
+    claimed = session.execute(
+        update(DeadLetter)
+        .where(DeadLetter.id == dead_letter_id, DeadLetter.replayed_at.is_(None))
+        .values(replayed_at=utcnow())
+        .execution_options(synchronize_session=False)
+    ).rowcount  # type: ignore[attr-defined]
+    if claimed != 1:
+        return None
+    ticket = session.get(Ticket, letter.ticket_id)
+    if ticket is None or ticket.state != S.DEAD_LETTERED:
+        return None
+    if letter.stage == "deliver" and ticket.current_classification_id is not None:
+        return _replay_delivery(session, ticket, letter)
+    transition(session, ticket.id, S.QUEUED, only_from=frozenset({S.DEAD_LETTERED}), attempts=0)
+    msg = enqueue(
+        session,
+        ticket_id=ticket.id,
+        task=CLASSIFY_TASK,
+        queue=CLASSIFY_QUEUE,
+        args={"ticket_id": ticket.id},
+    )
+    session.flush()
+    return Replayed(ticket_id=ticket.id, stage="classify", outbox_id=msg.id)
+
+
+def _replay_delivery(session: Session, ticket: Ticket, letter: DeadLetter) -> Replayed | None:
+    dispatch = session.scalar(
+        select(Dispatch)
+        .where(Dispatch.ticket_id == ticket.id, Dispatch.generation == ticket.generation)
+        .order_by(Dispatch.id.desc())
+        .limit(1)
+    )
+    if dispatch is None:
+        return None
+    back_to = S.NEEDS_REVIEW if ticket.review_reason else S.ROUTED
+    transition(session, ticket.id, back_to, only_from=frozenset({S.DEAD_LETTERED}))
+    dispatch.delivery_attempts = 0
+    msg = enqueue(
+        session,
+        ticket_id=ticket.id,
+        task=DELIVER_TASK,
+        queue=dispatch.route,
+        args={"dispatch_id": dispatch.id},
+    )
+    session.flush()
+    return Replayed(ticket_id=ticket.id, stage="deliver", outbox_id=msg.id)

@@ -1,0 +1,105 @@
+"""The one place that turns a stage failure into "retry later" or "dead-letter now"."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from triage.db.models import Attempt, utcnow
+from triage.db.session import session_scope
+from triage.errors import TriageError
+from triage.pipeline.relay import enqueue
+from triage.pipeline.runtime import Runtime
+from triage.reliability.deadletter import dead_letter
+from triage.reliability.retry import as_triage_error, decide, policy_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class StageFailure:
+    """What the stage knew when it failed: enough to retry or to dead-letter it."""
+
+    ticket_id: int
+    stage: str
+    attempt: int
+    age_seconds: float
+    task: str
+    queue: str
+    args: dict[str, Any]
+    # Runs in the failure transaction before a retry is scheduled (e.g. state back to queued).
+    on_retry: Callable[[Any], None] | None = None
+    api_calls: int = 0
+
+
+def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> str:
+    """Record the attempt, then schedule a retry through the outbox or dead-letter the ticket.
+    Returns the outcome ("retry" or "dead")."""
+    error = as_triage_error(exc)
+    if error.ticket_id is None:
+        error.ticket_id = failure.ticket_id
+    error.stage = failure.stage
+    decision = decide(
+        policy_for(failure.stage, rt.settings),
+        error,
+        attempt=failure.attempt,
+        age_seconds=failure.age_seconds,
+    )
+    outcome = "retry" if decision.retry else "dead"
+    log.warning(
+        "%s failed for ticket %s (attempt %s): %s -> %s (%s)",
+        failure.stage,
+        failure.ticket_id,
+        failure.attempt,
+        error,
+        outcome,
+        decision.reason,
+    )
+    with session_scope(rt.sessions) as session:
+        session.add(_attempt_row(failure, error, outcome))
+        if decision.retry:
+            if failure.on_retry is not None:
+                failure.on_retry(session)
+            msg = enqueue(
+                session,
+                ticket_id=failure.ticket_id,
+                task=failure.task,
+                queue=failure.queue,
+                args=failure.args,
+                countdown=decision.delay,
+            )
+        else:
+            _letter, msg = dead_letter(
+                session,
+                ticket_id=failure.ticket_id,
+                stage=failure.stage,
+                error=error,
+                attempts=failure.attempt,
+                payload={
+                    "task": failure.task,
+                    "queue": failure.queue,
+                    "args": failure.args,
+                    "reason": decision.reason,
+                },
+            )
+            log.error("ticket %s dead-lettered at %s: %s", failure.ticket_id, failure.stage, error)
+        session.flush()
+        outbox_id = msg.id
+    rt.publisher.publish([outbox_id])
+    return outcome
+
+
+def _attempt_row(failure: StageFailure, error: TriageError, outcome: str) -> Attempt:
+    return Attempt(
+        ticket_id=failure.ticket_id,
+        stage=failure.stage,
+        number=failure.attempt,
+        finished_at=utcnow(),
+        outcome=outcome,
+        error_type=error.__class__.__name__,
+        error=error.message[:4000],
+        request_id=error.request_id,
+        api_calls=failure.api_calls,
+    )

@@ -1,0 +1,1 @@
+"""Sinks: where a routed ticket's result goes besides its department queue."""

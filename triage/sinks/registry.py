@@ -1,0 +1,33 @@
+"""Which sinks each department uses, from config/sinks.yaml (optional).
+
+Without the file every department is "queue only": the dept.<name> message is the delivery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from triage.config import AppConfig
+from triage.sinks.base import Sink
+
+
+@dataclass(frozen=True)
+class SinkTable:
+    by_department: dict[str, tuple[Sink, ...]] = field(default_factory=dict)
+    default: tuple[Sink, ...] = ()
+
+    def for_department(self, department: str | None) -> Sequence[Sink]:
+        if department is None:
+            return self.default
+        return self.by_department.get(department, self.default)
+
+
+def load_sinks(config: AppConfig) -> SinkTable:
+    path = config.settings.config_dir / "sinks.yaml"
+    if not path.exists():
+        return SinkTable()
+    from triage.sinks.loader import build_sink_table
+
+    table: SinkTable = build_sink_table(path, config)
+    return table
