@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
 
     worker_concurrency: int = Field(200, ge=1)
+    # A worker serves its Prometheus metrics here when set (the API serves /metrics itself).
+    worker_metrics_port: int | None = Field(None, ge=1, le=65535)
     # Retry policy per stage (see triage/reliability/retry.py for how they combine).
     classify_max_attempts: int = Field(6, ge=1)
     classify_base_delay: float = Field(2.0, ge=0)

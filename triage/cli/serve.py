@@ -65,6 +65,10 @@ def worker(
     rt.backend  # noqa: B018 - train/connect once before taking messages
     sweeper = Periodic("triage-sweeper", settings.sweep_interval_seconds, lambda: sweep_once(rt))
     sweeper.start()
+    if settings.worker_metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.worker_metrics_port)
     argv = [
         "worker",
         # Classification waits on the network; threads overlap those waits. The prefork pool
