@@ -155,6 +155,18 @@ class Classification(Base):
 
     ticket: Mapped[Ticket] = relationship(back_populates="classifications")
 
+    def label_fields(self) -> dict[str, Any]:
+        """The label itself, as the API, sinks and CLI show it."""
+        return {
+            "intent": self.intent,
+            "department": self.department,
+            "priority": self.priority,
+            "language": self.language,
+            "sentiment": self.sentiment,
+            "confidence": self.confidence,
+            "summary": self.summary,
+        }
+
 
 class Dispatch(Base):
     """A ticket handed to a queue (a department's, or review). Unique per ticket, route and

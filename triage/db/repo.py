@@ -13,8 +13,7 @@ from sqlalchemy.orm import Session
 from triage.classify.textclean import clean_ticket_text
 from triage.db.models import Classification, DeadLetter, Dispatch, Ticket, TicketState
 from triage.ingest.models import InboundTicket
-from triage.pipeline.relay import CLASSIFY_TASK, enqueue
-from triage.pipeline.routing import CLASSIFY_QUEUE
+from triage.pipeline.relay import enqueue_classify
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,14 +70,7 @@ def accept_ticket(session: Session, inbound: InboundTicket) -> Accepted:
             )
         ).one()
         return Accepted(ticket_id=existing.id, duplicate=True, status=existing.state)
-    msg = enqueue(
-        session,
-        ticket_id=ticket_id,
-        task=CLASSIFY_TASK,
-        queue=CLASSIFY_QUEUE,
-        args={"ticket_id": ticket_id},
-    )
-    session.flush()
+    msg = enqueue_classify(session, ticket_id)
     return Accepted(
         ticket_id=ticket_id, duplicate=False, status=TicketState.RECEIVED, outbox_id=msg.id
     )
@@ -139,13 +131,7 @@ def ticket_view(session: Session, ticket_id: int) -> dict[str, Any] | None:
 
 def _label(row: Classification) -> dict[str, Any]:
     return {
-        "intent": row.intent,
-        "department": row.department,
-        "priority": row.priority,
-        "language": row.language,
-        "sentiment": row.sentiment,
-        "confidence": row.confidence,
-        "summary": row.summary,
+        **row.label_fields(),
         "backend": row.backend,
         "model": row.model,
         "taxonomy_version": row.taxonomy_version,

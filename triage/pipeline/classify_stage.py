@@ -25,7 +25,7 @@ from triage.db.models import Attempt, Classification, Dispatch, Ticket, TicketSt
 from triage.db.session import session_scope
 from triage.errors import RateLimited, TriageError
 from triage.metrics import CLASSIFICATIONS, CLASSIFY_COST, CLASSIFY_LATENCY, CLASSIFY_TOKENS
-from triage.pipeline.relay import CLASSIFY_TASK, DELIVER_TASK, enqueue
+from triage.pipeline.relay import CLASSIFY_TASK, enqueue_classify, enqueue_delivery
 from triage.pipeline.routing import CLASSIFY_QUEUE, Route, decide_route
 from triage.pipeline.runtime import Runtime
 from triage.pipeline.states import transition
@@ -94,16 +94,8 @@ def _defer(rt: Runtime, claim: _Claim, wait: float) -> str:
             attempts=Ticket.attempts - 1,
         )
         # Jitter, so tickets deferred together do not all come back in the same instant.
-        msg = enqueue(
-            session,
-            ticket_id=claim.ticket_id,
-            task=CLASSIFY_TASK,
-            queue=CLASSIFY_QUEUE,
-            args={"ticket_id": claim.ticket_id},
-            countdown=wait + random.uniform(0, min(wait, 5.0)),
-        )
-        session.flush()
-        outbox_id = msg.id
+        jitter = random.uniform(0, min(wait, 5.0))
+        outbox_id = enqueue_classify(session, claim.ticket_id, countdown=wait + jitter).id
     rt.publisher.publish([outbox_id])
     return "deferred"
 
@@ -147,14 +139,7 @@ def _begin(rt: Runtime, ticket_id: int) -> _Claim | str:
 
 
 def _reschedule(session: Session, ticket: Ticket, wait: timedelta) -> None:
-    enqueue(
-        session,
-        ticket_id=ticket.id,
-        task=CLASSIFY_TASK,
-        queue=CLASSIFY_QUEUE,
-        args={"ticket_id": ticket.id},
-        countdown=max(1.0, wait.total_seconds()),
-    )
+    enqueue_classify(session, ticket.id, countdown=max(1.0, wait.total_seconds()))
 
 
 def _request(rt: Runtime, ticket: Ticket) -> ClassificationRequest:
@@ -285,15 +270,9 @@ def _dispatch(session: Session, claim: _Claim, row: Classification, route: Route
     )
     session.add(dispatch)
     session.flush()
-    msg = enqueue(
-        session,
-        ticket_id=claim.ticket_id,
-        task=DELIVER_TASK,
-        queue=route.queue,
-        args={"dispatch_id": dispatch.id},
-    )
-    session.flush()
-    return msg.id
+    return enqueue_delivery(
+        session, ticket_id=claim.ticket_id, dispatch_id=dispatch.id, route=route.queue
+    ).id
 
 
 def _classification_row(rt: Runtime, claim: _Claim, result: ClassificationResult) -> Classification:

@@ -82,7 +82,7 @@ def _begin(rt: Runtime, dispatch_id: int) -> _Job | str:
             department=dispatch.department,
             needs_review=ticket.state == S.NEEDS_REVIEW,
             review_reason=ticket.review_reason,
-            label=_label_dict(label),
+            label={**label.label_fields(), "model": label.model} if label else {},
             metadata=dict(ticket.extra or {}),
         )
         return _Job(
@@ -90,21 +90,6 @@ def _begin(rt: Runtime, dispatch_id: int) -> _Job | str:
             attempt=dispatch.delivery_attempts,
             age_seconds=(utcnow() - dispatch.created_at).total_seconds(),
         )
-
-
-def _label_dict(row: Classification | None) -> dict[str, object]:
-    if row is None:
-        return {}
-    return {
-        "intent": row.intent,
-        "department": row.department,
-        "priority": row.priority,
-        "language": row.language,
-        "sentiment": row.sentiment,
-        "confidence": row.confidence,
-        "summary": row.summary,
-        "model": row.model,
-    }
 
 
 def _failure(job: _Job) -> StageFailure:

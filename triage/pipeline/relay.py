@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from triage.db.models import OutboxMessage, TicketState, utcnow
 from triage.db.session import session_scope
+from triage.pipeline.routing import CLASSIFY_QUEUE
 from triage.pipeline.states import transition
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,36 @@ def enqueue(
         ticket_id=ticket_id, task=task, queue=queue, args=args, countdown=max(0.0, countdown)
     )
     session.add(msg)
+    return msg
+
+
+def enqueue_classify(session: Session, ticket_id: int, *, countdown: float = 0.0) -> OutboxMessage:
+    """Queue classify_ticket(ticket_id) after the caller's commit; the row has its id."""
+    msg = enqueue(
+        session,
+        ticket_id=ticket_id,
+        task=CLASSIFY_TASK,
+        queue=CLASSIFY_QUEUE,
+        args={"ticket_id": ticket_id},
+        countdown=countdown,
+    )
+    session.flush()
+    return msg
+
+
+def enqueue_delivery(
+    session: Session, *, ticket_id: int, dispatch_id: int, route: str, countdown: float = 0.0
+) -> OutboxMessage:
+    """Queue deliver(dispatch_id) on the dispatch's route after the caller's commit."""
+    msg = enqueue(
+        session,
+        ticket_id=ticket_id,
+        task=DELIVER_TASK,
+        queue=route,
+        args={"dispatch_id": dispatch_id},
+        countdown=countdown,
+    )
+    session.flush()
     return msg
 
 

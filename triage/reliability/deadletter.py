@@ -18,8 +18,13 @@ from triage.db.models import (
     utcnow,
 )
 from triage.errors import TriageError
-from triage.pipeline.relay import CLASSIFY_TASK, DEAD_LETTER_TASK, DELIVER_TASK, enqueue
-from triage.pipeline.routing import CLASSIFY_QUEUE, DEAD_QUEUE
+from triage.pipeline.relay import (
+    DEAD_LETTER_TASK,
+    enqueue,
+    enqueue_classify,
+    enqueue_delivery,
+)
+from triage.pipeline.routing import DEAD_QUEUE
 from triage.pipeline.states import transition
 
 S = TicketState
@@ -103,14 +108,7 @@ def replay(session: Session, dead_letter_id: int) -> Replayed | None:
     if letter.stage == "deliver" and ticket.current_classification_id is not None:
         return _replay_delivery(session, ticket, letter)
     transition(session, ticket.id, S.QUEUED, only_from=frozenset({S.DEAD_LETTERED}), attempts=0)
-    msg = enqueue(
-        session,
-        ticket_id=ticket.id,
-        task=CLASSIFY_TASK,
-        queue=CLASSIFY_QUEUE,
-        args={"ticket_id": ticket.id},
-    )
-    session.flush()
+    msg = enqueue_classify(session, ticket.id)
     return Replayed(ticket_id=ticket.id, stage="classify", outbox_id=msg.id)
 
 
@@ -126,12 +124,7 @@ def _replay_delivery(session: Session, ticket: Ticket, letter: DeadLetter) -> Re
     back_to = S.NEEDS_REVIEW if ticket.review_reason else S.ROUTED
     transition(session, ticket.id, back_to, only_from=frozenset({S.DEAD_LETTERED}))
     dispatch.delivery_attempts = 0
-    msg = enqueue(
-        session,
-        ticket_id=ticket.id,
-        task=DELIVER_TASK,
-        queue=dispatch.route,
-        args={"dispatch_id": dispatch.id},
+    msg = enqueue_delivery(
+        session, ticket_id=ticket.id, dispatch_id=dispatch.id, route=dispatch.route
     )
-    session.flush()
     return Replayed(ticket_id=ticket.id, stage="deliver", outbox_id=msg.id)

@@ -17,8 +17,7 @@ from sqlalchemy import exists, select, update
 
 from triage.db.models import Dispatch, OutboxMessage, Ticket, TicketState, utcnow
 from triage.db.session import session_scope
-from triage.pipeline.relay import CLASSIFY_TASK, DELIVER_TASK, enqueue
-from triage.pipeline.routing import CLASSIFY_QUEUE
+from triage.pipeline.relay import enqueue_classify, enqueue_delivery
 from triage.pipeline.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -62,15 +61,7 @@ def sweep_once(rt: Runtime, *, stuck_after: float | None = None, limit: int = 50
                 .execution_options(synchronize_session=False)
             ).rowcount  # type: ignore[attr-defined]
             if won:
-                msg = enqueue(
-                    session,
-                    ticket_id=ticket_id,
-                    task=CLASSIFY_TASK,
-                    queue=CLASSIFY_QUEUE,
-                    args={"ticket_id": ticket_id},
-                )
-                session.flush()
-                outbox_ids.append(msg.id)
+                outbox_ids.append(enqueue_classify(session, ticket_id).id)
                 tickets += 1
         undelivered = session.execute(
             select(Dispatch.id, Dispatch.ticket_id, Dispatch.route, Dispatch.created_at)
@@ -93,14 +84,9 @@ def sweep_once(rt: Runtime, *, stuck_after: float | None = None, limit: int = 50
                 .execution_options(synchronize_session=False)
             ).rowcount  # type: ignore[attr-defined]
             if won:
-                msg = enqueue(
-                    session,
-                    ticket_id=ticket_id,
-                    task=DELIVER_TASK,
-                    queue=route,
-                    args={"dispatch_id": dispatch_id},
+                msg = enqueue_delivery(
+                    session, ticket_id=ticket_id, dispatch_id=dispatch_id, route=route
                 )
-                session.flush()
                 outbox_ids.append(msg.id)
                 deliveries += 1
     if outbox_ids:

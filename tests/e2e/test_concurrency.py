@@ -1,0 +1,49 @@
+"""One worker process keeps 100+ model calls in flight: the thread pool really overlaps the
+waits. This asserts the overlap the fake API observed, not a duration."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from tests.fakeanthropic import FakeAnthropic
+from tests.support.stack import (
+    WorkerProcess,
+    make_runtime,
+    post_ticket,
+    stack_env,
+    ticket_payload,
+    truncate,
+    wait_until,
+)
+from triage.db.models import Ticket
+from triage.ingest.app import create_app
+
+
+def test_one_worker_process_holds_over_100_calls_in_flight(pg_url, clean_redis):
+    truncate(pg_url)
+    with FakeAnthropic(latency=1.5) as fake:
+        env = stack_env(
+            pg_url,
+            clean_redis,
+            TRIAGE_BACKEND="anthropic",
+            ANTHROPIC_API_KEY="sk-test",
+            ANTHROPIC_BASE_URL=fake.base_url,
+        )
+        with WorkerProcess(env, concurrency=150) as worker:
+            rt = make_runtime(env)
+            with TestClient(create_app(rt)) as client:
+                ids = [
+                    post_ticket(client, ticket_payload(f"c-{i}", body=f"order {i} late")).json()[
+                        "ticket_id"
+                    ]
+                    for i in range(150)
+                ]
+
+            def all_routed() -> bool:
+                with rt.sessions() as s:
+                    return all(s.get(Ticket, i).state == "routed" for i in ids)
+
+            wait_until(all_routed, 90, what="150 tickets routed", every=0.5)
+            assert worker.proc.poll() is None
+        assert fake.peak_in_flight >= 100, fake.peak_in_flight
+        assert fake.call_count() == 150

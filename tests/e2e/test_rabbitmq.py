@@ -1,0 +1,62 @@
+"""The same pipeline with RabbitMQ as the broker (TRIAGE_BROKER_URL=amqp://…), on a private
+virtual host so concurrent runs on one machine cannot take each other's messages."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.support.services import RABBITMQ_URL, require_service
+from tests.support.stack import (
+    WorkerProcess,
+    make_runtime,
+    post_ticket,
+    stack_env,
+    ticket_payload,
+    truncate,
+    wait_until,
+)
+from triage.db.models import Ticket
+from triage.ingest.app import create_app
+
+
+def _ctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture()
+def amqp_url():
+    require_service("RabbitMQ", RABBITMQ_URL.replace("amqp://", "http://"))
+    vhost = f"triage-test-{uuid.uuid4().hex[:8]}"
+    _ctl("add_vhost", vhost)
+    _ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    yield RABBITMQ_URL.rsplit("/", 1)[0] + "/" + vhost
+    _ctl("delete_vhost", vhost)
+
+
+def test_tickets_flow_through_rabbitmq(pg_url, clean_redis, amqp_url):
+    truncate(pg_url)
+    env = stack_env(pg_url, clean_redis, TRIAGE_BROKER_URL=amqp_url)
+    with WorkerProcess(env, concurrency=20):
+        rt = make_runtime(env)
+        assert rt.celery.conf.broker_url.startswith("amqp://")
+        with TestClient(create_app(rt)) as client:
+            ids = [
+                post_ticket(client, ticket_payload(f"amqp-{i}", body="My parcel is lost")).json()[
+                    "ticket_id"
+                ]
+                for i in range(30)
+            ]
+
+        def done() -> bool:
+            with rt.sessions() as s:
+                return all(s.get(Ticket, i).state in ("routed", "needs_review") for i in ids)
+
+        wait_until(done, 90, what="30 tickets through RabbitMQ", every=0.3)
+        with rt.sessions() as s:
+            departments = {s.get(Ticket, i).department for i in ids}
+        # One text, one label: every copy lands in the same department.
+        assert len(departments) == 1 and None not in departments
