@@ -1,0 +1,54 @@
+"""The shared API budget and circuit breaker, against the real Redis every worker shares."""
+
+from __future__ import annotations
+
+import redis
+
+from triage.reliability.limits import Admission, ApiLimiter, CircuitBreaker, Limits
+
+
+def test_calls_per_minute_admits_one_minutes_burst_then_asks_to_wait(clean_redis):
+    client = redis.Redis.from_url(clean_redis)
+    limiter = ApiLimiter(client, Limits(calls_per_minute=60))
+    waits = [limiter.acquire(100) for _ in range(61)]
+    assert waits[:60] == [0.0] * 60
+    assert 0.5 < waits[60] <= 1.01  # one call per second once the burst is spent
+
+
+def test_a_second_limiter_on_another_host_shares_the_budget(clean_redis):
+    a = ApiLimiter(redis.Redis.from_url(clean_redis), Limits(calls_per_minute=10))
+    b = ApiLimiter(redis.Redis.from_url(clean_redis), Limits(calls_per_minute=10))
+    granted = sum(1 for i in range(20) if (a if i % 2 else b).acquire(1) == 0)
+    assert granted == 10
+
+
+def test_token_budget_counts_input_tokens(clean_redis):
+    limiter = ApiLimiter(redis.Redis.from_url(clean_redis), Limits(input_tokens_per_minute=1000))
+    assert limiter.acquire(600) == 0
+    assert limiter.acquire(300) == 0
+    assert limiter.acquire(300) > 0  # 1,200 > 1,000 in the window
+
+
+def test_a_refused_request_does_not_consume_budget(clean_redis):
+    limiter = ApiLimiter(redis.Redis.from_url(clean_redis), Limits(calls_per_minute=1))
+    assert limiter.acquire(1) == 0
+    first_wait = limiter.acquire(1)
+    assert first_wait > 0
+    assert limiter.acquire(1) <= first_wait
+
+
+def test_breaker_opens_after_sustained_overload_and_honours_retry_after(clean_redis):
+    client = redis.Redis.from_url(clean_redis)
+    breaker = CircuitBreaker(client, threshold=3, window=10, cooldown=5)
+    assert breaker.record_overload() is False
+    assert breaker.record_overload() is False
+    assert breaker.wait_seconds() == 0
+    assert breaker.record_overload(retry_after=20) is True
+    assert 19 < breaker.wait_seconds() <= 20
+    admission = Admission(ApiLimiter(client, Limits()), breaker)
+    assert admission.wait_seconds(10) > 19
+
+
+def test_unlimited_by_default(clean_redis):
+    limiter = ApiLimiter(redis.Redis.from_url(clean_redis), Limits())
+    assert all(limiter.acquire(10_000) == 0 for _ in range(100))
