@@ -1,0 +1,57 @@
+"""What the classifier sees of a ticket: the customer's own words, without quoted replies,
+signatures or markup."""
+
+from __future__ import annotations
+
+from triage.classify.textclean import clean_ticket_text
+
+
+def test_quoted_reply_chain_after_wrote_line_is_dropped():
+    body = (
+        "The refund still has not arrived.\n\n"
+        "On Mon, 18 Nov 2026 at 10:02, Support <support@example.com> wrote:\n"
+        "> Thanks for reaching out, we issued the refund.\n"
+        "> It takes 5 days."
+    )
+    assert clean_ticket_text(body) == "The refund still has not arrived."
+
+
+def test_quote_headers_in_other_languages_are_recognised():
+    for header in (
+        "El lun, 18 nov 2026 a las 10:02, Soporte <s@example.com> escribió:",
+        "Le lun. 18 nov. 2026 à 10:02, Support <s@example.com> a écrit :",
+        "Am Mo., 18. Nov. 2026 um 10:02 Uhr schrieb Support <s@example.com>:",
+    ):
+        assert clean_ticket_text(f"Mi pedido no llega.\n{header}\nold text") == "Mi pedido no llega."
+
+
+def test_signatures_are_trimmed_in_several_languages():
+    cases = {
+        "My card was declined.\n\nBest regards,\nAnna Smith\n+1 555 0100": "My card was declined.",
+        "No puedo entrar.\n\nSaludos,\nCarlos": "No puedo entrar.",
+        "Le colis est abîmé.\nCordialement,\nMarie": "Le colis est abîmé.",
+        "Die App stürzt ab.\n\nMit freundlichen Grüßen\nJonas": "Die App stürzt ab.",
+        "App crashes on start.\n-- \nJohn | ACME Corp": "App crashes on start.",
+    }
+    for body, expected in cases.items():
+        assert clean_ticket_text(body) == expected
+
+
+def test_thanks_at_the_top_is_a_greeting_not_a_signature():
+    body = "Thanks for the quick reply.\nBut the export still fails with error 500."
+    assert clean_ticket_text(body) == body
+
+
+def test_html_becomes_plain_text_without_scripts_or_quoted_blocks():
+    body = (
+        "<html><head><style>p{color:red}</style></head><body>"
+        "<p>Hello,</p><p>I was charged&nbsp;twice &amp; need help.</p>"
+        "<blockquote>Earlier message from support</blockquote>"
+        "<script>alert(1)</script></body></html>"
+    )
+    assert clean_ticket_text(body) == "Hello,\n\nI was charged twice & need help."
+
+
+def test_text_that_is_all_quote_falls_back_to_the_whole_body():
+    body = "> only a quoted line"
+    assert clean_ticket_text(body) == "> only a quoted line"
