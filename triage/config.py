@@ -43,7 +43,7 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("ANTHROPIC_BASE_URL", "TRIAGE_ANTHROPIC_BASE_URL"),
     )
     model: str = "claude-haiku-4-5"
-    escalation_model: str | None = "claude-sonnet-4-5"
+    escalation_model: str | None = "claude-sonnet-5"
     backend: BackendName = "auto"
     config_dir: Path = PROJECT_ROOT / "config"
 

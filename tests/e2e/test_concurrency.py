@@ -4,6 +4,7 @@ waits. This asserts the overlap the fake API observed, not a duration."""
 from __future__ import annotations
 
 from fastapi.testclient import TestClient
+from sqlalchemy import func, select
 
 from tests.fakeanthropic import FakeAnthropic
 from tests.support.stack import (
@@ -43,7 +44,14 @@ def test_one_worker_process_holds_over_100_calls_in_flight(pg_url, clean_redis):
                 with rt.sessions() as s:
                     return all(s.get(Ticket, i).state == "routed" for i in ids)
 
-            wait_until(all_routed, 90, what="150 tickets routed", every=0.5)
+            try:
+                wait_until(all_routed, 90, what="150 tickets routed", every=0.5)
+            except AssertionError:
+                with rt.sessions() as s:
+                    states = s.execute(
+                        select(Ticket.state, func.count()).group_by(Ticket.state)
+                    ).all()
+                raise AssertionError(f"states {states}; calls {fake.call_count()}") from None
             assert worker.proc.poll() is None
         assert fake.peak_in_flight >= 100, fake.peak_in_flight
         assert fake.call_count() == 150

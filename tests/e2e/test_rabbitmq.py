@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import uuid
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from fastapi.testclient import TestClient
@@ -33,7 +34,9 @@ def amqp_url():
     vhost = f"triage-test-{uuid.uuid4().hex[:8]}"
     _ctl("add_vhost", vhost)
     _ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    yield RABBITMQ_URL.rsplit("/", 1)[0] + "/" + vhost
+    # The vhost is the URL's path without its leading slash ("amqp://h:5672//" is vhost "/").
+    parsed = urlsplit(RABBITMQ_URL)
+    yield urlunsplit(parsed._replace(path="/" + vhost))
     _ctl("delete_vhost", vhost)
 
 

@@ -7,7 +7,7 @@ from decimal import Decimal
 
 import pytest
 
-from tests.fakeanthropic import Fault, FakeAnthropic
+from tests.fakeanthropic import FakeAnthropic, Fault
 from triage.classify.backends.anthropic import AnthropicBackend, make_client
 from triage.classify.backends.base import ClassificationRequest
 from triage.classify.backends.cascade import CascadeBackend
@@ -141,11 +141,11 @@ def test_cascade_escalates_only_unsure_tickets(fake):
     cfg = get_config()
     cascade = CascadeBackend(
         backend(fake),
-        backend(fake, model="claude-sonnet-4-5"),
+        backend(fake, model="claude-sonnet-5"),
         escalate_below=cfg.taxonomy.routing.escalate_below_confidence,
     )
     sure = cascade.classify(request())
     assert sure.calls == 1 and sure.model == "claude-haiku-4-5"
     unsure = cascade.classify(request("hmm [[intent:sales]] [[confidence:0.4]]"))
-    assert unsure.calls == 2 and unsure.model == "claude-sonnet-4-5"
-    assert [r.body["model"] for r in fake.requests[-2:]] == ["claude-haiku-4-5", "claude-sonnet-4-5"]
+    assert unsure.calls == 2 and unsure.model == "claude-sonnet-5"
+    assert [r.body["model"] for r in fake.requests[-2:]] == ["claude-haiku-4-5", "claude-sonnet-5"]

@@ -3,6 +3,7 @@ signed webhook posts, and waiting on the database for outcomes."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import text
 
@@ -75,7 +76,12 @@ def truncate(database_url: str) -> None:
 
 
 class WorkerProcess:
-    """`triage worker` as a real subprocess, its output kept in a log file for failures."""
+    """`triage worker` as a real subprocess, its output kept in a log file for failures.
+
+    Every started worker is also killed at interpreter exit, so a test that fails between
+    start and stop cannot leave a worker consuming from a later test's queues."""
+
+    _started: ClassVar[list[subprocess.Popen[bytes]]] = []
 
     def __init__(self, env: dict[str, str], *, concurrency: int = 50, queues: str = "") -> None:
         self.env = env
@@ -92,11 +98,16 @@ class WorkerProcess:
         self.proc = subprocess.Popen(
             args, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT
         )
-        wait_until(
-            lambda: b" ready." in self.log_path.read_bytes() or self.proc.poll() is not None,  # type: ignore[union-attr]
-            timeout,
-            what="worker ready",
-        )
+        WorkerProcess._started.append(self.proc)
+        try:
+            wait_until(
+                lambda: b" ready." in self.log_path.read_bytes() or self.proc.poll() is not None,  # type: ignore[union-attr]
+                timeout,
+                what="worker ready",
+            )
+        except AssertionError:
+            self.kill9()
+            raise AssertionError(f"worker not ready after {timeout}s:\n{self.log()}") from None
         if self.proc.poll() is not None:
             raise RuntimeError(f"worker exited {self.proc.returncode}:\n{self.log()}")
         return self
@@ -124,6 +135,13 @@ class WorkerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@atexit.register
+def _kill_leftover_workers() -> None:
+    for proc in WorkerProcess._started:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def wait_until(

@@ -23,8 +23,11 @@ _QUOTE_HEADERS = (
     re.compile(r"^\s*am\b.{0,200}\bschrieb\b.{0,80}:\s*$", re.I),
     re.compile(r"^\s*em\b.{0,200}\bescreveu:\s*$", re.I),
     re.compile(r"^\s*il giorno\b.{0,200}\bha scritto:\s*$", re.I),
-    re.compile(r"^\s*-{2,}\s*(original message|mensaje original|message d'origine|"
-               r"ursprüngliche nachricht|mensagem original|messaggio originale)\s*-{2,}\s*$", re.I),
+    re.compile(
+        r"^\s*-{2,}\s*(original message|mensaje original|message d'origine|"
+        r"ursprüngliche nachricht|mensagem original|messaggio originale)\s*-{2,}\s*$",
+        re.I,
+    ),
     re.compile(r"^\s*_{10,}\s*$"),
     re.compile(r"^\s*(from|de|von|da):\s.+$", re.I),
 )

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from triage.classify.backends.base import ClassificationRequest, ClassificationResult, Usage
@@ -122,7 +122,15 @@ def _begin(rt: Runtime, ticket_id: int) -> _Claim | str:
             ticket_id,
             S.CLASSIFYING,
             only_from=CLAIMABLE,
-            where=[Ticket.state_changed_at == ticket.state_changed_at],
+            # The lease in the same atomic check, not the timestamp we read: the relay may
+            # move received -> queued between our read and this update, which must not cost
+            # the claim (the message is already in our hands).
+            where=[
+                or_(
+                    Ticket.state != S.CLASSIFYING.value,
+                    Ticket.state_changed_at <= now - lease,
+                )
+            ],
             attempts=Ticket.attempts + 1,
         )
         if not moved:

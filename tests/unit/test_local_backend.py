@@ -1,0 +1,88 @@
+"""The offline classifier, trained from config/ as shipped, judged on tickets it never saw
+(tests/data/heldout.jsonl is written apart from the training set and not read by triage)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from triage.classify.backends.base import ClassificationRequest
+from triage.classify.backends.local import LocalBackend, load_examples
+from triage.config import PROJECT_ROOT, get_config
+from triage.errors import ConfigError
+from triage.taxonomy import Taxonomy
+
+HELDOUT = Path(__file__).parents[1] / "data" / "heldout.jsonl"
+
+
+@pytest.fixture(scope="module")
+def backend() -> LocalBackend:
+    return LocalBackend(get_config().taxonomy, config_dir=PROJECT_ROOT / "config")
+
+
+@pytest.fixture(scope="module")
+def heldout() -> list[dict]:
+    return [json.loads(line) for line in HELDOUT.read_text(encoding="utf-8").splitlines() if line]
+
+
+def _classify(backend, row, ticket_id=1):
+    request = ClassificationRequest(ticket_id=ticket_id, subject=row["subject"], body=row["body"])
+    return backend.classify(request)
+
+
+def test_heldout_intent_accuracy_is_at_least_80_percent(backend, heldout):
+    assert len(heldout) >= 120
+    results = [_classify(backend, row).label.intent == row["intent"] for row in heldout]
+    accuracy = sum(results) / len(results)
+    assert accuracy >= 0.8, f"intent accuracy {accuracy:.2%} on {len(heldout)} held-out tickets"
+
+
+def test_every_intent_is_recognised_on_held_out_tickets(backend, heldout):
+    """No intent is silently unreachable: each gets most of its own tickets right."""
+    for intent in get_config().taxonomy.intent_names:
+        rows = [r for r in heldout if r["intent"] == intent]
+        assert rows, intent
+        right = sum(_classify(backend, r).label.intent == intent for r in rows)
+        assert right / len(rows) >= 0.6, f"{intent}: {right}/{len(rows)}"
+
+
+def test_language_is_detected_on_held_out_tickets(backend, heldout):
+    right = sum(_classify(backend, r).label.language == r["language"] for r in heldout)
+    assert right / len(heldout) >= 0.9, f"language {right}/{len(heldout)}"
+
+
+def test_label_is_complete_and_department_follows_the_taxonomy(backend):
+    row = {"subject": "Doppelte Abbuchung", "body": "Sie haben meine Karte zweimal belastet."}
+    result = _classify(backend, row)
+    label = result.label
+    assert result.backend == "local" and result.usage.cost_usd == 0 and result.calls == 1
+    assert label.department == get_config().taxonomy.department_for(label.intent)
+    assert 0.0 <= label.confidence <= 1.0 and label.summary.startswith(label.intent)
+    assert result.model.startswith("local-") and result.prompt_version.startswith("local-")
+
+
+def test_unclear_ticket_gets_lower_confidence_than_a_clear_one(backend):
+    clear = _classify(
+        backend, {"subject": "Refund", "body": "Please refund my order, I want my money back."}
+    )
+    vague = _classify(backend, {"subject": "hello", "body": "hi"})
+    assert vague.label.confidence < clear.label.confidence
+
+
+def test_intent_without_any_example_is_a_config_error(tmp_path):
+    data = get_config().taxonomy.model_dump()
+    data["intents"]["warranty"] = {"department": "general", "description": "Warranty claims."}
+    taxonomy = Taxonomy.model_validate(data)
+    with pytest.raises(ConfigError, match="warranty"):
+        load_examples(taxonomy, tmp_path)
+
+
+def test_malformed_training_file_names_the_line(tmp_path):
+    (tmp_path / "training").mkdir()
+    (tmp_path / "training" / "extra.jsonl").write_text(
+        '{"body": "x", "intent": "billing"}\nnot json\n'
+    )
+    with pytest.raises(ConfigError, match=r"extra.jsonl:2"):
+        load_examples(get_config().taxonomy, tmp_path)
