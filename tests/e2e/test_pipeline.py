@@ -126,7 +126,9 @@ def test_200_tickets_are_each_routed_to_the_department_their_label_implies(stack
 
 def test_duplicate_posts_cause_one_classification(stack, worker, fake):
     rt, client = stack
-    payloads = [ticket_payload(f"dup-{i}", body=f"Refund please {i} [[intent:refund]]") for i in range(20)]
+    payloads = [
+        ticket_payload(f"dup-{i}", body=f"Refund please {i} [[intent:refund]]") for i in range(20)
+    ]
     first = [post_ticket(client, p).json() for p in payloads]
     again = [post_ticket(client, p).json() for p in payloads]
     assert [a["ticket_id"] for a in again] == [f["ticket_id"] for f in first]
@@ -140,7 +142,8 @@ def test_duplicate_posts_cause_one_classification(stack, worker, fake):
 def test_poison_ticket_is_dead_lettered_after_one_call(stack, worker, fake):
     rt, client = stack
     fake.add_fault(Fault("bad_request", times=-1, match="POISON"))
-    tid = post_ticket(client, ticket_payload("poison", body="POISON [[intent:sales]]")).json()["ticket_id"]
+    payload = ticket_payload("poison", body="POISON [[intent:sales]]")
+    tid = post_ticket(client, payload).json()["ticket_id"]
     wait_terminal(rt, [tid], worker)
     with rt.sessions() as s:
         ticket = s.get(Ticket, tid)
@@ -155,12 +158,15 @@ def test_poison_ticket_is_dead_lettered_after_one_call(stack, worker, fake):
 def test_ticket_that_fails_once_is_retried_and_routed(stack, worker, fake):
     rt, client = stack
     fake.add_fault(Fault("overloaded", times=1, match="FLAKY"))
-    tid = post_ticket(client, ticket_payload("flaky", body="FLAKY [[intent:technical]]")).json()["ticket_id"]
+    payload = ticket_payload("flaky", body="FLAKY [[intent:technical]]")
+    tid = post_ticket(client, payload).json()["ticket_id"]
     wait_terminal(rt, [tid], worker)
     with rt.sessions() as s:
         ticket = s.get(Ticket, tid)
         outcomes = s.scalars(
-            select(Attempt.outcome).where(Attempt.ticket_id == tid, Attempt.stage == "classify").order_by(Attempt.id)
+            select(Attempt.outcome)
+            .where(Attempt.ticket_id == tid, Attempt.stage == "classify")
+            .order_by(Attempt.id)
         ).all()
     assert ticket.state == "routed" and ticket.department == "tech_support"
     assert outcomes == ["retry", "ok"] and ticket.attempts == 2

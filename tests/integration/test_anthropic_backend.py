@@ -7,7 +7,7 @@ from decimal import Decimal
 
 import pytest
 
-from tests.fakeanthropic import Fault, FakeAnthropic
+from tests.fakeanthropic import FakeAnthropic, Fault
 from triage.classify.backends.anthropic import AnthropicBackend, make_client
 from triage.classify.backends.base import ClassificationRequest
 from triage.classify.backends.cascade import CascadeBackend
@@ -148,4 +148,5 @@ def test_cascade_escalates_only_unsure_tickets(fake):
     assert sure.calls == 1 and sure.model == "claude-haiku-4-5"
     unsure = cascade.classify(request("hmm [[intent:sales]] [[confidence:0.4]]"))
     assert unsure.calls == 2 and unsure.model == "claude-sonnet-4-5"
-    assert [r.body["model"] for r in fake.requests[-2:]] == ["claude-haiku-4-5", "claude-sonnet-4-5"]
+    models = [r.body["model"] for r in fake.requests[-2:]]
+    assert models == ["claude-haiku-4-5", "claude-sonnet-4-5"]

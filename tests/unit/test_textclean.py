@@ -22,7 +22,8 @@ def test_quote_headers_in_other_languages_are_recognised():
         "Le lun. 18 nov. 2026 à 10:02, Support <s@example.com> a écrit :",
         "Am Mo., 18. Nov. 2026 um 10:02 Uhr schrieb Support <s@example.com>:",
     ):
-        assert clean_ticket_text(f"Mi pedido no llega.\n{header}\nold text") == "Mi pedido no llega."
+        cleaned = clean_ticket_text(f"Mi pedido no llega.\n{header}\nold text")
+        assert cleaned == "Mi pedido no llega."
 
 
 def test_signatures_are_trimmed_in_several_languages():
