@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 TOKEN = "live-dh-token-0123456789"
 ADMIN = ("triage", "triage-pw")
 
-SETTINGS = '''
+SETTINGS = """
 import os
 BASE = os.path.dirname(os.path.abspath(__file__))
 SECRET_KEY = "triage-test-only"
@@ -67,7 +67,7 @@ STATIC_URL = "/static/"
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
 REST_FRAMEWORK = {"DEFAULT_AUTHENTICATION_CLASSES": [
     "rest_framework.authentication.BasicAuthentication"]}
-'''
+"""
 URLS = (
     "from django.urls import include, path\n"
     'urlpatterns = [path("", include("helpdesk.urls", namespace="helpdesk"))]\n'
