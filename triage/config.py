@@ -21,6 +21,7 @@ from triage.taxonomy import Taxonomy
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BackendName = Literal["auto", "anthropic", "local", "cascade"]
+UpdatePolicy = Literal["ignore", "retriage"]
 
 
 class Settings(BaseSettings):
@@ -60,6 +61,12 @@ class Settings(BaseSettings):
     webhook_secret_django_helpdesk: SecretStr | None = None
     webhook_tolerance_seconds: int = Field(300, ge=1)
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    # Freshdesk does not sign: its automation sends the shared secret in this header (or as the
+    # basic-auth password).
+    freshdesk_token_header: str = "X-Triage-Token"  # noqa: S105 - a header name
+    # A helpdesk update with new customer text on a ticket triage already holds: leave the
+    # ticket as it is, or append the text and classify it again (history kept).
+    update_policy: UpdatePolicy = "ignore"
 
     worker_concurrency: int = Field(200, ge=1)
     # A worker serves its Prometheus metrics here when set (the API serves /metrics itself).

@@ -14,6 +14,12 @@ from triage.classify.textclean import clean_ticket_text
 from triage.db.models import Classification, DeadLetter, Dispatch, Ticket, TicketState
 from triage.ingest.models import InboundTicket
 from triage.pipeline.relay import enqueue_classify
+from triage.pipeline.states import transition
+
+# Between the stored text and each update appended to it, so history stays readable.
+UPDATE_SEPARATOR = "\n\n--- update {key} ---\n"
+# Ticket.extra key listing the updates already applied (redeliveries must not append twice).
+APPLIED_UPDATES = "triage_updates"
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,24 +45,35 @@ def _insert(session: Session) -> Any:
     raise RuntimeError(f"unsupported database dialect {dialect!r}")
 
 
-def accept_ticket(session: Session, inbound: InboundTicket) -> Accepted:
+def accept_ticket(
+    session: Session, inbound: InboundTicket, *, update_policy: str = "ignore"
+) -> Accepted:
     """Store a new ticket and its classify message in the caller's transaction, or report the
-    existing one. `ON CONFLICT DO NOTHING` makes concurrent duplicate deliveries safe."""
-    clean = clean_ticket_text(inbound.body)
+    existing one. `ON CONFLICT DO NOTHING` makes concurrent duplicate deliveries safe.
+
+    An update with new customer text for a stored ticket is ignored (a duplicate), or with
+    `update_policy="retriage"` appended to the ticket and classified again."""
+    body = inbound.body
+    if inbound.update_text:
+        body = _appended(body, inbound.update_key, inbound.update_text)
+    clean = clean_ticket_text(body)
+    extra = dict(inbound.metadata)
+    if inbound.update_key:
+        extra[APPLIED_UPDATES] = [inbound.update_key]
     stmt: Insert = (
         _insert(session)(Ticket)
         .values(
             source=inbound.source,
             external_id=inbound.external_id,
             subject=inbound.subject,
-            body=inbound.body,
+            body=body,
             clean_text=clean,
             content_hash=content_hash(inbound.subject, clean),
             requester_email=inbound.requester_email,
             requester_name=inbound.requester_name,
             channel=inbound.channel,
             external_created_at=inbound.created_at,
-            extra=inbound.metadata,
+            extra=extra,
             state=TicketState.RECEIVED.value,
         )
         .on_conflict_do_nothing(index_elements=["source", "external_id"])
@@ -64,15 +81,54 @@ def accept_ticket(session: Session, inbound: InboundTicket) -> Accepted:
     )
     ticket_id = session.scalar(stmt)
     if ticket_id is None:
-        existing = session.execute(
-            select(Ticket.id, Ticket.state).where(
+        existing = session.scalars(
+            select(Ticket).where(
                 Ticket.source == inbound.source, Ticket.external_id == inbound.external_id
             )
         ).one()
+        if update_policy == "retriage" and inbound.update_key and inbound.update_text:
+            retriaged = _retriage(session, existing, inbound)
+            if retriaged is not None:
+                return retriaged
         return Accepted(ticket_id=existing.id, duplicate=True, status=existing.state)
     msg = enqueue_classify(session, ticket_id)
     return Accepted(
         ticket_id=ticket_id, duplicate=False, status=TicketState.RECEIVED, outbox_id=msg.id
+    )
+
+
+def _appended(body: str, key: str | None, text: str) -> str:
+    return body + UPDATE_SEPARATOR.format(key=key or "") + text
+
+
+def _retriage(session: Session, ticket: Ticket, inbound: InboundTicket) -> Accepted | None:
+    """Append the update's text and send the ticket back to classification as a new
+    generation; the earlier labels and dispatches stay as history. None when this update was
+    applied already (a redelivery) or a concurrent delivery of it won the race."""
+    applied = list((ticket.extra or {}).get(APPLIED_UPDATES, []))
+    if inbound.update_key in applied or inbound.update_text is None:
+        return None
+    body = _appended(ticket.body, inbound.update_key, inbound.update_text)
+    clean = clean_ticket_text(body)
+    moved = transition(
+        session,
+        ticket.id,
+        TicketState.QUEUED,
+        # Compare-and-set on the generation: of two deliveries of one update, one appends.
+        where=[Ticket.generation == ticket.generation],
+        body=body,
+        clean_text=clean,
+        content_hash=content_hash(ticket.subject, clean),
+        extra={**(ticket.extra or {}), APPLIED_UPDATES: [*applied, inbound.update_key]},
+        generation=ticket.generation + 1,
+        department=None,
+        review_reason=None,
+    )
+    if not moved:
+        return None
+    msg = enqueue_classify(session, ticket.id)
+    return Accepted(
+        ticket_id=ticket.id, duplicate=False, status=TicketState.QUEUED, outbox_id=msg.id
     )
 
 

@@ -22,7 +22,7 @@ from triage.db.repo import Accepted, accept_ticket, ticket_view
 from triage.db.session import session_scope
 from triage.errors import IngestError
 from triage.ingest import problems
-from triage.ingest.models import InboundTicket
+from triage.ingest.models import Ignored, InboundTicket
 from triage.ingest.sources.registry import SOURCES
 from triage.metrics import INGEST_LATENCY, WEBHOOKS
 from triage.pipeline.runtime import Runtime, get_runtime
@@ -80,11 +80,24 @@ def create_app(rt: Runtime | None = None, *, relay_interval: float = 2.0) -> Fas
 
     def _store(inbound: InboundTicket) -> Accepted:
         with session_scope(runtime.sessions) as session:
-            return accept_ticket(session, inbound)
+            return accept_ticket(session, inbound, update_policy=settings.update_policy)
 
     @app.post("/webhooks/{source}", status_code=202)
     async def receive_webhook(
         source: str, request: Request, background: BackgroundTasks
+    ) -> JSONResponse:
+        return await _receive(source, request, background, request.query_params.get("token"))
+
+    # For helpdesks that can only be given a URL (django-helpdesk): the secret is its last
+    # segment. It shows in access logs like any URL; keep those private.
+    @app.post("/webhooks/{source}/{token}", status_code=202)
+    async def receive_webhook_with_token(
+        source: str, token: str, request: Request, background: BackgroundTasks
+    ) -> JSONResponse:
+        return await _receive(source, request, background, token)
+
+    async def _receive(
+        source: str, request: Request, background: BackgroundTasks, token: str | None
     ) -> JSONResponse:
         started = time.perf_counter()
         status = 500
@@ -98,8 +111,11 @@ def create_app(rt: Runtime | None = None, *, relay_interval: float = 2.0) -> Fas
                 )
             _require_json(request)
             body = await read_body_limited(request, settings.max_body_bytes)
-            handler.verify(settings, request.headers, body, request.query_params.get("token"))
+            handler.verify(settings, request.headers, body, token)
             inbound = handler.parse(body)
+            if isinstance(inbound, Ignored):
+                status = 202
+                return JSONResponse({"status": "ignored", "reason": inbound.reason}, 202)
             accepted = await run_in_threadpool(_store, inbound)
             if accepted.outbox_id is not None:
                 # After the response: the helpdesk's wait does not include the broker.

@@ -43,3 +43,21 @@ class InboundTicket(BaseModel):
     channel: str | None = None
     created_at: datetime | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    # Set when the helpdesk reports new customer text on a ticket it already sent (a comment,
+    # a follow-up): `update_key` names that update so a redelivery of it is recognised,
+    # `update_text` is the new text. Both None for a new ticket.
+    update_key: str | None = None
+    update_text: str | None = None
+
+
+class Ignored(BaseModel):
+    """A delivery that is authentic but not a ticket for triage (e.g. triage's own note)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    reason: str
+
+
+# The marker triage puts at the start of every note it writes into a helpdesk, so that the
+# helpdesk's own webhook for that note can be recognised and dropped (no loops).
+TRIAGE_NOTE_MARKER = "[triage]"

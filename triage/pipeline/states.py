@@ -18,7 +18,11 @@ S = TicketState
 
 # to-state -> the states it may be entered from.
 ALLOWED_FROM: dict[TicketState, frozenset[TicketState]] = {
-    S.QUEUED: frozenset({S.RECEIVED, S.CLASSIFYING, S.ROUTED, S.NEEDS_REVIEW, S.DEAD_LETTERED}),
+    # QUEUED from itself: a re-triage (new customer text) of a ticket not yet claimed; the
+    # fresh state_changed_at makes a worker that read the old text lose its claim.
+    S.QUEUED: frozenset(
+        {S.RECEIVED, S.QUEUED, S.CLASSIFYING, S.ROUTED, S.NEEDS_REVIEW, S.DEAD_LETTERED}
+    ),
     # CLASSIFYING from itself: a redelivered message after a worker died mid-call.
     S.CLASSIFYING: frozenset({S.RECEIVED, S.QUEUED, S.CLASSIFYING}),
     S.CLASSIFIED: frozenset({S.CLASSIFYING}),

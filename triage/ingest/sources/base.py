@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from triage.config import Settings
 from triage.errors import IngestError
-from triage.ingest.models import InboundTicket
+from triage.ingest.models import Ignored, InboundTicket
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -23,8 +26,9 @@ class WebhookSource(Protocol):
     ) -> None:
         """Raise IngestError(401) unless the request is authentic and fresh."""
 
-    def parse(self, body: bytes) -> InboundTicket:
-        """Raise IngestError(400/422) for a body that is not a ticket of this source."""
+    def parse(self, body: bytes) -> InboundTicket | Ignored:
+        """Raise IngestError(400/422) for a body that is not a ticket of this source; return
+        Ignored for an authentic delivery triage must not act on (its own notes)."""
 
 
 def secret_for(settings: Settings, source: str) -> str:
@@ -38,6 +42,26 @@ def secret_for(settings: Settings, source: str) -> str:
             title="Webhook source not configured",
         )
     return secret
+
+
+def same_secret(given: str | None, expected: str) -> bool:
+    """Constant-time comparison, so response timing does not reveal how much of a guess
+    matched."""
+    if not given:
+        return False
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """Helpdesks that omit the offset mean UTC; triage stores aware datetimes only."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def text_key(text: str) -> str:
+    """A short stable name for an update that the helpdesk gives no id of its own."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def load_json(body: bytes) -> Any:

@@ -1,0 +1,363 @@
+"""Write-back sinks against a real local HTTP server standing in for each helpdesk's REST API:
+exact calls, errors named transient or permanent, and signatures a reference library accepts."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from standardwebhooks import Webhook
+
+from triage.config import PROJECT_ROOT, Settings, load_config
+from triage.errors import ConfigError, PermanentError, RateLimited, TransientError
+from triage.sinks.base import Delivery
+from triage.sinks.django_helpdesk import DjangoHelpdeskWriter
+from triage.sinks.freshdesk import FreshdeskWriter
+from triage.sinks.helpdesk import HelpdeskWriteBack
+from triage.sinks.loader import build_sink_table, load_sinks_file
+from triage.sinks.webhook import WebhookSink
+from triage.sinks.zendesk import ZendeskWriter
+
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"sink-test-secret-0123456789abcdef").decode()
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: Any = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+
+
+class FakeApi:
+    """A real HTTP server on loopback that records requests and answers from a script
+    (default: 200 {})."""
+
+    def __init__(self) -> None:
+        self.requests: list[Recorded] = []
+        self.replies: dict[tuple[str, str], list[Reply]] = {}
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _handle(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length)
+                api.requests.append(
+                    Recorded(
+                        self.command,
+                        self.path,
+                        {k.lower(): v for k, v in self.headers.items()},
+                        body,
+                    )
+                )
+                queue = api.replies.get((self.command, self.path)) or []
+                reply = queue.pop(0) if queue else Reply()
+                if reply.delay:
+                    time.sleep(reply.delay)
+                payload = json.dumps(reply.body).encode()
+                try:
+                    self.send_response(reply.status)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(payload)))
+                    for key, value in reply.headers.items():
+                        self.send_header(key, value)
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client timed out and left, which is what the test wanted
+
+            do_GET = do_POST = do_PUT = do_PATCH = _handle  # noqa: N815 - http.server names
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def script(self, method: str, path: str, *replies: Reply) -> None:
+        self.replies.setdefault((method, path), []).extend(replies)
+
+    def calls(self) -> list[tuple[str, str]]:
+        return [(r.method, r.path) for r in self.requests]
+
+
+@pytest.fixture()
+def api() -> Iterator[FakeApi]:
+    fake = FakeApi()
+    fake.thread.start()
+    yield fake
+    fake.server.shutdown()
+    fake.server.server_close()
+
+
+LABEL = {
+    "intent": "refund",
+    "department": "billing",
+    "priority": "high",
+    "language": "en",
+    "sentiment": "negative",
+    "confidence": 0.93,
+    "summary": "Customer was charged twice.",
+    "model": "local",
+}
+
+
+def delivery(source: str = "zendesk", external_id: str = "101", **changes: Any) -> Delivery:
+    base = Delivery(
+        ticket_id=42,
+        dispatch_id=7,
+        source=source,
+        external_id=external_id,
+        route="dept.billing",
+        department="billing",
+        needs_review=False,
+        review_reason=None,
+        label=LABEL,
+        metadata={"tags": ["vip"]},
+    )
+    return replace(base, **changes)
+
+
+NOTE = (
+    "[triage] dispatch 7: routed to billing\n"
+    "intent refund, priority high, sentiment negative, language en, confidence 0.93\n"
+    "summary: Customer was charged twice."
+)
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+# --- exact write-back calls -------------------------------------------------------------------
+
+
+def test_zendesk_writes_group_priority_tags_and_private_comment_in_one_put(api):
+    writer = ZendeskWriter(
+        api.url,
+        email="bot@acme.test",
+        api_token="tok",
+        groups={"billing": 360001},
+        timeout_seconds=2,
+    )
+    writer.deliver(delivery("zendesk", "101"))
+    assert api.calls() == [("PUT", "/api/v2/tickets/101.json")]
+    sent = api.requests[0]
+    assert sent.headers["authorization"] == basic("bot@acme.test/token", "tok")
+    assert sent.json() == {
+        "ticket": {
+            "group_id": 360001,
+            "priority": "high",
+            "additional_tags": ["triage_refund", "triage_billing"],
+            "comment": {"body": NOTE, "public": False},
+        }
+    }
+
+
+def test_freshdesk_updates_ticket_then_adds_private_note(api):
+    writer = FreshdeskWriter(api.url, api_key="fd-key", groups={"billing": 43}, timeout_seconds=2)
+    writer.deliver(delivery("freshdesk", "202"))
+    assert api.calls() == [("PUT", "/api/v2/tickets/202"), ("POST", "/api/v2/tickets/202/notes")]
+    update, note = api.requests
+    assert update.headers["authorization"] == basic("fd-key", "X")
+    assert update.json() == {
+        "tags": ["vip", "triage_refund", "triage_billing"],
+        "group_id": 43,
+        "priority": 3,
+    }
+    assert note.json() == {"body": NOTE, "private": True}
+
+
+def dh_writer(api: FakeApi) -> DjangoHelpdeskWriter:
+    return DjangoHelpdeskWriter(
+        api.url,
+        username="triage",
+        password="pw",
+        queues={"tech_support": "support"},
+        queue_ids={"billing": 1, "support": 2},
+        timeout_seconds=2,
+    )
+
+
+def test_django_helpdesk_patches_queue_and_priority_and_posts_private_followup(api):
+    api.script("GET", "/api/tickets/303/", Reply(body={"id": 303, "followup_set": []}))
+    dh_writer(api).deliver(delivery("django-helpdesk", "303"))
+    assert api.calls() == [
+        ("PATCH", "/api/tickets/303/"),
+        ("GET", "/api/tickets/303/"),
+        ("POST", "/api/followups/"),
+    ]
+    patch, _get, followup = api.requests
+    assert patch.headers["authorization"] == basic("triage", "pw")
+    assert patch.json() == {"queue": 1, "priority": 2}
+    assert followup.json() == {
+        "ticket": 303,
+        "title": "[triage] dispatch 7: routed to billing",
+        "comment": NOTE,
+        "public": False,
+    }
+
+
+def test_django_helpdesk_maps_department_to_queue_slug_then_id(api):
+    dh_writer(api).deliver(delivery("django-helpdesk", "303", department="tech_support"))
+    assert api.requests[0].json() == {"queue": 2, "priority": 2}
+
+
+def test_django_helpdesk_retried_delivery_does_not_post_the_note_twice(api):
+    existing = {"id": 900, "title": "[triage] dispatch 7: routed to billing", "public": False}
+    api.script("GET", "/api/tickets/303/", Reply(body={"id": 303, "followup_set": [existing]}))
+    dh_writer(api).deliver(delivery("django-helpdesk", "303"))
+    assert ("POST", "/api/followups/") not in api.calls()
+
+
+def test_webhook_sink_posts_signed_json_that_standard_webhooks_verifies(api):
+    sink = WebhookSink("crm", api.url + "/hooks/triage", secret=WEBHOOK_SECRET, timeout_seconds=2)
+    sink.deliver(delivery())
+    assert api.calls() == [("POST", "/hooks/triage")]
+    sent = api.requests[0]
+    assert sent.headers["webhook-id"] == "dispatch_7"
+    payload = Webhook(WEBHOOK_SECRET).verify(sent.body.decode(), sent.headers)
+    assert payload["type"] == "ticket.routed"
+    assert payload["data"]["ticket_id"] == 42 and payload["data"]["label"] == LABEL
+    assert payload["data"]["external_id"] == "101" and payload["data"]["department"] == "billing"
+
+
+def test_helpdesk_sink_writes_back_to_the_tickets_source_only(api):
+    zendesk = ZendeskWriter(api.url, email="b", api_token="t", groups={}, timeout_seconds=2)
+    sink = HelpdeskWriteBack({"zendesk": zendesk})
+    sink.deliver(delivery("generic", "g-1"))
+    assert api.calls() == []
+    sink.deliver(delivery("zendesk", "101"))
+    assert api.calls() == [("PUT", "/api/v2/tickets/101.json")]
+
+
+# --- failures are named by meaning; sinks do not retry ------------------------------------------
+
+
+def zendesk(api: FakeApi, timeout: float = 2) -> ZendeskWriter:
+    return ZendeskWriter(api.url, email="b", api_token="t", groups={}, timeout_seconds=timeout)
+
+
+def test_503_is_transient(api):
+    api.script("PUT", "/api/v2/tickets/101.json", Reply(status=503, body={"error": "down"}))
+    with pytest.raises(TransientError, match="503"):
+        zendesk(api).deliver(delivery())
+    assert len(api.requests) == 1
+
+
+def test_429_is_rate_limited_with_retry_after(api):
+    api.script("PUT", "/api/v2/tickets/101.json", Reply(status=429, headers={"Retry-After": "7"}))
+    with pytest.raises(RateLimited) as err:
+        zendesk(api).deliver(delivery())
+    assert err.value.retry_after == 7.0
+
+
+def test_timeout_is_transient(api):
+    api.script("PUT", "/api/v2/tickets/101.json", Reply(delay=1.5))
+    with pytest.raises(TransientError, match="timed out"):
+        zendesk(api, timeout=0.3).deliver(delivery())
+
+
+def test_connection_refused_is_transient():
+    writer = ZendeskWriter(
+        "http://127.0.0.1:9", email="b", api_token="t", groups={}, timeout_seconds=1
+    )
+    with pytest.raises(TransientError):
+        writer.deliver(delivery())
+
+
+def test_400_is_permanent(api):
+    api.script("PUT", "/api/v2/tickets/101.json", Reply(status=400, body={"error": "bad"}))
+    with pytest.raises(PermanentError, match="400"):
+        zendesk(api).deliver(delivery())
+    assert len(api.requests) == 1
+
+
+def test_404_from_freshdesk_note_is_permanent(api):
+    api.script("POST", "/api/v2/tickets/202/notes", Reply(status=404))
+    writer = FreshdeskWriter(api.url, api_key="k", groups={}, timeout_seconds=2)
+    with pytest.raises(PermanentError):
+        writer.deliver(delivery("freshdesk", "202"))
+
+
+# --- config/sinks.yaml --------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def app_config():
+    return load_config(Settings(config_dir=PROJECT_ROOT / "config"))
+
+
+def write_yaml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sinks.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_sink_table_from_yaml_routes_departments_to_their_sinks(
+    api, tmp_path, app_config, monkeypatch
+):
+    monkeypatch.setenv("T_ZD_TOKEN", "tok")
+    monkeypatch.setenv("T_HOOK_SECRET", WEBHOOK_SECRET)
+    path = write_yaml(
+        tmp_path,
+        f"""
+helpdesks:
+  zendesk: {{base_url: "{api.url}", email: bot@acme.test, api_token_env: T_ZD_TOKEN,
+            groups: {{billing: 360001}}}}
+webhooks:
+  crm: {{url: "{api.url}/hooks", secret_env: T_HOOK_SECRET}}
+departments:
+  billing: [helpdesk, webhook:crm]
+  sales: [queue]
+default: [helpdesk]
+""",
+    )
+    table = build_sink_table(path, app_config)
+    assert [s.name for s in table.for_department("billing")] == ["helpdesk", "webhook:crm"]
+    assert table.for_department("sales") == ()
+    assert [s.name for s in table.for_department("general")] == ["helpdesk"]
+    for sink in table.for_department("billing"):
+        sink.deliver(delivery())
+    assert api.calls() == [("PUT", "/api/v2/tickets/101.json"), ("POST", "/hooks")]
+
+
+def test_unknown_sink_name_is_a_config_error_naming_the_field(tmp_path, app_config):
+    path = write_yaml(tmp_path, "departments:\n  billing: [webhook:nope]\n")
+    with pytest.raises(ConfigError, match=r"departments\.billing: unknown sink 'webhook:nope'"):
+        build_sink_table(path, app_config)
+
+
+def test_unknown_department_and_missing_secret_are_config_errors(tmp_path, app_config):
+    with pytest.raises(ConfigError, match=r"departments\.nowhere"):
+        build_sink_table(write_yaml(tmp_path, "departments:\n  nowhere: [queue]\n"), app_config)
+    text = "webhooks:\n  crm: {url: 'http://x', secret_env: T_UNSET_SECRET_XYZ}\n"
+    with pytest.raises(ConfigError, match="T_UNSET_SECRET_XYZ"):
+        build_sink_table(write_yaml(tmp_path, text), app_config)
+
+
+def test_shipped_example_file_is_valid():
+    spec = load_sinks_file(PROJECT_ROOT / "config" / "sinks.example.yaml")
+    assert spec.helpdesks.django_helpdesk is not None
+    assert spec.departments["billing"] == ["helpdesk", "webhook:crm"]

@@ -1,0 +1,162 @@
+"""Zendesk: webhooks signed as Zendesk documents, with the ticket a trigger's JSON body carries.
+
+Signature: `X-Zendesk-Webhook-Signature` is base64(HMAC-SHA256(signing secret,
+timestamp + body)), where timestamp is the `X-Zendesk-Webhook-Signature-Timestamp` header as
+sent (ISO 8601, e.g. `2026-11-26T06:00:00Z`). The secret is the webhook's signing secret, used
+as its UTF-8 bytes (TRIAGE_WEBHOOK_SECRET_ZENDESK).
+
+Body: Zendesk lets a trigger post any JSON built from placeholders, so triage defines the
+shape it expects (see README for a ready-made trigger body):
+
+    {"ticket": {"id": 123, "subject": "...", "description": "...", "priority": "high",
+                "tags": ["a", "b"] or "a b", "group_id": 7, "group": "Support",
+                "via": "email" or {"channel": "email"}, "channel": "email",
+                "requester": {"email": "...", "name": "..."},
+                "created_at": "...", "updated_at": "..."},
+     "event": "created" | "updated",            # optional, default "created"
+     "comment": {"id": 99, "body": "...", "public": true}}   # optional, with "updated"
+
+An "updated" event with a public comment is new customer text for the update policy. Private
+comments (agents' notes, triage's own) and anything starting with the triage marker are
+ignored: triage's write-back fires the same "ticket updated" trigger and must not loop.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import time
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from triage.config import Settings
+from triage.ingest.models import TRIAGE_NOTE_MARKER, Ignored, InboundTicket
+from triage.ingest.signing import unauthorized
+from triage.ingest.sources.base import (
+    as_utc,
+    load_json,
+    secret_for,
+    text_key,
+    validate_payload,
+)
+
+SIGNATURE_HEADER = "x-zendesk-webhook-signature"
+TIMESTAMP_HEADER = "x-zendesk-webhook-signature-timestamp"
+
+
+def zendesk_signature(secret: str, timestamp: str, body: bytes) -> str:
+    digest = hmac.new(secret.encode(), timestamp.encode() + body, hashlib.sha256).digest()
+    return base64.b64encode(digest).decode()
+
+
+class ZendeskRequester(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    email: str | None = Field(None, max_length=320)
+    name: str | None = Field(None, max_length=255)
+
+
+class ZendeskTicket(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: int | str
+    subject: str = Field("", max_length=1000)
+    description: str = Field(min_length=1)
+    priority: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    group_id: int | str | None = None
+    group: str | None = None
+    via: str | dict[str, Any] | None = None
+    channel: str | None = None
+    requester: ZendeskRequester = ZendeskRequester()
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _split_tags(cls, value: Any) -> Any:
+        # The {{ticket.tags}} placeholder renders as one space-separated string.
+        if isinstance(value, str):
+            return value.split()
+        return [] if value is None else value
+
+    def channel_name(self) -> str | None:
+        if self.channel:
+            return self.channel[:32]
+        if isinstance(self.via, dict):
+            channel = self.via.get("channel")
+            return str(channel)[:32] if channel is not None else None
+        return self.via[:32] if self.via else None
+
+
+class ZendeskComment(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: int | str | None = None
+    body: str = ""
+    public: bool = True
+
+
+class ZendeskPayload(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    ticket: ZendeskTicket
+    event: Literal["created", "updated"] = "created"
+    comment: ZendeskComment | None = None
+
+
+class ZendeskSource:
+    name = "zendesk"
+
+    def verify(
+        self, settings: Settings, headers: Mapping[str, str], body: bytes, path_token: str | None
+    ) -> None:
+        secret = secret_for(settings, self.name)
+        signature = headers.get(SIGNATURE_HEADER)
+        timestamp = headers.get(TIMESTAMP_HEADER)
+        if not signature or not timestamp:
+            raise unauthorized(f"missing {SIGNATURE_HEADER} or {TIMESTAMP_HEADER} header")
+        try:
+            sent_at = datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            raise unauthorized(f"{TIMESTAMP_HEADER} is not an ISO 8601 time") from None
+        tolerance = settings.webhook_tolerance_seconds
+        if abs(time.time() - sent_at) > tolerance:
+            raise unauthorized(f"{TIMESTAMP_HEADER} is outside the {tolerance}s tolerance")
+        expected = zendesk_signature(secret, timestamp, body)
+        if not hmac.compare_digest(signature.encode(), expected.encode()):
+            raise unauthorized(f"{SIGNATURE_HEADER} does not match the body")
+
+    def parse(self, body: bytes) -> InboundTicket | Ignored:
+        payload = validate_payload(ZendeskPayload, load_json(body))
+        ticket = payload.ticket
+        update_key = update_text = None
+        if payload.event == "updated" and payload.comment is not None:
+            comment = payload.comment
+            if not comment.public or comment.body.lstrip().startswith(TRIAGE_NOTE_MARKER):
+                return Ignored(reason="private or triage-written comment")
+            comment_id = comment.id if comment.id is not None else text_key(comment.body)
+            update_key = f"comment:{comment_id}"
+            update_text = comment.body
+        return InboundTicket(
+            source=self.name,
+            external_id=str(ticket.id),
+            subject=ticket.subject,
+            body=ticket.description,
+            requester_email=ticket.requester.email,
+            requester_name=ticket.requester.name,
+            channel=ticket.channel_name(),
+            created_at=as_utc(ticket.created_at),
+            metadata={
+                "priority": ticket.priority,
+                "tags": ticket.tags,
+                "group_id": ticket.group_id,
+                "group": ticket.group,
+            },
+            update_key=update_key,
+            update_text=update_text,
+        )

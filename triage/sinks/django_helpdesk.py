@@ -1,0 +1,74 @@
+"""django-helpdesk write-back through its REST API (DRF, basic auth, a staff user).
+
+PATCH /api/tickets/<id>/ sets queue and priority; POST /api/followups/ adds a private
+follow-up titled with the triage marker, which the django-helpdesk source ignores when the
+helpdesk's follow-up webhook reports it back. A retried delivery looks for its own follow-up
+(by dispatch id in the title) before posting, so the note is written once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from triage.sinks.base import Delivery
+from triage.sinks.helpdesk import note_text, note_title
+from triage.sinks.http import make_client, send
+
+# django-helpdesk: 1 critical, 2 high, 3 normal, 4 low, 5 very low.
+PRIORITIES = {"urgent": 1, "high": 2, "normal": 3, "low": 4}
+
+
+class DjangoHelpdeskWriter:
+    name = "django-helpdesk"
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        username: str,
+        password: str,
+        queues: Mapping[str, str],
+        queue_ids: Mapping[str, int],
+        timeout_seconds: float,
+    ) -> None:
+        self.queues = dict(queues)
+        self.queue_ids = dict(queue_ids)
+        self.client = make_client(
+            timeout_seconds, base_url=base_url.rstrip("/"), auth=(username, password)
+        )
+
+    def queue_id(self, department: str | None) -> int | None:
+        """department -> queue slug (default: the same name) -> the helpdesk's queue id."""
+        if department is None:
+            return None
+        return self.queue_ids.get(self.queues.get(department, department))
+
+    def deliver(self, delivery: Delivery) -> None:
+        what = f"django-helpdesk write-back for ticket {delivery.ticket_id}"
+        ticket_path = f"/api/tickets/{delivery.external_id}/"
+        change: dict[str, Any] = {}
+        queue = self.queue_id(delivery.department)
+        if queue is not None:
+            change["queue"] = queue
+        priority = PRIORITIES.get(str(delivery.label.get("priority")))
+        if priority:
+            change["priority"] = priority
+        if change:
+            send(self.client, "PATCH", ticket_path, what=what, json=change)
+        current = send(self.client, "GET", ticket_path, what=what).json()
+        title = note_title(delivery)
+        if any(f.get("title") == title for f in current.get("followup_set") or []):
+            return
+        send(
+            self.client,
+            "POST",
+            "/api/followups/",
+            what=what,
+            json={
+                "ticket": int(delivery.external_id),
+                "title": title,
+                "comment": note_text(delivery),
+                "public": False,
+            },
+        )

@@ -1,0 +1,52 @@
+"""Freshdesk write-back: group, priority and tags, then a private note.
+
+PUT /api/v2/tickets/{id} and POST /api/v2/tickets/{id}/notes, API-key basic auth (`key:X`).
+Freshdesk's `tags` replaces the ticket's tags, so triage sends the tags it received with the
+ticket plus its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from triage.sinks.base import Delivery
+from triage.sinks.helpdesk import note_text, triage_tags
+from triage.sinks.http import make_client, send
+
+# Freshdesk: 1 low, 2 medium, 3 high, 4 urgent.
+PRIORITIES = {"low": 1, "normal": 2, "high": 3, "urgent": 4}
+
+
+class FreshdeskWriter:
+    name = "freshdesk"
+
+    def __init__(
+        self, base_url: str, *, api_key: str, groups: Mapping[str, int], timeout_seconds: float
+    ) -> None:
+        self.groups = dict(groups)
+        self.client = make_client(
+            timeout_seconds, base_url=base_url.rstrip("/"), auth=(api_key, "X")
+        )
+
+    def deliver(self, delivery: Delivery) -> None:
+        what = f"freshdesk write-back for ticket {delivery.ticket_id}"
+        received = [str(t) for t in delivery.metadata.get("tags") or []]
+        update: dict[str, Any] = {
+            "tags": list(dict.fromkeys([*received, *triage_tags(delivery)])),
+        }
+        group = self.groups.get(delivery.department or "")
+        if group is not None:
+            update["group_id"] = group
+        priority = PRIORITIES.get(str(delivery.label.get("priority")))
+        if priority:
+            update["priority"] = priority
+        path = f"/api/v2/tickets/{delivery.external_id}"
+        send(self.client, "PUT", path, what=what, json=update)
+        send(
+            self.client,
+            "POST",
+            f"{path}/notes",
+            what=what,
+            json={"body": note_text(delivery), "private": True},
+        )

@@ -1,0 +1,63 @@
+"""Write-back to the helpdesk a ticket came from, and what triage writes there.
+
+Each helpdesk writer is one module (zendesk.py, freshdesk.py, django_helpdesk.py); the
+"helpdesk" sink picks the writer for the delivery's source. Tickets from a source without a
+configured writer (e.g. `generic`) are left to the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from triage.ingest.models import TRIAGE_NOTE_MARKER
+from triage.sinks.base import Delivery, Sink
+
+log = logging.getLogger(__name__)
+
+
+def note_title(delivery: Delivery) -> str:
+    # The marker lets the source drop the webhook the helpdesk sends for this very note;
+    # the dispatch id lets a writer see that a retried delivery already wrote it.
+    where = "human review" if delivery.needs_review else (delivery.department or delivery.route)
+    return f"{TRIAGE_NOTE_MARKER} dispatch {delivery.dispatch_id}: routed to {where}"
+
+
+def note_text(delivery: Delivery) -> str:
+    label = delivery.label
+    lines = [note_title(delivery)]
+    if label:
+        lines.append(
+            f"intent {label.get('intent')}, priority {label.get('priority')}, "
+            f"sentiment {label.get('sentiment')}, language {label.get('language')}, "
+            f"confidence {float(label.get('confidence', 0)):.2f}"
+        )
+        lines.append(f"summary: {label.get('summary')}")
+    if delivery.review_reason:
+        lines.append(f"review: {delivery.review_reason}")
+    return "\n".join(lines)
+
+
+def triage_tags(delivery: Delivery) -> list[str]:
+    tags = [f"triage_{delivery.label['intent']}"] if delivery.label.get("intent") else []
+    if delivery.department:
+        tags.append(f"triage_{delivery.department}")
+    if delivery.needs_review:
+        tags.append("triage_review")
+    return list(dict.fromkeys(tags))
+
+
+class HelpdeskWriteBack:
+    """The "helpdesk" sink: applies the result where the ticket came from."""
+
+    name = "helpdesk"
+
+    def __init__(self, writers: Mapping[str, Sink]) -> None:
+        self.writers = dict(writers)
+
+    def deliver(self, delivery: Delivery) -> None:
+        writer = self.writers.get(delivery.source)
+        if writer is None:
+            log.debug("no write-back configured for source %s", delivery.source)
+            return
+        writer.deliver(delivery)

@@ -1,0 +1,172 @@
+"""config/sinks.yaml: which sinks each department's tickets go through.
+
+The file is optional (see config/sinks.example.yaml). Secrets are not written in it: each
+`*_env` field names the environment variable that holds one, read once at start-up.
+Sink names in `departments` / `default`: `helpdesk` (write back to the ticket's source),
+`webhook:<name>` (a configured outbound webhook) or `queue` (the dept.<name> message only).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from triage.config import AppConfig
+from triage.errors import ConfigError
+from triage.sinks.base import Sink
+from triage.sinks.django_helpdesk import DjangoHelpdeskWriter
+from triage.sinks.freshdesk import FreshdeskWriter
+from triage.sinks.helpdesk import HelpdeskWriteBack
+from triage.sinks.registry import SinkTable
+from triage.sinks.webhook import WebhookSink
+from triage.sinks.zendesk import ZendeskWriter
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ZendeskSinkConfig(_Strict):
+    base_url: str
+    email: str
+    api_token_env: str
+    groups: dict[str, int] = Field(default_factory=dict)  # department -> group id
+
+
+class FreshdeskSinkConfig(_Strict):
+    base_url: str
+    api_key_env: str
+    groups: dict[str, int] = Field(default_factory=dict)  # department -> group id
+
+
+class DjangoHelpdeskSinkConfig(_Strict):
+    base_url: str
+    username: str
+    password_env: str
+    queue_ids: dict[str, int] = Field(default_factory=dict)  # queue slug -> queue id
+    queues: dict[str, str] = Field(default_factory=dict)  # department -> slug (default: same)
+
+
+class HelpdesksConfig(_Strict):
+    zendesk: ZendeskSinkConfig | None = None
+    freshdesk: FreshdeskSinkConfig | None = None
+    django_helpdesk: DjangoHelpdeskSinkConfig | None = Field(None, alias="django-helpdesk")
+
+
+class WebhookSinkConfig(_Strict):
+    url: str
+    secret_env: str
+
+
+class SinksFile(_Strict):
+    timeout_seconds: float = Field(10.0, gt=0, le=120)
+    helpdesks: HelpdesksConfig = HelpdesksConfig()
+    webhooks: dict[str, WebhookSinkConfig] = Field(default_factory=dict)
+    departments: dict[str, list[str]] = Field(default_factory=dict)
+    default: list[str] = Field(default_factory=list)
+
+
+def _secret(path: Path, field: str, env_name: str) -> str:
+    value = os.environ.get(env_name)
+    if not value:
+        raise ConfigError(f"{path}: {field}: environment variable {env_name} is not set")
+    return value
+
+
+def _writers(path: Path, spec: SinksFile) -> dict[str, Sink]:
+    timeout = spec.timeout_seconds
+    helpdesks = spec.helpdesks
+    writers: dict[str, Sink] = {}
+    if helpdesks.zendesk:
+        zd = helpdesks.zendesk
+        writers["zendesk"] = ZendeskWriter(
+            zd.base_url,
+            email=zd.email,
+            api_token=_secret(path, "helpdesks.zendesk.api_token_env", zd.api_token_env),
+            groups=zd.groups,
+            timeout_seconds=timeout,
+        )
+    if helpdesks.freshdesk:
+        fd = helpdesks.freshdesk
+        writers["freshdesk"] = FreshdeskWriter(
+            fd.base_url,
+            api_key=_secret(path, "helpdesks.freshdesk.api_key_env", fd.api_key_env),
+            groups=fd.groups,
+            timeout_seconds=timeout,
+        )
+    if helpdesks.django_helpdesk:
+        dh = helpdesks.django_helpdesk
+        writers["django-helpdesk"] = DjangoHelpdeskWriter(
+            dh.base_url,
+            username=dh.username,
+            password=_secret(path, "helpdesks.django-helpdesk.password_env", dh.password_env),
+            queues=dh.queues,
+            queue_ids=dh.queue_ids,
+            timeout_seconds=timeout,
+        )
+    return writers
+
+
+def _named_sinks(path: Path, spec: SinksFile) -> dict[str, Sink]:
+    sinks: dict[str, Sink] = {"helpdesk": HelpdeskWriteBack(_writers(path, spec))}
+    for name, hook in spec.webhooks.items():
+        sink = WebhookSink(
+            name,
+            hook.url,
+            secret=_secret(path, f"webhooks.{name}.secret_env", hook.secret_env),
+            timeout_seconds=spec.timeout_seconds,
+        )
+        sinks[sink.name] = sink
+    return sinks
+
+
+def _resolve(path: Path, field: str, names: list[str], sinks: dict[str, Sink]) -> tuple[Sink, ...]:
+    resolved = []
+    for name in names:
+        if name == "queue":
+            continue
+        if name not in sinks:
+            known = ", ".join(["queue", *sorted(sinks)])
+            raise ConfigError(f"{path}: {field}: unknown sink {name!r} (known: {known})")
+        resolved.append(sinks[name])
+    return tuple(resolved)
+
+
+def load_sinks_file(path: Path) -> SinksFile:
+    try:
+        with path.open(encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return SinksFile.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
+            for e in exc.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from None
+
+
+def build_sink_table(path: Path, config: AppConfig) -> SinkTable:
+    """Read, validate and build every configured sink once; raise ConfigError naming the
+    file, field and problem."""
+    spec = load_sinks_file(path)
+    departments = set(config.taxonomy.department_names)
+    for department in spec.departments:
+        if department not in departments:
+            raise ConfigError(
+                f"{path}: departments.{department}: not a department in the taxonomy "
+                f"(known: {', '.join(sorted(departments))})"
+            )
+    sinks = _named_sinks(path, spec)
+    return SinkTable(
+        by_department={
+            department: _resolve(path, f"departments.{department}", names, sinks)
+            for department, names in spec.departments.items()
+        },
+        default=_resolve(path, "default", spec.default, sinks),
+    )

@@ -1,0 +1,57 @@
+"""Outbound webhook: the routed ticket and its labels, POSTed as JSON and signed per Standard
+Webhooks. `webhook-id` is stable per dispatch, so a receiver can drop a retried delivery."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from triage.ingest.signing import sign
+from triage.sinks.base import Delivery
+from triage.sinks.http import make_client, send
+
+
+def webhook_body(delivery: Delivery, timestamp: int) -> dict[str, Any]:
+    return {
+        "type": "ticket.needs_review" if delivery.needs_review else "ticket.routed",
+        "timestamp": timestamp,
+        "data": {
+            "ticket_id": delivery.ticket_id,
+            "dispatch_id": delivery.dispatch_id,
+            "source": delivery.source,
+            "external_id": delivery.external_id,
+            "route": delivery.route,
+            "department": delivery.department,
+            "needs_review": delivery.needs_review,
+            "review_reason": delivery.review_reason,
+            "label": delivery.label,
+            "metadata": delivery.metadata,
+        },
+    }
+
+
+class WebhookSink:
+    def __init__(self, name: str, url: str, *, secret: str, timeout_seconds: float) -> None:
+        self.name = f"webhook:{name}"
+        self.url = url
+        self.secret = secret
+        self.client = make_client(timeout_seconds)
+
+    def deliver(self, delivery: Delivery) -> None:
+        msg_id = f"dispatch_{delivery.dispatch_id}"
+        timestamp = int(time.time())
+        body = json.dumps(webhook_body(delivery, timestamp), default=str).encode()
+        send(
+            self.client,
+            "POST",
+            self.url,
+            what=f"{self.name} for ticket {delivery.ticket_id}",
+            content=body,
+            headers={
+                "content-type": "application/json",
+                "webhook-id": msg_id,
+                "webhook-timestamp": str(timestamp),
+                "webhook-signature": sign(self.secret, msg_id, timestamp, body),
+            },
+        )
