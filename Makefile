@@ -23,7 +23,7 @@ run: $(STAMP)
 test: $(STAMP) lint typecheck pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check triage tests bench migrations
+	$(BIN)/ruff check .
 
 typecheck: $(STAMP)
 	$(BIN)/mypy triage

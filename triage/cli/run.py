@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,10 @@ def run(
     from triage.db.migrate import upgrade
     from triage.embedded import EmbeddedRedis, _free_port
 
+    # Ctrl-C and a plain `kill` both stop everything in order (SIGINT is ignored when a
+    # shell starts us in the background; this demo should still stop on it).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     settings = Settings()
     var = PROJECT_ROOT / "var"
     env = dict(os.environ)
@@ -91,6 +96,10 @@ def run(
         _stop(procs)
         if redis is not None:
             redis.stop()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _spawn(args: list[str], env: dict[str, str], var: Path) -> subprocess.Popen[bytes]:
@@ -163,6 +172,10 @@ def _watch(
     sessions = get_sessionmaker(url)
     terminal = {s.value for s in TERMINAL_STATES}
     deadline = None if timeout is None else time.monotonic() + timeout
+    if not console.is_terminal:
+        # Piped or captured output (CI logs) gets a readable width instead of 80 columns.
+        console.width = max(console.width, 132)
+    started = time.monotonic()
     with Live(console=console, refresh_per_second=8) as live:
         while True:
             stmt = (
@@ -179,19 +192,29 @@ def _watch(
                 and len(rows) == len(ids)
                 and all(t.state in terminal for t, _ in rows)
             ):
-                return True
+                break
             if deadline is not None and time.monotonic() > deadline:
                 return False
             if any(p.poll() is not None for p in procs):
                 fail("the API or the worker stopped; see var/*.log")
             time.sleep(0.25)
+    counts = Counter(t.state for t, _ in rows)
+    summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    console.print(f"{len(rows)} tickets terminal in {time.monotonic() - started:.1f}s: {summary}")
+    return True
 
 
 def _table(rows: Sequence[Any]) -> Table:
     table = Table(title="triage: tickets", expand=False)
+    # Every column but the subject keeps its full width; the subject absorbs a narrow screen.
+    widths = {"ticket": 6, "lang": 4, "intent": 12, "department": 16, "conf": 4, "state": 13}
     for col in ("ticket", "subject", "lang", "intent", "department", "conf", "state", "latency"):
         table.add_column(
-            col, overflow="ellipsis", no_wrap=True, max_width=44 if col == "subject" else None
+            col,
+            overflow="ellipsis",
+            no_wrap=True,
+            min_width=widths.get(col, 8 if col == "latency" else 12),
+            max_width=40 if col == "subject" else None,
         )
     styles = {"routed": "green", "needs_review": "yellow", "dead_lettered": "red"}
     for ticket, label in sorted(rows, key=lambda r: r[0].id):
