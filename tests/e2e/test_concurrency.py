@@ -22,30 +22,34 @@ from triage.ingest.app import create_app
 
 def test_one_worker_process_holds_over_100_calls_in_flight(pg_url, clean_redis):
     truncate(pg_url)
-    with FakeAnthropic(latency=1.5) as fake:
+    with FakeAnthropic(latency=6.0) as fake:
         env = stack_env(
             pg_url,
             clean_redis,
             TRIAGE_BACKEND="anthropic",
             ANTHROPIC_API_KEY="sk-test",
             ANTHROPIC_BASE_URL=fake.base_url,
+            # Far above the fake's latency: a loaded machine must not turn waits into timeouts.
+            TRIAGE_API_TIMEOUT_SECONDS="60",
         )
-        with WorkerProcess(env, concurrency=150) as worker:
-            rt = make_runtime(env)
-            with TestClient(create_app(rt)) as client:
-                ids = [
-                    post_ticket(client, ticket_payload(f"c-{i}", body=f"order {i} late")).json()[
-                        "ticket_id"
-                    ]
-                    for i in range(150)
+        rt = make_runtime(env)
+        # Queue every ticket before the worker starts, so what is measured is the pool's
+        # overlap of model calls, not how fast this test can post webhooks.
+        with TestClient(create_app(rt)) as client:
+            ids = [
+                post_ticket(client, ticket_payload(f"c-{i}", body=f"order {i} late")).json()[
+                    "ticket_id"
                 ]
+                for i in range(150)
+            ]
 
-            def all_routed() -> bool:
-                with rt.sessions() as s:
-                    return all(s.get(Ticket, i).state == "routed" for i in ids)
+        def all_routed() -> bool:
+            with rt.sessions() as s:
+                return all(s.get(Ticket, i).state == "routed" for i in ids)
 
+        with WorkerProcess(env, concurrency=150) as worker:
             try:
-                wait_until(all_routed, 90, what="150 tickets routed", every=0.5)
+                wait_until(all_routed, 120, what="150 tickets routed", every=0.5)
             except AssertionError:
                 with rt.sessions() as s:
                     states = s.execute(
