@@ -4,18 +4,15 @@ exact calls, errors named transient or permanent, and signatures a reference lib
 from __future__ import annotations
 
 import base64
-import json
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from standardwebhooks import Webhook
 
+from tests.support.fakehttp import FakeApi, Reply, running_api
 from triage.config import PROJECT_ROOT, Settings, load_config
 from triage.errors import ConfigError, PermanentError, RateLimited, TransientError
 from triage.sinks.base import Delivery
@@ -29,86 +26,10 @@ from triage.sinks.zendesk import ZendeskWriter
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"sink-test-secret-0123456789abcdef").decode()
 
 
-@dataclass
-class Recorded:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-@dataclass
-class Reply:
-    status: int = 200
-    body: Any = field(default_factory=dict)
-    headers: dict[str, str] = field(default_factory=dict)
-    delay: float = 0.0
-
-
-class FakeApi:
-    """A real HTTP server on loopback that records requests and answers from a script
-    (default: 200 {})."""
-
-    def __init__(self) -> None:
-        self.requests: list[Recorded] = []
-        self.replies: dict[tuple[str, str], list[Reply]] = {}
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _handle(self) -> None:
-                length = int(self.headers.get("content-length") or 0)
-                body = self.rfile.read(length)
-                api.requests.append(
-                    Recorded(
-                        self.command,
-                        self.path,
-                        {k.lower(): v for k, v in self.headers.items()},
-                        body,
-                    )
-                )
-                queue = api.replies.get((self.command, self.path)) or []
-                reply = queue.pop(0) if queue else Reply()
-                if reply.delay:
-                    time.sleep(reply.delay)
-                payload = json.dumps(reply.body).encode()
-                try:
-                    self.send_response(reply.status)
-                    self.send_header("content-type", "application/json")
-                    self.send_header("content-length", str(len(payload)))
-                    for key, value in reply.headers.items():
-                        self.send_header(key, value)
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client timed out and left, which is what the test wanted
-
-            do_GET = do_POST = do_PUT = do_PATCH = _handle  # noqa: N815 - http.server names
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def script(self, method: str, path: str, *replies: Reply) -> None:
-        self.replies.setdefault((method, path), []).extend(replies)
-
-    def calls(self) -> list[tuple[str, str]]:
-        return [(r.method, r.path) for r in self.requests]
-
-
 @pytest.fixture()
 def api() -> Iterator[FakeApi]:
-    fake = FakeApi()
-    fake.thread.start()
-    yield fake
-    fake.server.shutdown()
-    fake.server.server_close()
+    with running_api() as fake:
+        yield fake
 
 
 LABEL = {
