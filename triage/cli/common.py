@@ -81,9 +81,13 @@ def load_runtime() -> Runtime:
     """A runtime built from this invocation's environment (not the process-wide cached one,
     so that each command sees the settings it was started with)."""
     from triage.config import load_config
+    from triage.pipeline.relay import OutboxOnlyPublisher
     from triage.pipeline.runtime import Runtime
 
-    return Runtime(load_config())
+    rt = Runtime(load_config())
+    if not rt.settings.effective_broker_url():
+        rt.__dict__["publisher"] = OutboxOnlyPublisher(rt.sessions, None)
+    return rt
 
 
 def fmt_time(moment: Any) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from triage.cli import config_cmd, db, run, serve, tickets
+from triage.cli import config_cmd, db, reprocess, run, serve, tickets
 
 app = typer.Typer(
     name="triage",
@@ -14,6 +14,7 @@ app = typer.Typer(
 )
 app.registered_commands += serve.app.registered_commands
 app.registered_commands += run.app.registered_commands
+app.registered_commands += reprocess.app.registered_commands
 app.add_typer(db.app, name="db")
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(tickets.app, name="tickets")

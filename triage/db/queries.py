@@ -33,9 +33,7 @@ class TicketFilter:
 
     @property
     def is_empty(self) -> bool:
-        return not any(
-            v not in (None, (), {}) for k, v in asdict(self).items() if k != "limit"
-        )
+        return not any(v not in (None, (), {}) for k, v in asdict(self).items() if k != "limit")
 
     def describe(self) -> dict[str, Any]:
         """The set fields, JSON-ready (stored with a reprocess run, shown to the operator)."""
