@@ -79,8 +79,10 @@ class Cli:
         self.env.pop("TRIAGE_ENV", None)
         self.runner = CliRunner()
 
-    def __call__(self, *args: str, code: int | None = 0, **env: str) -> Any:
-        result = self.runner.invoke(app, list(args), env={**self.env, **env})
+    def __call__(
+        self, *args: str, code: int | None = 0, input: str | None = None, **env: str
+    ) -> Any:
+        result = self.runner.invoke(app, list(args), env={**self.env, **env}, input=input)
         if code is not None:
             assert result.exit_code == code, (
                 f"exit {result.exit_code}, wanted {code}\n{result.output}\n{result.exception!r}"
