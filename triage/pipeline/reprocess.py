@@ -220,7 +220,7 @@ def _settle(
     changed: bool | None = None
     if ticket.generation == item.generation and ticket.state in (S.ROUTED, S.NEEDS_REVIEW):
         item.classification_id = ticket.current_classification_id
-        changed = _label_changed(session, item)
+        changed = label_changed(session, item)
     item.outcome = outcome
     item.label_changed = changed
     item.error = ticket.last_error if outcome in ("retry", "dead") else None
@@ -228,7 +228,8 @@ def _settle(
     return ItemResult(outcome, changed, called)
 
 
-def _label_changed(session: Session, item: ReprocessItem) -> bool | None:
+def label_changed(session: Session, item: ReprocessItem) -> bool | None:
+    """Whether the item's new label differs from the one it replaced (intent or department)."""
     if item.classification_id is None:
         return None
     if item.previous_classification_id is None:
