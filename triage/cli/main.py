@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import typer
 
-from triage.cli import backfill, config_cmd, db, dlq, reprocess, run, serve, sweep, tickets
+from triage.cli import (
+    backfill,
+    config_cmd,
+    db,
+    dlq,
+    doctor,
+    reprocess,
+    run,
+    serve,
+    sweep,
+    tickets,
+)
 
 app = typer.Typer(
     name="triage",
@@ -17,6 +28,7 @@ app.registered_commands += run.app.registered_commands
 app.registered_commands += reprocess.app.registered_commands
 app.registered_commands += sweep.app.registered_commands
 app.registered_commands += backfill.app.registered_commands
+app.registered_commands += doctor.app.registered_commands
 app.add_typer(db.app, name="db")
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(tickets.app, name="tickets")
