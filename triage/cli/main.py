@@ -13,6 +13,7 @@ from triage.cli import (
     reprocess,
     run,
     serve,
+    stats,
     sweep,
     tickets,
 )
@@ -29,6 +30,7 @@ app.registered_commands += reprocess.app.registered_commands
 app.registered_commands += sweep.app.registered_commands
 app.registered_commands += backfill.app.registered_commands
 app.registered_commands += doctor.app.registered_commands
+app.registered_commands += stats.app.registered_commands
 app.add_typer(db.app, name="db")
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(tickets.app, name="tickets")
