@@ -22,7 +22,9 @@ from triage.cli.common import (
 from triage.db.models import DeadLetter, Ticket
 
 app = typer.Typer(
-    help="Dead letters: tickets that could not complete a stage.", no_args_is_help=True
+    help="Dead letters: tickets that could not complete a stage.\n\n"
+    "Example: triage dlq list --since 1d",
+    no_args_is_help=True,
 )
 
 

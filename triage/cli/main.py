@@ -20,7 +20,8 @@ from triage.cli import (
 
 app = typer.Typer(
     name="triage",
-    help="Customer-support ticket triage: webhooks in, labels and department queues out.",
+    help="Customer-support ticket triage: webhooks in, labels and department queues out.\n\n"
+    "Example: triage doctor && triage tickets list --state needs_review",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )

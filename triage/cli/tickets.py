@@ -10,7 +10,9 @@ from rich.table import Table
 from triage.cli import filters as opt
 from triage.cli.common import console, fail, fmt_time, guarded, print_json
 
-app = typer.Typer(help="Inspect tickets.", no_args_is_help=True)
+app = typer.Typer(
+    help="Inspect tickets.\n\nExample: triage tickets list --since 1d --json", no_args_is_help=True
+)
 
 
 @app.command("show")
