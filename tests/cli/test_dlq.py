@@ -76,3 +76,13 @@ def test_usage_errors_exit_2_with_one_line(cli):
     result = cli("dlq", "replay", code=2)
     assert "choose letters" in result.output
     assert "Traceback" not in result.output
+
+
+def test_reprocessing_a_dead_lettered_ticket_resolves_its_letter(cli, rt, fake):
+    ticket_id = _dead_lettered(rt, fake, "reject-once")
+
+    summary = cli.json("reprocess", str(ticket_id), "--yes")
+
+    assert summary["outcomes"] == {"routed": 1}
+    assert cli.json("dlq", "list") == []
+    assert cli.json("dlq", "list", "--all")[0]["replayed_at"] is not None

@@ -20,8 +20,11 @@ from triage.cli.common import err_console
 
 class RateColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:.1f}/s" if speed else "-/s", style="progress.data.speed")
+        # Over the whole run: Rich's own speed samples only the last few updates.
+        elapsed = task.elapsed
+        if not elapsed or not task.completed:
+            return Text("-/s", style="progress.data.speed")
+        return Text(f"{task.completed / elapsed:.1f}/s", style="progress.data.speed")
 
 
 def progress_bar() -> Progress:

@@ -14,14 +14,22 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from triage.classify.backends.base import ClassificationRequest, ClassificationResult, Usage
 from triage.classify.prompt import estimate_input_tokens
 from triage.classify.redact import redact
 from triage.classify.schema import TicketLabel
-from triage.db.models import Attempt, Classification, Dispatch, Ticket, TicketState, utcnow
+from triage.db.models import (
+    Attempt,
+    Classification,
+    DeadLetter,
+    Dispatch,
+    Ticket,
+    TicketState,
+    utcnow,
+)
 from triage.db.session import session_scope
 from triage.errors import RateLimited, TriageError
 from triage.metrics import CLASSIFICATIONS, CLASSIFY_COST, CLASSIFY_LATENCY, CLASSIFY_TOKENS
@@ -291,7 +299,7 @@ def reopen(session: Session, ticket_id: int, generation: int) -> bool:
     """Send a finished ticket back to classification as generation `generation + 1` (for
     reprocessing). Earlier labels and dispatches stay as history. Compare-and-set on the
     generation, so two reprocessors cannot both reopen it. The caller enqueues or classifies."""
-    return transition(
+    moved = transition(
         session,
         ticket_id,
         S.QUEUED,
@@ -302,6 +310,16 @@ def reopen(session: Session, ticket_id: int, generation: int) -> bool:
         department=None,
         review_reason=None,
     )
+    if moved:
+        # A dead-lettered ticket classified again is, in effect, replayed: its open letters
+        # must not stay in `dlq list` as if it still needed an operator.
+        session.execute(
+            update(DeadLetter)
+            .where(DeadLetter.ticket_id == ticket_id, DeadLetter.replayed_at.is_(None))
+            .values(replayed_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+    return moved
 
 
 def record_label(
