@@ -125,23 +125,19 @@ def backfill(
             f"Send {unsent} tickets to {est.model} in batches (estimated ${est.cost_usd})?",
             yes=yes,
         )
-    created = job.submit()
-    if created:
-        err_console.print(f"created {created} batches", highlight=False)
-    if submit_only:
-        _report(rt, run.id, job, as_json, created, interrupted=False)
-        return
+    created = 0
     interrupted = False
-    with progress_bar() as bar:
-        task = bar.add_task("batches", total=max(1, job.progress().total))
-
-        def show(p: Any) -> None:
-            bar.update(task, total=max(1, p.total), completed=p.done + p.processed_in_batches)
-
-        try:
-            job.poll_until_done(interval=poll_interval, on_progress=show)
-        except KeyboardInterrupt:
-            interrupted = True
+    try:
+        created = job.submit()
+        if created:
+            err_console.print(f"created {created} batches", highlight=False)
+        if submit_only:
+            _report(rt, run.id, job, as_json, created, interrupted=False)
+            return
+        _poll(job, poll_interval)
+    except KeyboardInterrupt:
+        # Whatever was created is persisted; a rerun submits the rest and polls them all.
+        interrupted = True
     if interrupted:
         err_console.print(
             "interrupted: the batches keep running at Anthropic; run the same command again "
@@ -151,6 +147,16 @@ def backfill(
     _report(rt, run.id, job, as_json, created, interrupted=interrupted)
     if interrupted:
         raise typer.Exit(EXIT_PROBLEM)
+
+
+def _poll(job: Any, interval: float) -> None:
+    with progress_bar() as bar:
+        task = bar.add_task("batches", total=max(1, job.progress().total))
+
+        def show(p: Any) -> None:
+            bar.update(task, total=max(1, p.total), completed=p.done + p.processed_in_batches)
+
+        job.poll_until_done(interval=interval, on_progress=show)
 
 
 def _unsent_tickets(rt: Any, run_id: int) -> list[int]:

@@ -86,6 +86,8 @@ def ticket_filter(
         model=model,
         taxonomy_version=taxonomy_version,
         limit=limit,
+        # As typed: `--since 7d` run again tomorrow is the same command (and resumes its run).
+        extra={k: v for k, v in (("since", since), ("until", until)) if v is not None},
     )
 
 

@@ -54,7 +54,10 @@ DEFAULT_OUTPUT_TOKENS = 80
 
 def selection_key(kind: str, f: TicketFilter) -> str:
     """Equal for the same command over the same tickets; how a rerun finds its run."""
-    text = json.dumps({"kind": kind, **f.describe()}, sort_keys=True, default=str)
+    selection = f.describe()
+    # Relative windows (`--since 7d`) are keyed as typed, not as the moment they resolved to.
+    selection.update(selection.pop("extra", {}))
+    text = json.dumps({"kind": kind, **selection}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
