@@ -397,12 +397,34 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/_control/stats":
             return self._send(200, fake.stats())
         parts = path.strip("/").split("/")
+        if parts[:2] == ["v1", "models"]:
+            return self._models(parts[2:])
         if parts[:3] == ["v1", "messages", "batches"] and len(parts) == 4:
             return self._send(*fake.batch(parts[3]))
         if parts[:3] == ["v1", "messages", "batches"] and parts[4:] == ["results"]:
             status, payload = fake.batch_results(parts[3])
             return self._send(status, payload, ctype="application/x-jsonl")
         return self._send(404, _error_body(404, f"no route GET {path}"))
+
+    def _models(self, rest: list[str]) -> None:
+        """The free Models API: what `triage doctor` uses to check the key and the model."""
+        if not self.headers.get("x-api-key") and not self.headers.get("authorization"):
+            return self._send(401, _error_body(401, "missing x-api-key header"))
+        fault = self.server.fake.faults.pick("models", frozenset({"auth"}))
+        if fault is not None:
+            return self._send(401, _error_body(401, "invalid x-api-key"))
+        known = sorted(NO_SAMPLING_MODELS | {"claude-haiku-4-5", "claude-sonnet-4-5"})
+        if rest and rest[0] not in known:
+            return self._send(404, _error_body(404, f"model: {rest[0]}"))
+        views = [
+            {"type": "model", "id": m, "display_name": m, "created_at": "2026-01-01T00:00:00Z"}
+            for m in (rest[:1] or known)
+        ]
+        if rest:
+            return self._send(200, views[0])
+        return self._send(
+            200, {"data": views, "has_more": False, "first_id": known[0], "last_id": known[-1]}
+        )
 
     def do_DELETE(self) -> None:
         if self.path.split("?")[0] == "/_control/faults":

@@ -6,12 +6,15 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 from rich.console import Console
 
 from triage.errors import ConfigError, TriageError
+
+if TYPE_CHECKING:
+    from triage.pipeline.runtime import Runtime
 
 console = Console()
 err_console = Console(stderr=True)
@@ -48,3 +51,44 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+def confirm_or_exit(question: str, *, yes: bool) -> None:
+    """Ask before a destructive or expensive step; `--yes` answers for scripts. Without a
+    terminal to ask on, refuse rather than guess (exit 2: say --yes)."""
+    if yes:
+        return
+    if not sys.stdin.isatty() and not _under_test_runner():
+        fail(f"{question} — not confirmed (no terminal); pass --yes to proceed", EXIT_USAGE)
+    if not typer.confirm(question, default=False):
+        fail("cancelled", EXIT_PROBLEM)
+
+
+def _under_test_runner() -> bool:
+    # Typer's CliRunner swaps stdin for a buffer that is never a tty but can still answer.
+    return not hasattr(sys.stdin, "fileno") or _fileno_fails()
+
+
+def _fileno_fails() -> bool:
+    try:
+        sys.stdin.fileno()
+    except (OSError, ValueError, AttributeError):
+        return True
+    return False
+
+
+def load_runtime() -> Runtime:
+    """A runtime built from this invocation's environment (not the process-wide cached one,
+    so that each command sees the settings it was started with)."""
+    from triage.config import load_config
+    from triage.pipeline.relay import OutboxOnlyPublisher
+    from triage.pipeline.runtime import Runtime
+
+    rt = Runtime(load_config())
+    if not rt.settings.effective_broker_url():
+        rt.__dict__["publisher"] = OutboxOnlyPublisher(rt.sessions, None)
+    return rt
+
+
+def fmt_time(moment: Any) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment is not None else "-"

@@ -6,7 +6,9 @@ import typer
 
 from triage.cli.common import console, guarded, print_json
 
-app = typer.Typer(help="Configuration.", no_args_is_help=True)
+app = typer.Typer(
+    help="Configuration.\n\nExample: triage config validate --json", no_args_is_help=True
+)
 
 
 @app.command()

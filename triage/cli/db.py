@@ -6,7 +6,9 @@ import typer
 
 from triage.cli.common import console, guarded
 
-app = typer.Typer(help="Database schema (Alembic).", no_args_is_help=True)
+app = typer.Typer(
+    help="Database schema (Alembic).\n\nExample: triage db upgrade", no_args_is_help=True
+)
 
 
 @app.command()

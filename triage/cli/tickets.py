@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 import typer
 from rich.table import Table
-from sqlalchemy import select
 
-from triage.cli.common import console, fail, guarded, print_json
+from triage.cli import filters as opt
+from triage.cli.common import console, fail, fmt_time, guarded, print_json
 
-app = typer.Typer(help="Inspect tickets.", no_args_is_help=True)
+app = typer.Typer(
+    help="Inspect tickets.\n\nExample: triage tickets list --since 1d --json", no_args_is_help=True
+)
 
 
 @app.command("show")
@@ -20,50 +21,122 @@ def show(
     ticket_id: int = typer.Argument(..., help="Ticket id."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Show one ticket: state, labels, dispatches, dead letters.
+    """Show one ticket and its timeline: received, every attempt with its error, every
+    classification (model, versions, tokens, cost, latency), dispatches, deliveries, dead
+    letters and reprocessing.
 
-    Example: triage tickets show 42 --json
+    Example: triage tickets show 42 --json | jq '.timeline[] | select(.event=="attempt")'
     """
     from triage.config import Settings
-    from triage.db.repo import ticket_view
+    from triage.db.repo import ticket_timeline, ticket_view
     from triage.db.session import get_sessionmaker
 
     with get_sessionmaker(Settings().database_url)() as session:
         view = ticket_view(session, ticket_id)
+        timeline = ticket_timeline(session, ticket_id)
     if view is None:
         fail(f"ticket {ticket_id} not found")
     if as_json:
-        print_json(view)
+        print_json({**view, "timeline": timeline})
         return
-    for key, value in view.items():
-        console.print(f"[bold]{key}[/]: {value}", highlight=False)
+    _print_view(view)
+    table = Table("at", "event", "detail", title=f"ticket {ticket_id}: timeline")
+    for event in timeline:
+        table.add_row(event["at"][:23].replace("T", " "), event["event"], _detail(event))
+    console.print(table)
+
+
+def _print_view(view: dict[str, Any]) -> None:
+    label = view["labels"] or {}
+    console.print(
+        f"[bold]ticket {view['ticket_id']}[/] {view['source']}/{view['external_id']}  "
+        f"state [bold]{view['state']}[/]  department {view['department'] or '-'}  "
+        f"generation {view['generation']}",
+        highlight=False,
+    )
+    if label:
+        console.print(
+            f"label: {label['intent']} ({label['confidence']:.2f}) priority {label['priority']} "
+            f"language {label['language']} sentiment {label['sentiment']} — {label['summary']}",
+            highlight=False,
+        )
+    if view["review_reason"]:
+        console.print(f"review: {view['review_reason']}", highlight=False)
+    if view["last_error"]:
+        console.print(f"[red]last error:[/] {view['last_error']}", highlight=False)
+
+
+def _detail(event: dict[str, Any]) -> str:
+    d = event["detail"]
+    kind = event["event"]
+    if kind == "attempt":
+        text = f"{d['stage']} #{d['number']} {d['outcome']}"
+        if d["latency_ms"] is not None:
+            text += f" {d['latency_ms']:.0f} ms"
+        if d["error"]:
+            text += f" — {d['error_type']}: {d['error']}"
+        return text
+    if kind == "classification":
+        mark = " (current)" if d["current"] else ""
+        return (
+            f"{d['intent']}/{d['department']} conf {d['confidence']:.2f}{mark}\n"
+            f"{d['backend']} {d['model']} taxonomy {d['taxonomy_version']} prompt "
+            f"{d['prompt_version']}\n{d['input_tokens']} in / {d['output_tokens']} out tokens, "
+            f"${d['cost_usd']}, {d['latency_ms']:.0f} ms"
+            + (f", reused #{d['reused_from_id']}" if d["reused_from_id"] else "")
+        )
+    if kind == "dispatch":
+        return f"{d['route']} (rule {d['rule']}, generation {d['generation']})"
+    if kind == "dead_letter":
+        return (
+            f"#{d['id']} at {d['stage']} after {d['attempts']} attempts: "
+            f"{d['error_type']}: {d['message']}"
+        )
+    if kind == "reprocessed":
+        changed = "label changed" if d["label_changed"] else "label unchanged"
+        return f"run {d['run_id']}: {d['outcome']}, {changed}" + (
+            f" — {d['error']}" if d["error"] else ""
+        )
+    return ", ".join(f"{k} {v}" for k, v in d.items())
 
 
 @app.command("list")
 @guarded
 def list_tickets(
-    state: str | None = typer.Option(None, help="Only this state."),
+    state: opt.State = None,
+    intent: opt.Intent = None,
+    department: opt.Department = None,
+    source: opt.Source = None,
+    since: opt.Since = None,
+    until: opt.Until = None,
+    confidence_below: opt.ConfidenceBelow = None,
+    model: opt.Model = None,
+    taxonomy_version: opt.TaxonomyVersion = None,
     limit: int = typer.Option(50, help="At most this many, newest first."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """List tickets, newest first.
+    """List tickets, newest first, with their current label.
 
-    Example: triage tickets list --state needs_review --json
+    Example: triage tickets list --state needs_review --since 7d --confidence-below 0.5 --json
     """
     from triage.config import Settings
-    from triage.db.models import Classification, Ticket
+    from triage.db.queries import ticket_select
     from triage.db.session import get_sessionmaker
 
-    stmt = (
-        select(Ticket, Classification)
-        .outerjoin(Classification, Classification.id == Ticket.current_classification_id)
-        .order_by(Ticket.id.desc())
-        .limit(limit)
+    f = opt.ticket_filter(
+        state=state,
+        intent=intent,
+        department=department,
+        source=source,
+        since=since,
+        until=until,
+        confidence_below=confidence_below,
+        model=model,
+        taxonomy_version=taxonomy_version,
+        limit=limit,
     )
-    if state:
-        stmt = stmt.where(Ticket.state == state)
     with get_sessionmaker(Settings().database_url)() as session:
-        rows = session.execute(stmt).all()
+        rows = session.execute(ticket_select(f)).all()
     data: list[dict[str, Any]] = [
         {
             "ticket_id": t.id,
@@ -73,6 +146,8 @@ def list_tickets(
             "department": t.department,
             "intent": c.intent if c else None,
             "confidence": c.confidence if c else None,
+            "model": c.model if c else None,
+            "taxonomy_version": c.taxonomy_version if c else None,
             "received_at": t.received_at,
         }
         for t, c in rows
@@ -84,7 +159,6 @@ def list_tickets(
         "id", "source", "external id", "state", "intent", "department", "conf", "received"
     )
     for row in data:
-        received: datetime = row["received_at"]
         table.add_row(
             str(row["ticket_id"]),
             row["source"],
@@ -93,6 +167,7 @@ def list_tickets(
             row["intent"] or "-",
             row["department"] or "-",
             f"{row['confidence']:.2f}" if row["confidence"] is not None else "-",
-            received.strftime("%Y-%m-%d %H:%M:%S"),
+            fmt_time(row["received_at"]),
         )
     console.print(table)
+    console.print(f"{len(data)} tickets", style="dim")

@@ -247,3 +247,73 @@ class Attempt(Base):
     request_id: Mapped[str | None] = mapped_column(String(128))
     api_calls: Mapped[int] = mapped_column(Integer, default=0)
     latency_ms: Mapped[float | None]
+
+
+class ReprocessRun(Base):
+    """One `triage reprocess` or `triage backfill --batch` over a frozen selection of tickets.
+
+    The selection is stored as items when the run starts, so a rerun after an interruption
+    works through the same tickets and skips the finished ones."""
+
+    __tablename__ = "reprocess_runs"
+    __table_args__ = (Index("ix_reprocess_runs_key", "kind", "selection_key"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))  # inline | batch
+    # Hash of the filters (or ids) that chose the tickets: the same command resumes the run.
+    selection_key: Mapped[str] = mapped_column(String(64))
+    selection: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    model: Mapped[str | None] = mapped_column(String(64))
+    taxonomy_version: Mapped[str | None] = mapped_column(String(32))
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16), default="running")  # running | finished
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class ReprocessItem(Base):
+    """One ticket of a run. `done_at` is the marker that makes a rerun skip it."""
+
+    __tablename__ = "reprocess_items"
+    __table_args__ = (
+        UniqueConstraint("run_id", "ticket_id", name="uq_reprocess_items_run_ticket"),
+        Index("ix_reprocess_items_batch", "batch_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("reprocess_runs.id", ondelete="CASCADE"))
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id", ondelete="CASCADE"))
+    # The ticket generation this run gave it; set when the item starts.
+    generation: Mapped[int | None] = mapped_column(Integer)
+    previous_classification_id: Mapped[int | None] = mapped_column(BigInteger)
+    classification_id: Mapped[int | None] = mapped_column(BigInteger)
+    batch_id: Mapped[int | None] = mapped_column(ForeignKey("message_batches.id"))
+    custom_id: Mapped[str | None] = mapped_column(String(64))
+    # routed | review | retry | dead | requeued | skipped | superseded
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    label_changed: Mapped[bool | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime | None]
+    done_at: Mapped[datetime | None]
+
+
+class MessageBatch(Base):
+    """A Message Batches API batch, persisted before it is polled so a restarted backfill
+    resumes it instead of paying for a new one."""
+
+    __tablename__ = "message_batches"
+    __table_args__ = (UniqueConstraint("api_batch_id", name="uq_message_batches_api_id"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("reprocess_runs.id", ondelete="CASCADE"))
+    # Null until the API has accepted the batch.
+    api_batch_id: Mapped[str | None] = mapped_column(String(128))
+    model: Mapped[str] = mapped_column(String(64))
+    # creating | submitted | ended | imported
+    status: Mapped[str] = mapped_column(String(16), default="creating")
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+    request_counts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    submitted_at: Mapped[datetime | None]
+    ended_at: Mapped[datetime | None]
+    imported_at: Mapped[datetime | None]

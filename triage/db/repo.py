@@ -198,3 +198,99 @@ def _label(row: Classification) -> dict[str, Any]:
         "latency_ms": round(row.latency_ms, 1),
         "reused_from_id": row.reused_from_id,
     }
+
+
+def ticket_timeline(session: Session, ticket_id: int) -> list[dict[str, Any]]:
+    """Everything that happened to a ticket, oldest first: received, each stage attempt with
+    its error, each classification with its cost, dispatches and deliveries, dead letters,
+    reprocessing."""
+    from triage.db.models import Attempt, ReprocessItem
+
+    ticket = session.get(Ticket, ticket_id)
+    if ticket is None:
+        return []
+    events: list[dict[str, Any]] = [
+        {"at": ticket.received_at, "event": "received", "detail": {"source": ticket.source}}
+    ]
+    for a in session.scalars(select(Attempt).where(Attempt.ticket_id == ticket_id)):
+        events.append(
+            {
+                "at": a.started_at,
+                "event": "attempt",
+                "detail": {
+                    "stage": a.stage,
+                    "number": a.number,
+                    "outcome": a.outcome,
+                    "error_type": a.error_type,
+                    "error": a.error,
+                    "api_calls": a.api_calls,
+                    "latency_ms": None if a.latency_ms is None else round(a.latency_ms, 1),
+                },
+            }
+        )
+    for c in session.scalars(select(Classification).where(Classification.ticket_id == ticket_id)):
+        events.append(
+            {
+                "at": c.created_at,
+                "event": "classification",
+                "detail": {
+                    "id": c.id,
+                    "generation": c.generation,
+                    "current": c.id == ticket.current_classification_id,
+                    **_label(c),
+                    "cache_read_tokens": c.cache_read_tokens,
+                },
+            }
+        )
+    for d in session.scalars(select(Dispatch).where(Dispatch.ticket_id == ticket_id)):
+        events.append(
+            {
+                "at": d.created_at,
+                "event": "dispatch",
+                "detail": {
+                    "route": d.route,
+                    "department": d.department,
+                    "rule": d.rule,
+                    "generation": d.generation,
+                    "delivery_attempts": d.delivery_attempts,
+                },
+            }
+        )
+        if d.delivered_at is not None:
+            events.append(
+                {"at": d.delivered_at, "event": "delivered", "detail": {"route": d.route}}
+            )
+    for dl in session.scalars(select(DeadLetter).where(DeadLetter.ticket_id == ticket_id)):
+        events.append(
+            {
+                "at": dl.created_at,
+                "event": "dead_letter",
+                "detail": {
+                    "id": dl.id,
+                    "stage": dl.stage,
+                    "error_type": dl.error_type,
+                    "message": dl.message,
+                    "attempts": dl.attempts,
+                },
+            }
+        )
+        if dl.replayed_at is not None:
+            events.append({"at": dl.replayed_at, "event": "replayed", "detail": {"id": dl.id}})
+    for item in session.scalars(select(ReprocessItem).where(ReprocessItem.ticket_id == ticket_id)):
+        if item.done_at is not None:
+            events.append(
+                {
+                    "at": item.done_at,
+                    "event": "reprocessed",
+                    "detail": {
+                        "run_id": item.run_id,
+                        "outcome": item.outcome,
+                        "label_changed": item.label_changed,
+                        "error": item.error,
+                    },
+                }
+            )
+    events.sort(key=lambda e: e["at"])
+    for e in events:
+        e["at"] = e["at"].isoformat()
+    return events

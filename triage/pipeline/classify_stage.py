@@ -14,14 +14,22 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from triage.classify.backends.base import ClassificationRequest, ClassificationResult, Usage
 from triage.classify.prompt import estimate_input_tokens
 from triage.classify.redact import redact
 from triage.classify.schema import TicketLabel
-from triage.db.models import Attempt, Classification, Dispatch, Ticket, TicketState, utcnow
+from triage.db.models import (
+    Attempt,
+    Classification,
+    DeadLetter,
+    Dispatch,
+    Ticket,
+    TicketState,
+    utcnow,
+)
 from triage.db.session import session_scope
 from triage.errors import RateLimited, TriageError
 from triage.metrics import CLASSIFICATIONS, CLASSIFY_COST, CLASSIFY_LATENCY, CLASSIFY_TOKENS
@@ -51,12 +59,22 @@ class _Claim:
 MAX_INLINE_WAIT = 1.0
 
 
-def classify_ticket_stage(rt: Runtime, ticket_id: int) -> str:
-    claim = _begin(rt, ticket_id)
+def classify_ticket_stage(
+    rt: Runtime,
+    ticket_id: int,
+    *,
+    reuse: bool = True,
+    max_inline_wait: float = MAX_INLINE_WAIT,
+) -> str:
+    """Claim, label, route and dispatch one ticket. `reuse=False` always asks the backend
+    (reprocessing wants a fresh label); `max_inline_wait` is how long this thread may sleep for
+    the shared API budget before the ticket goes back on the queue instead (the CLI, which has
+    nothing else to do, waits as long as it takes)."""
+    claim = _begin(rt, ticket_id, reuse=reuse)
     if isinstance(claim, str):
         return claim
     if claim.reuse is None:
-        wait = _admission_wait(rt, claim)
+        wait = _admission_wait(rt, claim, max_inline_wait)
         if wait > 0:
             return _defer(rt, claim, wait)
     try:
@@ -70,14 +88,17 @@ def classify_ticket_stage(rt: Runtime, ticket_id: int) -> str:
     return _finish(rt, claim, result)
 
 
-def _admission_wait(rt: Runtime, claim: _Claim) -> float:
-    """Seconds this call must wait for the shared budget or an open circuit (0: go now)."""
+def _admission_wait(rt: Runtime, claim: _Claim, max_inline_wait: float) -> float:
+    """Seconds this call must still wait for the shared budget or an open circuit after
+    sleeping up to `max_inline_wait` (0: go now)."""
     if rt.admission is None:
         return 0.0
     tokens = estimate_input_tokens(rt.config.taxonomy, claim.request)
     wait = rt.admission.wait_seconds(tokens)
-    if 0 < wait <= MAX_INLINE_WAIT:
+    slept = 0.0
+    while wait > 0 and slept + wait <= max_inline_wait:
         time.sleep(wait)
+        slept += wait
         wait = rt.admission.wait_seconds(tokens)
     return wait
 
@@ -100,7 +121,7 @@ def _defer(rt: Runtime, claim: _Claim, wait: float) -> str:
     return "deferred"
 
 
-def _begin(rt: Runtime, ticket_id: int) -> _Claim | str:
+def _begin(rt: Runtime, ticket_id: int, *, reuse: bool = True) -> _Claim | str:
     settings = rt.settings
     # A ticket another worker is classifying right now is left alone for this long; after it,
     # the holder is presumed dead (the message came back) and the ticket is taken over.
@@ -135,14 +156,13 @@ def _begin(rt: Runtime, ticket_id: int) -> _Claim | str:
         )
         if not moved:
             return "noop"
-        reuse = _find_reusable(rt, session, ticket)
         return _Claim(
             ticket_id=ticket.id,
             attempt=ticket.attempts + 1,
             generation=ticket.generation,
             age_seconds=(now - ticket.received_at).total_seconds(),
-            request=_request(rt, ticket),
-            reuse=reuse,
+            request=build_request(rt, ticket),
+            reuse=_find_reusable(rt, session, ticket) if reuse else None,
         )
 
 
@@ -150,7 +170,8 @@ def _reschedule(session: Session, ticket: Ticket, wait: timedelta) -> None:
     enqueue_classify(session, ticket.id, countdown=max(1.0, wait.total_seconds()))
 
 
-def _request(rt: Runtime, ticket: Ticket) -> ClassificationRequest:
+def build_request(rt: Runtime, ticket: Ticket) -> ClassificationRequest:
+    """What the backend may see of a ticket: cleaned text, personal data redacted."""
     subject, body = ticket.subject, ticket.clean_text or ticket.body
     if rt.settings.redact_personal_data:
         names = [n for n in (ticket.requester_name,) if n]
@@ -223,39 +244,118 @@ def _failure(claim: _Claim, api_calls: int) -> StageFailure:
 
 
 def _finish(rt: Runtime, claim: _Claim, result: ClassificationResult) -> str:
-    route = decide_route(rt.config.taxonomy, result.label)
     with session_scope(rt.sessions) as session:
-        row = _classification_row(rt, claim, result)
-        session.add(row)
-        session.flush()
-        moved = transition(
-            session,
-            claim.ticket_id,
-            S.CLASSIFIED,
-            only_from=frozenset({S.CLASSIFYING}),
-            current_classification_id=row.id,
-            last_error=None,
-        )
-        if not moved:
+        recorded = _record(rt, session, claim, result)
+        if recorded is None:
             # Another worker finished this ticket first; its label stands and this one is
             # dropped with the transaction.
             session.rollback()
             return "superseded"
-        outbox_id = _dispatch(session, claim, row, route)
-        session.add(
-            Attempt(
-                ticket_id=claim.ticket_id,
-                stage="classify",
-                number=claim.attempt,
-                finished_at=utcnow(),
-                outcome="reused" if result.reused_from_id else "ok",
-                request_id=result.request_id,
-                api_calls=result.calls,
-                latency_ms=result.latency_ms,
-            )
-        )
+        outcome, outbox_id = recorded
     rt.publisher.publish([outbox_id])
-    return "review" if route.needs_review else "routed"
+    return outcome
+
+
+def _record(
+    rt: Runtime, session: Session, claim: _Claim, result: ClassificationResult
+) -> tuple[str, int] | None:
+    """Store the label, route and dispatch in the caller's transaction. Returns the outcome
+    and the delivery message to publish, or None when the ticket is no longer ours."""
+    route = decide_route(rt.config.taxonomy, result.label)
+    row = _classification_row(rt, claim, result)
+    session.add(row)
+    session.flush()
+    moved = transition(
+        session,
+        claim.ticket_id,
+        S.CLASSIFIED,
+        only_from=frozenset({S.CLASSIFYING}),
+        current_classification_id=row.id,
+        last_error=None,
+    )
+    if not moved:
+        return None
+    outbox_id = _dispatch(session, claim, row, route)
+    session.add(
+        Attempt(
+            ticket_id=claim.ticket_id,
+            stage="classify",
+            number=claim.attempt,
+            finished_at=utcnow(),
+            outcome="reused" if result.reused_from_id else "ok",
+            request_id=result.request_id,
+            api_calls=result.calls,
+            latency_ms=result.latency_ms,
+        )
+    )
+    return ("review" if route.needs_review else "routed"), outbox_id
+
+
+# A ticket that has finished (or failed) classification may be classified again.
+REOPENABLE = frozenset({S.ROUTED, S.NEEDS_REVIEW, S.DEAD_LETTERED})
+
+
+def reopen(session: Session, ticket_id: int, generation: int) -> bool:
+    """Send a finished ticket back to classification as generation `generation + 1` (for
+    reprocessing). Earlier labels and dispatches stay as history. Compare-and-set on the
+    generation, so two reprocessors cannot both reopen it. The caller enqueues or classifies."""
+    moved = transition(
+        session,
+        ticket_id,
+        S.QUEUED,
+        only_from=REOPENABLE,
+        where=[Ticket.generation == generation],
+        generation=generation + 1,
+        attempts=0,
+        department=None,
+        review_reason=None,
+    )
+    if moved:
+        # A dead-lettered ticket classified again is, in effect, replayed: its open letters
+        # must not stay in `dlq list` as if it still needed an operator.
+        session.execute(
+            update(DeadLetter)
+            .where(DeadLetter.ticket_id == ticket_id, DeadLetter.replayed_at.is_(None))
+            .values(replayed_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+    return moved
+
+
+def record_label(
+    rt: Runtime, session: Session, ticket: Ticket, result: ClassificationResult
+) -> tuple[str, int, int] | None:
+    """Give a finished ticket a label produced outside the queue (a Message Batches result):
+    a new generation, the Classification row, route and dispatch, all in the caller's
+    transaction. Returns (outcome, classification id, delivery outbox id to publish after
+    commit), or None when the ticket is not in a finished state any more."""
+    generation = ticket.generation
+    if not reopen(session, ticket.id, generation):
+        return None
+    transition(
+        session,
+        ticket.id,
+        S.CLASSIFYING,
+        only_from=frozenset({S.QUEUED}),
+        attempts=Ticket.attempts + 1,
+    )
+    claim = _Claim(
+        ticket_id=ticket.id,
+        attempt=1,
+        generation=generation + 1,
+        age_seconds=0.0,
+        request=build_request(rt, ticket),
+        reuse=None,
+    )
+    recorded = _record(rt, session, claim, result)
+    if recorded is None:
+        return None
+    outcome, outbox_id = recorded
+    label_id = session.scalar(
+        select(Ticket.current_classification_id).where(Ticket.id == ticket.id)
+    )
+    assert label_id is not None
+    return outcome, label_id, outbox_id
 
 
 def _dispatch(session: Session, claim: _Claim, row: Classification, route: Route) -> int:

@@ -160,3 +160,15 @@ class Publisher:
                         TicketState.QUEUED,
                         only_from=frozenset({TicketState.RECEIVED}),
                     )
+
+
+class OutboxOnlyPublisher(Publisher):
+    """For a process with no broker configured (the CLI beside `triage run`'s embedded
+    Redis): messages stay in the outbox, and the running worker's sweeper or the API's relay
+    publishes them."""
+
+    def publish(self, ids: Iterable[int]) -> int:
+        return 0
+
+    def relay_pending(self, *, older_than: float = 2.0, limit: int = 500) -> int:
+        return 0

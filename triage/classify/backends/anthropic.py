@@ -15,15 +15,13 @@ from anthropic.types import Message
 from pydantic import ValidationError
 
 from triage.classify.backends.base import ClassificationRequest, ClassificationResult, Usage
-from triage.classify.prompt import prompt_version, system_prompt, user_message
-from triage.classify.schema import TicketLabel, output_schema, validate_label
+from triage.classify.backends.messages import LabelRequest, answer_text, usage_of
+from triage.classify.schema import TicketLabel, validate_label
 from triage.config import ModelSpec
 from triage.errors import (
     InvalidOutput,
-    OutputTruncated,
     PermanentError,
     RateLimited,
-    Refused,
     TransientError,
     TriageError,
 )
@@ -48,22 +46,15 @@ class AnthropicBackend:
         self._max_tokens = max_tokens
         self._taxonomy = taxonomy
         # Built once per taxonomy version; every call reuses the same objects.
-        self._system: Any = [
-            {
-                "type": "text",
-                "text": system_prompt(taxonomy),
-                "cache_control": {"type": "ephemeral"},
-            }
-        ]
-        self._output_config: Any = {
-            "format": {"type": "json_schema", "schema": output_schema(taxonomy)}
-        }
-        self._prompt_version = prompt_version(taxonomy)
+        self._request = LabelRequest(
+            taxonomy=taxonomy, model=model, spec=spec, max_tokens=max_tokens
+        )
+        self._prompt_version = self._request.prompt_version
         # SDK 2.13 has no `temperature` argument; models that still accept it get it this way.
-        self._extra_body: dict[str, Any] | None = {"temperature": 0} if spec.sampling else None
+        self._extra_body: dict[str, Any] | None = self._request.sampling or None
 
     def classify(self, request: ClassificationRequest) -> ClassificationResult:
-        messages: list[Any] = [{"role": "user", "content": user_message(request)}]
+        messages: list[Any] = list(self._request.messages(request))
         started = time.perf_counter()
         usage = Usage()
         calls = 0
@@ -73,8 +64,8 @@ class AnthropicBackend:
             calls += 1
             message = self._call(messages, request.ticket_id, calls)
             request_id = getattr(message, "_request_id", None) or request_id
-            usage = usage + self._usage(message)
-            text = _check_stop(message, request.ticket_id, request_id)
+            usage = usage + usage_of(message, self._spec)
+            text = answer_text(message, request.ticket_id, request_id)
             try:
                 label = validate_label(self._taxonomy, text)
                 break
@@ -114,44 +105,14 @@ class AnthropicBackend:
             message: Message = self._client.messages.create(
                 model=self.model,
                 max_tokens=self._max_tokens,
-                system=self._system,
+                system=self._request.system,
                 messages=messages,
-                output_config=self._output_config,
+                output_config=self._request.output_config,
                 extra_body=self._extra_body,
             )
             return message
         except anthropic.APIError as exc:
             raise _with_calls(translate_api_error(exc, ticket_id), calls) from exc
-
-    def _usage(self, message: Message) -> Usage:
-        u = message.usage
-        cache_read = u.cache_read_input_tokens or 0
-        cache_write = u.cache_creation_input_tokens or 0
-        cost = self._spec.cost(u.input_tokens, u.output_tokens, cache_read, cache_write)
-        return Usage(
-            input_tokens=u.input_tokens,
-            output_tokens=u.output_tokens,
-            cache_read_tokens=cache_read,
-            cache_write_tokens=cache_write,
-            cost_usd=cost,
-        )
-
-
-def _check_stop(message: Message, ticket_id: int, request_id: str | None) -> str:
-    text = "".join(block.text for block in message.content if block.type == "text")
-    if message.stop_reason == "refusal":
-        raise Refused(
-            f"model refused to label the ticket: {text[:200] or 'no explanation'}",
-            ticket_id=ticket_id,
-            request_id=request_id,
-        )
-    if message.stop_reason == "max_tokens":
-        raise OutputTruncated(
-            f"label cut off at max_tokens ({message.usage.output_tokens} tokens)",
-            ticket_id=ticket_id,
-            request_id=request_id,
-        )
-    return text
 
 
 def translate_api_error(exc: anthropic.APIError, ticket_id: int | None = None) -> TriageError:

@@ -1,0 +1,155 @@
+"""Fixtures for the admin CLI: the real PostgreSQL and Redis, the fake Messages API, and a
+CliRunner that runs `triage` with exactly the environment a shell would give it."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from typer.testing import CliRunner
+
+from tests.fakeanthropic import FakeAnthropic
+from tests.support.stack import make_runtime, stack_env
+from triage.cli.main import app
+from triage.db.models import Classification, Ticket, TicketState, utcnow
+from triage.db.repo import content_hash
+from triage.db.session import get_engine, session_scope
+from triage.pipeline.runtime import Runtime
+
+TABLES = (
+    "reprocess_items",
+    "message_batches",
+    "reprocess_runs",
+    "outbox",
+    "attempts",
+    "dead_letters",
+    "dispatches",
+    "classifications",
+    "tickets",
+)
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeAnthropic]:
+    with FakeAnthropic(batch_delay=0.2) as server:
+        yield server
+
+
+@pytest.fixture()
+def db(pg_url: str) -> str:
+    engine = get_engine(pg_url)
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+    return pg_url
+
+
+@pytest.fixture()
+def env(db: str, clean_redis: str, fake: FakeAnthropic) -> dict[str, str]:
+    fake.clear_faults()
+    fake.reset_stats()
+    return stack_env(
+        db,
+        clean_redis,
+        TRIAGE_BACKEND="anthropic",
+        ANTHROPIC_API_KEY="sk-test",
+        ANTHROPIC_BASE_URL=fake.base_url,
+        TRIAGE_ESCALATION_MODEL="",
+    )
+
+
+@pytest.fixture()
+def rt(env: dict[str, str]) -> Runtime:
+    return make_runtime(env)
+
+
+class Cli:
+    def __init__(self, env: dict[str, str]) -> None:
+        # Unset whatever the developer's shell has, so only `env` configures the command.
+        self.env: dict[str, str | None] = {
+            k: None
+            for k in os.environ
+            if k.startswith(("TRIAGE_", "ANTHROPIC_")) or k in ("DATABASE_URL", "REDIS_URL")
+        }
+        self.env.update(env)
+        self.env.pop("TRIAGE_ENV", None)
+        self.runner = CliRunner()
+
+    def __call__(
+        self, *args: str, code: int | None = 0, input: str | None = None, **env: str
+    ) -> Any:
+        result = self.runner.invoke(app, list(args), env={**self.env, **env}, input=input)
+        if code is not None:
+            assert result.exit_code == code, (
+                f"exit {result.exit_code}, wanted {code}\n{result.output}\n{result.exception!r}"
+            )
+        return result
+
+    def json(self, *args: str, **env: str) -> Any:
+        result = self(*args, "--json", **env)
+        return json.loads(result.stdout)
+
+
+@pytest.fixture()
+def cli(env: dict[str, str]) -> Cli:
+    return Cli(env)
+
+
+def seed_routed(
+    rt: Runtime,
+    bodies: list[str],
+    *,
+    intent: str = "other",
+    department: str = "general",
+    model: str = "claude-haiku-4-5",
+    confidence: float = 0.9,
+) -> list[int]:
+    """Tickets already triaged in the past: routed, with one label each (the history that
+    reprocessing must keep)."""
+    ids = []
+    with session_scope(rt.sessions) as session:
+        for n, body in enumerate(bodies):
+            ticket = Ticket(
+                source="generic",
+                external_id=f"seed-{n}-{abs(hash(body)) % 10**8}",
+                subject="Help",
+                body=body,
+                clean_text=body,
+                content_hash=content_hash("Help", body),
+                requester_email="jane.doe@example.com",
+                requester_name="Jane Doe",
+                channel="email",
+                extra={},
+                state=TicketState.ROUTED.value,
+                department=department,
+            )
+            session.add(ticket)
+            session.flush()
+            label = Classification(
+                ticket_id=ticket.id,
+                intent=intent,
+                department=department,
+                priority="normal",
+                language="en",
+                sentiment="neutral",
+                confidence=confidence,
+                summary="Old label.",
+                backend="anthropic",
+                model=model,
+                taxonomy_version="old-taxonomy",
+                prompt_version="p-old",
+                input_tokens=900,
+                output_tokens=60,
+                cost_usd=Decimal("0.0012"),
+                latency_ms=420.0,
+                created_at=utcnow(),
+            )
+            session.add(label)
+            session.flush()
+            ticket.current_classification_id = label.id
+            ids.append(ticket.id)
+    return ids

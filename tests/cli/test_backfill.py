@@ -1,0 +1,111 @@
+"""`triage backfill --batch` against PostgreSQL, Redis and the fake Message Batches API."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from tests.cli.conftest import seed_routed
+from tests.fakeanthropic import Fault
+from triage.db.models import Classification, MessageBatch, OutboxMessage, ReprocessItem, Ticket
+
+
+def test_backfill_survives_a_restart_mid_batch(cli, rt, fake):
+    ids = seed_routed(rt, [f"Parcel {n} lost [[intent:shipping]]" for n in range(5)])
+    errored = seed_routed(rt, ["Crashes on start [[intent:technical]] error-me"])[0]
+    expired = seed_routed(rt, ["Invoice copy [[intent:billing]] expire-me"])[0]
+    fake.add_fault(Fault("batch_errored", match="error-me"))
+    fake.add_fault(Fault("batch_expired", match="expire-me"))
+    args = ("backfill", "--batch", "--intent", "other", "--chunk-size", "3", "--yes")
+
+    before = fake.stats()["batches"]
+    # First invocation stops right after creating the batches (as if killed while polling).
+    first = cli.json(*args, "--submit-only")
+    assert first["batches_created_now"] == 3 and first["done"] == 0
+    with rt.sessions() as session:
+        rows = session.scalars(select(MessageBatch).order_by(MessageBatch.id)).all()
+        mapped = session.scalars(select(ReprocessItem).where(ReprocessItem.batch_id.is_not(None)))
+        assert {i.custom_id for i in mapped} == {f"ticket-{t}" for t in [*ids, errored, expired]}
+    assert [r.requests for r in rows] == [3, 3, 1]
+    assert all(r.api_batch_id and r.status == "submitted" for r in rows)
+    assert fake.stats()["batches"] == before + 3
+
+    second = cli.json(*args, "--poll-interval", "0.05")
+
+    assert fake.stats()["batches"] == before + 3  # polled the persisted batches; created none
+    assert second["batches_created_now"] == 0 and second["run_id"] == first["run_id"]
+    assert second["done"] == 7 and second["labels_changed"] == 5
+    assert second["outcomes"] == {"routed": 5, "requeued": 2}
+    assert fake.call_count() == 0  # no real-time calls: everything went through batches
+    spec = rt.config.models.spec("claude-haiku-4-5")
+    with rt.sessions() as session:
+        for ticket_id in ids:
+            ticket = session.get(Ticket, ticket_id)
+            label = session.get(Classification, ticket.current_classification_id)
+            assert (label.backend, label.intent, label.generation) == (
+                "anthropic-batch",
+                "shipping",
+                1,
+            )
+            assert label.cost_usd == spec.cost(label.input_tokens, label.output_tokens, batch=True)
+            assert label.cost_usd < spec.cost(label.input_tokens, label.output_tokens)
+            assert ticket.state == "routed" and ticket.department == "logistics"
+            assert len(ticket.classifications) == 2  # the old label is history
+        for ticket_id in (errored, expired):
+            ticket = session.get(Ticket, ticket_id)
+            assert ticket.state in ("received", "queued") and ticket.generation == 1
+            assert (
+                session.scalar(
+                    select(OutboxMessage.task).where(OutboxMessage.ticket_id == ticket_id)
+                )
+                == "triage.classify_ticket"
+            )
+    # Run again: the relabelled tickets no longer match and the requeued ones belong to the
+    # workers, so a new (empty) run starts and nothing is sent.
+    third = cli.json(*args, "--poll-interval", "0.05")
+    assert third["run_id"] != first["run_id"] and third["total"] == 0
+    assert fake.stats()["batches"] == before + 3
+
+
+def test_backfill_dry_run_prices_at_the_batch_discount(cli, rt, fake):
+    seed_routed(rt, [f"Upgrade plan {n}" for n in range(4)])
+    realtime = cli.json("reprocess", "--since", "1d", "--dry-run")
+    batched = cli.json("backfill", "--batch", "--since", "1d", "--dry-run")
+    assert batched["tickets"] == 4
+    assert float(batched["estimated_cost_usd"]) == float(realtime["estimated_cost_usd"]) / 2
+
+
+def test_backfill_without_batch_is_a_usage_error(cli):
+    result = cli("backfill", "--since", "1d", code=2)
+    assert "--batch" in result.output
+
+
+def test_ctrl_c_while_polling_then_rerun_imports_without_new_batches(cli, rt, fake):
+    import os
+    import signal
+    import threading
+
+    from tests.support.stack import wait_until
+
+    seed_routed(rt, [f"Where is my order {n} [[intent:shipping]]" for n in range(3)])
+    args = ("backfill", "--batch", "--since", "1h", "--yes", "--poll-interval", "0.05")
+
+    def submitted():
+        with rt.sessions() as session:
+            return session.scalar(select(MessageBatch.api_batch_id))
+
+    def interrupt_once_submitted():
+        wait_until(submitted, 30, what="batch submitted")
+        os.kill(os.getpid(), signal.SIGINT)
+
+    before = fake.stats()["batches"]
+    fake.batch_delay = 1.5
+    try:
+        threading.Thread(target=interrupt_once_submitted, daemon=True).start()
+        stopped = cli(*args, code=1)
+        assert "run the same command again" in stopped.output
+        assert fake.stats()["batches"] == before + 1
+        finished = cli.json(*args)
+    finally:
+        fake.batch_delay = 0.2
+    assert finished["batches_created_now"] == 0 and fake.stats()["batches"] == before + 1
+    assert finished["outcomes"] == {"routed": 3} and finished["labels_changed"] == 3

@@ -1,0 +1,88 @@
+"""`triage dlq` against PostgreSQL, Redis, a real worker process and the fake Messages API."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from tests.fakeanthropic import Fault
+from tests.support.stack import WorkerProcess, wait_until
+from triage.db.models import DeadLetter, Ticket
+from triage.db.repo import accept_ticket
+from triage.db.session import session_scope
+from triage.ingest.models import InboundTicket
+from triage.pipeline.classify_stage import classify_ticket_stage
+
+
+def _dead_lettered(rt, fake, marker: str) -> int:
+    """A ticket the API refused with a 400: dead-lettered at once by the classify stage."""
+    inbound = InboundTicket(
+        source="generic",
+        external_id=f"dl-{marker}",
+        subject="Refund",
+        body=f"I want my money back [[intent:refund]] {marker}",
+    )
+    with session_scope(rt.sessions) as session:
+        ticket_id = accept_ticket(session, inbound).ticket_id
+    fake.add_fault(Fault("bad_request", match=marker))
+    assert classify_ticket_stage(rt, ticket_id) == "dead"
+    return ticket_id
+
+
+def test_dlq_replay_routes_the_ticket(cli, rt, env, fake):
+    ticket_id = _dead_lettered(rt, fake, "reject-me")
+    letters = cli.json("dlq", "list")
+    assert [(r["ticket_id"], r["stage"], r["error_type"]) for r in letters] == [
+        (ticket_id, "classify", "PermanentError")
+    ]
+    shown = cli.json("dlq", "show", str(letters[0]["id"]))
+    assert shown["ticket"]["state"] == "dead_lettered" and "400" in shown["message"]
+
+    with WorkerProcess(env, concurrency=2, queues="triage.classify"):
+        replayed = cli.json("dlq", "replay", str(letters[0]["id"]))
+        assert replayed["replayed"] == [
+            {"dead_letter_id": letters[0]["id"], "ticket_id": ticket_id, "stage": "classify"}
+        ]
+
+        def state():
+            with rt.sessions() as session:
+                return session.get(Ticket, ticket_id).state
+
+        wait_until(lambda: state() == "routed", 60, what="replayed ticket routed")
+    with rt.sessions() as session:
+        ticket = session.get(Ticket, ticket_id)
+        assert ticket.department == "billing"
+    assert cli.json("dlq", "list") == []
+    again = cli.json("dlq", "replay", str(letters[0]["id"]))
+    assert again == {"replayed": [], "skipped": [letters[0]["id"]]}
+
+
+def test_replay_by_filter_asks_first_and_purge_deletes_only_replayed(cli, rt, fake):
+    first = _dead_lettered(rt, fake, "bad-one")
+    _dead_lettered(rt, fake, "bad-two")
+
+    refused = cli("dlq", "replay", "--stage", "classify", code=1, input="n\n")
+    assert "cancelled" in refused.output
+    cli("dlq", "replay", "--all", input="y\n")
+    with rt.sessions() as session:
+        assert session.get(Ticket, first).state == "queued"
+    assert cli.json("dlq", "list", "--all")[0]["replayed_at"] is not None
+
+    assert cli.json("dlq", "purge", "--yes") == {"purged": 2}
+    with rt.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(DeadLetter)) == 0
+
+
+def test_usage_errors_exit_2_with_one_line(cli):
+    result = cli("dlq", "replay", code=2)
+    assert "choose letters" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_reprocessing_a_dead_lettered_ticket_resolves_its_letter(cli, rt, fake):
+    ticket_id = _dead_lettered(rt, fake, "reject-once")
+
+    summary = cli.json("reprocess", str(ticket_id), "--yes")
+
+    assert summary["outcomes"] == {"routed": 1}
+    assert cli.json("dlq", "list") == []
+    assert cli.json("dlq", "list", "--all")[0]["replayed_at"] is not None

@@ -1,0 +1,113 @@
+"""`triage reprocess` against PostgreSQL, Redis and the fake Messages API."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+from sqlalchemy import func, select
+
+from tests.cli.conftest import seed_routed
+from tests.fakeanthropic import Fault
+from tests.support.stack import wait_until
+from triage.db.models import Classification, ReprocessItem, Ticket
+
+
+def _labels(rt, ticket_id):
+    with rt.sessions() as session:
+        return session.scalars(
+            select(Classification)
+            .where(Classification.ticket_id == ticket_id)
+            .order_by(Classification.id)
+        ).all()
+
+
+def test_reprocess_by_filter_changes_labels_and_keeps_history(cli, rt, fake):
+    changed = seed_routed(rt, [f"Where is parcel {n}? [[intent:shipping]]" for n in range(4)])
+    same = seed_routed(rt, [f"Thanks {n} [[intent:other]]" for n in range(2)])
+    seed_routed(rt, ["Not this one [[intent:shipping]]"], intent="billing", department="billing")
+
+    summary = cli.json("reprocess", "--intent", "other", "--yes")
+
+    assert summary["total"] == 6 and summary["done"] == 6
+    assert summary["labels_changed"] == 4
+    assert summary["outcomes"] == {"routed": 6}
+    assert fake.call_count() == 6
+    for ticket_id in changed:
+        old, new = _labels(rt, ticket_id)
+        assert (old.intent, old.summary) == ("other", "Old label.")
+        assert new.intent == "shipping" and new.generation == 1
+        with rt.sessions() as session:
+            ticket = session.get(Ticket, ticket_id)
+            assert ticket.current_classification_id == new.id
+            assert ticket.department == "logistics" and ticket.state == "routed"
+    for ticket_id in same:
+        assert [c.intent for c in _labels(rt, ticket_id)] == ["other", "other"]
+
+
+def test_dry_run_counts_and_estimates_without_calling(cli, rt, fake):
+    seed_routed(rt, [f"Refund please {n}" for n in range(5)])
+
+    estimate = cli.json("reprocess", "--since", "1d", "--dry-run")
+
+    assert estimate["tickets"] == 5 and estimate["model"] == "claude-haiku-4-5"
+    assert float(estimate["estimated_cost_usd"]) > 0
+    assert estimate["estimated_input_tokens"] > 5 * 100
+    assert fake.call_count() == 0
+
+
+def test_stopped_reprocess_resumes_without_calling_twice(cli, rt, fake):
+    ids = seed_routed(rt, [f"Charged twice {n} [[intent:billing]]" for n in range(7)])
+
+    first = cli.json("reprocess", *map(str, ids), "--stop-after", "3", "--yes")
+    assert first["done"] == 3 and fake.call_count() == 3
+    second = cli.json("reprocess", *map(str, ids), "--yes")
+
+    assert second["run_id"] == first["run_id"]
+    assert second["done"] == 7 and second["labels_changed"] == 7
+    assert fake.call_count() == 7
+    third = cli.json("reprocess", *map(str, ids), "--yes")
+    assert third["run_id"] != first["run_id"]  # a finished run is not resumed: a new one
+    with rt.sessions() as session:
+        counts = session.execute(
+            select(Classification.ticket_id, func.count()).group_by(Classification.ticket_id)
+        ).all()
+    assert {n for _, n in counts} == {3}
+
+
+def test_ctrl_c_stops_cleanly_and_the_rerun_finishes_the_rest(cli, rt, fake):
+    ids = seed_routed(rt, [f"Cannot log in {n} [[intent:account]]" for n in range(8)])
+    fake.latency = 0.15
+
+    def interrupt_after_two_calls():
+        wait_until(lambda: fake.call_count() >= 2, 30, what="two calls")
+        os.kill(os.getpid(), signal.SIGINT)
+
+    try:
+        threading.Thread(target=interrupt_after_two_calls, daemon=True).start()
+        stopped = cli("reprocess", *map(str, ids), "--yes", "-c", "1", code=1)
+        assert "run the same command again" in stopped.output
+        with rt.sessions() as session:
+            done = session.scalar(select(func.count()).where(ReprocessItem.done_at.is_not(None)))
+        assert 2 <= done < 8
+        finished = cli.json("reprocess", *map(str, ids), "--yes")
+    finally:
+        fake.latency = 0.0
+    assert finished["done"] == 8
+    assert fake.call_count() == 8
+
+
+def test_a_transient_failure_goes_to_the_retry_path_and_is_not_redone(cli, rt, fake):
+    ids = seed_routed(rt, ["Broken [[intent:technical]] overload-me", "Fine [[intent:technical]]"])
+    fake.add_fault(Fault("overloaded", match="overload-me"))
+
+    summary = cli.json("reprocess", *map(str, ids), "--yes")
+
+    assert summary["outcomes"] == {"retry": 1, "routed": 1}
+    with rt.sessions() as session:
+        assert session.get(Ticket, ids[0]).state == "queued"
+    again = cli.json("reprocess", *map(str, ids), "--yes")
+    assert again["run_id"] != summary["run_id"]
+    # Still queued: the workers own it now, so a new selection leaves it out.
+    assert again["total"] == 1 and again["outcomes"] == {"routed": 1}

@@ -1,0 +1,88 @@
+"""One ticket as a Messages API request, and a Message back as a label's text and usage.
+
+Shared by the real-time backend (`anthropic.py`) and the batch backfill, so that both send the
+same system prompt, output schema and sampling parameters, and read answers the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from anthropic.types import Message
+
+from triage.classify.backends.base import ClassificationRequest, Usage
+from triage.classify.prompt import prompt_version, system_prompt, user_message
+from triage.classify.schema import output_schema
+from triage.config import ModelSpec
+from triage.errors import OutputTruncated, Refused
+from triage.taxonomy import Taxonomy
+
+
+class LabelRequest:
+    """The parts of a labelling request that do not depend on the ticket, built once per
+    taxonomy version and model so that every call sends byte-identical prompts (caching)."""
+
+    def __init__(self, *, taxonomy: Taxonomy, model: str, spec: ModelSpec, max_tokens: int) -> None:
+        self.taxonomy = taxonomy
+        self.model = model
+        self.spec = spec
+        self.max_tokens = max_tokens
+        self.system: Any = [
+            {
+                "type": "text",
+                "text": system_prompt(taxonomy),
+                "cache_control": {"type": "ephemeral"},
+            }
+        ]
+        self.output_config: Any = {
+            "format": {"type": "json_schema", "schema": output_schema(taxonomy)}
+        }
+        self.prompt_version = prompt_version(taxonomy)
+        # Only models that accept sampling parameters get temperature; later ones answer 400.
+        self.sampling: dict[str, Any] = {"temperature": 0} if spec.sampling else {}
+
+    def messages(self, request: ClassificationRequest) -> list[dict[str, Any]]:
+        return [{"role": "user", "content": user_message(request)}]
+
+    def params(self, request: ClassificationRequest) -> dict[str, Any]:
+        """The whole request body, as a Message Batches item's `params` carries it."""
+        return {
+            "model": self.model,
+            "max_tokens": self.max_tokens,
+            "system": self.system,
+            "messages": self.messages(request),
+            "output_config": self.output_config,
+            **self.sampling,
+        }
+
+
+def answer_text(message: Message, ticket_id: int, request_id: str | None) -> str:
+    """The label text of a finished Message; refusal and max_tokens stops are typed errors."""
+    text = "".join(block.text for block in message.content if block.type == "text")
+    if message.stop_reason == "refusal":
+        raise Refused(
+            f"model refused to label the ticket: {text[:200] or 'no explanation'}",
+            ticket_id=ticket_id,
+            request_id=request_id,
+        )
+    if message.stop_reason == "max_tokens":
+        raise OutputTruncated(
+            f"label cut off at max_tokens ({message.usage.output_tokens} tokens)",
+            ticket_id=ticket_id,
+            request_id=request_id,
+        )
+    return text
+
+
+def usage_of(message: Message, spec: ModelSpec, *, batch: bool = False) -> Usage:
+    """Tokens and cost of one Message; batch results cost the model's batch price."""
+    u = message.usage
+    cache_read = u.cache_read_input_tokens or 0
+    cache_write = u.cache_creation_input_tokens or 0
+    return Usage(
+        input_tokens=u.input_tokens,
+        output_tokens=u.output_tokens,
+        cache_read_tokens=cache_read,
+        cache_write_tokens=cache_write,
+        cost_usd=spec.cost(u.input_tokens, u.output_tokens, cache_read, cache_write, batch=batch),
+    )

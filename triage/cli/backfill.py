@@ -1,0 +1,213 @@
+"""`triage backfill --batch`: bulk reclassification through the Message Batches API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from triage.cli import filters as opt
+from triage.cli.common import (
+    EXIT_PROBLEM,
+    EXIT_USAGE,
+    confirm_or_exit,
+    console,
+    err_console,
+    fail,
+    guarded,
+    load_runtime,
+    print_json,
+)
+from triage.cli.progress import progress_bar
+
+app = typer.Typer()
+
+
+@app.command()
+@guarded
+def backfill(
+    ticket_ids: list[int] | None = typer.Argument(None, help="Ticket ids (or use filters)."),
+    batch: bool = typer.Option(
+        False, "--batch", help="Use the Message Batches API (required; half price, async)."
+    ),
+    from_file: Path | None = typer.Option(
+        None, "--from-file", help="File of ticket ids, one per line."
+    ),
+    state: opt.State = None,
+    intent: opt.Intent = None,
+    department: opt.Department = None,
+    source: opt.Source = None,
+    since: opt.Since = None,
+    until: opt.Until = None,
+    confidence_below: opt.ConfidenceBelow = None,
+    model: opt.Model = None,
+    taxonomy_version: opt.TaxonomyVersion = None,
+    limit: int | None = typer.Option(None, help="Only the newest N matching tickets."),
+    chunk_size: int = typer.Option(
+        1000, help="Requests per batch (the API allows up to 100,000 and 256 MB)."
+    ),
+    poll_interval: float = typer.Option(30.0, help="Seconds between status polls."),
+    submit_only: bool = typer.Option(
+        False, "--submit-only", help="Create the batches and exit; run again to poll and import."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Count and estimate; change nothing."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    confirm_above: int = typer.Option(100, help="Ask before sending more than this many."),
+    resume: int | None = typer.Option(None, help="Resume this run id (else: same selection)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable summary."),
+) -> None:
+    """Reclassify many finished tickets through the Message Batches API at the batch price.
+    Batch ids are stored before polling: if this command is killed, run it again and it polls
+    and imports the batches it created instead of creating new ones. Errored or expired items
+    go back to the workers' normal classify path.
+
+    Example: triage backfill --batch --since 30d --taxonomy-version 3f2a9c --yes
+    """
+    from triage.pipeline import reprocess as rp
+    from triage.pipeline.backfill import BatchBackfill
+
+    if not batch:
+        fail("backfill needs --batch (for real-time reclassification use triage reprocess)", 2)
+    ids = list(ticket_ids or [])
+    if from_file is not None:
+        ids += opt.read_ids(from_file)
+    f = opt.ticket_filter(
+        ids=ids,
+        state=state,
+        intent=intent,
+        department=department,
+        source=source,
+        since=since,
+        until=until,
+        confidence_below=confidence_below,
+        model=model,
+        taxonomy_version=taxonomy_version,
+        limit=limit,
+    )
+    if f.is_empty and resume is None:
+        fail(
+            "choose tickets: ids, --from-file, filters (e.g. --since 30d) or --resume RUN",
+            EXIT_USAGE,
+        )
+    rt = load_runtime()
+    if dry_run:
+        est = rp.estimate(rt, rp.select_ids(rt, f), batch=True)
+        data = {
+            "tickets": est.tickets,
+            "model": est.model,
+            "estimated_input_tokens": est.input_tokens,
+            "estimated_output_tokens": est.output_tokens,
+            "estimated_cost_usd": str(est.cost_usd),
+        }
+        if as_json:
+            print_json(data)
+        else:
+            console.print(
+                f"{est.tickets} tickets would be sent in batches to {est.model}: estimated "
+                f"${est.cost_usd} at the batch price",
+                highlight=False,
+            )
+        return
+    run, resumed = rp.find_or_create_run(rt, "batch", f, run_id=resume)
+    job = BatchBackfill(rt, run.id, chunk_size=chunk_size)
+    before = job.progress()
+    if resumed:
+        err_console.print(
+            f"resuming backfill run {run.id}: {before.batches_open} batches open, "
+            f"{before.done} of {before.total} tickets done",
+            highlight=False,
+        )
+    unsent = before.total - before.done - before.in_batches
+    if unsent > confirm_above:
+        est = rp.estimate(rt, _unsent_tickets(rt, run.id), batch=True)
+        confirm_or_exit(
+            f"Send {unsent} tickets to {est.model} in batches (estimated ${est.cost_usd})?",
+            yes=yes,
+        )
+    created = 0
+    interrupted = False
+    try:
+        created = job.submit()
+        if created:
+            err_console.print(f"created {created} batches", highlight=False)
+        if submit_only:
+            _report(rt, run.id, job, as_json, created, interrupted=False)
+            return
+        _poll(job, poll_interval)
+    except KeyboardInterrupt:
+        # Whatever was created is persisted; a rerun submits the rest and polls them all.
+        interrupted = True
+    if interrupted:
+        err_console.print(
+            "interrupted: the batches keep running at Anthropic; run the same command again "
+            "to poll and import them"
+        )
+    rp.summarize(rt, run.id, finish=True)
+    _report(rt, run.id, job, as_json, created, interrupted=interrupted)
+    if interrupted:
+        raise typer.Exit(EXIT_PROBLEM)
+
+
+def _poll(job: Any, interval: float) -> None:
+    with progress_bar() as bar:
+        task = bar.add_task("batches", total=max(1, job.progress().total))
+
+        def show(p: Any) -> None:
+            bar.update(task, total=max(1, p.total), completed=p.done + p.processed_in_batches)
+
+        job.poll_until_done(interval=interval, on_progress=show)
+
+
+def _unsent_tickets(rt: Any, run_id: int) -> list[int]:
+    from sqlalchemy import select
+
+    from triage.db.models import ReprocessItem
+
+    with rt.sessions() as session:
+        return list(
+            session.scalars(
+                select(ReprocessItem.ticket_id).where(
+                    ReprocessItem.run_id == run_id,
+                    ReprocessItem.batch_id.is_(None),
+                    ReprocessItem.done_at.is_(None),
+                )
+            )
+        )
+
+
+def _report(
+    rt: Any, run_id: int, job: Any, as_json: bool, created: int, *, interrupted: bool
+) -> None:
+    from triage.pipeline.backfill import open_batches
+    from triage.pipeline.reprocess import summarize
+
+    summary = summarize(rt, run_id)
+    batches = open_batches(rt, run_id)
+    data = {
+        "run_id": run_id,
+        "total": summary.total,
+        "done": summary.done,
+        "outcomes": summary.outcomes,
+        "labels_changed": summary.labels_changed,
+        "cost_usd": str(summary.cost_usd),
+        "batches_created_now": created,
+        "batches": batches,
+        "interrupted": interrupted,
+    }
+    if as_json:
+        print_json(data)
+        return
+    for b in batches:
+        counts = ", ".join(f"{k} {v}" for k, v in (b["request_counts"] or {}).items() if v)
+        console.print(
+            f"batch {b['api_batch_id'] or '(not yet accepted)'}: {b['status']}, "
+            f"{b['requests']} requests{' — ' + counts if counts else ''}",
+            highlight=False,
+        )
+    outcomes = ", ".join(f"{k} {v}" for k, v in sorted(summary.outcomes.items())) or "none yet"
+    console.print(
+        f"run {run_id}: {summary.done}/{summary.total} done ({outcomes}); "
+        f"{summary.labels_changed} labels changed; cost ${summary.cost_usd}",
+        highlight=False,
+    )

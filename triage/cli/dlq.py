@@ -1,0 +1,259 @@
+"""`triage dlq`: dead letters — list, show, replay, purge."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from rich.table import Table
+from sqlalchemy import Select, delete, select
+
+from triage.cli import filters as opt
+from triage.cli.common import (
+    EXIT_USAGE,
+    confirm_or_exit,
+    console,
+    fail,
+    fmt_time,
+    guarded,
+    load_runtime,
+    print_json,
+)
+from triage.db.models import DeadLetter, Ticket
+
+app = typer.Typer(
+    help="Dead letters: tickets that could not complete a stage.\n\n"
+    "Example: triage dlq list --since 1d",
+    no_args_is_help=True,
+)
+
+
+def _letters(
+    *,
+    stage: str | None,
+    error_type: str | None,
+    since: str | None,
+    until: str | None,
+    include_replayed: bool,
+    limit: int | None,
+) -> Select[DeadLetter]:
+    stmt = select(DeadLetter)
+    if not include_replayed:
+        stmt = stmt.where(DeadLetter.replayed_at.is_(None))
+    if stage:
+        stmt = stmt.where(DeadLetter.stage == stage)
+    if error_type:
+        stmt = stmt.where(DeadLetter.error_type == error_type)
+    if since:
+        stmt = stmt.where(DeadLetter.created_at >= opt.parse_moment(since, option="--since"))
+    if until:
+        stmt = stmt.where(DeadLetter.created_at < opt.parse_moment(until, option="--until"))
+    stmt = stmt.order_by(DeadLetter.id.desc())
+    return stmt.limit(limit) if limit else stmt
+
+
+def _row(dl: DeadLetter) -> dict[str, Any]:
+    return {
+        "id": dl.id,
+        "ticket_id": dl.ticket_id,
+        "stage": dl.stage,
+        "error_type": dl.error_type,
+        "message": dl.message,
+        "attempts": dl.attempts,
+        "first_failed_at": dl.first_failed_at,
+        "last_failed_at": dl.last_failed_at,
+        "request_id": dl.request_id,
+        "replayed_at": dl.replayed_at,
+    }
+
+
+Stage = typer.Option(None, help="Only this stage (classify, deliver).")
+ErrorType = typer.Option(None, help="Only this error type (e.g. InvalidOutput).")
+
+
+@app.command("list")
+@guarded
+def list_letters(
+    stage: str | None = Stage,
+    error_type: str | None = ErrorType,
+    since: opt.Since = None,
+    until: opt.Until = None,
+    include_replayed: bool = typer.Option(False, "--all", help="Include replayed letters."),
+    limit: int = typer.Option(50, help="At most this many, newest first."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """List open dead letters, newest first.
+
+    Example: triage dlq list --stage classify --since 1d --json
+    """
+    rt = load_runtime()
+    stmt = _letters(
+        stage=stage,
+        error_type=error_type,
+        since=since,
+        until=until,
+        include_replayed=include_replayed,
+        limit=limit,
+    )
+    with rt.sessions() as session:
+        rows = [_row(dl) for dl in session.scalars(stmt)]
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("id", "ticket", "stage", "error", "attempts", "last failed", "replayed")
+    for r in rows:
+        table.add_row(
+            str(r["id"]),
+            str(r["ticket_id"]),
+            r["stage"],
+            f"{r['error_type']}: {r['message'][:80]}",
+            str(r["attempts"]),
+            fmt_time(r["last_failed_at"]),
+            fmt_time(r["replayed_at"]),
+        )
+    console.print(table)
+    console.print(f"{len(rows)} dead letters", style="dim")
+
+
+@app.command("show")
+@guarded
+def show(
+    letter_id: int = typer.Argument(..., help="Dead letter id."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Show one dead letter: the error, its payload and the ticket it belongs to.
+
+    Example: triage dlq show 7
+    """
+    rt = load_runtime()
+    with rt.sessions() as session:
+        dl = session.get(DeadLetter, letter_id)
+        if dl is None:
+            fail(f"dead letter {letter_id} not found")
+        ticket = session.get(Ticket, dl.ticket_id)
+        data = {
+            **_row(dl),
+            "payload": dl.payload,
+            "ticket": None
+            if ticket is None
+            else {"id": ticket.id, "state": ticket.state, "subject": ticket.subject},
+        }
+    if as_json:
+        print_json(data)
+        return
+    for key, value in data.items():
+        shown = fmt_time(value) if key.endswith("_at") else value
+        console.print(f"[bold]{key}[/]: {shown}", highlight=False)
+
+
+@app.command("replay")
+@guarded
+def replay(
+    letter_ids: list[int] | None = typer.Argument(None, help="Dead letter ids."),
+    replay_all: bool = typer.Option(False, "--all", help="Every open dead letter."),
+    stage: str | None = Stage,
+    error_type: str | None = ErrorType,
+    since: opt.Since = None,
+    until: opt.Until = None,
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Send dead-lettered tickets back through the stage that failed (history kept). By ids,
+    by filters, or --all; asks first when more than one letter is chosen by filter.
+
+    Example: triage dlq replay --stage classify --error-type TransientError --yes
+    """
+    from triage.reliability.deadletter import replay as replay_letter
+
+    by_filter = replay_all or any((stage, error_type, since, until))
+    if not letter_ids and not by_filter:
+        fail("choose letters: ids, filters (--stage, --since, ...) or --all", EXIT_USAGE)
+    rt = load_runtime()
+    if letter_ids:
+        ids = list(letter_ids)
+    else:
+        stmt = _letters(
+            stage=stage,
+            error_type=error_type,
+            since=since,
+            until=until,
+            include_replayed=False,
+            limit=None,
+        )
+        with rt.sessions() as session:
+            ids = [dl.id for dl in session.scalars(stmt)]
+        if len(ids) > 1:
+            confirm_or_exit(f"Replay {len(ids)} dead letters?", yes=yes)
+    replayed: list[dict[str, Any]] = []
+    skipped: list[int] = []
+    for letter_id in ids:
+        # One transaction per letter: one bad letter must not hold back the others.
+        with rt.sessions.begin() as session:
+            result = replay_letter(session, letter_id)
+        if result is None:
+            skipped.append(letter_id)
+            continue
+        rt.publisher.publish([result.outbox_id])
+        replayed.append(
+            {"dead_letter_id": letter_id, "ticket_id": result.ticket_id, "stage": result.stage}
+        )
+    if as_json:
+        print_json({"replayed": replayed, "skipped": skipped})
+        return
+    for r in replayed:
+        console.print(
+            f"replayed dead letter {r['dead_letter_id']}: ticket {r['ticket_id']} back to "
+            f"{r['stage']}",
+            highlight=False,
+        )
+    if skipped:
+        console.print(
+            f"skipped {len(skipped)} (not found, already replayed, or the ticket moved on): "
+            + ", ".join(map(str, skipped)),
+            highlight=False,
+        )
+
+
+@app.command("purge")
+@guarded
+def purge(
+    include_open: bool = typer.Option(
+        False, "--include-open", help="Also delete letters never replayed (cannot be undone)."
+    ),
+    stage: str | None = Stage,
+    error_type: str | None = ErrorType,
+    since: opt.Since = None,
+    until: opt.Until = None,
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Delete dead-letter records: replayed ones by default, open ones too with
+    --include-open. Tickets are kept (a purged open letter's ticket stays dead_lettered).
+
+    Example: triage dlq purge --until 30d --yes
+    """
+    rt = load_runtime()
+    stmt = _letters(
+        stage=stage,
+        error_type=error_type,
+        since=since,
+        until=until,
+        include_replayed=True,
+        limit=None,
+    )
+    if not include_open:
+        stmt = stmt.where(DeadLetter.replayed_at.is_not(None))
+    with rt.sessions() as session:
+        ids = [dl.id for dl in session.scalars(stmt)]
+    if ids:
+        what = "dead letters (including open ones)" if include_open else "replayed dead letters"
+        confirm_or_exit(f"Delete {len(ids)} {what}?", yes=yes)
+        with rt.sessions.begin() as session:
+            for start in range(0, len(ids), 1000):
+                session.execute(
+                    delete(DeadLetter).where(DeadLetter.id.in_(ids[start : start + 1000]))
+                )
+    if as_json:
+        print_json({"purged": len(ids)})
+    else:
+        console.print(f"purged {len(ids)} dead letters")

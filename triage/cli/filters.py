@@ -1,0 +1,108 @@
+"""The ticket filter options every selecting command shares, declared once."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from triage.cli.common import EXIT_USAGE, fail
+from triage.db.models import TicketState
+from triage.db.queries import TicketFilter
+
+_RELATIVE = re.compile(r"^(\d+)\s*([mhdw])$")
+_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_moment(value: str | None, *, option: str) -> datetime | None:
+    """`7d`, `12h`, `30m`, `2w` (ago), an ISO date or an ISO datetime (UTC unless given)."""
+    if value is None:
+        return None
+    text = value.strip()
+    match = _RELATIVE.match(text)
+    if match:
+        amount, unit = int(match.group(1)), match.group(2)
+        return datetime.now(UTC) - timedelta(**{_UNITS[unit]: amount})
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        fail(f"{option} {value!r}: use 7d, 12h, 30m or an ISO date like 2026-11-01", EXIT_USAGE)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+State = Annotated[
+    list[str] | None,
+    typer.Option("--state", help="Only tickets in this state (repeatable)."),
+]
+Intent = Annotated[str | None, typer.Option(help="Only this current intent.")]
+Department = Annotated[str | None, typer.Option(help="Only this department.")]
+Source = Annotated[str | None, typer.Option(help="Only this source (generic, zendesk, ...).")]
+Since = Annotated[
+    str | None, typer.Option(help="Received at or after: 7d, 12h or an ISO date/time.")
+]
+Until = Annotated[str | None, typer.Option(help="Received before: 7d, 12h or an ISO date/time.")]
+ConfidenceBelow = Annotated[
+    float | None, typer.Option(help="Only current labels with confidence below this.")
+]
+Model = Annotated[str | None, typer.Option(help="Only labels from this model.")]
+TaxonomyVersion = Annotated[
+    str | None, typer.Option(help="Only labels made under this taxonomy version.")
+]
+
+
+def ticket_filter(
+    *,
+    state: list[str] | None = None,
+    intent: str | None = None,
+    department: str | None = None,
+    source: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    confidence_below: float | None = None,
+    model: str | None = None,
+    taxonomy_version: str | None = None,
+    limit: int | None = None,
+    ids: list[int] | None = None,
+) -> TicketFilter:
+    states = tuple(state or ())
+    known = {s.value for s in TicketState}
+    for s in states:
+        if s not in known:
+            fail(f"--state {s!r}: one of {', '.join(sorted(known))}", EXIT_USAGE)
+    if limit is not None and limit < 1:
+        fail("--limit must be at least 1", EXIT_USAGE)
+    return TicketFilter(
+        ids=tuple(ids or ()),
+        states=states,
+        intent=intent,
+        department=department,
+        source=source,
+        since=parse_moment(since, option="--since"),
+        until=parse_moment(until, option="--until"),
+        confidence_below=confidence_below,
+        model=model,
+        taxonomy_version=taxonomy_version,
+        limit=limit,
+        # As typed: `--since 7d` run again tomorrow is the same command (and resumes its run).
+        extra={k: v for k, v in (("since", since), ("until", until)) if v is not None},
+    )
+
+
+def read_ids(path: Path) -> list[int]:
+    """Ticket ids from a file: one per line (or separated by spaces/commas); # comments."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        fail(f"--from-file {path}: {exc.strerror or exc}", EXIT_USAGE)
+    ids: list[int] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        for token in re.split(r"[\s,]+", line.split("#", 1)[0].strip()):
+            if not token:
+                continue
+            if not token.isdigit():
+                fail(f"{path}:{number}: {token!r} is not a ticket id", EXIT_USAGE)
+            ids.append(int(token))
+    return ids

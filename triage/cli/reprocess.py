@@ -1,0 +1,208 @@
+"""`triage reprocess`: classify finished tickets again (inline, resumable, history kept)."""
+
+from __future__ import annotations
+
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from triage.cli import filters as opt
+from triage.cli.common import (
+    EXIT_PROBLEM,
+    EXIT_USAGE,
+    confirm_or_exit,
+    console,
+    err_console,
+    fail,
+    guarded,
+    load_runtime,
+    print_json,
+)
+from triage.cli.progress import progress_bar
+
+app = typer.Typer()
+
+
+@app.command()
+@guarded
+def reprocess(
+    ticket_ids: list[int] | None = typer.Argument(None, help="Ticket ids (or use filters)."),
+    from_file: Path | None = typer.Option(
+        None, "--from-file", help="File of ticket ids, one per line."
+    ),
+    state: opt.State = None,
+    intent: opt.Intent = None,
+    department: opt.Department = None,
+    source: opt.Source = None,
+    since: opt.Since = None,
+    until: opt.Until = None,
+    confidence_below: opt.ConfidenceBelow = None,
+    model: opt.Model = None,
+    taxonomy_version: opt.TaxonomyVersion = None,
+    limit: int | None = typer.Option(None, help="Only the newest N matching tickets."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Count and estimate cost; change nothing."
+    ),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    confirm_above: int = typer.Option(
+        100, help="Ask before reprocessing more than this many tickets."
+    ),
+    concurrency: int = typer.Option(8, "--concurrency", "-c", min=1, help="Calls in flight."),
+    resume: int | None = typer.Option(None, help="Resume this run id (else: same selection)."),
+    stop_after: int | None = typer.Option(
+        None, min=1, help="Process at most N tickets now; run again to continue."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable summary."),
+) -> None:
+    """Classify finished tickets again with the current taxonomy, prompt and model. Old labels
+    stay as history; the ticket is routed by its new label. Interrupt with Ctrl-C and run the
+    same command again: finished tickets are not redone. Respects the shared API limit.
+
+    Example: triage reprocess --intent billing --since 30d --dry-run
+    """
+    from triage.pipeline import reprocess as rp
+
+    ids = list(ticket_ids or [])
+    if from_file is not None:
+        ids += opt.read_ids(from_file)
+    f = opt.ticket_filter(
+        ids=ids,
+        state=state,
+        intent=intent,
+        department=department,
+        source=source,
+        since=since,
+        until=until,
+        confidence_below=confidence_below,
+        model=model,
+        taxonomy_version=taxonomy_version,
+        limit=limit,
+    )
+    if f.is_empty and resume is None:
+        fail(
+            "choose tickets: ids, --from-file, filters (e.g. --since 30d) or --resume RUN",
+            EXIT_USAGE,
+        )
+    rt = load_runtime()
+    if dry_run:
+        est = rp.estimate(rt, rp.select_ids(rt, f))
+        _print_estimate(est, as_json)
+        return
+    run, resumed = rp.find_or_create_run(rt, "inline", f, run_id=resume)
+    pending = rp.pending_items(rt, run.id)
+    if resumed:
+        err_console.print(
+            f"resuming run {run.id}: {run.total - len(pending)} of {run.total} already done",
+            highlight=False,
+        )
+    if stop_after is not None:
+        pending = pending[:stop_after]
+    if len(pending) > confirm_above:
+        est = rp.estimate(rt, _ticket_ids_of(rt, pending))
+        confirm_or_exit(
+            f"Reprocess {len(pending)} tickets with {est.model} (estimated ${est.cost_usd})?",
+            yes=yes,
+        )
+    interrupted = _work(rt, pending, concurrency)
+    summary = rp.summarize(rt, run.id, finish=True)
+    _print_summary(summary, as_json, interrupted)
+    if interrupted:
+        raise typer.Exit(EXIT_PROBLEM)
+
+
+def _ticket_ids_of(rt: Any, item_ids: list[int]) -> list[int]:
+    from sqlalchemy import select
+
+    from triage.db.models import ReprocessItem
+
+    with rt.sessions() as session:
+        return list(
+            session.scalars(select(ReprocessItem.ticket_id).where(ReprocessItem.id.in_(item_ids)))
+        )
+
+
+def _work(rt: Any, item_ids: list[int], concurrency: int) -> bool:
+    """Run the items on a thread pool with a progress bar. Returns True when interrupted
+    (Ctrl-C): no new items start, the ones in flight finish and are marked done."""
+    from triage.pipeline.reprocess import reprocess_item
+
+    if not item_ids:
+        return False
+    queue = iter(item_ids)
+    in_flight: set[Future[Any]] = set()
+    interrupted = False
+    with progress_bar() as bar, ThreadPoolExecutor(concurrency, "reprocess") as pool:
+        task = bar.add_task("reprocessing", total=len(item_ids))
+        try:
+            for item_id in queue:
+                in_flight.add(pool.submit(reprocess_item, rt, item_id))
+                if len(in_flight) >= concurrency * 2:
+                    in_flight = _drain(in_flight, bar, task)
+            while in_flight:
+                in_flight = _drain(in_flight, bar, task)
+        except KeyboardInterrupt:
+            interrupted = True
+            err_console.print("interrupted: finishing the tickets in flight…")
+            wait(in_flight)
+            _collect(in_flight, bar, task)
+    if interrupted:
+        err_console.print("run the same command again to continue where this one stopped")
+    return interrupted
+
+
+def _drain(in_flight: set[Future[Any]], bar: Any, task: Any) -> set[Future[Any]]:
+    done, rest = wait(in_flight, return_when=FIRST_COMPLETED)
+    _collect(done, bar, task)
+    return rest
+
+
+def _collect(done: set[Future[Any]], bar: Any, task: Any) -> None:
+    for future in done:
+        future.result()  # an unexpected error stops the run with its message
+        bar.advance(task)
+
+
+def _print_estimate(est: Any, as_json: bool) -> None:
+    data = {
+        "tickets": est.tickets,
+        "model": est.model,
+        "estimated_input_tokens": est.input_tokens,
+        "estimated_output_tokens": est.output_tokens,
+        "estimated_cost_usd": str(est.cost_usd),
+    }
+    if as_json:
+        print_json(data)
+        return
+    console.print(
+        f"{est.tickets} tickets would be reprocessed with {est.model}: about "
+        f"{est.input_tokens:,} input and {est.output_tokens:,} output tokens, "
+        f"estimated ${est.cost_usd} (list price, an upper bound)",
+        highlight=False,
+    )
+
+
+def _print_summary(summary: Any, as_json: bool, interrupted: bool) -> None:
+    data = {
+        "run_id": summary.run_id,
+        "total": summary.total,
+        "done": summary.done,
+        "outcomes": summary.outcomes,
+        "labels_changed": summary.labels_changed,
+        "cost_usd": str(summary.cost_usd),
+        "interrupted": interrupted,
+    }
+    if as_json:
+        print_json(data)
+        return
+    table = Table("run", "done", "labels changed", "cost", "outcomes")
+    table.add_row(
+        str(summary.run_id),
+        f"{summary.done}/{summary.total}",
+        str(summary.labels_changed),
+        f"${summary.cost_usd}",
+        ", ".join(f"{k} {v}" for k, v in sorted(summary.outcomes.items())) or "-",
+    )
+    console.print(table)

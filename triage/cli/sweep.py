@@ -1,0 +1,43 @@
+"""`triage sweep`: one pass of the sweeper that recovers stuck work."""
+
+from __future__ import annotations
+
+import typer
+
+from triage.cli.common import console, fail, guarded, load_runtime, print_json
+
+app = typer.Typer()
+
+
+@app.command()
+@guarded
+def sweep(
+    stuck_after: float | None = typer.Option(
+        None, help="Seconds in a non-final state that count as stuck (default: the setting)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Publish outbox messages left behind and re-enqueue stuck tickets and undelivered
+    dispatches, once (workers run this every TRIAGE_SWEEP_INTERVAL_SECONDS).
+
+    Example: triage sweep --stuck-after 600 --json
+    """
+    from triage.reliability.sweeper import sweep_once
+
+    rt = load_runtime()
+    if not rt.settings.effective_broker_url():
+        fail("no broker configured: set REDIS_URL or TRIAGE_BROKER_URL")
+    report = sweep_once(rt, stuck_after=stuck_after)
+    data = {
+        "relayed": report.relayed,
+        "requeued_tickets": report.requeued_tickets,
+        "requeued_deliveries": report.requeued_deliveries,
+    }
+    if as_json:
+        print_json(data)
+    else:
+        console.print(
+            f"relayed {report.relayed} outbox messages; re-enqueued {report.requeued_tickets} "
+            f"tickets and {report.requeued_deliveries} deliveries",
+            highlight=False,
+        )
