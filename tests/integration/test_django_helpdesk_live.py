@@ -1,14 +1,13 @@
 """Against a real django-helpdesk 2.6 (own virtualenv, SQLite, `manage.py runserver` on
-loopback) and a real `triage serve`: a ticket created through django-helpdesk's REST API
-arrives by its webhook and is stored; triage's write-back sets queue, priority and a private
-follow-up visible through its API; the follow-up webhook that note causes is ignored.
-
-The classification step between the two is covered by the e2e suite; here the write-back is
-applied to the stored ticket directly, so the test needs no classifier backend.
+loopback), a real `triage serve` and a real `triage worker` (offline backend): a ticket
+created through django-helpdesk's REST API arrives by its webhook, is classified and routed,
+and the write-back sets queue, priority and a private follow-up visible through its API; the
+follow-up webhook that note causes is ignored, so nothing loops.
 """
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,11 +19,10 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from tests.support.stack import make_runtime, stack_env, truncate, wait_until
+from tests.support.stack import WorkerProcess, make_runtime, stack_env, truncate, wait_until
 from triage.config import PROJECT_ROOT
-from triage.db.models import OutboxMessage, Ticket
-from triage.sinks.base import Delivery
-from triage.sinks.django_helpdesk import DjangoHelpdeskWriter
+from triage.db.models import Classification, Dispatch, OutboxMessage, Ticket
+from triage.sinks.django_helpdesk import PRIORITIES
 
 pytestmark = pytest.mark.slow
 
@@ -165,72 +163,97 @@ def helpdesk(helpdesk_site, triage_api) -> Iterator[str]:
         proc.wait(timeout=30)
 
 
-def test_real_django_helpdesk_ticket_arrives_and_write_back_is_visible(
-    helpdesk, triage_api, pg_url, clean_redis
+QUEUES = {"billing": 1, "support": 2, "accounts": 3, "general": 4}
+
+
+def sinks_config(tmp_path: Path, helpdesk_url: str) -> Path:
+    """config/ as shipped plus a sinks.yaml that writes every department back to the helpdesk."""
+    config = tmp_path / "config"
+    shutil.copytree(PROJECT_ROOT / "config", config, ignore=shutil.ignore_patterns("samples"))
+    queue_ids = "".join(f"      {slug}: {qid}\n" for slug, qid in QUEUES.items())
+    (config / "sinks.yaml").write_text(
+        "helpdesks:\n"
+        "  django-helpdesk:\n"
+        f"    base_url: {helpdesk_url}\n"
+        f"    username: {ADMIN[0]}\n"
+        "    password_env: TRIAGE_DJANGO_HELPDESK_PASSWORD\n"
+        "    queue_ids:\n"
+        f"{queue_ids}"
+        "    queues: {tech_support: support, logistics: general, sales: general,\n"
+        "             customer_success: general, escalations: support}\n"
+        "default: [helpdesk]\n"
+    )
+    return config
+
+
+def test_real_django_helpdesk_ticket_is_classified_and_written_back(
+    helpdesk, triage_api, pg_url, clean_redis, tmp_path
 ):
-    rt = make_runtime(triage_api[1])
+    env = {
+        **triage_api[1],
+        "TRIAGE_CONFIG_DIR": str(sinks_config(tmp_path, helpdesk)),
+        "TRIAGE_DJANGO_HELPDESK_PASSWORD": ADMIN[1],
+    }
+    rt = make_runtime(env)
     dh = httpx.Client(base_url=helpdesk, auth=ADMIN, timeout=30)
-    queues = {"billing": 1, "support": 2, "accounts": 3, "general": 4}
 
-    created = dh.post(
-        "/api/tickets/",
-        json={
-            "queue": queues["general"],
-            "title": "Charged twice",
-            "description": "I was charged twice for my subscription this month.",
-            "submitter_email": "jane.doe@example.com",
-            "priority": 3,
-        },
-    )
-    assert created.status_code == 201, created.text
-    external_id = str(created.json()["id"])
+    with WorkerProcess(env, concurrency=4) as worker:
+        created = dh.post(
+            "/api/tickets/",
+            json={
+                "queue": QUEUES["general"],
+                "title": "Charged twice",
+                "description": "I was charged twice for my subscription this month. "
+                "Please fix the invoice.",
+                "submitter_email": "jane.doe@example.com",
+                "priority": 3,
+            },
+        )
+        assert created.status_code == 201, created.text
+        external_id = str(created.json()["id"])
 
-    # django-helpdesk posted its webhook synchronously while creating the ticket.
+        # django-helpdesk posted its webhook synchronously while creating the ticket.
+        with rt.sessions() as s:
+            ticket = s.scalars(
+                select(Ticket).where(
+                    Ticket.source == "django-helpdesk", Ticket.external_id == external_id
+                )
+            ).one()
+            assert ticket.subject == "Charged twice"
+            assert ticket.requester_email == "jane.doe@example.com"
+            assert ticket.extra["queue_slug"] == "general"
+            ticket_id = ticket.id
+
+        def delivered() -> bool:
+            with rt.sessions() as s:
+                d = s.scalars(select(Dispatch).where(Dispatch.ticket_id == ticket_id)).first()
+                return d is not None and d.delivered_at is not None
+
+        try:
+            wait_until(delivered, 120, what="classified and written back")
+        except AssertionError:
+            raise AssertionError(worker.log()) from None
+
     with rt.sessions() as s:
-        ticket = s.scalars(
-            select(Ticket).where(
-                Ticket.source == "django-helpdesk", Ticket.external_id == external_id
-            )
-        ).one()
-        assert ticket.subject == "Charged twice"
-        assert ticket.requester_email == "jane.doe@example.com"
-        assert ticket.extra["queue_slug"] == "general"
-        ticket_id = ticket.id
-
-    writer = DjangoHelpdeskWriter(
-        helpdesk,
-        username=ADMIN[0],
-        password=ADMIN[1],
-        queues={},
-        queue_ids=queues,
-        timeout_seconds=10,
-    )
-    delivery = Delivery(
-        ticket_id=ticket_id,
-        dispatch_id=1,
-        source="django-helpdesk",
-        external_id=external_id,
-        route="dept.billing",
-        department="billing",
-        needs_review=False,
-        review_reason=None,
-        label={"intent": "billing", "priority": "urgent", "confidence": 0.9, "summary": "x"},
-        metadata={},
-    )
-    writer.deliver(delivery)
-    writer.deliver(delivery)  # a retried delivery writes the note once
+        ticket = s.get(Ticket, ticket_id)
+        label = s.get(Classification, ticket.current_classification_id)
+        assert ticket.state == "routed" and label.intent == "billing"
+        assert ticket.department == "billing"
+        expected_priority = PRIORITIES[label.priority]
 
     after = dh.get(f"/api/tickets/{external_id}/").json()
-    assert after["queue"] == queues["billing"] and after["priority"] == 1
+    assert after["queue"] == QUEUES["billing"] and after["priority"] == expected_priority
     notes = [f for f in after["followup_set"] if (f["title"] or "").startswith("[triage]")]
     assert len(notes) == 1 and notes[0]["public"] is False
     assert "intent billing" in notes[0]["comment"]
 
     # The follow-up webhook our note caused reached triage and was ignored: two deliveries
-    # answered 202 (the new ticket and the note), nothing new stored or enqueued.
+    # answered 202 (the new ticket and the note), nothing new stored, no second classification.
     metrics = httpx.get(f"{triage_api[0]}/metrics").text
     assert 'triage_webhooks_total{source="django-helpdesk",status="202"} 2.0' in metrics
     with rt.sessions() as s:
         assert s.scalar(select(func.count()).select_from(Ticket)) == 1
-        assert s.scalar(select(func.count()).select_from(OutboxMessage)) == 1
+        assert s.scalar(select(func.count()).select_from(Classification)) == 1
+        # One classify message and one delivery message: nothing the note caused.
+        assert s.scalar(select(func.count()).select_from(OutboxMessage)) == 2
         assert s.get(Ticket, ticket_id).generation == 0
