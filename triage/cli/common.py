@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 from rich.console import Console
+from sqlalchemy.exc import DBAPIError
 
 from triage.errors import ConfigError, TriageError
 
@@ -36,6 +37,10 @@ def clear_errors() -> Iterator[None]:
         fail(str(exc), EXIT_USAGE)
     except TriageError as exc:
         fail(str(exc))
+    except DBAPIError as exc:
+        # The driver's first line says what happened; the statement and parameters do not help.
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        fail(f"database error: {reason} (check DATABASE_URL; `triage doctor` diagnoses)")
 
 
 def print_json(data: Any) -> None:

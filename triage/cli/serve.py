@@ -9,6 +9,7 @@ import socket
 import typer
 
 from triage.cli.common import guarded
+from triage.db.migrate import require_current_schema
 
 app = typer.Typer()
 
@@ -30,7 +31,10 @@ def serve(
     from triage.pipeline.runtime import get_runtime
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    get_runtime().celery  # noqa: B018 - fail at start-up, not on the first webhook
+    rt = get_runtime()
+    # Fail at start-up, not on the first webhook: schema behind the code, or no broker config.
+    require_current_schema(rt.settings.database_url)
+    rt.celery  # noqa: B018
     if workers > 1:
         uvicorn.run("triage.ingest.asgi:app", host=host, port=port, workers=workers)
     else:
@@ -62,6 +66,7 @@ def worker(
 
     rt = get_runtime()
     settings = rt.settings
+    require_current_schema(settings.database_url)
     rt.backend  # noqa: B018 - train/connect once before taking messages
     sweeper = Periodic("triage-sweeper", settings.sweep_interval_seconds, lambda: sweep_once(rt))
     sweeper.start()

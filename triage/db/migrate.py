@@ -31,3 +31,17 @@ def head_revision(url: str) -> str | None:
 def current_revision(engine: Engine) -> str | None:
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
+
+
+def require_current_schema(url: str) -> None:
+    """Refuse to run against a database whose schema is behind the code (or missing)."""
+    from triage.db.session import get_engine
+    from triage.errors import ConfigError
+
+    head = head_revision(url)
+    applied = current_revision(get_engine(url))
+    if applied != head:
+        raise ConfigError(
+            f"database schema is at {applied or 'nothing'}, this triage needs {head}: "
+            "run `triage db upgrade`"
+        )
