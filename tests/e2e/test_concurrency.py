@@ -57,5 +57,6 @@ def test_one_worker_process_holds_over_100_calls_in_flight(pg_url, clean_redis):
                     ).all()
                 raise AssertionError(f"states {states}; calls {fake.call_count()}") from None
             assert worker.proc.poll() is None
+        print(f"peak calls in flight: {fake.peak_in_flight} of 150 queued tickets")
         assert fake.peak_in_flight >= 100, fake.peak_in_flight
         assert fake.call_count() == 150
