@@ -10,7 +10,6 @@ import typer
 from triage.cli import filters as opt
 from triage.cli.common import (
     EXIT_PROBLEM,
-    EXIT_USAGE,
     confirm_or_exit,
     console,
     err_console,
@@ -69,11 +68,10 @@ def backfill(
 
     if not batch:
         fail("backfill needs --batch (for real-time reclassification use triage reprocess)", 2)
-    ids = list(ticket_ids or [])
-    if from_file is not None:
-        ids += opt.read_ids(from_file)
-    f = opt.ticket_filter(
-        ids=ids,
+    f = opt.bulk_selection(
+        ticket_ids,
+        from_file,
+        resume=resume,
         state=state,
         intent=intent,
         department=department,
@@ -85,11 +83,6 @@ def backfill(
         taxonomy_version=taxonomy_version,
         limit=limit,
     )
-    if f.is_empty and resume is None:
-        fail(
-            "choose tickets: ids, --from-file, filters (e.g. --since 30d) or --resume RUN",
-            EXIT_USAGE,
-        )
     rt = load_runtime()
     if dry_run:
         est = rp.estimate(rt, rp.select_ids(rt, f), batch=True)

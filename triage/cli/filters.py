@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -106,3 +106,25 @@ def read_ids(path: Path) -> list[int]:
                 fail(f"{path}:{number}: {token!r} is not a ticket id", EXIT_USAGE)
             ids.append(int(token))
     return ids
+
+
+def bulk_selection(
+    ticket_ids: list[int] | None,
+    from_file: Path | None,
+    *,
+    resume: int | None,
+    **filters: Any,
+) -> TicketFilter:
+    """The tickets a bulk command (reprocess, backfill) acts on: ids given, ids from a file and
+    filters. Refuses an empty selection unless a run is being resumed: "everything" must be
+    asked for with a filter, never by forgetting one."""
+    ids = list(ticket_ids or [])
+    if from_file is not None:
+        ids += read_ids(from_file)
+    selection = ticket_filter(ids=ids, **filters)
+    if selection.is_empty and resume is None:
+        fail(
+            "choose tickets: ids, --from-file, filters (e.g. --since 30d) or --resume RUN",
+            EXIT_USAGE,
+        )
+    return selection

@@ -12,11 +12,9 @@ from rich.table import Table
 from triage.cli import filters as opt
 from triage.cli.common import (
     EXIT_PROBLEM,
-    EXIT_USAGE,
     confirm_or_exit,
     console,
     err_console,
-    fail,
     guarded,
     load_runtime,
     print_json,
@@ -65,11 +63,10 @@ def reprocess(
     """
     from triage.pipeline import reprocess as rp
 
-    ids = list(ticket_ids or [])
-    if from_file is not None:
-        ids += opt.read_ids(from_file)
-    f = opt.ticket_filter(
-        ids=ids,
+    f = opt.bulk_selection(
+        ticket_ids,
+        from_file,
+        resume=resume,
         state=state,
         intent=intent,
         department=department,
@@ -81,11 +78,6 @@ def reprocess(
         taxonomy_version=taxonomy_version,
         limit=limit,
     )
-    if f.is_empty and resume is None:
-        fail(
-            "choose tickets: ids, --from-file, filters (e.g. --since 30d) or --resume RUN",
-            EXIT_USAGE,
-        )
     rt = load_runtime()
     if dry_run:
         est = rp.estimate(rt, rp.select_ids(rt, f))
