@@ -1,0 +1,148 @@
+"""`make bench`: the anchor and the triage scenarios side by side, in one run of a few minutes.
+
+PostgreSQL and Redis are the machine's (a database created and dropped per run, a leased
+Redis database); the fake Messages API, `triage serve` and the workers are child processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from bench import scenarios
+from bench.anchor import run_anchor
+from bench.infra import (
+    BenchDatabase,
+    FakeApi,
+    RedisLease,
+    dump_json,
+    machine,
+    start_serve,
+    triage_env,
+)
+from bench.probe import Probe
+from bench.report import print_table
+from triage.config import PROJECT_ROOT
+
+console = Console()
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--processes", type=int, default=2, help="worker processes")
+    parser.add_argument("--concurrency", type=int, default=150, help="threads per worker")
+    parser.add_argument("--tickets", type=int, default=2000, help="anchor and CPU-bound tickets")
+    parser.add_argument("--ingest-rate", type=float, default=200.0, help="offered req/s")
+    parser.add_argument("--ingest-seconds", type=float, default=10.0)
+    parser.add_argument("--random-tickets", type=int, default=2500, help="0.2-2 s variant")
+    parser.add_argument("--overhead-seconds", type=float, default=15.0)
+    parser.add_argument(
+        "--only", default="", help="comma-separated subset: anchor,cpu,ingest,io,random,overhead"
+    )
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "var" / "bench")
+    return parser.parse_args()
+
+
+def step(name: str) -> None:
+    console.log(f"[bold]{name}[/]")
+
+
+def main() -> None:
+    args = parse_args()
+    only = set(filter(None, args.only.split(",")))
+
+    def wanted(name: str) -> bool:
+        return not only or name in only
+
+    started = time.monotonic()
+    result: dict[str, Any] = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "fleet": {"processes": args.processes, "concurrency": args.concurrency},
+        "notes": [],
+    }
+    with BenchDatabase() as db, RedisLease() as lease:
+        fake = FakeApi(triage_env(db.url, lease.url, ""))
+        env = triage_env(db.url, lease.url, fake.base_url)
+        serve, api_url = start_serve(env)
+        probe = Probe(db.url)
+        stack = scenarios.Stack(
+            env=env,
+            api_url=api_url,
+            fake=fake,
+            probe=probe,
+            processes=args.processes,
+            concurrency=args.concurrency,
+            run=uuid.uuid4().hex[:6],
+        )
+        try:
+            run_scenarios(args, stack, lease.url, result, wanted)
+        finally:
+            stack.stop_workers()
+            serve.stop()
+            fake.stop()
+            probe.dispose()
+    result["bench_seconds"] = round(time.monotonic() - started, 1)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = args.out / f"{stamp}.json"
+    print_table(result, console)
+    dump_json(path, result)
+    console.print(f"bench took {result['bench_seconds']} s; JSON in {path}")
+
+
+def run_scenarios(
+    args: argparse.Namespace,
+    stack: scenarios.Stack,
+    broker_url: str,
+    result: dict[str, Any],
+    wanted: Any,
+) -> None:
+    if wanted("anchor"):
+        step("1. anchor: bare Celery two-hop")
+        result["anchor"] = run_anchor(
+            broker_url,
+            stack.env,
+            tickets=args.tickets,
+            processes=args.processes,
+            concurrency=args.concurrency,
+        )
+    if wanted("cpu"):
+        step("2. triage CPU-bound, end to end")
+        result["cpu_bound"] = scenarios.cpu_bound(stack, args.tickets)
+    if wanted("ingest") or wanted("io"):
+        step("4. ingestion (workers stopped; what it posts is 3a's queue)")
+        since = stack.probe.watermark()
+        ing = scenarios.ingestion(
+            stack, rate=args.ingest_rate, seconds=args.ingest_seconds, max_tickets=1500
+        )
+        result["ingestion"] = ing
+        if wanted("io"):
+            step(f"3a. I/O-bound at 0.5 s, {ing['queued']} queued tickets")
+            result["io_fixed"] = scenarios.io_bound(
+                stack, latency=0.5, preload=ing["queued"], since=since
+            )
+    if wanted("random"):
+        step("3b. I/O-bound at 0.2-2 s")
+        since = scenarios.preload(stack, args.random_tickets)
+        result["io_random"] = scenarios.io_bound(
+            stack, latency=(0.2, 2.0), preload=args.random_tickets, since=since
+        )
+    if wanted("overhead"):
+        peaks = [
+            r["tickets_per_second"] for r in (result.get("io_fixed"), result.get("cpu_bound")) if r
+        ]
+        rate = max(5.0, min(peaks) / 2) if peaks else 40.0
+        step(f"5. per-ticket overhead at {rate:.0f} tickets/s")
+        result["overhead"] = scenarios.overhead(
+            stack, rate=rate, seconds=args.overhead_seconds, latency=0.5
+        )
+
+
+if __name__ == "__main__":
+    main()

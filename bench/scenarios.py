@@ -1,0 +1,205 @@
+"""The triage scenarios: CPU-bound pipeline, ingestion, I/O-bound pipeline, per-ticket
+overhead. Each one returns a plain dict of measured figures for the table and the JSON."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.infra import FakeApi, Proc, rss_mib, start_triage_workers, stop_all, wait_until
+from bench.load import percentile, post_closed_loop, post_open_loop, ticket_body
+from bench.probe import Probe, summary
+
+
+@dataclass
+class Stack:
+    """What the scenarios share: the running API, the fake, the DB probe and the fleet shape."""
+
+    env: dict[str, str]
+    api_url: str
+    fake: FakeApi
+    probe: Probe
+    processes: int
+    concurrency: int
+    workers: list[Proc] = field(default_factory=list)
+    run: str = "r"
+    _batch: int = 0
+
+    def bodies(self, n: int) -> list[bytes]:
+        self._batch += 1
+        tag = f"{self.run}{self._batch}"
+        return [ticket_body(tag, i) for i in range(n)]
+
+    def start_workers(self) -> None:
+        if not self.workers:
+            self.workers = start_triage_workers(self.env, self.processes, self.concurrency)
+
+    def stop_workers(self) -> None:
+        stop_all(self.workers)
+        self.workers = []
+
+
+@dataclass
+class Drain:
+    """Observations taken while waiting for a scenario's tickets to finish."""
+
+    first_call: float | None = None
+    in_flight: list[int] = field(default_factory=list)
+    rss: dict[int, float] = field(default_factory=dict)
+
+
+def _drain(stack: Stack, since: int, n: int, timeout: float, *, watch: bool = False) -> Drain:
+    """Poll until `n` tickets above `since` are finished; with `watch`, sample the fake's
+    calls in flight and the workers' memory meanwhile."""
+    seen = Drain()
+    deadline = time.monotonic() + timeout
+    while True:
+        if watch:
+            stats = stack.fake.stats()
+            if seen.first_call is None and stats["calls"] > 0:
+                seen.first_call = time.time()
+            if stats["in_flight"]:
+                seen.in_flight.append(int(stats["in_flight"]))
+            for worker in stack.workers:
+                seen.rss[worker.pid] = max(seen.rss.get(worker.pid, 0.0), rss_mib(worker.pid))
+        if stack.probe.done(since) >= n:
+            return seen
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{n} tickets not finished after {timeout:.0f}s: {stack.probe.states(since)}"
+            )
+        time.sleep(0.1 if watch else 0.2)
+
+
+def cpu_bound(stack: Stack, tickets: int) -> dict[str, Any]:
+    """Model answers at once: the pipeline's own cost decides the rate, end to end."""
+    stack.fake.set_latency(0.0)
+    stack.fake.reset()
+    stack.start_workers()
+    since = stack.probe.watermark()
+    bodies = stack.bodies(tickets)
+    started = time.time()
+    samples = post_closed_loop(stack.api_url, bodies, clients=32)
+    posted = time.time()
+    _drain(stack, since, tickets, timeout=240)
+    times = stack.probe.times(since)
+    ended = times["last_delivered"] or time.time()
+    return {
+        "tickets": tickets,
+        "rejected_posts": sum(1 for s in samples if s.status != 202),
+        "post_seconds": round(posted - started, 2),
+        "elapsed_seconds": round(ended - started, 2),
+        "tickets_per_second": round(tickets / (ended - started), 1),
+        "states": stack.probe.states(since),
+        "api_calls": stack.fake.stats()["calls"],
+    }
+
+
+def ingestion(stack: Stack, *, rate: float, seconds: float, max_tickets: int) -> dict[str, Any]:
+    """The API alone (workers stopped; messages wait in Redis): a fixed offered rate, then
+    as fast as 32 clients can post. Returns the tickets it left queued, for the I/O run."""
+    stack.stop_workers()
+    fixed = post_open_loop(stack.api_url, stack.bodies(int(rate * seconds)), rate=rate)
+    started = time.perf_counter()
+    flat_out = post_closed_loop(stack.api_url, stack.bodies(max_tickets), clients=32)
+    flat_seconds = time.perf_counter() - started
+
+    def figures(samples: list[Any]) -> dict[str, Any]:
+        ms = [s.latency * 1000 for s in samples]
+        return {
+            "requests": len(samples),
+            "non_202": sum(1 for s in samples if s.status != 202),
+            "p50_ms": round(percentile(ms, 50), 1),
+            "p99_ms": round(percentile(ms, 99), 1),
+            "max_ms": round(max(ms), 1),
+        }
+
+    return {
+        "fixed_rate": {
+            "offered_per_second": rate,
+            **figures(fixed),
+            "max_start_lag_ms": round(max(s.lag for s in fixed) * 1000, 1),
+        },
+        "max_rate": {
+            **figures(flat_out),
+            "clients": 32,
+            "requests_per_second": round(len(flat_out) / flat_seconds, 1),
+        },
+        "queued": len(fixed) + len(flat_out),
+    }
+
+
+def io_bound(
+    stack: Stack, *, latency: float | tuple[float, float], preload: int, since: int
+) -> dict[str, Any]:
+    """Tickets already queued (posted while the workers were stopped); the workers start and
+    drain them with the fake answering after `latency`. Measured from the fake's first call
+    to the last delivery, so neither ingestion nor worker start-up is in the rate."""
+    stack.stop_workers()
+    stack.fake.set_latency(latency)
+    stack.fake.reset()
+    stack.start_workers()
+    seen = _drain(stack, since, preload, timeout=300, watch=True)
+    times = stack.probe.times(since)
+    stats = stack.fake.stats()
+    first = seen.first_call or time.time()
+    elapsed = (times["last_delivered"] or time.time()) - first
+    mean_latency = sum(latency) / 2 if isinstance(latency, tuple) else latency
+    in_flight_total = stack.processes * stack.concurrency
+    ideal = in_flight_total / mean_latency
+    rate = preload / elapsed
+    # Samples while the queue was still full: the ramp-down at the end is not steady state.
+    steady = seen.in_flight[: max(1, int(len(seen.in_flight) * 0.8))]
+    return {
+        "latency_seconds": latency,
+        "tickets": preload,
+        "threads_total": in_flight_total,
+        "elapsed_seconds": round(elapsed, 2),
+        "tickets_per_second": round(rate, 1),
+        "ideal_per_second": round(ideal, 1),
+        "fraction_of_ideal": round(rate / ideal, 3),
+        "peak_in_flight": stats["peak_in_flight"],
+        "mean_in_flight": round(statistics.mean(steady), 1) if steady else 0,
+        "mean_model_ms": round(times["mean_model_ms"] or 0, 1),
+        "api_calls": stats["calls"],
+        "worker_rss_mib": [round(v, 1) for v in seen.rss.values()],
+        "states": stack.probe.states(since),
+    }
+
+
+def preload(stack: Stack, tickets: int) -> int:
+    """Post `tickets` with the workers stopped; returns the watermark they sit above."""
+    stack.stop_workers()
+    since = stack.probe.watermark()
+    post_closed_loop(stack.api_url, stack.bodies(tickets), clients=32)
+    return since
+
+
+def overhead(stack: Stack, *, rate: float, seconds: float, latency: float) -> dict[str, Any]:
+    """A steady offered rate (about half the measured peak) with the model at `latency`:
+    per ticket, webhook commit to delivery minus the recorded model call."""
+    stack.fake.set_latency(latency)
+    stack.fake.reset()
+    stack.start_workers()
+    since = stack.probe.watermark()
+    n = max(1, int(rate * seconds))
+    samples = post_open_loop(stack.api_url, stack.bodies(n), rate=rate)
+    _drain(stack, since, n, timeout=240)
+    ms = [s.latency * 1000 for s in samples]
+    return {
+        "offered_per_second": round(rate, 1),
+        "tickets": n,
+        "model_latency_seconds": latency,
+        "overhead_ms": summary(stack.probe.overhead_ms(since)),
+        "webhook_ms_meanwhile": {
+            "p50": round(percentile(ms, 50), 1),
+            "p99": round(percentile(ms, 99), 1),
+        },
+        "states": stack.probe.states(since),
+    }
+
+
+def wait_for_idle_fake(stack: Stack) -> None:
+    wait_until(lambda: stack.fake.stats()["in_flight"] == 0, 30, "fake API idle")
