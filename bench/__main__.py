@@ -49,10 +49,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def step(name: str) -> None:
-    console.log(f"[bold]{name}[/]")
-
-
 def main() -> None:
     args = parse_args()
     only = set(filter(None, args.only.split(",")))
@@ -80,6 +76,7 @@ def main() -> None:
             processes=args.processes,
             concurrency=args.concurrency,
             run=uuid.uuid4().hex[:6],
+            serve_pid=serve.pid,
         )
         try:
             run_scenarios(args, stack, lease.url, result, wanted)
@@ -91,8 +88,9 @@ def main() -> None:
     result["bench_seconds"] = round(time.monotonic() - started, 1)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     path = args.out / f"{stamp}.json"
-    print_table(result, console)
     dump_json(path, result)
+    print_table(result, console)
+    dump_json(path, result)  # again, with the ratios the table derived
     console.print(f"bench took {result['bench_seconds']} s; JSON in {path}")
 
 
@@ -103,44 +101,69 @@ def run_scenarios(
     result: dict[str, Any],
     wanted: Any,
 ) -> None:
+    def measure(key: str, title: str, fn: Any) -> None:
+        """Run one scenario; a failure is reported with the others, not instead of them."""
+        console.log(f"[bold]{title}[/]")
+        began = time.monotonic()
+        try:
+            result[key] = fn()
+        except Exception as exc:
+            console.log(f"[red]{title} failed: {exc}[/]")
+            result.setdefault("errors", {})[key] = f"{exc.__class__.__name__}: {exc}"
+        console.log(f"  {time.monotonic() - began:.0f} s")
+
     if wanted("anchor"):
-        step("1. anchor: bare Celery two-hop")
-        result["anchor"] = run_anchor(
-            broker_url,
-            stack.env,
-            tickets=args.tickets,
-            processes=args.processes,
-            concurrency=args.concurrency,
+        measure(
+            "anchor",
+            "1. anchor: bare Celery two-hop",
+            lambda: run_anchor(
+                broker_url,
+                stack.env,
+                tickets=args.tickets,
+                processes=args.processes,
+                concurrency=args.concurrency,
+            ),
         )
     if wanted("cpu"):
-        step("2. triage CPU-bound, end to end")
-        result["cpu_bound"] = scenarios.cpu_bound(stack, args.tickets)
-    if wanted("ingest") or wanted("io"):
-        step("4. ingestion (workers stopped; what it posts is 3a's queue)")
-        since = stack.probe.watermark()
-        ing = scenarios.ingestion(
-            stack, rate=args.ingest_rate, seconds=args.ingest_seconds, max_tickets=1500
+        measure(
+            "cpu_bound",
+            "2. triage CPU-bound, end to end",
+            lambda: scenarios.cpu_bound(stack, args.tickets),
         )
-        result["ingestion"] = ing
-        if wanted("io"):
-            step(f"3a. I/O-bound at 0.5 s, {ing['queued']} queued tickets")
-            result["io_fixed"] = scenarios.io_bound(
-                stack, latency=0.5, preload=ing["queued"], since=since
+    if wanted("ingest") or wanted("io"):
+        since = stack.probe.watermark()
+        measure(
+            "ingestion",
+            "4. ingestion (API alone; what it accepts is 3a's queue)",
+            lambda: scenarios.ingestion(
+                stack, rate=args.ingest_rate, seconds=args.ingest_seconds, max_tickets=1500
+            ),
+        )
+        queued = result.get("ingestion", {}).get("queued", 0)
+        if wanted("io") and queued:
+            measure(
+                "io_fixed",
+                f"3a. I/O-bound at 0.5 s, {queued} queued tickets",
+                lambda: scenarios.io_bound(stack, latency=0.5, preload=queued, since=since),
             )
     if wanted("random"):
-        step("3b. I/O-bound at 0.2-2 s")
-        since = scenarios.preload(stack, args.random_tickets)
-        result["io_random"] = scenarios.io_bound(
-            stack, latency=(0.2, 2.0), preload=args.random_tickets, since=since
-        )
+
+        def random_latency() -> dict[str, Any]:
+            since, accepted = scenarios.preload(stack, args.random_tickets)
+            return scenarios.io_bound(stack, latency=(0.2, 2.0), preload=accepted, since=since)
+
+        measure("io_random", "3b. I/O-bound at 0.2-2 s", random_latency)
     if wanted("overhead"):
         peaks = [
             r["tickets_per_second"] for r in (result.get("io_fixed"), result.get("cpu_bound")) if r
         ]
         rate = max(5.0, min(peaks) / 2) if peaks else 40.0
-        step(f"5. per-ticket overhead at {rate:.0f} tickets/s")
-        result["overhead"] = scenarios.overhead(
-            stack, rate=rate, seconds=args.overhead_seconds, latency=0.5
+        measure(
+            "overhead",
+            f"5. per-ticket overhead at {rate:.0f} tickets/s",
+            lambda: scenarios.overhead(
+                stack, rate=rate, seconds=args.overhead_seconds, latency=0.5
+            ),
         )
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from bench.infra import Proc, wait_until
+from bench.infra import CpuMeter, Proc, wait_until
 
 QUEUE_A = "bench.a"
 QUEUE_B = "bench.b"
@@ -76,6 +76,8 @@ def run_anchor(
         client = redis.Redis.from_url(broker_url)
         client.delete(DONE_KEY, END_KEY)
         app.conf.broker_url = broker_url
+        meter = CpuMeter(lambda: {"workers": [w.pid for w in workers]})
+        meter.start()
         started = time.time()
         with app.producer_or_acquire() as producer:
             for i in range(tickets):
@@ -86,6 +88,7 @@ def run_anchor(
         wait_until(lambda: client.get(END_KEY), 300, "anchor tickets done", every=0.05)
         ended = float(client.get(END_KEY) or 0)
         elapsed = ended - started
+        cpu = meter.stop()
         return {
             "tickets": tickets,
             "processes": processes,
@@ -93,6 +96,7 @@ def run_anchor(
             "send_seconds": round(sent - started, 3),
             "elapsed_seconds": round(elapsed, 3),
             "tickets_per_second": round(tickets / elapsed, 1),
+            "cpu_ms_per_ticket": {k: round(v * 1000 / tickets, 2) for k, v in cpu.items()},
         }
     finally:
         for worker in workers:

@@ -62,6 +62,36 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used, from /proc (Linux); 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+class CpuMeter:
+    """CPU seconds used by a set of processes between start() and stop(). On a shared, noisy
+    machine this is steadier than wall-clock rates: other work does not inflate it."""
+
+    def __init__(self, pids: Callable[[], dict[str, list[int]]]) -> None:
+        self._pids = pids
+        self._before: dict[int, float] = {}
+
+    def start(self) -> None:
+        self._before = {p: cpu_seconds(p) for ps in self._pids().values() for p in ps}
+
+    def stop(self) -> dict[str, float]:
+        return {
+            group: round(sum(cpu_seconds(p) - self._before.get(p, 0.0) for p in ps), 2)
+            for group, ps in self._pids().items()
+        }
+
+
 class BenchDatabase:
     """A PostgreSQL database created, migrated and dropped by this run."""
 

@@ -74,6 +74,17 @@ class Probe:
         with self._engine.connect() as conn:
             return [float(v) for (v,) in conn.execute(_OVERHEAD, {"w": since})]
 
+    def backend_pids(self) -> list[int]:
+        """PostgreSQL server processes serving this database (for CPU accounting)."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND pid <> pg_backend_pid()"
+                )
+            ).all()
+        return [int(pid) for (pid,) in rows]
+
     def dispose(self) -> None:
         self._engine.dispose()
 

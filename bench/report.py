@@ -39,9 +39,10 @@ def rows(result: dict[str, Any]) -> list[Row]:
             (
                 "2. triage CPU-bound (fake 0 ms), end to end",
                 ">= 0.6x anchor",
-                f"{cpu['tickets_per_second']} tickets/s = {ratio:.2f}x anchor "
-                f"({cpu['tickets']} in {cpu['elapsed_seconds']} s)",
-                ratio is not None and ratio >= 0.6,
+                f"{cpu['tickets_per_second']} tickets/s = "
+                + (f"{ratio:.2f}x anchor " if ratio is not None else "(no anchor) ")
+                + f"({cpu['tickets']} in {cpu['elapsed_seconds']} s)",
+                None if ratio is None else ratio >= 0.6,
             )
         )
     io_rows = (

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.infra import FakeApi, Proc, rss_mib, start_triage_workers, stop_all, wait_until
+from bench.infra import CpuMeter, FakeApi, Proc, rss_mib, start_triage_workers, stop_all, wait_until
 from bench.load import percentile, post_closed_loop, post_open_loop, ticket_body
 from bench.probe import Probe, summary
 
@@ -24,6 +25,7 @@ class Stack:
     processes: int
     concurrency: int
     workers: list[Proc] = field(default_factory=list)
+    serve_pid: int = 0
     run: str = "r"
     _batch: int = 0
 
@@ -35,6 +37,15 @@ class Stack:
     def start_workers(self) -> None:
         if not self.workers:
             self.workers = start_triage_workers(self.env, self.processes, self.concurrency)
+
+    def cpu_meter(self) -> CpuMeter:
+        return CpuMeter(
+            lambda: {
+                "workers": [w.pid for w in self.workers],
+                "api": [self.serve_pid],
+                "postgres": self.probe.backend_pids(),
+            }
+        )
 
     def stop_workers(self) -> None:
         stop_all(self.workers)
@@ -80,10 +91,14 @@ def cpu_bound(stack: Stack, tickets: int) -> dict[str, Any]:
     stack.start_workers()
     since = stack.probe.watermark()
     bodies = stack.bodies(tickets)
+    meter = stack.cpu_meter()
+    meter.start()
     started = time.time()
     samples = post_closed_loop(stack.api_url, bodies, clients=32)
     posted = time.time()
-    _drain(stack, since, tickets, timeout=240)
+    accepted = sum(1 for s in samples if s.status == 202)
+    _drain(stack, since, accepted, timeout=240)
+    cpu = meter.stop()
     times = stack.probe.times(since)
     ended = times["last_delivered"] or time.time()
     return {
@@ -91,9 +106,10 @@ def cpu_bound(stack: Stack, tickets: int) -> dict[str, Any]:
         "rejected_posts": sum(1 for s in samples if s.status != 202),
         "post_seconds": round(posted - started, 2),
         "elapsed_seconds": round(ended - started, 2),
-        "tickets_per_second": round(tickets / (ended - started), 1),
+        "tickets_per_second": round(accepted / (ended - started), 1),
         "states": stack.probe.states(since),
         "api_calls": stack.fake.stats()["calls"],
+        "cpu_ms_per_ticket": {k: round(v * 1000 / accepted, 2) for k, v in cpu.items()},
     }
 
 
@@ -111,6 +127,7 @@ def ingestion(stack: Stack, *, rate: float, seconds: float, max_tickets: int) ->
         return {
             "requests": len(samples),
             "non_202": sum(1 for s in samples if s.status != 202),
+            "statuses": dict(Counter(s.status for s in samples)),
             "p50_ms": round(percentile(ms, 50), 1),
             "p99_ms": round(percentile(ms, 99), 1),
             "max_ms": round(max(ms), 1),
@@ -127,7 +144,8 @@ def ingestion(stack: Stack, *, rate: float, seconds: float, max_tickets: int) ->
             "clients": 32,
             "requests_per_second": round(len(flat_out) / flat_seconds, 1),
         },
-        "queued": len(fixed) + len(flat_out),
+        # Only accepted tickets wait in the queue (0 = no answer, e.g. a client timeout).
+        "queued": sum(1 for s in [*fixed, *flat_out] if s.status == 202),
     }
 
 
@@ -169,12 +187,13 @@ def io_bound(
     }
 
 
-def preload(stack: Stack, tickets: int) -> int:
-    """Post `tickets` with the workers stopped; returns the watermark they sit above."""
+def preload(stack: Stack, tickets: int) -> tuple[int, int]:
+    """Post `tickets` with the workers stopped; returns the watermark they sit above and how
+    many were accepted."""
     stack.stop_workers()
     since = stack.probe.watermark()
-    post_closed_loop(stack.api_url, stack.bodies(tickets), clients=32)
-    return since
+    samples = post_closed_loop(stack.api_url, stack.bodies(tickets), clients=32)
+    return since, sum(1 for s in samples if s.status == 202)
 
 
 def overhead(stack: Stack, *, rate: float, seconds: float, latency: float) -> dict[str, Any]:
@@ -186,7 +205,7 @@ def overhead(stack: Stack, *, rate: float, seconds: float, latency: float) -> di
     since = stack.probe.watermark()
     n = max(1, int(rate * seconds))
     samples = post_open_loop(stack.api_url, stack.bodies(n), rate=rate)
-    _drain(stack, since, n, timeout=240)
+    _drain(stack, since, sum(1 for s in samples if s.status == 202), timeout=240)
     ms = [s.latency * 1000 for s in samples]
     return {
         "offered_per_second": round(rate, 1),
