@@ -37,6 +37,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--processes", type=int, default=2, help="worker processes")
     parser.add_argument("--concurrency", type=int, default=150, help="threads per worker")
+    parser.add_argument(
+        "--db-pool", type=int, default=0, help="TRIAGE_DB_POOL_SIZE per process (0: default)"
+    )
     parser.add_argument("--tickets", type=int, default=2000, help="anchor and CPU-bound tickets")
     parser.add_argument("--ingest-rate", type=float, default=200.0, help="offered req/s")
     parser.add_argument("--ingest-seconds", type=float, default=10.0)
@@ -60,12 +63,17 @@ def main() -> None:
     result: dict[str, Any] = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
-        "fleet": {"processes": args.processes, "concurrency": args.concurrency},
+        "fleet": {
+            "processes": args.processes,
+            "concurrency": args.concurrency,
+            "db_pool_size": args.db_pool or "default",
+        },
         "notes": [],
     }
     with BenchDatabase() as db, RedisLease() as lease:
         fake = FakeApi(triage_env(db.url, lease.url, ""))
-        env = triage_env(db.url, lease.url, fake.base_url)
+        pool = {"TRIAGE_DB_POOL_SIZE": str(args.db_pool)} if args.db_pool else {}
+        env = triage_env(db.url, lease.url, fake.base_url, **pool)
         serve, api_url = start_serve(env)
         probe = Probe(db.url)
         stack = scenarios.Stack(

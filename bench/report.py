@@ -18,6 +18,13 @@ def _mark(ok: bool | None) -> str:
     return "[green]PASS[/]" if ok else "[red]MISS[/]"
 
 
+def _cpu(figures: dict[str, Any]) -> str:
+    """CPU milliseconds per ticket, total and by process group."""
+    per = figures.get("cpu_ms_per_ticket") or {}
+    parts = " + ".join(f"{k} {v:.1f}" for k, v in per.items())
+    return f"{sum(per.values()):.1f}" + (f" ({parts})" if len(per) > 1 else "")
+
+
 def rows(result: dict[str, Any]) -> list[Row]:
     out: list[Row] = []
     anchor = result.get("anchor") or {}
@@ -28,7 +35,8 @@ def rows(result: dict[str, Any]) -> list[Row]:
                 "1. anchor: bare Celery two-hop",
                 "(reference)",
                 f"{anchor['tickets_per_second']} tickets/s "
-                f"({anchor['tickets']} in {anchor['elapsed_seconds']} s)",
+                f"({anchor['tickets']} in {anchor['elapsed_seconds']} s); "
+                f"CPU {_cpu(anchor)} ms/ticket",
                 None,
             )
         )
@@ -41,7 +49,8 @@ def rows(result: dict[str, Any]) -> list[Row]:
                 ">= 0.6x anchor",
                 f"{cpu['tickets_per_second']} tickets/s = "
                 + (f"{ratio:.2f}x anchor " if ratio is not None else "(no anchor) ")
-                + f"({cpu['tickets']} in {cpu['elapsed_seconds']} s)",
+                + f"({cpu['tickets']} in {cpu['elapsed_seconds']} s); "
+                f"CPU {_cpu(cpu)} ms/ticket",
                 None if ratio is None else ratio >= 0.6,
             )
         )
