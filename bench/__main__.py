@@ -35,11 +35,14 @@ console = Console()
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--processes", type=int, default=2, help="worker processes")
-    parser.add_argument("--concurrency", type=int, default=150, help="threads per worker")
+    # Four processes of 64 threads: 256 calls can be in flight, both cores are used despite the
+    # GIL, and a small pool each keeps PostgreSQL well under its 100 connections.
+    parser.add_argument("--processes", type=int, default=4, help="worker processes")
+    parser.add_argument("--concurrency", type=int, default=64, help="threads per worker")
     parser.add_argument(
-        "--db-pool", type=int, default=0, help="TRIAGE_DB_POOL_SIZE per process (0: default)"
+        "--db-pool", type=int, default=4, help="workers' TRIAGE_DB_POOL_SIZE (0: triage's default)"
     )
+    parser.add_argument("--api-workers", type=int, default=1, help="triage serve --workers")
     parser.add_argument("--tickets", type=int, default=2000, help="anchor and CPU-bound tickets")
     parser.add_argument("--ingest-rate", type=float, default=200.0, help="offered req/s")
     parser.add_argument("--ingest-seconds", type=float, default=10.0)
@@ -67,14 +70,14 @@ def main() -> None:
             "processes": args.processes,
             "concurrency": args.concurrency,
             "db_pool_size": args.db_pool or "default",
+            "api_workers": args.api_workers,
         },
         "notes": [],
     }
     with BenchDatabase() as db, RedisLease() as lease:
         fake = FakeApi(triage_env(db.url, lease.url, ""))
-        pool = {"TRIAGE_DB_POOL_SIZE": str(args.db_pool)} if args.db_pool else {}
-        env = triage_env(db.url, lease.url, fake.base_url, **pool)
-        serve, api_url = start_serve(env)
+        env = triage_env(db.url, lease.url, fake.base_url)
+        serve, api_url = start_serve(env, args.api_workers)
         probe = Probe(db.url)
         stack = scenarios.Stack(
             env=env,
@@ -85,6 +88,7 @@ def main() -> None:
             concurrency=args.concurrency,
             run=uuid.uuid4().hex[:6],
             serve_pid=serve.pid,
+            worker_env={"TRIAGE_DB_POOL_SIZE": str(args.db_pool)} if args.db_pool else {},
         )
         try:
             run_scenarios(args, stack, lease.url, result, wanted)

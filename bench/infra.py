@@ -244,9 +244,24 @@ def triage_env(db_url: str, redis_url: str, fake_url: str, **overrides: str) -> 
     return env
 
 
-def start_serve(env: dict[str, str]) -> tuple[Proc, str]:
+def with_children(pid: int) -> list[int]:
+    """A process and its descendants (uvicorn --workers forks its workers), from /proc."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*/children"):
+            try:
+                todo += [int(c) for c in task.read_text().split()]
+            except OSError:
+                continue
+    return found
+
+
+def start_serve(env: dict[str, str], workers: int = 1) -> tuple[Proc, str]:
     port = free_port()
     args = [sys.executable, "-m", "triage.cli.main", "serve", "--port", str(port)]
+    args += ["--workers", str(workers)]
     proc = Proc("serve", args, env)
     url = f"http://127.0.0.1:{port}"
 

@@ -69,7 +69,8 @@ def rows(result: dict[str, Any]) -> list[Row]:
                 ">= 90% of ideal, >= 200 in flight",
                 f"{io['tickets_per_second']} of {io['ideal_per_second']} tickets/s = "
                 f"{io['fraction_of_ideal']:.0%}; peak {io['peak_in_flight']} in flight "
-                f"(mean {io['mean_in_flight']})",
+                f"(mean {io['mean_in_flight']}); CPU {_cpu(io)} ms/ticket, "
+                f"{io.get('cores_busy', '?')} cores busy",
                 ok if key == "io_fixed" else None,
             )
         )

@@ -9,7 +9,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.infra import CpuMeter, FakeApi, Proc, rss_mib, start_triage_workers, stop_all, wait_until
+from bench.infra import (
+    CpuMeter,
+    FakeApi,
+    Proc,
+    rss_mib,
+    start_triage_workers,
+    stop_all,
+    wait_until,
+    with_children,
+)
 from bench.load import percentile, post_closed_loop, post_open_loop, ticket_body
 from bench.probe import Probe, summary
 
@@ -26,6 +35,8 @@ class Stack:
     concurrency: int
     workers: list[Proc] = field(default_factory=list)
     serve_pid: int = 0
+    # Worker-only settings (e.g. a smaller DB pool for a fleet of many processes).
+    worker_env: dict[str, str] = field(default_factory=dict)
     run: str = "r"
     _batch: int = 0
 
@@ -36,13 +47,14 @@ class Stack:
 
     def start_workers(self) -> None:
         if not self.workers:
-            self.workers = start_triage_workers(self.env, self.processes, self.concurrency)
+            env = {**self.env, **self.worker_env}
+            self.workers = start_triage_workers(env, self.processes, self.concurrency)
 
     def cpu_meter(self) -> CpuMeter:
         return CpuMeter(
             lambda: {
                 "workers": [w.pid for w in self.workers],
-                "api": [self.serve_pid],
+                "api": with_children(self.serve_pid),
                 "postgres": self.probe.backend_pids(),
             }
         )
@@ -117,6 +129,8 @@ def ingestion(stack: Stack, *, rate: float, seconds: float, max_tickets: int) ->
     """The API alone (workers stopped; messages wait in Redis): a fixed offered rate, then
     as fast as 32 clients can post. Returns the tickets it left queued, for the I/O run."""
     stack.stop_workers()
+    # Warm up first: connections, first-request imports and SQL compilation caches.
+    warm = post_closed_loop(stack.api_url, stack.bodies(200), clients=8)
     fixed = post_open_loop(stack.api_url, stack.bodies(int(rate * seconds)), rate=rate)
     started = time.perf_counter()
     flat_out = post_closed_loop(stack.api_url, stack.bodies(max_tickets), clients=32)
@@ -145,7 +159,7 @@ def ingestion(stack: Stack, *, rate: float, seconds: float, max_tickets: int) ->
             "requests_per_second": round(len(flat_out) / flat_seconds, 1),
         },
         # Only accepted tickets wait in the queue (0 = no answer, e.g. a client timeout).
-        "queued": sum(1 for s in [*fixed, *flat_out] if s.status == 202),
+        "queued": sum(1 for s in [*warm, *fixed, *flat_out] if s.status == 202),
     }
 
 
@@ -159,7 +173,10 @@ def io_bound(
     stack.fake.set_latency(latency)
     stack.fake.reset()
     stack.start_workers()
+    meter = stack.cpu_meter()
+    meter.start()
     seen = _drain(stack, since, preload, timeout=300, watch=True)
+    cpu = meter.stop()
     times = stack.probe.times(since)
     stats = stack.fake.stats()
     first = seen.first_call or time.time()
@@ -183,6 +200,10 @@ def io_bound(
         "mean_model_ms": round(times["mean_model_ms"] or 0, 1),
         "api_calls": stats["calls"],
         "worker_rss_mib": [round(v, 1) for v in seen.rss.values()],
+        "cpu_ms_per_ticket": {k: round(v * 1000 / preload, 2) for k, v in cpu.items()},
+        # Cores our processes kept busy: near the machine's count means CPU, not
+        # concurrency, set the rate.
+        "cores_busy": round(sum(cpu.values()) / elapsed, 2),
         "states": stack.probe.states(since),
     }
 
