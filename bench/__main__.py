@@ -7,6 +7,7 @@ Redis database); the fake Messages API, `triage serve` and the workers are child
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import uuid
 from datetime import UTC, datetime
@@ -122,7 +123,9 @@ def run_scenarios(
         except Exception as exc:
             console.log(f"[red]{title} failed: {exc}[/]")
             result.setdefault("errors", {})[key] = f"{exc.__class__.__name__}: {exc}"
-        console.log(f"  {time.monotonic() - began:.0f} s")
+        load = os.getloadavg()[0]
+        result.setdefault("load_average_after", {})[key] = round(load, 2)
+        console.log(f"  {time.monotonic() - began:.0f} s; load average {load:.1f}")
 
     if wanted("anchor"):
         measure(

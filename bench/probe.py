@@ -28,10 +28,14 @@ _TIMES = text(
      WHERE t.id > :w
     """
 )
-# Time in triage minus the recorded model call: webhook commit -> dispatch delivered.
+# Time in triage minus the recorded model call: webhook commit -> dispatch delivered; and its
+# two halves: up to the model call (publish, queue, claim) and after the label is stored
+# (publish, queue, deliver).
 _OVERHEAD = text(
     """
-    SELECT extract(epoch FROM d.delivered_at - t.received_at) * 1000 - c.latency_ms
+    SELECT extract(epoch FROM d.delivered_at - t.received_at) * 1000 - c.latency_ms,
+           extract(epoch FROM c.created_at - t.received_at) * 1000 - c.latency_ms,
+           extract(epoch FROM d.delivered_at - c.created_at) * 1000
       FROM tickets t
       JOIN dispatches d ON d.ticket_id = t.id AND d.delivered_at IS NOT NULL
       JOIN classifications c ON c.id = d.classification_id
@@ -70,9 +74,14 @@ class Probe:
         out["mean_model_ms"] = float(row[4]) if row[4] is not None else None
         return out
 
-    def overhead_ms(self, since: int) -> list[float]:
+    def overhead_ms(self, since: int) -> dict[str, list[float]]:
         with self._engine.connect() as conn:
-            return [float(v) for (v,) in conn.execute(_OVERHEAD, {"w": since})]
+            rows = conn.execute(_OVERHEAD, {"w": since}).all()
+        return {
+            "total": [float(r[0]) for r in rows],
+            "before_model": [float(r[1]) for r in rows],
+            "after_label": [float(r[2]) for r in rows],
+        }
 
     def backend_pids(self) -> list[int]:
         """PostgreSQL server processes serving this database (for CPU accounting)."""

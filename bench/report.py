@@ -115,7 +115,8 @@ def rows(result: dict[str, Any]) -> list[Row]:
                 f"5. per-ticket overhead at {ov['offered_per_second']} tickets/s",
                 "p99 < 100 ms",
                 f"p50 {o['p50']} ms, p99 {o['p99']} ms (model {ov['model_latency_seconds']} s "
-                "excluded)",
+                f"excluded); before the call p50 {ov['overhead_ms_before_model']['p50']} ms, "
+                f"after the label p50 {ov['overhead_ms_after_label']['p50']} ms",
                 o["p99"] < 100,
             )
         )

@@ -232,7 +232,10 @@ def overhead(stack: Stack, *, rate: float, seconds: float, latency: float) -> di
         "offered_per_second": round(rate, 1),
         "tickets": n,
         "model_latency_seconds": latency,
-        "overhead_ms": summary(stack.probe.overhead_ms(since)),
+        **{
+            f"overhead_ms{'' if part == 'total' else '_' + part}": summary(values)
+            for part, values in stack.probe.overhead_ms(since).items()
+        },
         "webhook_ms_meanwhile": {
             "p50": round(percentile(ms, 50), 1),
             "p99": round(percentile(ms, 99), 1),
