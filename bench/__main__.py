@@ -44,10 +44,14 @@ def parse_args() -> argparse.Namespace:
         "--db-pool", type=int, default=4, help="workers' TRIAGE_DB_POOL_SIZE (0: triage's default)"
     )
     parser.add_argument("--api-workers", type=int, default=1, help="triage serve --workers")
-    parser.add_argument("--tickets", type=int, default=2000, help="anchor and CPU-bound tickets")
+    parser.add_argument("--tickets", type=int, default=1500, help="anchor and CPU-bound tickets")
     parser.add_argument("--ingest-rate", type=float, default=200.0, help="offered req/s")
-    parser.add_argument("--ingest-seconds", type=float, default=10.0)
-    parser.add_argument("--random-tickets", type=int, default=2500, help="0.2-2 s variant")
+    parser.add_argument("--ingest-seconds", type=float, default=8.0)
+    parser.add_argument("--ingest-max-tickets", type=int, default=600, help="max-rate posts")
+    parser.add_argument("--random-tickets", type=int, default=1200, help="0.2-2 s variant")
+    parser.add_argument(
+        "--budget", type=float, default=540, help="seconds; later scenarios are skipped past it"
+    )
     parser.add_argument("--overhead-seconds", type=float, default=15.0)
     parser.add_argument(
         "--only", default="", help="comma-separated subset: anchor,cpu,ingest,io,random,overhead"
@@ -92,7 +96,7 @@ def main() -> None:
             worker_env={"TRIAGE_DB_POOL_SIZE": str(args.db_pool)} if args.db_pool else {},
         )
         try:
-            run_scenarios(args, stack, lease.url, result, wanted)
+            run_scenarios(started, args, stack, lease.url, result, wanted)
         finally:
             stack.stop_workers()
             serve.stop()
@@ -108,6 +112,7 @@ def main() -> None:
 
 
 def run_scenarios(
+    started: float,
     args: argparse.Namespace,
     stack: scenarios.Stack,
     broker_url: str,
@@ -116,6 +121,13 @@ def run_scenarios(
 ) -> None:
     def measure(key: str, title: str, fn: Any) -> None:
         """Run one scenario; a failure is reported with the others, not instead of them."""
+        spent = time.monotonic() - started
+        if spent > args.budget:
+            console.log(
+                f"[yellow]{title} skipped: {spent:.0f} s spent of a {args.budget:.0f} s budget"
+            )
+            result.setdefault("skipped", []).append(key)
+            return
         console.log(f"[bold]{title}[/]")
         began = time.monotonic()
         try:
@@ -151,7 +163,10 @@ def run_scenarios(
             "ingestion",
             "4. ingestion (API alone; what it accepts is 3a's queue)",
             lambda: scenarios.ingestion(
-                stack, rate=args.ingest_rate, seconds=args.ingest_seconds, max_tickets=1500
+                stack,
+                rate=args.ingest_rate,
+                seconds=args.ingest_seconds,
+                max_tickets=args.ingest_max_tickets,
             ),
         )
         queued = result.get("ingestion", {}).get("queued", 0)

@@ -130,7 +130,7 @@ def ingestion(stack: Stack, *, rate: float, seconds: float, max_tickets: int) ->
     as fast as 32 clients can post. Returns the tickets it left queued, for the I/O run."""
     stack.stop_workers()
     # Warm up first: connections, first-request imports and SQL compilation caches.
-    warm = post_closed_loop(stack.api_url, stack.bodies(200), clients=8)
+    warm = post_closed_loop(stack.api_url, stack.bodies(100), clients=8)
     fixed = post_open_loop(stack.api_url, stack.bodies(int(rate * seconds)), rate=rate)
     started = time.perf_counter()
     flat_out = post_closed_loop(stack.api_url, stack.bodies(max_tickets), clients=32)
