@@ -35,10 +35,12 @@ _OVERHEAD = text(
     """
     SELECT extract(epoch FROM d.delivered_at - t.received_at) * 1000 - c.latency_ms,
            extract(epoch FROM c.created_at - t.received_at) * 1000 - c.latency_ms,
-           extract(epoch FROM d.delivered_at - c.created_at) * 1000
+           extract(epoch FROM d.delivered_at - c.created_at) * 1000,
+           extract(epoch FROM o.sent_at - t.received_at) * 1000
       FROM tickets t
       JOIN dispatches d ON d.ticket_id = t.id AND d.delivered_at IS NOT NULL
       JOIN classifications c ON c.id = d.classification_id
+      JOIN outbox o ON o.id = (SELECT min(id) FROM outbox WHERE ticket_id = t.id)
      WHERE t.id > :w
     """
 )
@@ -81,6 +83,8 @@ class Probe:
             "total": [float(r[0]) for r in rows],
             "before_model": [float(r[1]) for r in rows],
             "after_label": [float(r[2]) for r in rows],
+            # The API's publish after its commit: part of "before_model".
+            "api_publish": [float(r[3]) for r in rows],
         }
 
     def backend_pids(self) -> list[int]:
