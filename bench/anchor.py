@@ -38,10 +38,10 @@ app.conf.update(
     worker_hijack_root_logger=False,
     worker_send_task_events=False,
 )
-_counter: redis.Redis | None = None
+_counter: redis.Redis[bytes] | None = None
 
 
-def _redis() -> redis.Redis:
+def _redis() -> redis.Redis[bytes]:
     global _counter
     if _counter is None:
         _counter = redis.Redis.from_url(app.conf.broker_url)
