@@ -46,7 +46,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--api-workers", type=int, default=1, help="triage serve --workers")
     parser.add_argument("--tickets", type=int, default=1500, help="anchor and CPU-bound tickets")
     parser.add_argument("--ingest-rate", type=float, default=200.0, help="offered req/s")
-    parser.add_argument("--ingest-seconds", type=float, default=8.0)
+    parser.add_argument("--ingest-seconds", type=float, default=10.0)
     parser.add_argument("--ingest-max-tickets", type=int, default=600, help="max-rate posts")
     parser.add_argument("--random-tickets", type=int, default=1200, help="0.2-2 s variant")
     parser.add_argument(
