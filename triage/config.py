@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     update_policy: UpdatePolicy = "ignore"
 
     worker_concurrency: int = Field(200, ge=1)
+    # Connections each process keeps to PostgreSQL (and as many again in bursts). Threads hold
+    # one only for short transactions, never across a model call, so this follows the CPU, not
+    # the concurrency; keep processes x 2 x pool under the server's max_connections.
+    db_pool_size: int = Field(10, ge=1)
     # A worker serves its Prometheus metrics here when set (the API serves /metrics itself).
     worker_metrics_port: int | None = Field(None, ge=1, le=65535)
     # Retry policy per stage (see triage/reliability/retry.py for how they combine).

@@ -34,7 +34,8 @@ class Runtime:
 
     @cached_property
     def sessions(self) -> sessionmaker[Session]:
-        return get_sessionmaker(self.config.settings.database_url)
+        settings = self.config.settings
+        return get_sessionmaker(settings.database_url, settings.db_pool_size)
 
     @cached_property
     def celery(self) -> Celery:

@@ -1,0 +1,1 @@
+"""`make bench`: triage against a bare Celery pipeline (issue 7). See bench/__main__.py."""

@@ -1,0 +1,141 @@
+"""Figures against issue 7's targets: a Rich table for people, JSON for tracking. The bench
+reports misses; it never fails the build."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+# name, target text, check(result) -> (figure text, passed or None when not applicable)
+Row = tuple[str, str, str, bool | None]
+
+
+def _mark(ok: bool | None) -> str:
+    if ok is None:
+        return "-"
+    return "[green]PASS[/]" if ok else "[red]MISS[/]"
+
+
+def _cpu(figures: dict[str, Any]) -> str:
+    """CPU milliseconds per ticket, total and by process group."""
+    per = figures.get("cpu_ms_per_ticket") or {}
+    parts = " + ".join(f"{k} {v:.1f}" for k, v in per.items())
+    return f"{sum(per.values()):.1f}" + (f" ({parts})" if len(per) > 1 else "")
+
+
+def rows(result: dict[str, Any]) -> list[Row]:
+    out: list[Row] = []
+    anchor = result.get("anchor") or {}
+    cpu = result.get("cpu_bound") or {}
+    if anchor:
+        out.append(
+            (
+                "1. anchor: bare Celery two-hop",
+                "(reference)",
+                f"{anchor['tickets_per_second']} tickets/s "
+                f"({anchor['tickets']} in {anchor['elapsed_seconds']} s); "
+                f"CPU {_cpu(anchor)} ms/ticket",
+                None,
+            )
+        )
+    if cpu:
+        ratio = cpu["tickets_per_second"] / anchor["tickets_per_second"] if anchor else None
+        cpu["ratio_to_anchor"] = round(ratio, 3) if ratio else None
+        out.append(
+            (
+                "2. triage CPU-bound (fake 0 ms), end to end",
+                ">= 0.6x anchor",
+                f"{cpu['tickets_per_second']} tickets/s = "
+                + (f"{ratio:.2f}x anchor " if ratio is not None else "(no anchor) ")
+                + f"({cpu['tickets']} in {cpu['elapsed_seconds']} s); "
+                f"CPU {_cpu(cpu)} ms/ticket",
+                None if ratio is None else ratio >= 0.6,
+            )
+        )
+    io_rows = (
+        ("io_fixed", "3a. I/O-bound, fake 0.5 s"),
+        ("io_random", "3b. I/O-bound, fake 0.2-2 s"),
+    )
+    for key, label in io_rows:
+        io = result.get(key)
+        if not io:
+            continue
+        ok = io["fraction_of_ideal"] >= 0.9 and io["peak_in_flight"] >= 200
+        out.append(
+            (
+                label,
+                ">= 90% of ideal, >= 200 in flight",
+                f"{io['tickets_per_second']} of {io['ideal_per_second']} tickets/s = "
+                f"{io['fraction_of_ideal']:.0%}; peak {io['peak_in_flight']} in flight "
+                f"(mean {io['mean_in_flight']}); CPU {_cpu(io)} ms/ticket, "
+                f"{io.get('cores_busy', '?')} cores busy",
+                ok if key == "io_fixed" else None,
+            )
+        )
+        if key == "io_fixed":
+            rss = io["worker_rss_mib"]
+            peak = max(rss) if rss else 0.0
+            out.append(
+                (
+                    "3c. worker memory at full concurrency",
+                    "< 300 MiB per worker",
+                    f"{', '.join(f'{v:.0f}' for v in rss)} MiB "
+                    f"({result['fleet']['processes']} x {result['fleet']['concurrency']} threads)",
+                    bool(rss) and peak < 300,
+                )
+            )
+    ing = result.get("ingestion")
+    if ing:
+        fixed, flat = ing["fixed_rate"], ing["max_rate"]
+        out.append(
+            (
+                f"4a. webhook at {fixed['offered_per_second']:.0f} req/s (API alone)",
+                "p99 < 50 ms",
+                f"p50 {fixed['p50_ms']} ms, p99 {fixed['p99_ms']} ms, "
+                f"{fixed['non_202']} non-202 of {fixed['requests']}",
+                fixed["p99_ms"] < 50 and fixed["non_202"] == 0,
+            )
+        )
+        out.append(
+            (
+                "4b. webhook max rate (32 clients)",
+                "(reported)",
+                f"{flat['requests_per_second']} req/s, p50 {flat['p50_ms']} ms, "
+                f"p99 {flat['p99_ms']} ms",
+                None,
+            )
+        )
+    ov = result.get("overhead")
+    if ov:
+        o = ov["overhead_ms"]
+        out.append(
+            (
+                f"5. per-ticket overhead at {ov['offered_per_second']} tickets/s",
+                "p99 < 100 ms",
+                f"p50 {o['p50']} ms, p99 {o['p99']} ms (model {ov['model_latency_seconds']} s "
+                f"excluded); before the call p50 {ov['overhead_ms_before_model']['p50']} ms, "
+                f"after the label p50 {ov['overhead_ms_after_label']['p50']} ms",
+                o["p99"] < 100,
+            )
+        )
+    return out
+
+
+def print_table(result: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    m, fleet = result["machine"], result["fleet"]
+    title = (
+        f"triage bench: {m['cores']} cores, load average at start "
+        f"{' '.join(str(x) for x in m['load_average_at_start'])}; fleet "
+        f"{fleet['processes']} worker processes x {fleet['concurrency']} threads"
+    )
+    table = Table(title=title, show_lines=False)
+    table.add_column("scenario")
+    table.add_column("target")
+    table.add_column("measured")
+    table.add_column("")
+    for name, target, figure, ok in rows(result):
+        table.add_row(name, target, figure, _mark(ok))
+    console.print(table)
