@@ -12,24 +12,34 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from triage.classify.backends.base import ClassificationRequest, ClassificationResult, Usage
 from triage.classify.prompt import estimate_input_tokens
 from triage.classify.redact import redact
 from triage.classify.schema import TicketLabel
-from triage.db.models import Attempt, Classification, Dispatch, Ticket, TicketState, utcnow
+from triage.db.models import (
+    Attempt,
+    Classification,
+    DeadLetter,
+    Dispatch,
+    Ticket,
+    TicketState,
+    utcnow,
+)
 from triage.db.session import session_scope
-from triage.errors import RateLimited, TriageError
+from triage.errors import RateLimited, TransientError, TriageError
 from triage.metrics import CLASSIFICATIONS, CLASSIFY_COST, CLASSIFY_LATENCY, CLASSIFY_TOKENS
 from triage.pipeline.relay import CLASSIFY_TASK, enqueue_classify, enqueue_delivery
 from triage.pipeline.routing import CLASSIFY_QUEUE, Route, decide_route
 from triage.pipeline.runtime import Runtime
 from triage.pipeline.states import transition
 from triage.reliability.guard import StageFailure, handle_failure
+from triage.reliability.limits import Admission
+from triage.reliability.retry import classify_lease_seconds, policy_for
 
 log = logging.getLogger(__name__)
 S = TicketState
@@ -55,6 +65,16 @@ def classify_ticket_stage(rt: Runtime, ticket_id: int) -> str:
     claim = _begin(rt, ticket_id)
     if isinstance(claim, str):
         return claim
+    max_attempts = policy_for("classify", rt.settings).max_attempts
+    if claim.attempt > max_attempts:
+        # Earlier attempts ended without an outcome (the worker died mid-call, say, every
+        # time): the attempt bound holds for those too, or a ticket that crashes its worker
+        # would be redelivered for ever.
+        lost = TransientError(
+            f"{claim.attempt - 1} attempts started, none finished with an outcome "
+            "(worker lost mid-attempt?)"
+        )
+        return handle_failure(rt, _failure(claim, 0), lost)
     if claim.reuse is None:
         wait = _admission_wait(rt, claim)
         if wait > 0:
@@ -63,11 +83,27 @@ def classify_ticket_stage(rt: Runtime, ticket_id: int) -> str:
         result = _reuse(claim.reuse) if claim.reuse else rt.backend.classify(claim.request)
     except Exception as exc:  # noqa: BLE001 - the guard names and decides every failure
         if isinstance(exc, RateLimited) and rt.admission is not None:
-            rt.admission.breaker.record_overload(exc.retry_after)
+            _record_overload(rt.admission, exc)
         calls = exc.api_calls if isinstance(exc, TriageError) else 0
         return handle_failure(rt, _failure(claim, calls), exc)
+    if result.calls and rt.admission is not None:
+        _record_success(rt.admission)
     _observe(result)
     return _finish(rt, claim, result)
+
+
+def _record_success(admission: Admission) -> None:
+    try:
+        admission.breaker.record_success()
+    except Exception as exc:  # noqa: BLE001 - the label is good; a lost count must not undo it
+        log.warning("circuit breaker not updated: %s", exc)
+
+
+def _record_overload(admission: Admission, exc: RateLimited) -> None:
+    try:
+        admission.breaker.record_overload(exc.retry_after)
+    except Exception as err:  # noqa: BLE001 - the retry decision must not depend on Redis
+        log.warning("circuit breaker not updated: %s", err)
 
 
 def _admission_wait(rt: Runtime, claim: _Claim) -> float:
@@ -75,10 +111,16 @@ def _admission_wait(rt: Runtime, claim: _Claim) -> float:
     if rt.admission is None:
         return 0.0
     tokens = estimate_input_tokens(rt.config.taxonomy, claim.request)
-    wait = rt.admission.wait_seconds(tokens)
-    if 0 < wait <= MAX_INLINE_WAIT:
-        time.sleep(wait)
+    try:
         wait = rt.admission.wait_seconds(tokens)
+        if 0 < wait <= MAX_INLINE_WAIT:
+            time.sleep(wait)
+            wait = rt.admission.wait_seconds(tokens)
+    except Exception as exc:  # noqa: BLE001 - see below
+        # The shared budget lives in Redis. Without it, call anyway: the API's own 429s are
+        # the retry policy's to handle, while refusing would stall every ticket on Redis.
+        log.warning("API budget unavailable (%s); calling without it", exc)
+        return 0.0
     return wait
 
 
@@ -104,7 +146,7 @@ def _begin(rt: Runtime, ticket_id: int) -> _Claim | str:
     settings = rt.settings
     # A ticket another worker is classifying right now is left alone for this long; after it,
     # the holder is presumed dead (the message came back) and the ticket is taken over.
-    lease = timedelta(seconds=2 * settings.api_timeout_seconds + 30)
+    lease = timedelta(seconds=classify_lease_seconds(settings))
     with session_scope(rt.sessions) as session:
         ticket = session.get(Ticket, ticket_id)
         if ticket is None:
@@ -140,10 +182,19 @@ def _begin(rt: Runtime, ticket_id: int) -> _Claim | str:
             ticket_id=ticket.id,
             attempt=ticket.attempts + 1,
             generation=ticket.generation,
-            age_seconds=(now - ticket.received_at).total_seconds(),
+            age_seconds=(now - _run_started(session, ticket)).total_seconds(),
             request=_request(rt, ticket),
             reuse=reuse,
         )
+
+
+def _run_started(session: Session, ticket: Ticket) -> datetime:
+    """Where the classify stage's age bound counts from: receipt, or the latest replay of a
+    dead letter (a replay is a fresh run, not an old one that is already too old to retry)."""
+    replayed = session.scalar(
+        select(func.max(DeadLetter.replayed_at)).where(DeadLetter.ticket_id == ticket.id)
+    )
+    return max(ticket.received_at, replayed) if replayed else ticket.received_at
 
 
 def _reschedule(session: Session, ticket: Ticket, wait: timedelta) -> None:
@@ -219,6 +270,7 @@ def _failure(claim: _Claim, api_calls: int) -> StageFailure:
         args={"ticket_id": claim.ticket_id},
         on_retry=back_to_queued,
         api_calls=api_calls,
+        dead_from=CLAIMABLE,
     )
 
 

@@ -101,4 +101,5 @@ def _failure(job: _Job) -> StageFailure:
         task=DELIVER_TASK,
         queue=job.delivery.route,
         args={"dispatch_id": job.delivery.dispatch_id},
+        dead_from=frozenset({S.ROUTED, S.NEEDS_REVIEW}),
     )

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from triage.db.models import Attempt, utcnow
+from triage.db.models import Attempt, TicketState, utcnow
 from triage.db.session import session_scope
 from triage.errors import TriageError
 from triage.pipeline.relay import enqueue
@@ -32,6 +32,9 @@ class StageFailure:
     # Runs in the failure transaction before a retry is scheduled (e.g. state back to queued).
     on_retry: Callable[[Any], None] | None = None
     api_calls: int = 0
+    # The states this stage may dead-letter the ticket from. A stale attempt (its claim was
+    # taken over and the ticket finished meanwhile) must not dead-letter a routed ticket.
+    dead_from: frozenset[TicketState] | None = None
 
 
 def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> str:
@@ -71,12 +74,13 @@ def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> st
                 countdown=decision.delay,
             )
         else:
-            _letter, msg = dead_letter(
+            lettered = dead_letter(
                 session,
                 ticket_id=failure.ticket_id,
                 stage=failure.stage,
                 error=error,
                 attempts=failure.attempt,
+                only_from=failure.dead_from,
                 payload={
                     "task": failure.task,
                     "queue": failure.queue,
@@ -84,6 +88,9 @@ def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> st
                     "reason": decision.reason,
                 },
             )
+            if lettered is None:
+                return "noop"
+            _letter, msg = lettered
             log.error("ticket %s dead-lettered at %s: %s", failure.ticket_id, failure.stage, error)
         session.flush()
         outbox_id = msg.id

@@ -88,6 +88,19 @@ def decide(
     return Decision(retry=True, delay=delay, reason=error.__class__.__name__)
 
 
+# Calls one classify attempt may make: the primary and the escalation model, each with one
+# repair call. The attempt bound times this is the most calls a ticket can cost.
+MAX_CALLS_PER_ATTEMPT = 4
+
+
+def classify_lease_seconds(settings: Settings) -> float:
+    """The longest a healthy classify task can take, and so how long a ticket in
+    `classifying` belongs to the worker that claimed it: every call of the attempt timing out,
+    plus the admission wait (at most 1 s inline) and the database work. After it the holder is
+    presumed dead; the ticket may be taken over, and the sweeper re-enqueues it."""
+    return MAX_CALLS_PER_ATTEMPT * settings.api_timeout_seconds + 31.0
+
+
 def policy_for(stage: str, settings: Settings) -> RetryPolicy:
     """The configured policy of a stage (TRIAGE_<STAGE>_MAX_ATTEMPTS and friends)."""
     return RetryPolicy(

@@ -1,8 +1,16 @@
 """Recovery for work the broker lost or never got: outbox rows not yet published, tickets
 stuck in a non-terminal state, dispatches never delivered.
 
-Safe with many sweepers at once: each re-enqueue is a compare-and-set on `state_changed_at`
-(or on the dispatch row), so only one sweeper wins a given stuck ticket per pass.
+Safe with many sweepers at once (every worker runs one). On PostgreSQL each pass locks the rows
+it takes with `FOR UPDATE SKIP LOCKED`, so concurrent sweepers share the work instead of
+colliding; on every database a stuck ticket is taken with a compare-and-set on its
+`state_changed_at` (through the state module), so one sweeper wins it, and a dispatch is only
+re-sent when no delivery message for its ticket was enqueued within the deadline. A duplicate
+that still slips through costs a message, not an effect: every handler is idempotent.
+
+Deadlines: `received`/`queued` tickets and undelivered dispatches after `stuck_after_seconds`
+with nothing waiting in the outbox (a retry delayed in the outbox is not stuck); `classifying`
+tickets only after the classify lease too, the longest a live worker may hold one.
 """
 
 from __future__ import annotations
@@ -11,14 +19,18 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import and_, exists, or_, select
+from sqlalchemy.orm import Session
 
 from triage.db.models import Dispatch, OutboxMessage, Ticket, TicketState, utcnow
 from triage.db.session import session_scope
-from triage.pipeline.relay import enqueue_classify, enqueue_delivery
+from triage.pipeline.relay import DELIVER_TASK, enqueue_classify, enqueue_delivery
 from triage.pipeline.runtime import Runtime
+from triage.pipeline.states import transition
+from triage.reliability.retry import classify_lease_seconds
 
 log = logging.getLogger(__name__)
 S = TicketState
@@ -32,67 +44,102 @@ class SweepReport:
     requeued_deliveries: int
 
 
-def _no_pending_outbox(ticket_id_col: object) -> object:
+def _no_pending_outbox(ticket_id_col: Any) -> Any:
     return ~exists().where(
         OutboxMessage.ticket_id == ticket_id_col, OutboxMessage.sent_at.is_(None)
     )
 
 
+def _postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
 def sweep_once(rt: Runtime, *, stuck_after: float | None = None, limit: int = 500) -> SweepReport:
     relayed = rt.publisher.relay_pending()
-    cutoff = utcnow() - timedelta(seconds=stuck_after or rt.settings.stuck_after_seconds)
+    now = utcnow()
+    deadline = stuck_after or rt.settings.stuck_after_seconds
+    cutoff = now - timedelta(seconds=deadline)
+    lease_cutoff = now - timedelta(seconds=max(deadline, classify_lease_seconds(rt.settings)))
     outbox_ids: list[int] = []
-    tickets = deliveries = 0
     with session_scope(rt.sessions) as session:
-        stuck = session.execute(
-            select(Ticket.id, Ticket.state_changed_at)
-            .where(
-                Ticket.state.in_(STUCK_STATES),
-                Ticket.state_changed_at < cutoff,
-                _no_pending_outbox(Ticket.id),  # type: ignore[arg-type]
-            )
-            .limit(limit)
-        ).all()
-        for ticket_id, changed_at in stuck:
-            won = session.execute(
-                update(Ticket)
-                .where(Ticket.id == ticket_id, Ticket.state_changed_at == changed_at)
-                .values(state_changed_at=utcnow())
-                .execution_options(synchronize_session=False)
-            ).rowcount  # type: ignore[attr-defined]
-            if won:
-                outbox_ids.append(enqueue_classify(session, ticket_id).id)
-                tickets += 1
-        undelivered = session.execute(
-            select(Dispatch.id, Dispatch.ticket_id, Dispatch.route, Dispatch.created_at)
-            .join(Ticket, Ticket.id == Dispatch.ticket_id)
-            .where(
-                Dispatch.delivered_at.is_(None),
-                Dispatch.created_at < cutoff,
-                Ticket.generation == Dispatch.generation,
-                Ticket.state.in_([S.ROUTED.value, S.NEEDS_REVIEW.value]),
-                _no_pending_outbox(Dispatch.ticket_id),  # type: ignore[arg-type]
-            )
-            .limit(limit)
-        ).all()
-        for dispatch_id, ticket_id, route, created_at in undelivered:
-            # Moving created_at forward is this dispatch's "claimed by a sweeper" marker.
-            won = session.execute(
-                update(Dispatch)
-                .where(Dispatch.id == dispatch_id, Dispatch.created_at == created_at)
-                .values(created_at=utcnow())
-                .execution_options(synchronize_session=False)
-            ).rowcount  # type: ignore[attr-defined]
-            if won:
-                msg = enqueue_delivery(
-                    session, ticket_id=ticket_id, dispatch_id=dispatch_id, route=route
-                )
-                outbox_ids.append(msg.id)
-                deliveries += 1
+        tickets = _requeue_tickets(session, cutoff, lease_cutoff, limit, outbox_ids)
+    with session_scope(rt.sessions) as session:
+        deliveries = _requeue_deliveries(session, cutoff, limit, outbox_ids)
     if outbox_ids:
         log.warning("sweeper re-enqueued %d tickets, %d deliveries", tickets, deliveries)
         rt.publisher.publish(outbox_ids)
     return SweepReport(relayed=relayed, requeued_tickets=tickets, requeued_deliveries=deliveries)
+
+
+def _requeue_tickets(
+    session: Session, cutoff: datetime, lease_cutoff: datetime, limit: int, out: list[int]
+) -> int:
+    query = (
+        select(Ticket.id, Ticket.state, Ticket.state_changed_at)
+        .where(
+            or_(
+                and_(
+                    Ticket.state.in_([S.RECEIVED.value, S.QUEUED.value]),
+                    Ticket.state_changed_at < cutoff,
+                ),
+                and_(
+                    Ticket.state == S.CLASSIFYING.value,
+                    Ticket.state_changed_at < lease_cutoff,
+                ),
+            ),
+            _no_pending_outbox(Ticket.id),
+        )
+        .order_by(Ticket.state_changed_at)
+        .limit(limit)
+    )
+    if _postgres(session):
+        query = query.with_for_update(skip_locked=True, of=Ticket)
+    stuck = session.execute(query).all()
+    requeued = 0
+    for ticket_id, state, changed_at in stuck:
+        # Back to queued: a classifying ticket's holder is past its lease (presumed dead), so
+        # the new message may claim it at once. The compare-and-set on state_changed_at lets
+        # one sweeper win.
+        won = transition(
+            session,
+            ticket_id,
+            S.QUEUED,
+            only_from=frozenset({S(state)}),
+            where=[Ticket.state_changed_at == changed_at],
+        )
+        if won:
+            out.append(enqueue_classify(session, ticket_id).id)
+            requeued += 1
+    return requeued
+
+
+def _requeue_deliveries(session: Session, cutoff: datetime, limit: int, out: list[int]) -> int:
+    recent_delivery_message = exists().where(
+        OutboxMessage.ticket_id == Dispatch.ticket_id,
+        OutboxMessage.task == DELIVER_TASK,
+        or_(OutboxMessage.sent_at.is_(None), OutboxMessage.created_at >= cutoff),
+    )
+    query = (
+        select(Dispatch.id, Dispatch.ticket_id, Dispatch.route)
+        .join(Ticket, Ticket.id == Dispatch.ticket_id)
+        .where(
+            Dispatch.delivered_at.is_(None),
+            Dispatch.created_at < cutoff,
+            Ticket.generation == Dispatch.generation,
+            Ticket.state.in_([S.ROUTED.value, S.NEEDS_REVIEW.value]),
+            ~recent_delivery_message,
+        )
+        .order_by(Dispatch.id)
+        .limit(limit)
+    )
+    if _postgres(session):
+        query = query.with_for_update(skip_locked=True, of=Dispatch)
+    undelivered = session.execute(query).all()
+    for dispatch_id, ticket_id, route in undelivered:
+        out.append(
+            enqueue_delivery(session, ticket_id=ticket_id, dispatch_id=dispatch_id, route=route).id
+        )
+    return len(undelivered)
 
 
 class Periodic:
