@@ -175,18 +175,12 @@ def wait_settled(rt: Any, receiver: ConsumerReceiver, ids: list[int], timeout: f
                     .join(Ticket, Ticket.id == Dispatch.ticket_id)
                     .where(Dispatch.delivered_at.is_(None), Ticket.state != "dead_lettered")
                 )
-                delivered = s.scalar(
-                    select(func.count()).where(Dispatch.delivered_at.is_not(None))
-                )
-                pending = s.scalar(
-                    select(func.count()).where(OutboxMessage.sent_at.is_(None))
-                )
+                delivered = s.scalar(select(func.count()).where(Dispatch.delivered_at.is_not(None)))
+                pending = s.scalar(select(func.count()).where(OutboxMessage.sent_at.is_(None)))
         except Exception:  # the database may be the thing that is down
             return False
         received, _ = receiver.snapshot()
-        return (
-            done == len(ids) and undelivered == 0 and pending == 0 and len(received) >= delivered
-        )
+        return done == len(ids) and undelivered == 0 and pending == 0 and len(received) >= delivered
 
     wait_until(settled, timeout, what=f"{len(ids)} tickets to settle", every=1.0)
 
@@ -208,9 +202,7 @@ def audit(
     received, received_tickets = receiver.snapshot()
     fig = Figures(scenario=scenario, sent=sent, accepted=len(ids))
     with rt.sessions() as s:
-        states = dict(
-            s.execute(select(Ticket.id, Ticket.state).where(Ticket.id.in_(ids))).all()
-        )
+        states = dict(s.execute(select(Ticket.id, Ticket.state).where(Ticket.id.in_(ids))).all())
         per_ticket_dispatches = Counter(
             s.scalars(select(Dispatch.ticket_id).where(Dispatch.ticket_id.in_(ids))).all()
         )

@@ -3,6 +3,7 @@ directories, so a test can stop, kill and restart them without touching anyone e
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -110,8 +111,16 @@ class PostgresServer:
             shutil.chown(self.dir, "postgres", "postgres")
             shutil.chown(self.sock, "postgres", "postgres")
         self._run(
-            str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E",
-            "UTF8", "--no-sync",
+            str(PG_BIN / "initdb"),
+            "-D",
+            str(self.data),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-sync",
         )
         return self
 
@@ -122,8 +131,17 @@ class PostgresServer:
             "-c full_page_writes=off"
         )
         self._run(
-            str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "pg.log"),
-            "-o", opts, "-w", "-t", "60", "start",
+            str(PG_BIN / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.dir / "pg.log"),
+            "-o",
+            opts,
+            "-w",
+            "-t",
+            "60",
+            "start",
         )
         _wait_port(self.port, up=True, timeout=60, what="postgres")
         return self
@@ -144,8 +162,6 @@ class PostgresServer:
         admin.dispose()
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError, AssertionError):
             self.stop("immediate")
-        except (subprocess.CalledProcessError, AssertionError):
-            pass
         shutil.rmtree(self.dir, ignore_errors=True)

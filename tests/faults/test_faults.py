@@ -39,7 +39,9 @@ INTENTS = ["billing", "refund", "technical", "account", "shipping", "sales", "fe
 MARKER = re.compile(r"tk:([A-Za-z0-9-]+)#")
 
 
-def ticket_bodies(prefix: str, n: int, extra: dict[int, str] | None = None) -> list[tuple[str, str]]:
+def ticket_bodies(
+    prefix: str, n: int, extra: dict[int, str] | None = None
+) -> list[tuple[str, str]]:
     """Unique tickets; every tenth unsure enough to go to review."""
     out = []
     for i in range(n):
@@ -65,7 +67,9 @@ def calls_per_ticket(fake: FakeAnthropic) -> Counter[str]:
 
 
 @contextlib.contextmanager
-def workers(env: dict[str, str], n: int = 2, concurrency: int = 50) -> Iterator[list[WorkerProcess]]:
+def workers(
+    env: dict[str, str], n: int = 2, concurrency: int = 50
+) -> Iterator[list[WorkerProcess]]:
     started = [WorkerProcess(env, concurrency=concurrency).start() for _ in range(n)]
     try:
         yield started
@@ -208,8 +212,13 @@ def test_ten_percent_transient_api_faults_of_every_kind(stack, fault_env, fake, 
     each = 1 - 0.9 ** (1 / len(TRANSIENT_KINDS))
     for kind in TRANSIENT_KINDS:
         fake.add_fault(
-            Fault(kind, times=-1, probability=each, retry_after=1 if kind == "rate_limit" else None,
-                  delay=4.0)
+            Fault(
+                kind,
+                times=-1,
+                probability=each,
+                retry_after=1 if kind == "rate_limit" else None,
+                delay=4.0,
+            )
         )
     bodies = ticket_bodies("flaky-api", TICKETS)
     ids = post_tickets(client, bodies)
