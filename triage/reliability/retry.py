@@ -1,9 +1,30 @@
 """The one retry policy. Every stage asks `decide()` what to do with a failure.
 
-Retries live here and only here. The Anthropic SDK's own retries are switched off
-(`max_retries=0`): stacking them under the task's retries would multiply attempts, hide calls
-from the attempt count and ignore the shared backoff. A transient failure instead frees the
-worker thread and comes back through the broker after `delay`, never sooner than retry-after.
+Retries live here and only here:
+
+- Transient (429, 529, 5xx, timeouts, dropped connections, truncated output, broker and
+  database disconnects): retry after an exponential backoff with full jitter
+  (`uniform(0, min(max_delay, base_delay * 2**(attempt-1)))`), never sooner than the server's
+  retry-after, while the stage's attempts (`TRIAGE_<STAGE>_MAX_ATTEMPTS`) and age
+  (`..._MAX_AGE`, counted from the stage's start: receipt for classify, the dispatch for
+  deliver, or the latest replay) allow. Then dead letter.
+- Permanent (400/401/403/404, output still invalid after the one repair call, refusal, a bug):
+  dead letter at once.
+
+SDK retries and task retries do not stack. The Anthropic client is built with
+`max_retries=0`: the SDK's own retries would multiply attempts (2 SDK retries x 6 task attempts
+= 18 calls), hide calls from the attempt log and the call budget, and sleep on a worker thread
+ignoring the shared backoff and circuit breaker. Instead a transient failure frees the thread
+and the ticket comes back through the outbox after `delay`: on the broker as a countdown for
+short delays, kept in the outbox until due for long ones (`relay.MAX_BROKER_COUNTDOWN_SECONDS`),
+so no retry waits unacked in a worker that may die.
+
+The bound this gives: one classify attempt makes at most MAX_CALLS_PER_ATTEMPT calls (one per
+model, plus one repair each; a single call with `TRIAGE_BACKEND=anthropic` and a valid answer),
+so a ticket costs at most `max_attempts * MAX_CALLS_PER_ATTEMPT` calls, and a permanent error
+exactly the calls of one attempt. Attempts that never reported (the worker died mid-call) count
+too: a ticket claimed more than `max_attempts` times is dead-lettered without another call.
+Waiting for the shared rate limit or an open circuit does not spend an attempt.
 """
 
 from __future__ import annotations
