@@ -92,7 +92,7 @@ def config_dir_with_consumer(receiver: ConsumerReceiver) -> Path:
     target = Path(tempfile.mkdtemp(prefix="triage-config-"))
     shutil.copytree(PROJECT_ROOT / "config", target, dirs_exist_ok=True)
     (target / "sinks.yaml").write_text(
-        "timeout_seconds: 10\n"
+        "timeout_seconds: 3\n"
         "webhooks:\n"
         "  consumer:\n"
         f"    url: {receiver.url}\n"

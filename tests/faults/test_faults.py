@@ -284,3 +284,39 @@ def test_poison_tickets_dead_letter_after_one_call_and_fail_once_tickets_are_rou
         assert all(states[f"mixed-{i}"] in ("routed", "needs_review") for i in once)
         retried = s.scalar(select(func.count()).where(Attempt.outcome == "retry"))
         assert retried == len(once)
+
+
+def test_sustained_overload_pauses_consumption_instead_of_spending_attempts(
+    stack, fault_env, fake, receiver
+):
+    rt, client = stack
+    started = time.monotonic()
+    env = {**fault_env, "TRIAGE_CIRCUIT_COOLDOWN_SECONDS": "5"}
+    bodies = ticket_bodies("overload", TICKETS)
+    ids = post_tickets(client, bodies)
+    with workers(env) as pool:
+        wait_until(lambda: terminal_count(rt, ids) >= len(ids) // 5, 120, what="progress")
+        # The API answers nothing but 529 for 25 seconds.
+        outage = fake.add_fault(Fault("overloaded", times=-1))
+        time.sleep(25)
+        fake.clear_faults()
+        settle(rt, receiver, ids, pool)
+        paused = sum(w.log().count("pausing triage.classify") for w in pool)
+        resumed = sum(w.log().count("resuming triage.classify") for w in pool)
+    fig = audit(
+        "API overloaded (100% 529) for 25 s",
+        rt,
+        receiver,
+        sent=len(bodies),
+        ids=ids,
+        api_calls=fake.call_count(),
+        max_attempts=MAX_ATTEMPTS,
+        started=started,
+    )
+    fig.notes.update(overloaded_answers=outage.injected, paused=paused, resumed=resumed)
+    check_call_bound(fake, fig)
+    assert_nothing_lost_or_doubled(fig)
+    assert fig.dead_lettered == 0, fig.line()
+    assert paused >= 1 and resumed >= 1, fig.line()
+    # Without the breaker every waiting ticket would call about every second for 25 s.
+    assert outage.injected < len(ids) // 2, fig.line()

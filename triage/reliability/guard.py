@@ -7,6 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
 from triage.db.models import Attempt, TicketState, utcnow
 from triage.db.session import session_scope
 from triage.errors import TriageError
@@ -35,6 +38,8 @@ class StageFailure:
     # The states this stage may dead-letter the ticket from. A stale attempt (its claim was
     # taken over and the ticket finished meanwhile) must not dead-letter a routed ticket.
     dead_from: frozenset[TicketState] | None = None
+    # The stage's "started" Attempt row, finished here instead of adding another.
+    attempt_id: int | None = None
 
 
 def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> str:
@@ -61,7 +66,7 @@ def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> st
         decision.reason,
     )
     with session_scope(rt.sessions) as session:
-        session.add(_attempt_row(failure, error, outcome))
+        _record_attempt(session, failure, error, outcome)
         if decision.retry:
             if failure.on_retry is not None:
                 failure.on_retry(session)
@@ -98,15 +103,25 @@ def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> st
     return outcome
 
 
-def _attempt_row(failure: StageFailure, error: TriageError, outcome: str) -> Attempt:
-    return Attempt(
-        ticket_id=failure.ticket_id,
-        stage=failure.stage,
-        number=failure.attempt,
-        finished_at=utcnow(),
-        outcome=outcome,
-        error_type=error.__class__.__name__,
-        error=error.message[:4000],
-        request_id=error.request_id,
-        api_calls=failure.api_calls,
+def _record_attempt(
+    session: Session, failure: StageFailure, error: TriageError, outcome: str
+) -> None:
+    fields: dict[str, Any] = {
+        "finished_at": utcnow(),
+        "outcome": outcome,
+        "error_type": error.__class__.__name__,
+        "error": error.message[:4000],
+        "request_id": error.request_id,
+        "api_calls": failure.api_calls,
+    }
+    if failure.attempt_id is not None:
+        session.execute(
+            update(Attempt)
+            .where(Attempt.id == failure.attempt_id)
+            .values(**fields)
+            .execution_options(synchronize_session=False)
+        )
+        return
+    session.add(
+        Attempt(ticket_id=failure.ticket_id, stage=failure.stage, number=failure.attempt, **fields)
     )

@@ -99,7 +99,7 @@ local retry_after = tonumber(ARGV[7])
 local prefix = ARGV[8]
 redis.call('INCR', KEYS[1]); redis.call('EXPIRE', KEYS[1], window + 5)
 redis.call('INCR', KEYS[2]); redis.call('EXPIRE', KEYS[2], window + 5)
-if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+if tonumber(redis.call('GET', KEYS[3]) or 0) > now then return 0 end
 local trip = redis.call('EXISTS', KEYS[4]) == 1
 if not trip then
   local calls, over = 0, 0
@@ -198,9 +198,9 @@ class CircuitBreaker:
         pipe = self._client.pipeline(transaction=False)
         pipe.incr(key)
         pipe.expire(key, self.window + 5)
-        pipe.exists(self._open_until)
-        still_open = pipe.execute()[2]
-        if not still_open:
+        pipe.get(self._open_until)
+        open_until = pipe.execute()[2]
+        if open_until is None or float(open_until) <= time.time():
             # An answer to a call sent before the circuit opened proves nothing; only one
             # after the cool-down (the probe's) closes it.
             self._client.delete(self._half_open)

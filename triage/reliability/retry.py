@@ -122,6 +122,13 @@ def classify_lease_seconds(settings: Settings) -> float:
     return MAX_CALLS_PER_ATTEMPT * settings.api_timeout_seconds + 31.0
 
 
+def deliver_lease_seconds(sinks: int, sink_timeout_seconds: float) -> float:
+    """The longest a healthy delivery can take: each sink's request timing out (a write-back
+    makes up to three requests), plus the database work. While a delivery is this fresh, a
+    second copy of its message leaves it alone instead of sending it again."""
+    return max(1, sinks) * 3 * sink_timeout_seconds + 30.0
+
+
 def policy_for(stage: str, settings: Settings) -> RetryPolicy:
     """The configured policy of a stage (TRIAGE_<STAGE>_MAX_ATTEMPTS and friends)."""
     return RetryPolicy(
@@ -130,3 +137,22 @@ def policy_for(stage: str, settings: Settings) -> RetryPolicy:
         max_delay=getattr(settings, f"{stage}_max_delay"),
         max_age=getattr(settings, f"{stage}_max_age"),
     )
+
+
+# A database that cannot be reached at a task's boundary: the message goes back on the broker
+# this many times, after `infrastructure_delay`, before the sweeper is left to recover it.
+INFRASTRUCTURE_RETRIES = 40
+
+
+def is_database_outage(exc: BaseException) -> bool:
+    """The database itself is unreachable (not a constraint or a bug)."""
+    if isinstance(exc, OperationalError | PoolTimeout):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def infrastructure_delay(retries: int, rng: random.Random | None = None) -> float:
+    """Full jitter up to 1, 2, 4 ... 15 s: short enough to ride on the broker as a countdown
+    (see relay.MAX_BROKER_COUNTDOWN_SECONDS), spread so a recovering database is not hit by
+    every waiting task in the same instant."""
+    return (rng or _rng).uniform(0.5, min(15.0, 2.0**retries))

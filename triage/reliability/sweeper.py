@@ -9,14 +9,18 @@ re-sent when no delivery message for its ticket was enqueued within the deadline
 that still slips through costs a message, not an effect: every handler is idempotent.
 
 Deadlines: `received`/`queued` tickets and undelivered dispatches after `stuck_after_seconds`
-with nothing waiting in the outbox (a retry delayed in the outbox is not stuck); `classifying`
-tickets only after the classify lease too, the longest a live worker may hold one.
+with nothing waiting in the outbox (a retry delayed in the outbox is not stuck), and only when
+their queue holds fewer messages than there are such tickets: a backlog (workers down, the
+circuit open) is not a loss, and re-sending every waiting ticket would flood the broker with
+copies. `classifying` tickets after the classify lease too, the longest a live worker may hold
+one.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -28,6 +32,7 @@ from sqlalchemy.orm import Session
 from triage.db.models import Dispatch, OutboxMessage, Ticket, TicketState, utcnow
 from triage.db.session import session_scope
 from triage.pipeline.relay import DELIVER_TASK, enqueue_classify, enqueue_delivery
+from triage.pipeline.routing import CLASSIFY_QUEUE
 from triage.pipeline.runtime import Runtime
 from triage.pipeline.states import transition
 from triage.reliability.retry import classify_lease_seconds
@@ -54,6 +59,40 @@ def _postgres(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
+class BrokerDepths:
+    """Messages waiting on each queue, asked once per pass. None when the broker cannot say
+    (it is down: then nothing published now would get there either)."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self._rt = rt
+        self._known: dict[str, int | None] = {}
+
+    def __call__(self, queue: str) -> int | None:
+        if queue not in self._known:
+            self._known[queue] = self._ask(queue)
+        return self._known[queue]
+
+    def _ask(self, queue: str) -> int | None:
+        try:
+            with self._rt.celery.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1)
+                ok = conn.default_channel.queue_declare(queue=queue, passive=True)
+                return int(ok.message_count)
+        except Exception as exc:  # noqa: BLE001 - a queue nobody declared yet is empty
+            if getattr(exc, "code", None) == 404 or "NOT_FOUND" in str(exc):
+                return 0
+            log.warning("sweeper: depth of %s unknown (%s)", queue, exc)
+            return None
+
+
+def _not_all_on_broker(depth: int | None, candidates: int) -> bool:
+    """Whether `candidates` tickets waiting for `stuck_after` on a queue holding `depth`
+    messages cannot all be there: a backlog is not a loss. The broker cannot be asked for one
+    message, so a queue at least as deep as the candidates is given the benefit of the doubt
+    until it drains below them (a lost message then waits for the backlog, never for ever)."""
+    return depth is not None and depth < candidates
+
+
 def sweep_once(rt: Runtime, *, stuck_after: float | None = None, limit: int = 500) -> SweepReport:
     relayed = rt.publisher.relay_pending()
     now = utcnow()
@@ -61,10 +100,11 @@ def sweep_once(rt: Runtime, *, stuck_after: float | None = None, limit: int = 50
     cutoff = now - timedelta(seconds=deadline)
     lease_cutoff = now - timedelta(seconds=max(deadline, classify_lease_seconds(rt.settings)))
     outbox_ids: list[int] = []
+    depth = BrokerDepths(rt)
     with session_scope(rt.sessions) as session:
-        tickets = _requeue_tickets(session, cutoff, lease_cutoff, limit, outbox_ids)
+        tickets = _requeue_tickets(session, cutoff, lease_cutoff, limit, depth, outbox_ids)
     with session_scope(rt.sessions) as session:
-        deliveries = _requeue_deliveries(session, cutoff, limit, outbox_ids)
+        deliveries = _requeue_deliveries(session, cutoff, limit, depth, outbox_ids)
     if outbox_ids:
         log.warning("sweeper re-enqueued %d tickets, %d deliveries", tickets, deliveries)
         rt.publisher.publish(outbox_ids)
@@ -72,7 +112,12 @@ def sweep_once(rt: Runtime, *, stuck_after: float | None = None, limit: int = 50
 
 
 def _requeue_tickets(
-    session: Session, cutoff: datetime, lease_cutoff: datetime, limit: int, out: list[int]
+    session: Session,
+    cutoff: datetime,
+    lease_cutoff: datetime,
+    limit: int,
+    depth: Callable[[str], int | None],
+    out: list[int],
 ) -> int:
     query = (
         select(Ticket.id, Ticket.state, Ticket.state_changed_at)
@@ -95,6 +140,9 @@ def _requeue_tickets(
     if _postgres(session):
         query = query.with_for_update(skip_locked=True, of=Ticket)
     stuck = session.execute(query).all()
+    waiting = sum(1 for _id, state, _at in stuck if state != S.CLASSIFYING.value)
+    if waiting and not _not_all_on_broker(depth(CLASSIFY_QUEUE), waiting):
+        stuck = [row for row in stuck if row[1] == S.CLASSIFYING.value]
     requeued = 0
     for ticket_id, state, changed_at in stuck:
         # Back to queued: a classifying ticket's holder is past its lease (presumed dead), so
@@ -113,7 +161,13 @@ def _requeue_tickets(
     return requeued
 
 
-def _requeue_deliveries(session: Session, cutoff: datetime, limit: int, out: list[int]) -> int:
+def _requeue_deliveries(
+    session: Session,
+    cutoff: datetime,
+    limit: int,
+    depth: Callable[[str], int | None],
+    out: list[int],
+) -> int:
     recent_delivery_message = exists().where(
         OutboxMessage.ticket_id == Dispatch.ticket_id,
         OutboxMessage.task == DELIVER_TASK,
@@ -135,11 +189,17 @@ def _requeue_deliveries(session: Session, cutoff: datetime, limit: int, out: lis
     if _postgres(session):
         query = query.with_for_update(skip_locked=True, of=Dispatch)
     undelivered = session.execute(query).all()
+    per_route = Counter(route for _d, _t, route in undelivered)
+    lost = {route for route, n in per_route.items() if _not_all_on_broker(depth(route), n)}
+    requeued = 0
     for dispatch_id, ticket_id, route in undelivered:
-        out.append(
-            enqueue_delivery(session, ticket_id=ticket_id, dispatch_id=dispatch_id, route=route).id
-        )
-    return len(undelivered)
+        if route in lost:
+            msg = enqueue_delivery(
+                session, ticket_id=ticket_id, dispatch_id=dispatch_id, route=route
+            )
+            out.append(msg.id)
+            requeued += 1
+    return requeued
 
 
 class Periodic:
