@@ -29,6 +29,8 @@ from tests.faults.harness import (
 )
 from tests.support.stack import WorkerProcess, wait_until
 from triage.db.models import Attempt, DeadLetter, Ticket
+from triage.db.session import session_scope
+from triage.reliability.deadletter import replay
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 
@@ -257,6 +259,12 @@ def test_poison_tickets_dead_letter_after_one_call_and_fail_once_tickets_are_rou
     ids = post_tickets(client, bodies)
     with workers(fault_env) as pool:
         settle(rt, receiver, ids, pool)
+        check_poison_and_fail_once(rt, client, fake, receiver, ids, bodies, poison, once, started)
+        replay_the_dead_letters_once_the_api_accepts_them(rt, fake, receiver, ids, pool, poison)
+
+
+def check_poison_and_fail_once(rt, client, fake, receiver, ids, bodies, poison, once, started):
+    n = len(bodies)
     fig = audit(
         "poison (always 400) + fail-once tickets",
         rt,
@@ -284,6 +292,30 @@ def test_poison_tickets_dead_letter_after_one_call_and_fail_once_tickets_are_rou
         assert all(states[f"mixed-{i}"] in ("routed", "needs_review") for i in once)
         retried = s.scalar(select(func.count()).where(Attempt.outcome == "retry"))
         assert retried == len(once)
+
+
+def replay_the_dead_letters_once_the_api_accepts_them(rt, fake, receiver, ids, pool, poison):
+    fake.clear_faults()
+    outbox_ids = []
+    with session_scope(rt.sessions) as s:
+        for letter_id in s.scalars(select(DeadLetter.id)).all():
+            replayed = replay(s, letter_id)
+            assert replayed is not None and replayed.stage == "classify"
+            outbox_ids.append(replayed.outbox_id)
+        # A second replay of the same letter does nothing.
+        assert replay(s, letter_id) is None
+    rt.publisher.publish(outbox_ids)
+    settle(rt, receiver, ids, pool)
+    per_ticket = calls_per_ticket(fake)
+    with rt.sessions() as s:
+        states = dict(s.execute(select(Ticket.external_id, Ticket.state)).all())
+        letters = s.scalars(select(DeadLetter)).all()
+    assert all(states[f"mixed-{i}"] in ("routed", "needs_review") for i in poison)
+    # History kept: the letters stay, marked replayed; one more call per replayed ticket.
+    assert len(letters) == len(poison) and all(dl.replayed_at for dl in letters)
+    assert all(per_ticket[f"mixed-{i}"] == 2 for i in poison)
+    received, _ = receiver.snapshot()
+    assert len(received) == len(ids) and max(received.values()) == 1
 
 
 def test_sustained_overload_pauses_consumption_instead_of_spending_attempts(
