@@ -51,7 +51,7 @@ class _Claim:
     ticket_id: int
     attempt: int
     generation: int
-    age_seconds: float
+    received_at: datetime
     request: ClassificationRequest
     reuse: Classification | None
 
@@ -74,7 +74,7 @@ def classify_ticket_stage(rt: Runtime, ticket_id: int) -> str:
             f"{claim.attempt - 1} attempts started, none finished with an outcome "
             "(worker lost mid-attempt?)"
         )
-        return handle_failure(rt, _failure(claim, 0), lost)
+        return handle_failure(rt, _failure(rt, claim, 0), lost)
     if claim.reuse is None:
         wait = _admission_wait(rt, claim)
         if wait > 0:
@@ -85,7 +85,7 @@ def classify_ticket_stage(rt: Runtime, ticket_id: int) -> str:
         if isinstance(exc, RateLimited) and rt.admission is not None:
             _record_overload(rt.admission, exc)
         calls = exc.api_calls if isinstance(exc, TriageError) else 0
-        return handle_failure(rt, _failure(claim, calls), exc)
+        return handle_failure(rt, _failure(rt, claim, calls), exc)
     if result.calls and rt.admission is not None:
         _record_success(rt.admission)
     _observe(result)
@@ -182,19 +182,22 @@ def _begin(rt: Runtime, ticket_id: int) -> _Claim | str:
             ticket_id=ticket.id,
             attempt=ticket.attempts + 1,
             generation=ticket.generation,
-            age_seconds=(now - _run_started(session, ticket)).total_seconds(),
+            received_at=ticket.received_at,
             request=_request(rt, ticket),
             reuse=reuse,
         )
 
 
-def _run_started(session: Session, ticket: Ticket) -> datetime:
-    """Where the classify stage's age bound counts from: receipt, or the latest replay of a
-    dead letter (a replay is a fresh run, not an old one that is already too old to retry)."""
-    replayed = session.scalar(
-        select(func.max(DeadLetter.replayed_at)).where(DeadLetter.ticket_id == ticket.id)
-    )
-    return max(ticket.received_at, replayed) if replayed else ticket.received_at
+def _age_seconds(rt: Runtime, claim: _Claim) -> float:
+    """The classify stage's age, for the retry decision: from receipt, or from the latest
+    replay of a dead letter (a replay is a fresh run, not an old one already too old to
+    retry). Asked only when an attempt fails, not on every claim."""
+    with rt.sessions() as session:
+        replayed = session.scalar(
+            select(func.max(DeadLetter.replayed_at)).where(DeadLetter.ticket_id == claim.ticket_id)
+        )
+    started = max(claim.received_at, replayed) if replayed else claim.received_at
+    return (utcnow() - started).total_seconds()
 
 
 def _reschedule(session: Session, ticket: Ticket, wait: timedelta) -> None:
@@ -256,7 +259,7 @@ def _reuse(source: Classification) -> ClassificationResult:
     )
 
 
-def _failure(claim: _Claim, api_calls: int) -> StageFailure:
+def _failure(rt: Runtime, claim: _Claim, api_calls: int) -> StageFailure:
     def back_to_queued(session: Session) -> None:
         transition(session, claim.ticket_id, S.QUEUED, only_from=frozenset({S.CLASSIFYING}))
 
@@ -264,7 +267,7 @@ def _failure(claim: _Claim, api_calls: int) -> StageFailure:
         ticket_id=claim.ticket_id,
         stage="classify",
         attempt=claim.attempt,
-        age_seconds=claim.age_seconds,
+        age_seconds=_age_seconds(rt, claim),
         task=CLASSIFY_TASK,
         queue=CLASSIFY_QUEUE,
         args={"ticket_id": claim.ticket_id},

@@ -159,10 +159,11 @@ class CircuitBreaker:
     def wait_seconds(self) -> float:
         """0.0 when a call may go (closed, or this caller won the half-open probe); otherwise
         how long to wait before asking again."""
-        remaining = self.open_seconds()
+        open_until, half_open = self._client.mget(self._open_until, self._half_open)
+        remaining = 0.0 if open_until is None else float(open_until) - time.time()
         if remaining > 0:
             return remaining
-        if not self._client.exists(self._half_open):
+        if half_open is None:
             return 0.0
         won = self._client.set(self._probe, "1", nx=True, px=int(self.probe_interval * 1000))
         return 0.0 if won else self.probe_interval
@@ -199,8 +200,9 @@ class CircuitBreaker:
         pipe.incr(key)
         pipe.expire(key, self.window + 5)
         pipe.get(self._open_until)
-        open_until = pipe.execute()[2]
-        if open_until is None or float(open_until) <= time.time():
+        pipe.exists(self._half_open)
+        _, _, open_until, half_open = pipe.execute()
+        if half_open and (open_until is None or float(open_until) <= time.time()):
             # An answer to a call sent before the circuit opened proves nothing; only one
             # after the cool-down (the probe's) closes it.
             self._client.delete(self._half_open)
