@@ -16,6 +16,7 @@ from tests.faults.harness import (
     CONSUMER_SECRET,
     ConsumerReceiver,
     config_dir_with_consumer,
+    record_file,
 )
 from tests.faults.servers import PostgresServer, RedisServer
 from tests.support.stack import make_runtime, stack_env, truncate
@@ -103,3 +104,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     terminalreporter.section("fault figures")
     for figures in COLLECTED:
         terminalreporter.write_line(figures.line())
+    # Again, now that every test has added its notes.
+    for figures in COLLECTED:
+        record_file(figures)

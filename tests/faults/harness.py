@@ -152,6 +152,10 @@ COLLECTED: list[Figures] = []
 def record(figures: Figures) -> None:
     COLLECTED.append(figures)
     print(figures.line())
+    record_file(figures)
+
+
+def record_file(figures: Figures) -> None:
     FIGURES_FILE.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(FIGURES_FILE.read_text()) if FIGURES_FILE.exists() else {}
     existing[figures.scenario] = asdict(figures)

@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
+import redis
 from sqlalchemy import func, select
 
 from tests.fakeanthropic import FakeAnthropic, Fault
@@ -30,6 +31,7 @@ from tests.faults.harness import (
 from tests.support.stack import WorkerProcess, wait_until
 from triage.db.models import Attempt, DeadLetter, Ticket
 from triage.db.session import session_scope
+from triage.pipeline.routing import DEAD_QUEUE
 from triage.reliability.deadletter import replay
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
@@ -278,6 +280,9 @@ def check_poison_and_fail_once(rt, client, fake, receiver, ids, bodies, poison, 
     per_ticket = check_call_bound(fake, fig)
     fig.notes["poison"] = len(poison)
     fig.notes["fail_once"] = len(once)
+    # Each dead letter was announced on triage.dead for whoever watches it.
+    fig.notes["triage.dead messages"] = redis.Redis.from_url(rt.settings.redis_url).llen(DEAD_QUEUE)
+    assert fig.notes["triage.dead messages"] >= len(poison), fig.line()
     assert_nothing_lost_or_doubled(fig)
     assert fig.dead_lettered == len(poison), fig.line()
     assert all(per_ticket[f"mixed-{i}"] == 1 for i in poison), "poison: exactly one call each"

@@ -3,6 +3,7 @@ and the sweeper tells a backlog from lost messages."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import redis
@@ -65,9 +66,7 @@ def test_a_long_retry_delay_waits_in_the_outbox_not_on_the_broker(pg_url, clean_
     assert sent[0][1]["countdown"] is None  # due now: no countdown left for the broker to hold
 
 
-def test_sweeper_leaves_a_backlog_alone_and_re_enqueues_what_the_broker_lost(
-    pg_url, clean_redis
-):
+def test_sweeper_leaves_a_backlog_alone_and_re_enqueues_what_the_broker_lost(pg_url, clean_redis):
     truncate(pg_url)
     rt = make_runtime(stack_env(pg_url, clean_redis, TRIAGE_STUCK_AFTER_SECONDS="60"))
     _tickets(rt, 5)
@@ -80,3 +79,14 @@ def test_sweeper_leaves_a_backlog_alone_and_re_enqueues_what_the_broker_lost(
     assert sweep_once(rt).requeued_tickets == 5
     assert sweep_once(rt).requeued_tickets == 0
     assert broker.llen(CLASSIFY_QUEUE) == 5
+
+
+def test_several_sweepers_at_once_re_enqueue_each_stuck_ticket_once(pg_url, clean_redis):
+    truncate(pg_url)
+    env = stack_env(pg_url, clean_redis, TRIAGE_STUCK_AFTER_SECONDS="60")
+    sweepers = [make_runtime(env) for _ in range(4)]
+    _tickets(sweepers[0], 40)
+    with ThreadPoolExecutor(len(sweepers)) as pool:
+        reports = list(pool.map(sweep_once, sweepers))
+    assert sum(r.requeued_tickets for r in reports) == 40
+    assert redis.Redis.from_url(clean_redis).llen(CLASSIFY_QUEUE) == 40
