@@ -4,11 +4,11 @@ TriageError
 ├── ConfigError            bad settings or config/ files (start-up refuses to run)
 ├── IngestError            a webhook that cannot be accepted (carries an HTTP status)
 ├── TransientError         worth retrying: rate limits, overload, 5xx, timeouts, disconnects
-│   └── RateLimited        the server said when to come back (retry_after)
+│   ├── RateLimited        the server said when to come back (retry_after)
+│   └── OutputTruncated    stop_reason "max_tokens": the label was cut off (truncated JSON)
 └── PermanentError         retrying cannot help: dead-letter at once
     ├── InvalidOutput      the model's answer failed the schema (after the repair attempt)
-    ├── Refused            the model refused (stop_reason "refusal")
-    └── OutputTruncated    stop_reason "max_tokens": the label was cut off
+    └── Refused            the model refused (stop_reason "refusal")
 """
 
 from __future__ import annotations
@@ -84,5 +84,7 @@ class Refused(PermanentError):
     """The model refused to label the ticket."""
 
 
-class OutputTruncated(PermanentError):
-    """The model hit max_tokens before finishing the label."""
+class OutputTruncated(TransientError):
+    """The model hit max_tokens before finishing the label. Transient: the cut is a property
+    of that one answer (issue 5 lists truncated JSON among transient faults), and the attempt
+    bound caps what a model that always rambles can cost."""

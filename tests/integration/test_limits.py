@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import redis
 
+from tests.support.stack import wait_until
 from triage.reliability.limits import Admission, ApiLimiter, CircuitBreaker, Limits
 
 
@@ -52,3 +53,38 @@ def test_breaker_opens_after_sustained_overload_and_honours_retry_after(clean_re
 def test_unlimited_by_default(clean_redis):
     limiter = ApiLimiter(redis.Redis.from_url(clean_redis), Limits())
     assert all(limiter.acquire(10_000) == 0 for _ in range(100))
+
+
+def test_sporadic_overloads_among_good_answers_do_not_open_the_breaker(clean_redis):
+    breaker = CircuitBreaker(redis.Redis.from_url(clean_redis), threshold=3, window=10)
+    for _ in range(10):
+        for _ in range(5):
+            breaker.record_success()
+        assert breaker.record_overload() is False
+    assert breaker.wait_seconds() == 0 and breaker.open_seconds() == 0
+
+
+def test_after_the_cooldown_one_probe_goes_and_its_success_closes_the_breaker(clean_redis):
+    client = redis.Redis.from_url(clean_redis)
+    breaker = CircuitBreaker(client, threshold=2, window=10, cooldown=0.2, probe_interval=5)
+    breaker.record_overload()
+    assert breaker.record_overload() is True
+    assert breaker.open_seconds() > 0
+    # Answers to calls sent before the circuit opened do not close it.
+    breaker.record_success()
+    wait_until(lambda: breaker.open_seconds() == 0, 5, what="cool-down over")
+    assert breaker.wait_seconds() == 0  # this caller is the probe
+    assert breaker.wait_seconds() > 0  # everyone else waits for it
+    breaker.record_success()
+    assert breaker.wait_seconds() == 0 and breaker.wait_seconds() == 0
+
+
+def test_an_overload_during_the_probe_opens_the_breaker_again(clean_redis):
+    client = redis.Redis.from_url(clean_redis)
+    breaker = CircuitBreaker(client, threshold=2, window=10, cooldown=0.2, probe_interval=5)
+    breaker.record_overload()
+    breaker.record_overload()
+    wait_until(lambda: breaker.open_seconds() == 0, 5, what="cool-down over")
+    assert breaker.wait_seconds() == 0
+    assert breaker.record_overload() is True
+    assert breaker.open_seconds() > 0

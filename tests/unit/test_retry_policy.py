@@ -56,3 +56,34 @@ def test_database_outage_is_transient_and_unknown_bugs_are_permanent():
     assert isinstance(as_triage_error(db_down), TransientError)
     assert isinstance(as_triage_error(ConnectionResetError()), TransientError)
     assert isinstance(as_triage_error(KeyError("x")), PermanentError)
+
+
+def test_truncated_output_is_transient_and_retried():
+    from triage.errors import OutputTruncated
+
+    d = decide(POLICY, OutputTruncated("cut off"), attempt=1, age_seconds=0)
+    assert d.retry
+
+
+def test_attempts_that_never_reported_count_against_the_bound():
+    # A ticket claimed for the 7th time under a 5-attempt policy is dead-lettered, not called.
+    d = decide(POLICY, TransientError("worker lost"), attempt=7, age_seconds=0)
+    assert not d.retry and "exhausted" in d.reason
+
+
+def test_database_outage_backs_off_briefly_within_the_broker_countdown_limit():
+    from triage.pipeline.relay import MAX_BROKER_COUNTDOWN_SECONDS
+    from triage.reliability.retry import infrastructure_delay, is_database_outage
+
+    rng = random.Random(5)
+    delays = [infrastructure_delay(n, rng) for n in range(40)]
+    assert all(0.5 <= d <= MAX_BROKER_COUNTDOWN_SECONDS for d in delays)
+    assert max(delays[:2]) <= 2 and max(delays[10:]) > 5
+    assert is_database_outage(OperationalError("SELECT 1", {}, Exception("refused")))
+    assert not is_database_outage(KeyError("x"))
+
+
+def test_the_sdk_never_retries_behind_the_policy():
+    from triage.classify.backends.anthropic import make_client
+
+    assert make_client(api_key="k", base_url=None, timeout=5).max_retries == 0

@@ -6,12 +6,21 @@ from celery import Celery
 from kombu import Queue
 
 from triage.config import AppConfig
+from triage.pipeline import consumption
 from triage.pipeline.routing import CLASSIFY_QUEUE, DEAD_QUEUE, REVIEW_QUEUE, department_queue
+from triage.reliability.retry import classify_lease_seconds
 
-# Longest a task may run (API timeout x repair call + DB work) is well under this. Redis
-# redelivers an unacked message after the visibility timeout, so it must exceed the longest
-# task and the longest retry countdown, or healthy tasks would run twice.
+# Redis redelivers a message that is still unacked after the visibility timeout, and an
+# unacked message is one being run (acks_late) or one waiting on a worker for its countdown.
+# So it must exceed the longest task (the classify lease: four calls of at most the API
+# timeout, `retry.classify_lease_seconds`) plus the longest countdown the broker carries
+# (`relay.MAX_BROKER_COUNTDOWN_SECONDS`; longer delays wait in the outbox), or healthy tasks
+# would run twice. It is also how long a message held by a SIGKILLed worker stays invisible;
+# the sweeper recovers those tickets from the database long before.
 VISIBILITY_TIMEOUT_SECONDS = 2 * 3600
+# Warm shutdown (SIGTERM) finishes the tasks in flight: the longest is the classify lease
+# with the default 30 s API timeout. Whatever is still running after this is requeued.
+SOFT_SHUTDOWN_SECONDS = 180.0
 
 
 def all_queues(config: AppConfig) -> list[str]:
@@ -52,9 +61,18 @@ def make_celery(config: AppConfig) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         worker_hijack_root_logger=False,
-        # Thread pool tasks have no hard time limit (Celery enforces those with signals in the
-        # prefork pool only); the API call carries its own timeout instead.
+        # Time limits: Celery enforces these in the prefork pool only (signals); in the thread
+        # pool a thread cannot be killed, so there the API timeout bounds each call and the
+        # classify lease bounds the task (a holder past it is presumed dead and taken over).
+        # Set anyway, for anyone running -P prefork: soft first so the stage can record the
+        # failure, hard a little later.
+        task_soft_time_limit=classify_lease_seconds(config.settings),
+        task_time_limit=classify_lease_seconds(config.settings) + 30,
+        # SIGTERM: stop taking messages, let the tasks in flight finish (up to this long),
+        # then requeue the unacked rest instead of leaving them to the visibility timeout.
+        worker_soft_shutdown_timeout=SOFT_SHUTDOWN_SECONDS,
         worker_send_task_events=False,
         enable_utc=True,
     )
+    consumption.install(app)
     return app

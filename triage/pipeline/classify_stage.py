@@ -12,9 +12,9 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from triage.classify.backends.base import ClassificationRequest, ClassificationResult, Usage
@@ -31,13 +31,15 @@ from triage.db.models import (
     utcnow,
 )
 from triage.db.session import session_scope
-from triage.errors import RateLimited, TriageError
+from triage.errors import RateLimited, TransientError, TriageError
 from triage.metrics import CLASSIFICATIONS, CLASSIFY_COST, CLASSIFY_LATENCY, CLASSIFY_TOKENS
 from triage.pipeline.relay import CLASSIFY_TASK, enqueue_classify, enqueue_delivery
 from triage.pipeline.routing import CLASSIFY_QUEUE, Route, decide_route
 from triage.pipeline.runtime import Runtime
 from triage.pipeline.states import transition
 from triage.reliability.guard import StageFailure, handle_failure
+from triage.reliability.limits import Admission
+from triage.reliability.retry import classify_lease_seconds, policy_for
 
 log = logging.getLogger(__name__)
 S = TicketState
@@ -49,7 +51,7 @@ class _Claim:
     ticket_id: int
     attempt: int
     generation: int
-    age_seconds: float
+    received_at: datetime
     request: ClassificationRequest
     reuse: Classification | None
 
@@ -73,6 +75,16 @@ def classify_ticket_stage(
     claim = _begin(rt, ticket_id, reuse=reuse)
     if isinstance(claim, str):
         return claim
+    max_attempts = policy_for("classify", rt.settings).max_attempts
+    if claim.attempt > max_attempts:
+        # Earlier attempts ended without an outcome (the worker died mid-call, say, every
+        # time): the attempt bound holds for those too, or a ticket that crashes its worker
+        # would be redelivered for ever.
+        lost = TransientError(
+            f"{claim.attempt - 1} attempts started, none finished with an outcome "
+            "(worker lost mid-attempt?)"
+        )
+        return handle_failure(rt, _failure(rt, claim, 0), lost)
     if claim.reuse is None:
         wait = _admission_wait(rt, claim, max_inline_wait)
         if wait > 0:
@@ -81,11 +93,27 @@ def classify_ticket_stage(
         result = _reuse(claim.reuse) if claim.reuse else rt.backend.classify(claim.request)
     except Exception as exc:  # noqa: BLE001 - the guard names and decides every failure
         if isinstance(exc, RateLimited) and rt.admission is not None:
-            rt.admission.breaker.record_overload(exc.retry_after)
+            _record_overload(rt.admission, exc)
         calls = exc.api_calls if isinstance(exc, TriageError) else 0
-        return handle_failure(rt, _failure(claim, calls), exc)
+        return handle_failure(rt, _failure(rt, claim, calls), exc)
+    if result.calls and rt.admission is not None:
+        _record_success(rt.admission)
     _observe(result)
     return _finish(rt, claim, result)
+
+
+def _record_success(admission: Admission) -> None:
+    try:
+        admission.breaker.record_success()
+    except Exception as exc:  # noqa: BLE001 - the label is good; a lost count must not undo it
+        log.warning("circuit breaker not updated: %s", exc)
+
+
+def _record_overload(admission: Admission, exc: RateLimited) -> None:
+    try:
+        admission.breaker.record_overload(exc.retry_after)
+    except Exception as err:  # noqa: BLE001 - the retry decision must not depend on Redis
+        log.warning("circuit breaker not updated: %s", err)
 
 
 def _admission_wait(rt: Runtime, claim: _Claim, max_inline_wait: float) -> float:
@@ -94,12 +122,18 @@ def _admission_wait(rt: Runtime, claim: _Claim, max_inline_wait: float) -> float
     if rt.admission is None:
         return 0.0
     tokens = estimate_input_tokens(rt.config.taxonomy, claim.request)
-    wait = rt.admission.wait_seconds(tokens)
-    slept = 0.0
-    while wait > 0 and slept + wait <= max_inline_wait:
-        time.sleep(wait)
-        slept += wait
+    try:
         wait = rt.admission.wait_seconds(tokens)
+        slept = 0.0
+        while wait > 0 and slept + wait <= max_inline_wait:
+            time.sleep(wait)
+            slept += wait
+            wait = rt.admission.wait_seconds(tokens)
+    except Exception as exc:  # noqa: BLE001 - see below
+        # The shared budget lives in Redis. Without it, call anyway: the API's own 429s are
+        # the retry policy's to handle, while refusing would stall every ticket on Redis.
+        log.warning("API budget unavailable (%s); calling without it", exc)
+        return 0.0
     return wait
 
 
@@ -125,7 +159,7 @@ def _begin(rt: Runtime, ticket_id: int, *, reuse: bool = True) -> _Claim | str:
     settings = rt.settings
     # A ticket another worker is classifying right now is left alone for this long; after it,
     # the holder is presumed dead (the message came back) and the ticket is taken over.
-    lease = timedelta(seconds=2 * settings.api_timeout_seconds + 30)
+    lease = timedelta(seconds=classify_lease_seconds(settings))
     with session_scope(rt.sessions) as session:
         ticket = session.get(Ticket, ticket_id)
         if ticket is None:
@@ -160,10 +194,22 @@ def _begin(rt: Runtime, ticket_id: int, *, reuse: bool = True) -> _Claim | str:
             ticket_id=ticket.id,
             attempt=ticket.attempts + 1,
             generation=ticket.generation,
-            age_seconds=(now - ticket.received_at).total_seconds(),
+            received_at=ticket.received_at,
             request=build_request(rt, ticket),
             reuse=_find_reusable(rt, session, ticket) if reuse else None,
         )
+
+
+def _age_seconds(rt: Runtime, claim: _Claim) -> float:
+    """The classify stage's age, for the retry decision: from receipt, or from the latest
+    replay of a dead letter (a replay is a fresh run, not an old one already too old to
+    retry). Asked only when an attempt fails, not on every claim."""
+    with rt.sessions() as session:
+        replayed = session.scalar(
+            select(func.max(DeadLetter.replayed_at)).where(DeadLetter.ticket_id == claim.ticket_id)
+        )
+    started = max(claim.received_at, replayed) if replayed else claim.received_at
+    return (utcnow() - started).total_seconds()
 
 
 def _reschedule(session: Session, ticket: Ticket, wait: timedelta) -> None:
@@ -226,7 +272,7 @@ def _reuse(source: Classification) -> ClassificationResult:
     )
 
 
-def _failure(claim: _Claim, api_calls: int) -> StageFailure:
+def _failure(rt: Runtime, claim: _Claim, api_calls: int) -> StageFailure:
     def back_to_queued(session: Session) -> None:
         transition(session, claim.ticket_id, S.QUEUED, only_from=frozenset({S.CLASSIFYING}))
 
@@ -234,12 +280,13 @@ def _failure(claim: _Claim, api_calls: int) -> StageFailure:
         ticket_id=claim.ticket_id,
         stage="classify",
         attempt=claim.attempt,
-        age_seconds=claim.age_seconds,
+        age_seconds=_age_seconds(rt, claim),
         task=CLASSIFY_TASK,
         queue=CLASSIFY_QUEUE,
         args={"ticket_id": claim.ticket_id},
         on_retry=back_to_queued,
         api_calls=api_calls,
+        dead_from=CLAIMABLE,
     )
 
 
@@ -343,7 +390,7 @@ def record_label(
         ticket_id=ticket.id,
         attempt=1,
         generation=generation + 1,
-        age_seconds=0.0,
+        received_at=ticket.received_at,
         request=build_request(rt, ticket),
         reuse=None,
     )

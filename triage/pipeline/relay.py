@@ -26,6 +26,12 @@ DELIVER_TASK = "triage.deliver"
 DEAD_LETTER_TASK = "triage.dead_lettered"
 # How long a claimed row is left alone before another relay may try it again.
 CLAIM_LEASE = timedelta(seconds=30)
+# Delays up to this long ride on the broker as a Celery countdown; longer ones wait in the
+# outbox (`available_at`) and are published when due. On Redis a countdown message sits
+# unacked in one worker's memory until it runs: a long one would be lost with that worker
+# (until the visibility timeout), would be redelivered if it outlived the visibility timeout,
+# and thousands of them would fill the worker's memory during a long API outage.
+MAX_BROKER_COUNTDOWN_SECONDS = 15.0
 
 
 def enqueue(
@@ -37,9 +43,21 @@ def enqueue(
     args: dict[str, Any],
     countdown: float = 0.0,
 ) -> OutboxMessage:
-    """Add a message to the outbox in the caller's transaction."""
+    """Add a message to the outbox in the caller's transaction. A `countdown` longer than
+    MAX_BROKER_COUNTDOWN_SECONDS keeps the row in the outbox until it is due."""
+    countdown = max(0.0, countdown)
+    now = utcnow()
+    available_at = now
+    if countdown > MAX_BROKER_COUNTDOWN_SECONDS:
+        available_at = now + timedelta(seconds=countdown)
     msg = OutboxMessage(
-        ticket_id=ticket_id, task=task, queue=queue, args=args, countdown=max(0.0, countdown)
+        ticket_id=ticket_id,
+        task=task,
+        queue=queue,
+        args=args,
+        countdown=countdown,
+        created_at=now,
+        available_at=available_at,
     )
     session.add(msg)
     return msg

@@ -38,9 +38,12 @@ def dead_letter(
     error: TriageError,
     attempts: int,
     payload: dict[str, Any],
-) -> tuple[DeadLetter, OutboxMessage]:
+    only_from: frozenset[TicketState] | None = None,
+) -> tuple[DeadLetter, OutboxMessage] | None:
     """Record the failure, move the ticket to dead_lettered and announce it on triage.dead,
-    all in the caller's transaction. Returns the letter and the announcement to publish."""
+    all in the caller's transaction. Returns the letter and the announcement to publish, or
+    None when the ticket is already dead-lettered or finished (a redelivered copy of the
+    message lost the race): one letter per failure, never two."""
     first_failed = session.scalar(
         select(func.min(Attempt.started_at)).where(
             Attempt.ticket_id == ticket_id, Attempt.stage == stage, Attempt.outcome != "ok"
@@ -58,8 +61,12 @@ def dead_letter(
         request_id=error.request_id,
         payload=payload,
     )
+    moved = transition(
+        session, ticket_id, S.DEAD_LETTERED, only_from=only_from, last_error=str(error)[:4000]
+    )
+    if not moved:
+        return None
     session.add(letter)
-    transition(session, ticket_id, S.DEAD_LETTERED, last_error=str(error)[:4000])
     session.flush()
     notice = enqueue(
         session,
@@ -124,6 +131,8 @@ def _replay_delivery(session: Session, ticket: Ticket, letter: DeadLetter) -> Re
     back_to = S.NEEDS_REVIEW if ticket.review_reason else S.ROUTED
     transition(session, ticket.id, back_to, only_from=frozenset({S.DEAD_LETTERED}))
     dispatch.delivery_attempts = 0
+    # The deliver stage's age bound counts from here: a replay is a fresh run.
+    dispatch.created_at = utcnow()
     msg = enqueue_delivery(
         session, ticket_id=ticket.id, dispatch_id=dispatch.id, route=dispatch.route
     )

@@ -7,7 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from triage.db.models import Attempt, utcnow
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from triage.db.models import Attempt, TicketState, utcnow
 from triage.db.session import session_scope
 from triage.errors import TriageError
 from triage.pipeline.relay import enqueue
@@ -32,6 +35,11 @@ class StageFailure:
     # Runs in the failure transaction before a retry is scheduled (e.g. state back to queued).
     on_retry: Callable[[Any], None] | None = None
     api_calls: int = 0
+    # The states this stage may dead-letter the ticket from. A stale attempt (its claim was
+    # taken over and the ticket finished meanwhile) must not dead-letter a routed ticket.
+    dead_from: frozenset[TicketState] | None = None
+    # The stage's "started" Attempt row, finished here instead of adding another.
+    attempt_id: int | None = None
 
 
 def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> str:
@@ -58,7 +66,7 @@ def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> st
         decision.reason,
     )
     with session_scope(rt.sessions) as session:
-        session.add(_attempt_row(failure, error, outcome))
+        _record_attempt(session, failure, error, outcome)
         if decision.retry:
             if failure.on_retry is not None:
                 failure.on_retry(session)
@@ -71,12 +79,13 @@ def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> st
                 countdown=decision.delay,
             )
         else:
-            _letter, msg = dead_letter(
+            lettered = dead_letter(
                 session,
                 ticket_id=failure.ticket_id,
                 stage=failure.stage,
                 error=error,
                 attempts=failure.attempt,
+                only_from=failure.dead_from,
                 payload={
                     "task": failure.task,
                     "queue": failure.queue,
@@ -84,6 +93,9 @@ def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> st
                     "reason": decision.reason,
                 },
             )
+            if lettered is None:
+                return "noop"
+            _letter, msg = lettered
             log.error("ticket %s dead-lettered at %s: %s", failure.ticket_id, failure.stage, error)
         session.flush()
         outbox_id = msg.id
@@ -91,15 +103,25 @@ def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> st
     return outcome
 
 
-def _attempt_row(failure: StageFailure, error: TriageError, outcome: str) -> Attempt:
-    return Attempt(
-        ticket_id=failure.ticket_id,
-        stage=failure.stage,
-        number=failure.attempt,
-        finished_at=utcnow(),
-        outcome=outcome,
-        error_type=error.__class__.__name__,
-        error=error.message[:4000],
-        request_id=error.request_id,
-        api_calls=failure.api_calls,
+def _record_attempt(
+    session: Session, failure: StageFailure, error: TriageError, outcome: str
+) -> None:
+    fields: dict[str, Any] = {
+        "finished_at": utcnow(),
+        "outcome": outcome,
+        "error_type": error.__class__.__name__,
+        "error": error.message[:4000],
+        "request_id": error.request_id,
+        "api_calls": failure.api_calls,
+    }
+    if failure.attempt_id is not None:
+        session.execute(
+            update(Attempt)
+            .where(Attempt.id == failure.attempt_id)
+            .values(**fields)
+            .execution_options(synchronize_session=False)
+        )
+        return
+    session.add(
+        Attempt(ticket_id=failure.ticket_id, stage=failure.stage, number=failure.attempt, **fields)
     )

@@ -3,7 +3,9 @@
 - `ApiLimiter`: calls and input tokens per minute (GCRA: a ticket may go when the account's
   rate allows it; bursts up to one minute's budget). Configure it to the account's tier.
 - `CircuitBreaker`: after sustained 429/529 answers the API is left alone for a cool-down, and
-  tickets wait on the broker instead of spending their attempts into the dead-letter queue.
+  tickets wait on the broker instead of spending their attempts into the dead-letter queue:
+  workers stop consuming `triage.classify` while it is open (see
+  `triage/pipeline/consumption.py`) and resume by themselves when a probe call succeeds.
 
 Both answer "go now" or "come back in N seconds"; the classify stage decides what to do with
 that (sleep briefly, or put the ticket back on the queue without using an attempt).
@@ -82,9 +84,48 @@ class ApiLimiter:
         return wait_ms / 1000
 
 
+# KEYS: calls bucket, overload bucket of this second, open-until key, half-open key.
+# ARGV: now (s), second, window (s), threshold, min ratio, cooldown, retry_after, prefix.
+# Counts one overload answer; opens the circuit when the window holds at least `threshold`
+# overloads and they are at least `ratio` of the answers (or at once when half-open).
+_OVERLOAD = """
+local now = tonumber(ARGV[1])
+local second = tonumber(ARGV[2])
+local window = tonumber(ARGV[3])
+local threshold = tonumber(ARGV[4])
+local ratio = tonumber(ARGV[5])
+local cooldown = tonumber(ARGV[6])
+local retry_after = tonumber(ARGV[7])
+local prefix = ARGV[8]
+redis.call('INCR', KEYS[1]); redis.call('EXPIRE', KEYS[1], window + 5)
+redis.call('INCR', KEYS[2]); redis.call('EXPIRE', KEYS[2], window + 5)
+if tonumber(redis.call('GET', KEYS[3]) or 0) > now then return 0 end
+local trip = redis.call('EXISTS', KEYS[4]) == 1
+if not trip then
+  local calls, over = 0, 0
+  for s = second - window + 1, second do
+    calls = calls + tonumber(redis.call('GET', prefix .. ':calls:' .. s) or 0)
+    over = over + tonumber(redis.call('GET', prefix .. ':over:' .. s) or 0)
+  end
+  trip = over >= threshold and over >= ratio * calls
+end
+if not trip then return 0 end
+local until_ = now + math.max(cooldown, retry_after)
+redis.call('SET', KEYS[3], tostring(until_), 'PX', math.ceil((until_ - now) * 1000))
+redis.call('SET', KEYS[4], '1', 'PX', math.ceil((until_ - now + 3600) * 1000))
+return 1
+"""
+
+
 class CircuitBreaker:
-    """Opens after `threshold` overload answers within `window` seconds, for `cooldown`
-    seconds (or the server's retry-after, if longer). Shared through Redis."""
+    """Closed, open, half-open; the state lives in Redis, so every worker on every host sees
+    the same circuit.
+
+    Opens when, within `window` seconds, at least `threshold` answers were 429/529 *and* they
+    were at least `ratio` of all answers: sporadic overloads at high throughput are the retry
+    policy's business, sustained ones are the breaker's. Stays open for `cooldown` seconds (or
+    the server's retry-after, if longer); then half-open: one probe call per `probe_interval`
+    is let through. A good answer closes the circuit; another overload opens it again."""
 
     def __init__(
         self,
@@ -93,44 +134,78 @@ class CircuitBreaker:
         threshold: int = 20,
         window: float = 30.0,
         cooldown: float = 30.0,
+        ratio: float = 0.5,
+        probe_interval: float = 2.0,
         prefix: str = "triage:circuit",
     ) -> None:
         self._client = client
         self.threshold = threshold
-        self.window = window
+        self.window = max(1, int(window))
         self.cooldown = cooldown
-        self._failures = f"{prefix}:failures"
+        self.ratio = ratio
+        self.probe_interval = probe_interval
+        self._prefix = prefix
         self._open_until = f"{prefix}:open-until"
+        self._half_open = f"{prefix}:half-open"
+        self._probe = f"{prefix}:probe"
+        self._script: Any = client.register_script(_OVERLOAD)
+
+    def open_seconds(self) -> float:
+        """Seconds the circuit stays fully open (0.0 when closed or half-open). Consumers stop
+        taking new work while it is open, and take it again for the half-open probe."""
+        raw = self._client.get(self._open_until)
+        return 0.0 if raw is None else max(0.0, float(raw) - time.time())
 
     def wait_seconds(self) -> float:
-        """0.0 when closed; otherwise how long until it half-opens."""
-        raw = self._client.get(self._open_until)
-        if raw is None:
+        """0.0 when a call may go (closed, or this caller won the half-open probe); otherwise
+        how long to wait before asking again."""
+        open_until, half_open = self._client.mget(self._open_until, self._half_open)
+        remaining = 0.0 if open_until is None else float(open_until) - time.time()
+        if remaining > 0:
+            return remaining
+        if half_open is None:
             return 0.0
-        return max(0.0, float(raw) - time.time())
+        won = self._client.set(self._probe, "1", nx=True, px=int(self.probe_interval * 1000))
+        return 0.0 if won else self.probe_interval
 
     def record_overload(self, retry_after: float | None = None) -> bool:
         """Count one 429/529; returns True when this failure opened the circuit."""
         now = time.time()
-        pipe = self._client.pipeline()
-        pipe.zadd(self._failures, {f"{now}:{id(pipe)}": now})
-        pipe.zremrangebyscore(self._failures, 0, now - self.window)
-        pipe.zcard(self._failures)
-        pipe.expire(self._failures, int(self.window) + 1)
-        count = int(pipe.execute()[2])
-        if count < self.threshold:
-            return False
-        until = now + max(self.cooldown, retry_after or 0.0)
-        opened = bool(
-            self._client.set(self._open_until, until, nx=True, px=int((until - now) * 1000))
+        second = int(now)
+        opened = self._script(
+            keys=[
+                f"{self._prefix}:calls:{second}",
+                f"{self._prefix}:over:{second}",
+                self._open_until,
+                self._half_open,
+            ],
+            args=[
+                now,
+                second,
+                self.window,
+                self.threshold,
+                self.ratio,
+                self.cooldown,
+                retry_after or 0.0,
+                self._prefix,
+            ],
         )
-        if opened:
-            self._client.delete(self._failures)
-        return opened
+        return bool(opened)
 
     def record_success(self) -> None:
-        # One good answer after a cool-down means the API is back: forget old failures.
-        self._client.delete(self._failures)
+        """Count one good answer; while half-open, it closes the circuit."""
+        second = int(time.time())
+        key = f"{self._prefix}:calls:{second}"
+        pipe = self._client.pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, self.window + 5)
+        pipe.get(self._open_until)
+        pipe.exists(self._half_open)
+        _, _, open_until, half_open = pipe.execute()
+        if half_open and (open_until is None or float(open_until) <= time.time()):
+            # An answer to a call sent before the circuit opened proves nothing; only one
+            # after the cool-down (the probe's) closes it.
+            self._client.delete(self._half_open)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,30 @@
 """The one retry policy. Every stage asks `decide()` what to do with a failure.
 
-Retries live here and only here. The Anthropic SDK's own retries are switched off
-(`max_retries=0`): stacking them under the task's retries would multiply attempts, hide calls
-from the attempt count and ignore the shared backoff. A transient failure instead frees the
-worker thread and comes back through the broker after `delay`, never sooner than retry-after.
+Retries live here and only here:
+
+- Transient (429, 529, 5xx, timeouts, dropped connections, truncated output, broker and
+  database disconnects): retry after an exponential backoff with full jitter
+  (`uniform(0, min(max_delay, base_delay * 2**(attempt-1)))`), never sooner than the server's
+  retry-after, while the stage's attempts (`TRIAGE_<STAGE>_MAX_ATTEMPTS`) and age
+  (`..._MAX_AGE`, counted from the stage's start: receipt for classify, the dispatch for
+  deliver, or the latest replay) allow. Then dead letter.
+- Permanent (400/401/403/404, output still invalid after the one repair call, refusal, a bug):
+  dead letter at once.
+
+SDK retries and task retries do not stack. The Anthropic client is built with
+`max_retries=0`: the SDK's own retries would multiply attempts (2 SDK retries x 6 task attempts
+= 18 calls), hide calls from the attempt log and the call budget, and sleep on a worker thread
+ignoring the shared backoff and circuit breaker. Instead a transient failure frees the thread
+and the ticket comes back through the outbox after `delay`: on the broker as a countdown for
+short delays, kept in the outbox until due for long ones (`relay.MAX_BROKER_COUNTDOWN_SECONDS`),
+so no retry waits unacked in a worker that may die.
+
+The bound this gives: one classify attempt makes at most MAX_CALLS_PER_ATTEMPT calls (one per
+model, plus one repair each; a single call with `TRIAGE_BACKEND=anthropic` and a valid answer),
+so a ticket costs at most `max_attempts * MAX_CALLS_PER_ATTEMPT` calls, and a permanent error
+exactly the calls of one attempt. Attempts that never reported (the worker died mid-call) count
+too: a ticket claimed more than `max_attempts` times is dead-lettered without another call.
+Waiting for the shared rate limit or an open circuit does not spend an attempt.
 """
 
 from __future__ import annotations
@@ -88,6 +109,26 @@ def decide(
     return Decision(retry=True, delay=delay, reason=error.__class__.__name__)
 
 
+# Calls one classify attempt may make: the primary and the escalation model, each with one
+# repair call. The attempt bound times this is the most calls a ticket can cost.
+MAX_CALLS_PER_ATTEMPT = 4
+
+
+def classify_lease_seconds(settings: Settings) -> float:
+    """The longest a healthy classify task can take, and so how long a ticket in
+    `classifying` belongs to the worker that claimed it: every call of the attempt timing out,
+    plus the admission wait (at most 1 s inline) and the database work. After it the holder is
+    presumed dead; the ticket may be taken over, and the sweeper re-enqueues it."""
+    return MAX_CALLS_PER_ATTEMPT * settings.api_timeout_seconds + 31.0
+
+
+def deliver_lease_seconds(sinks: int, sink_timeout_seconds: float) -> float:
+    """The longest a healthy delivery can take: each sink's request timing out (a write-back
+    makes up to three requests), plus the database work. While a delivery is this fresh, a
+    second copy of its message leaves it alone instead of sending it again."""
+    return max(1, sinks) * 3 * sink_timeout_seconds + 30.0
+
+
 def policy_for(stage: str, settings: Settings) -> RetryPolicy:
     """The configured policy of a stage (TRIAGE_<STAGE>_MAX_ATTEMPTS and friends)."""
     return RetryPolicy(
@@ -96,3 +137,22 @@ def policy_for(stage: str, settings: Settings) -> RetryPolicy:
         max_delay=getattr(settings, f"{stage}_max_delay"),
         max_age=getattr(settings, f"{stage}_max_age"),
     )
+
+
+# A database that cannot be reached at a task's boundary: the message goes back on the broker
+# this many times, after `infrastructure_delay`, before the sweeper is left to recover it.
+INFRASTRUCTURE_RETRIES = 40
+
+
+def is_database_outage(exc: BaseException) -> bool:
+    """The database itself is unreachable (not a constraint or a bug)."""
+    if isinstance(exc, OperationalError | PoolTimeout):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def infrastructure_delay(retries: int, rng: random.Random | None = None) -> float:
+    """Full jitter up to 1, 2, 4 ... 15 s: short enough to ride on the broker as a countdown
+    (see relay.MAX_BROKER_COUNTDOWN_SECONDS), spread so a recovering database is not hit by
+    every waiting task in the same instant."""
+    return (rng or _rng).uniform(0.5, min(15.0, 2.0**retries))

@@ -1,24 +1,41 @@
 """Recovery for work the broker lost or never got: outbox rows not yet published, tickets
 stuck in a non-terminal state, dispatches never delivered.
 
-Safe with many sweepers at once: each re-enqueue is a compare-and-set on `state_changed_at`
-(or on the dispatch row), so only one sweeper wins a given stuck ticket per pass.
+Safe with many sweepers at once (every worker runs one). On PostgreSQL each pass locks the rows
+it takes with `FOR UPDATE SKIP LOCKED`, so concurrent sweepers share the work instead of
+colliding; on every database a stuck ticket is taken with a compare-and-set on its
+`state_changed_at` (through the state module), so one sweeper wins it, and a dispatch is only
+re-sent when no delivery message for its ticket was enqueued within the deadline. A duplicate
+that still slips through costs a message, not an effect: every handler is idempotent.
+
+Deadlines: `received`/`queued` tickets and undelivered dispatches after `stuck_after_seconds`
+with nothing waiting in the outbox (a retry delayed in the outbox is not stuck), and only when
+their queue holds fewer messages than there are such tickets: a backlog (workers down, the
+circuit open) is not a loss, and re-sending every waiting ticket would flood the broker with
+copies. `classifying` tickets after the classify lease too, the longest a live worker may hold
+one.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import and_, exists, or_, select
+from sqlalchemy.orm import Session
 
 from triage.db.models import Dispatch, OutboxMessage, Ticket, TicketState, utcnow
 from triage.db.session import session_scope
-from triage.pipeline.relay import enqueue_classify, enqueue_delivery
+from triage.pipeline.relay import DELIVER_TASK, enqueue_classify, enqueue_delivery
+from triage.pipeline.routing import CLASSIFY_QUEUE
 from triage.pipeline.runtime import Runtime
+from triage.pipeline.states import transition
+from triage.reliability.retry import classify_lease_seconds
 
 log = logging.getLogger(__name__)
 S = TicketState
@@ -32,67 +49,157 @@ class SweepReport:
     requeued_deliveries: int
 
 
-def _no_pending_outbox(ticket_id_col: object) -> object:
+def _no_pending_outbox(ticket_id_col: Any) -> Any:
     return ~exists().where(
         OutboxMessage.ticket_id == ticket_id_col, OutboxMessage.sent_at.is_(None)
     )
 
 
+def _postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+class BrokerDepths:
+    """Messages waiting on each queue, asked once per pass. None when the broker cannot say
+    (it is down: then nothing published now would get there either)."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self._rt = rt
+        self._known: dict[str, int | None] = {}
+
+    def __call__(self, queue: str) -> int | None:
+        if queue not in self._known:
+            self._known[queue] = self._ask(queue)
+        return self._known[queue]
+
+    def _ask(self, queue: str) -> int | None:
+        try:
+            with self._rt.celery.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1)
+                ok = conn.default_channel.queue_declare(queue=queue, passive=True)
+                return int(ok.message_count)
+        except Exception as exc:  # noqa: BLE001 - a queue nobody declared yet is empty
+            if getattr(exc, "code", None) == 404 or "NOT_FOUND" in str(exc):
+                return 0
+            log.warning("sweeper: depth of %s unknown (%s)", queue, exc)
+            return None
+
+
+def _not_all_on_broker(depth: int | None, candidates: int) -> bool:
+    """Whether `candidates` tickets waiting for `stuck_after` on a queue holding `depth`
+    messages cannot all be there: a backlog is not a loss. The broker cannot be asked for one
+    message, so a queue at least as deep as the candidates is given the benefit of the doubt
+    until it drains below them (a lost message then waits for the backlog, never for ever)."""
+    return depth is not None and depth < candidates
+
+
 def sweep_once(rt: Runtime, *, stuck_after: float | None = None, limit: int = 500) -> SweepReport:
     relayed = rt.publisher.relay_pending()
-    cutoff = utcnow() - timedelta(seconds=stuck_after or rt.settings.stuck_after_seconds)
+    now = utcnow()
+    deadline = stuck_after or rt.settings.stuck_after_seconds
+    cutoff = now - timedelta(seconds=deadline)
+    lease_cutoff = now - timedelta(seconds=max(deadline, classify_lease_seconds(rt.settings)))
     outbox_ids: list[int] = []
-    tickets = deliveries = 0
+    depth = BrokerDepths(rt)
     with session_scope(rt.sessions) as session:
-        stuck = session.execute(
-            select(Ticket.id, Ticket.state_changed_at)
-            .where(
-                Ticket.state.in_(STUCK_STATES),
-                Ticket.state_changed_at < cutoff,
-                _no_pending_outbox(Ticket.id),  # type: ignore[arg-type]
-            )
-            .limit(limit)
-        ).all()
-        for ticket_id, changed_at in stuck:
-            won = session.execute(
-                update(Ticket)
-                .where(Ticket.id == ticket_id, Ticket.state_changed_at == changed_at)
-                .values(state_changed_at=utcnow())
-                .execution_options(synchronize_session=False)
-            ).rowcount  # type: ignore[attr-defined]
-            if won:
-                outbox_ids.append(enqueue_classify(session, ticket_id).id)
-                tickets += 1
-        undelivered = session.execute(
-            select(Dispatch.id, Dispatch.ticket_id, Dispatch.route, Dispatch.created_at)
-            .join(Ticket, Ticket.id == Dispatch.ticket_id)
-            .where(
-                Dispatch.delivered_at.is_(None),
-                Dispatch.created_at < cutoff,
-                Ticket.generation == Dispatch.generation,
-                Ticket.state.in_([S.ROUTED.value, S.NEEDS_REVIEW.value]),
-                _no_pending_outbox(Dispatch.ticket_id),  # type: ignore[arg-type]
-            )
-            .limit(limit)
-        ).all()
-        for dispatch_id, ticket_id, route, created_at in undelivered:
-            # Moving created_at forward is this dispatch's "claimed by a sweeper" marker.
-            won = session.execute(
-                update(Dispatch)
-                .where(Dispatch.id == dispatch_id, Dispatch.created_at == created_at)
-                .values(created_at=utcnow())
-                .execution_options(synchronize_session=False)
-            ).rowcount  # type: ignore[attr-defined]
-            if won:
-                msg = enqueue_delivery(
-                    session, ticket_id=ticket_id, dispatch_id=dispatch_id, route=route
-                )
-                outbox_ids.append(msg.id)
-                deliveries += 1
+        tickets = _requeue_tickets(session, cutoff, lease_cutoff, limit, depth, outbox_ids)
+    with session_scope(rt.sessions) as session:
+        deliveries = _requeue_deliveries(session, cutoff, limit, depth, outbox_ids)
     if outbox_ids:
         log.warning("sweeper re-enqueued %d tickets, %d deliveries", tickets, deliveries)
         rt.publisher.publish(outbox_ids)
     return SweepReport(relayed=relayed, requeued_tickets=tickets, requeued_deliveries=deliveries)
+
+
+def _requeue_tickets(
+    session: Session,
+    cutoff: datetime,
+    lease_cutoff: datetime,
+    limit: int,
+    depth: Callable[[str], int | None],
+    out: list[int],
+) -> int:
+    query = (
+        select(Ticket.id, Ticket.state, Ticket.state_changed_at)
+        .where(
+            or_(
+                and_(
+                    Ticket.state.in_([S.RECEIVED.value, S.QUEUED.value]),
+                    Ticket.state_changed_at < cutoff,
+                ),
+                and_(
+                    Ticket.state == S.CLASSIFYING.value,
+                    Ticket.state_changed_at < lease_cutoff,
+                ),
+            ),
+            _no_pending_outbox(Ticket.id),
+        )
+        .order_by(Ticket.state_changed_at)
+        .limit(limit)
+    )
+    if _postgres(session):
+        query = query.with_for_update(skip_locked=True, of=Ticket)
+    stuck = session.execute(query).all()
+    waiting = sum(1 for _id, state, _at in stuck if state != S.CLASSIFYING.value)
+    if waiting and not _not_all_on_broker(depth(CLASSIFY_QUEUE), waiting):
+        stuck = [row for row in stuck if row[1] == S.CLASSIFYING.value]
+    requeued = 0
+    for ticket_id, state, changed_at in stuck:
+        # Back to queued: a classifying ticket's holder is past its lease (presumed dead), so
+        # the new message may claim it at once. The compare-and-set on state_changed_at lets
+        # one sweeper win.
+        won = transition(
+            session,
+            ticket_id,
+            S.QUEUED,
+            only_from=frozenset({S(state)}),
+            where=[Ticket.state_changed_at == changed_at],
+        )
+        if won:
+            out.append(enqueue_classify(session, ticket_id).id)
+            requeued += 1
+    return requeued
+
+
+def _requeue_deliveries(
+    session: Session,
+    cutoff: datetime,
+    limit: int,
+    depth: Callable[[str], int | None],
+    out: list[int],
+) -> int:
+    recent_delivery_message = exists().where(
+        OutboxMessage.ticket_id == Dispatch.ticket_id,
+        OutboxMessage.task == DELIVER_TASK,
+        or_(OutboxMessage.sent_at.is_(None), OutboxMessage.created_at >= cutoff),
+    )
+    query = (
+        select(Dispatch.id, Dispatch.ticket_id, Dispatch.route)
+        .join(Ticket, Ticket.id == Dispatch.ticket_id)
+        .where(
+            Dispatch.delivered_at.is_(None),
+            Dispatch.created_at < cutoff,
+            Ticket.generation == Dispatch.generation,
+            Ticket.state.in_([S.ROUTED.value, S.NEEDS_REVIEW.value]),
+            ~recent_delivery_message,
+        )
+        .order_by(Dispatch.id)
+        .limit(limit)
+    )
+    if _postgres(session):
+        query = query.with_for_update(skip_locked=True, of=Dispatch)
+    undelivered = session.execute(query).all()
+    per_route = Counter(route for _d, _t, route in undelivered)
+    lost = {route for route, n in per_route.items() if _not_all_on_broker(depth(route), n)}
+    requeued = 0
+    for dispatch_id, ticket_id, route in undelivered:
+        if route in lost:
+            msg = enqueue_delivery(
+                session, ticket_id=ticket_id, dispatch_id=dispatch_id, route=route
+            )
+            out.append(msg.id)
+            requeued += 1
+    return requeued
 
 
 class Periodic:

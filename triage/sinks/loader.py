@@ -169,4 +169,5 @@ def build_sink_table(path: Path, config: AppConfig) -> SinkTable:
             for department, names in spec.departments.items()
         },
         default=_resolve(path, "default", spec.default, sinks),
+        timeout_seconds=spec.timeout_seconds,
     )

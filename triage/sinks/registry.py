@@ -16,6 +16,8 @@ from triage.sinks.base import Sink
 class SinkTable:
     by_department: dict[str, tuple[Sink, ...]] = field(default_factory=dict)
     default: tuple[Sink, ...] = ()
+    # Per HTTP request; with the number of sinks it bounds how long one delivery can take.
+    timeout_seconds: float = 10.0
 
     def for_department(self, department: str | None) -> Sequence[Sink]:
         if department is None:

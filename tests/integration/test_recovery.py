@@ -1,0 +1,92 @@
+"""Recovery pieces against the real PostgreSQL and Redis: long retry delays wait in the outbox,
+and the sweeper tells a backlog from lost messages."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+import redis
+from sqlalchemy import update
+
+from tests.support.stack import make_runtime, stack_env, truncate
+from triage.db.models import OutboxMessage, Ticket, utcnow
+from triage.db.session import session_scope
+from triage.pipeline.relay import CLASSIFY_TASK, Publisher, enqueue
+from triage.pipeline.routing import CLASSIFY_QUEUE
+from triage.reliability.sweeper import sweep_once
+
+
+def _tickets(rt, n, state="queued", age=600.0):
+    old = utcnow() - timedelta(seconds=age)
+    with session_scope(rt.sessions) as s:
+        rows = [
+            Ticket(
+                source="generic",
+                external_id=f"rec-{i}",
+                subject="s",
+                body="b",
+                clean_text="b",
+                content_hash=f"h{i}",
+                state=state,
+                state_changed_at=old,
+                received_at=old,
+            )
+            for i in range(n)
+        ]
+        s.add_all(rows)
+        s.flush()
+        return [r.id for r in rows]
+
+
+def test_a_long_retry_delay_waits_in_the_outbox_not_on_the_broker(pg_url, clean_redis):
+    truncate(pg_url)
+    rt = make_runtime(stack_env(pg_url, clean_redis))
+    sent = []
+    publisher = Publisher(rt.sessions, lambda task, **kw: sent.append((task, kw)))
+    (tid,) = _tickets(rt, 1)
+    with session_scope(rt.sessions) as s:
+        msg = enqueue(
+            s, ticket_id=tid, task=CLASSIFY_TASK, queue=CLASSIFY_QUEUE, args={}, countdown=120
+        )
+        s.flush()
+        msg_id = msg.id
+    assert publisher.publish([msg_id]) == 0
+    assert publisher.relay_pending(older_than=0) == 0 and sent == []
+    with session_scope(rt.sessions) as s:
+        s.execute(
+            update(OutboxMessage)
+            .where(OutboxMessage.id == msg_id)
+            .values(
+                available_at=utcnow() - timedelta(seconds=1),
+                created_at=utcnow() - timedelta(seconds=121),
+            )
+        )
+    assert publisher.relay_pending(older_than=0) == 1
+    assert sent[0][1]["countdown"] is None  # due now: no countdown left for the broker to hold
+
+
+def test_sweeper_leaves_a_backlog_alone_and_re_enqueues_what_the_broker_lost(pg_url, clean_redis):
+    truncate(pg_url)
+    rt = make_runtime(stack_env(pg_url, clean_redis, TRIAGE_STUCK_AFTER_SECONDS="60"))
+    _tickets(rt, 5)
+    broker = redis.Redis.from_url(clean_redis)
+    # A backlog at least as deep as the waiting tickets may still hold their messages.
+    broker.rpush(CLASSIFY_QUEUE, *[b"{}"] * 5)
+    assert sweep_once(rt).requeued_tickets == 0
+    # Drained below them: they cannot all be there, so they are sent again, once.
+    broker.delete(CLASSIFY_QUEUE)
+    assert sweep_once(rt).requeued_tickets == 5
+    assert sweep_once(rt).requeued_tickets == 0
+    assert broker.llen(CLASSIFY_QUEUE) == 5
+
+
+def test_several_sweepers_at_once_re_enqueue_each_stuck_ticket_once(pg_url, clean_redis):
+    truncate(pg_url)
+    env = stack_env(pg_url, clean_redis, TRIAGE_STUCK_AFTER_SECONDS="60")
+    sweepers = [make_runtime(env) for _ in range(4)]
+    _tickets(sweepers[0], 40)
+    with ThreadPoolExecutor(len(sweepers)) as pool:
+        reports = list(pool.map(sweep_once, sweepers))
+    assert sum(r.requeued_tickets for r in reports) == 40
+    assert redis.Redis.from_url(clean_redis).llen(CLASSIFY_QUEUE) == 40
