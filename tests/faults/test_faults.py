@@ -108,11 +108,23 @@ def settle(rt, receiver, ids, pool: list[WorkerProcess]) -> None:
     time.sleep(6)
 
 
-def check_call_bound(fake: FakeAnthropic, fig) -> Counter[str]:
-    per_ticket = calls_per_ticket(fake)
+def audited(scenario, rt, receiver, fake: FakeAnthropic, *, sent, ids, started):
+    """Count a finished scenario's outcomes and hold every ticket to the policy's call bound.
+    Returns the figures and the API calls each ticket cost."""
+    fig = audit(
+        scenario,
+        rt,
+        receiver,
+        sent=sent,
+        ids=ids,
+        api_calls=fake.call_count(),
+        max_attempts=MAX_ATTEMPTS,
+        started=started,
+    )
+    per_ticket: Counter[str] = calls_per_ticket(fake)
     fig.notes["max_calls_one_ticket"] = max(per_ticket.values(), default=0)
     assert fig.notes["max_calls_one_ticket"] <= MAX_ATTEMPTS, fig.line()
-    return per_ticket
+    return fig, per_ticket
 
 
 def test_kill9_workers_mid_classification_repeatedly(stack, fault_env, fake, receiver):
@@ -132,18 +144,10 @@ def test_kill9_workers_mid_classification_repeatedly(stack, fault_env, fake, rec
             kills += 1
             pool[round_ % len(pool)] = WorkerProcess(fault_env, concurrency=50).start()
         settle(rt, receiver, ids, pool)
-    fig = audit(
-        "kill -9 worker x4",
-        rt,
-        receiver,
-        sent=len(bodies),
-        ids=ids,
-        api_calls=fake.call_count(),
-        max_attempts=MAX_ATTEMPTS,
-        started=started,
+    fig, _per_ticket = audited(
+        "kill -9 worker x4", rt, receiver, fake, sent=len(bodies), ids=ids, started=started
     )
     fig.notes["kills"] = kills
-    check_call_bound(fake, fig)
     assert_nothing_lost_or_doubled(fig, workers_died=True)
     assert fig.dead_lettered == 0, fig.line()
 
@@ -166,17 +170,15 @@ def test_redis_killed_and_restarted_mid_run(stack, fault_env, fake, receiver, pr
         poster.join(timeout=240)
         ids += late
         settle(rt, receiver, ids, pool)
-    fig = audit(
+    fig, _per_ticket = audited(
         "redis killed + restarted (data lost)",
         rt,
         receiver,
+        fake,
         sent=len(first) + len(second),
         ids=ids,
-        api_calls=fake.call_count(),
-        max_attempts=MAX_ATTEMPTS,
         started=started,
     )
-    check_call_bound(fake, fig)
     assert_nothing_lost_or_doubled(fig)
     assert fig.dead_lettered == 0, fig.line()
 
@@ -192,17 +194,15 @@ def test_postgres_stopped_and_restarted_mid_run(stack, fault_env, fake, receiver
         time.sleep(5)
         private_pg.start()
         settle(rt, receiver, ids, pool)
-    fig = audit(
+    fig, _per_ticket = audited(
         "postgres stopped + restarted",
         rt,
         receiver,
+        fake,
         sent=len(bodies),
         ids=ids,
-        api_calls=fake.call_count(),
-        max_attempts=MAX_ATTEMPTS,
         started=started,
     )
-    check_call_bound(fake, fig)
     assert_nothing_lost_or_doubled(fig, workers_died=True)
 
 
@@ -228,18 +228,16 @@ def test_ten_percent_transient_api_faults_of_every_kind(stack, fault_env, fake, 
     ids = post_tickets(client, bodies)
     with workers(fault_env) as pool:
         settle(rt, receiver, ids, pool)
-    fig = audit(
+    fig, _per_ticket = audited(
         "10% transient API faults (429+retry-after, 529, 500, timeout, drop, truncated)",
         rt,
         receiver,
+        fake,
         sent=len(bodies),
         ids=ids,
-        api_calls=fake.call_count(),
-        max_attempts=MAX_ATTEMPTS,
         started=started,
     )
     fig.notes["injected"] = {f.kind: f.injected for f in fake.faults.snapshot()}
-    check_call_bound(fake, fig)
     assert_nothing_lost_or_doubled(fig)
     assert fig.dead_lettered == 0, fig.line()
     assert sum(fig.notes["injected"].values()) > 0.05 * TICKETS
@@ -267,17 +265,15 @@ def test_poison_tickets_dead_letter_after_one_call_and_fail_once_tickets_are_rou
 
 def check_poison_and_fail_once(rt, client, fake, receiver, ids, bodies, poison, once, started):
     n = len(bodies)
-    fig = audit(
+    fig, per_ticket = audited(
         "poison (always 400) + fail-once tickets",
         rt,
         receiver,
+        fake,
         sent=len(bodies),
         ids=ids,
-        api_calls=fake.call_count(),
-        max_attempts=MAX_ATTEMPTS,
         started=started,
     )
-    per_ticket = check_call_bound(fake, fig)
     fig.notes["poison"] = len(poison)
     fig.notes["fail_once"] = len(once)
     # Each dead letter was announced on triage.dead for whoever watches it.
@@ -341,18 +337,16 @@ def test_sustained_overload_pauses_consumption_instead_of_spending_attempts(
         logs = [w.log_path.read_text(errors="replace") for w in pool]
         paused = sum(log.count("pausing triage.classify") for log in logs)
         resumed = sum(log.count("resuming triage.classify") for log in logs)
-    fig = audit(
+    fig, _per_ticket = audited(
         "API overloaded (100% 529) for 25 s",
         rt,
         receiver,
+        fake,
         sent=len(bodies),
         ids=ids,
-        api_calls=fake.call_count(),
-        max_attempts=MAX_ATTEMPTS,
         started=started,
     )
     fig.notes.update(overloaded_answers=outage.injected, paused=paused, resumed=resumed)
-    check_call_bound(fake, fig)
     assert_nothing_lost_or_doubled(fig)
     assert fig.dead_lettered == 0, fig.line()
     assert paused >= 1 and resumed >= 1, fig.line()
