@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import BackgroundTasks, FastAPI, Request, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
@@ -23,6 +23,7 @@ from triage.db.session import session_scope
 from triage.errors import IngestError
 from triage.ingest import problems
 from triage.ingest.models import Ignored, InboundTicket
+from triage.ingest.publishing import PublishBatcher
 from triage.ingest.sources.registry import SOURCES
 from triage.metrics import INGEST_LATENCY, WEBHOOKS
 from triage.pipeline.runtime import Runtime, get_runtime
@@ -65,13 +66,17 @@ def _require_json(request: Request) -> None:
 def create_app(rt: Runtime | None = None, *, relay_interval: float = 2.0) -> FastAPI:
     runtime = rt or get_runtime()
 
+    batcher = PublishBatcher(runtime.publisher)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         loop = Periodic("triage-relay", relay_interval, runtime.publisher.relay_pending)
         loop.start()
+        batcher.start()
         try:
             yield
         finally:
+            batcher.stop()
             loop.stop()
 
     app = FastAPI(title="triage", version="0.1.0", lifespan=lifespan)
@@ -83,22 +88,16 @@ def create_app(rt: Runtime | None = None, *, relay_interval: float = 2.0) -> Fas
             return accept_ticket(session, inbound, update_policy=settings.update_policy)
 
     @app.post("/webhooks/{source}", status_code=202)
-    async def receive_webhook(
-        source: str, request: Request, background: BackgroundTasks
-    ) -> JSONResponse:
-        return await _receive(source, request, background, request.query_params.get("token"))
+    async def receive_webhook(source: str, request: Request) -> JSONResponse:
+        return await _receive(source, request, request.query_params.get("token"))
 
     # For helpdesks that can only be given a URL (django-helpdesk): the secret is its last
     # segment. It shows in access logs like any URL; keep those private.
     @app.post("/webhooks/{source}/{token}", status_code=202)
-    async def receive_webhook_with_token(
-        source: str, token: str, request: Request, background: BackgroundTasks
-    ) -> JSONResponse:
-        return await _receive(source, request, background, token)
+    async def receive_webhook_with_token(source: str, token: str, request: Request) -> JSONResponse:
+        return await _receive(source, request, token)
 
-    async def _receive(
-        source: str, request: Request, background: BackgroundTasks, token: str | None
-    ) -> JSONResponse:
+    async def _receive(source: str, request: Request, token: str | None) -> JSONResponse:
         started = time.perf_counter()
         status = 500
         try:
@@ -118,8 +117,9 @@ def create_app(rt: Runtime | None = None, *, relay_interval: float = 2.0) -> Fas
                 return JSONResponse({"status": "ignored", "reason": inbound.reason}, 202)
             accepted = await run_in_threadpool(_store, inbound)
             if accepted.outbox_id is not None:
-                # After the response: the helpdesk's wait does not include the broker.
-                background.add_task(runtime.publisher.publish, [accepted.outbox_id])
+                # Published off the request path: the helpdesk's wait does not include the
+                # broker, and a burst of webhooks is published in batches.
+                batcher.submit(accepted.outbox_id)
             status = 202
             return JSONResponse(
                 {
