@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import select
 
-from tests.support.stack import make_runtime, stack_env, truncate
+from tests.support.stack import count_rows, make_runtime, stack_env, truncate
 from triage.db.models import OutboxMessage, Ticket
 from triage.ingest.app import create_app
 
@@ -65,8 +65,7 @@ def retriage_client(retriage_runtime):
 
 
 def count(runtime, model=Ticket) -> int:
-    with runtime.sessions() as s:
-        return s.scalar(select(func.count()).select_from(model))
+    return count_rows(runtime, model)
 
 
 def stored(runtime, ticket_id: int) -> Ticket:

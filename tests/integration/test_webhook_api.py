@@ -8,9 +8,10 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from tests.support.stack import (
+    count_rows,
     make_runtime,
     post_ticket,
     signed_headers,
@@ -36,8 +37,7 @@ def client(runtime):
 
 
 def count(runtime, model=Ticket) -> int:
-    with runtime.sessions() as s:
-        return s.scalar(select(func.count()).select_from(model))
+    return count_rows(runtime, model)
 
 
 def assert_problem(resp, status: int, *needles: str) -> dict:
@@ -60,6 +60,7 @@ def test_signed_ticket_is_committed_and_queued_before_202(client, runtime):
         assert ticket.external_id == "ext-1" and ticket.source == "generic"
         outbox = s.scalars(select(OutboxMessage).where(OutboxMessage.ticket_id == ticket.id)).one()
         assert outbox.task == "triage.classify_ticket" and outbox.queue == "triage.classify"
+
     # Published off the request path, right after: the message reaches the broker.
     def published() -> bool:
         with runtime.sessions() as s:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from sqlalchemy import text
+from sqlalchemy import func, select, text
 
 from triage.config import PROJECT_ROOT, Settings, load_config
 from triage.db.session import get_engine
@@ -142,6 +142,11 @@ def _kill_leftover_workers() -> None:
     for proc in WorkerProcess._started:
         if proc.poll() is None:
             proc.kill()
+
+
+def count_rows(rt: Runtime, model: Any) -> int:
+    with rt.sessions() as session:
+        return int(session.scalar(select(func.count()).select_from(model)) or 0)
 
 
 def wait_until(

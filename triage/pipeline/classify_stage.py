@@ -251,17 +251,8 @@ def _find_reusable(rt: Runtime, session: Session, ticket: Ticket) -> Classificat
 
 
 def _reuse(source: Classification) -> ClassificationResult:
-    label = TicketLabel(
-        intent=source.intent,
-        department=source.department,
-        priority=source.priority,
-        language=source.language,
-        sentiment=source.sentiment,
-        confidence=source.confidence,
-        summary=source.summary,
-    )
     return ClassificationResult(
-        label=label,
+        label=TicketLabel(**source.label_fields()),
         backend=source.backend,
         model=source.model,
         prompt_version=source.prompt_version,
@@ -298,16 +289,17 @@ def _finish(rt: Runtime, claim: _Claim, result: ClassificationResult) -> str:
             # dropped with the transaction.
             session.rollback()
             return "superseded"
-        outcome, outbox_id = recorded
+        outcome, _, outbox_id = recorded
     rt.publisher.publish([outbox_id])
     return outcome
 
 
 def _record(
     rt: Runtime, session: Session, claim: _Claim, result: ClassificationResult
-) -> tuple[str, int] | None:
-    """Store the label, route and dispatch in the caller's transaction. Returns the outcome
-    and the delivery message to publish, or None when the ticket is no longer ours."""
+) -> tuple[str, int, int] | None:
+    """Store the label, route and dispatch in the caller's transaction. Returns the outcome,
+    the new Classification's id and the delivery message to publish, or None when the ticket
+    is no longer ours."""
     route = decide_route(rt.config.taxonomy, result.label)
     row = _classification_row(rt, claim, result)
     session.add(row)
@@ -335,7 +327,7 @@ def _record(
             latency_ms=result.latency_ms,
         )
     )
-    return ("review" if route.needs_review else "routed"), outbox_id
+    return ("review" if route.needs_review else "routed"), row.id, outbox_id
 
 
 # A ticket that has finished (or failed) classification may be classified again.
@@ -394,15 +386,7 @@ def record_label(
         request=build_request(rt, ticket),
         reuse=None,
     )
-    recorded = _record(rt, session, claim, result)
-    if recorded is None:
-        return None
-    outcome, outbox_id = recorded
-    label_id = session.scalar(
-        select(Ticket.current_classification_id).where(Ticket.id == ticket.id)
-    )
-    assert label_id is not None
-    return outcome, label_id, outbox_id
+    return _record(rt, session, claim, result)
 
 
 def _dispatch(session: Session, claim: _Claim, row: Classification, route: Route) -> int:
