@@ -68,7 +68,12 @@ class Settings(BaseSettings):
     # ticket as it is, or append the text and classify it again (history kept).
     update_policy: UpdatePolicy = "ignore"
 
+    # Model calls in flight per worker process.
     worker_concurrency: int = Field(200, ge=1)
+    # Most tickets (or dispatches) one task message carries. Rows published together go out
+    # as one message and are claimed, recorded and routed in shared transactions; under light
+    # load a batch is one ticket, so this costs no latency.
+    batch_size: int = Field(32, ge=1, le=500)
     # Connections each process keeps to PostgreSQL (and as many again in bursts). Threads hold
     # one only for short transactions, never across a model call, so this follows the CPU, not
     # the concurrency; keep processes x 2 x pool under the server's max_connections.

@@ -4,6 +4,7 @@ signed webhook posts, and waiting on the database for outcomes."""
 from __future__ import annotations
 
 import atexit
+import base64
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
+import redis
 from sqlalchemy import func, select, text
 
 from triage.config import PROJECT_ROOT, Settings, load_config
@@ -210,3 +212,18 @@ class Counter:
     def add(self, n: int = 1) -> None:
         with self._lock:
             self.value += n
+
+
+def queued_ids(redis_url: str, queue: str) -> list[int]:
+    """The ids carried by the task messages waiting on a Redis queue (one per message, or a
+    batch's list), read without consuming them."""
+    ids: list[int] = []
+    for raw in redis.Redis.from_url(redis_url).lrange(queue, 0, -1):
+        envelope = json.loads(raw)
+        _args, kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
+        for name, value in kwargs.items():
+            if name.endswith("_ids"):
+                ids += value
+            elif name.endswith("_id"):
+                ids.append(value)
+    return ids

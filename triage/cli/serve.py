@@ -48,7 +48,7 @@ def worker(
         0,
         "--concurrency",
         "-c",
-        help="Threads (tasks in flight). Default: TRIAGE_WORKER_CONCURRENCY.",
+        help="Model calls in flight (and task threads). Default: TRIAGE_WORKER_CONCURRENCY.",
     ),
     queues: str = typer.Option(
         "", "--queues", "-Q", help="Comma-separated queues. Default: classify, review, every dept."
@@ -61,11 +61,14 @@ def worker(
     """
     from triage.pipeline import tasks  # noqa: F401 - registers the tasks
     from triage.pipeline.celery_app import all_queues
+    from triage.pipeline.fanout import CallPool
     from triage.pipeline.runtime import get_runtime
     from triage.reliability.sweeper import Periodic, sweep_once
 
     rt = get_runtime()
     settings = rt.settings
+    threads = concurrency or settings.worker_concurrency
+    rt.calls = CallPool(threads)
     require_current_schema(settings.database_url)
     rt.backend  # noqa: B018 - train/connect once before taking messages
     sweeper = Periodic("triage-sweeper", settings.sweep_interval_seconds, lambda: sweep_once(rt))
@@ -81,7 +84,7 @@ def worker(
         "--pool",
         "threads",
         "--concurrency",
-        str(concurrency or settings.worker_concurrency),
+        str(threads),
         "--queues",
         queues or ",".join(all_queues(rt.config)),
         "--hostname",

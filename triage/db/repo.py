@@ -91,9 +91,9 @@ def accept_ticket(
             if retriaged is not None:
                 return retriaged
         return Accepted(ticket_id=existing.id, duplicate=True, status=existing.state)
-    msg = enqueue_classify(session, ticket_id)
+    outbox_id = enqueue_classify(session, ticket_id)
     return Accepted(
-        ticket_id=ticket_id, duplicate=False, status=TicketState.RECEIVED, outbox_id=msg.id
+        ticket_id=ticket_id, duplicate=False, status=TicketState.RECEIVED, outbox_id=outbox_id
     )
 
 
@@ -126,9 +126,9 @@ def _retriage(session: Session, ticket: Ticket, inbound: InboundTicket) -> Accep
     )
     if not moved:
         return None
-    msg = enqueue_classify(session, ticket.id)
+    outbox_id = enqueue_classify(session, ticket.id)
     return Accepted(
-        ticket_id=ticket.id, duplicate=False, status=TicketState.QUEUED, outbox_id=msg.id
+        ticket_id=ticket.id, duplicate=False, status=TicketState.QUEUED, outbox_id=outbox_id
     )
 
 

@@ -317,7 +317,7 @@ class BatchBackfill:
             else:
                 # The normal path: a new generation, classified by the workers in real time.
                 reopen(session, ticket.id, ticket.generation)
-                outbox_id = enqueue_classify(session, ticket.id).id
+                outbox_id = enqueue_classify(session, ticket.id)
                 item.outcome = "requeued"
                 item.error = why[:4000]
             item.done_at = utcnow()

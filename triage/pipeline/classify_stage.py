@@ -1,9 +1,12 @@
-"""Stage 1: a stored ticket becomes a stored label and a dispatch.
+"""Stage 1: stored tickets become stored labels and dispatches.
 
-Three short transactions, none held across the model call:
-  begin   claim the ticket (state -> classifying) and look for a reusable label
-  call    reuse, or redact and ask the backend
-  finish  store the Classification, route, write the Dispatch and its outbox message
+A task message carries one ticket or a batch of them (see relay.Publisher). Per chunk of the
+batch that this process has call slots for, three short transactions, none held across the
+model calls:
+  begin   claim the tickets (state -> classifying) and look for reusable labels
+  call    reuse, or redact and ask the backend; the chunk's calls run side by side
+  finish  store the Classifications, route, write the Dispatches and their outbox messages
+Failures are per ticket: each goes to the guard on its own, and the rest of the chunk goes on.
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from triage.classify.backends.base import ClassificationRequest, ClassificationResult, Usage
@@ -33,10 +38,15 @@ from triage.db.models import (
 from triage.db.session import session_scope
 from triage.errors import RateLimited, TransientError, TriageError
 from triage.metrics import CLASSIFICATIONS, CLASSIFY_COST, CLASSIFY_LATENCY, CLASSIFY_TOKENS
-from triage.pipeline.relay import CLASSIFY_TASK, enqueue_classify, enqueue_delivery
+from triage.pipeline.relay import (
+    CLASSIFY_TASK,
+    delivery_values,
+    enqueue_classify,
+    enqueue_many,
+)
 from triage.pipeline.routing import CLASSIFY_QUEUE, Route, decide_route
 from triage.pipeline.runtime import Runtime
-from triage.pipeline.states import transition
+from triage.pipeline.states import transition, transition_many
 from triage.reliability.guard import StageFailure, handle_failure
 from triage.reliability.limits import Admission
 from triage.reliability.retry import classify_lease_seconds, policy_for
@@ -72,39 +82,86 @@ def classify_ticket_stage(
     (reprocessing wants a fresh label); `max_inline_wait` is how long this thread may sleep for
     the shared API budget before the ticket goes back on the queue instead (the CLI, which has
     nothing else to do, waits as long as it takes)."""
-    claim = _begin(rt, ticket_id, reuse=reuse)
-    if isinstance(claim, str):
-        return claim
+    outcomes = classify_tickets_stage(rt, [ticket_id], reuse=reuse, max_inline_wait=max_inline_wait)
+    return outcomes[ticket_id]
+
+
+def classify_tickets_stage(
+    rt: Runtime,
+    ticket_ids: Sequence[int],
+    *,
+    reuse: bool = True,
+    max_inline_wait: float = MAX_INLINE_WAIT,
+) -> dict[int, str]:
+    """`classify_ticket_stage` for a batch; returns each ticket's outcome."""
+    outcomes: dict[int, str] = {}
+    pending = list(dict.fromkeys(ticket_ids))
+    while pending:
+        slots = rt.calls.slots.take(len(pending))
+        chunk, pending = pending[:slots], pending[slots:]
+        try:
+            outcomes.update(_classify_chunk(rt, chunk, reuse, max_inline_wait))
+        finally:
+            rt.calls.slots.give(slots)
+    return outcomes
+
+
+def _classify_chunk(
+    rt: Runtime, ticket_ids: list[int], reuse: bool, max_inline_wait: float
+) -> dict[int, str]:
+    outcomes: dict[int, str] = {}
+    claims = _begin(rt, ticket_ids, reuse, outcomes)
     max_attempts = policy_for("classify", rt.settings).max_attempts
-    if claim.attempt > max_attempts:
-        # Earlier attempts ended without an outcome (the worker died mid-call, say, every
-        # time): the attempt bound holds for those too, or a ticket that crashes its worker
-        # would be redelivered for ever.
-        lost = TransientError(
-            f"{claim.attempt - 1} attempts started, none finished with an outcome "
-            "(worker lost mid-attempt?)"
-        )
-        return handle_failure(rt, _failure(rt, claim, 0), lost)
-    if claim.reuse is None:
-        wait = _admission_wait(rt, claim, max_inline_wait)
+    going: list[_Claim] = []
+    for claim in claims:
+        if claim.attempt > max_attempts:
+            # Earlier attempts ended without an outcome (the worker died mid-call, say, every
+            # time): the attempt bound holds for those too, or a ticket that crashes its
+            # worker would be redelivered for ever.
+            lost = TransientError(
+                f"{claim.attempt - 1} attempts started, none finished with an outcome "
+                "(worker lost mid-attempt?)"
+            )
+            outcomes[claim.ticket_id] = handle_failure(rt, _failure(rt, claim, 0), lost)
+        else:
+            going.append(claim)
+    waits = _admission_waits(rt, [c for c in going if c.reuse is None], max_inline_wait)
+    calling: list[_Claim] = []
+    for claim in going:
+        wait = waits.get(claim.ticket_id, 0.0)
         if wait > 0:
-            return _defer(rt, claim, wait)
-    try:
-        result = _reuse(claim.reuse) if claim.reuse else rt.backend.classify(claim.request)
-    except Exception as exc:  # noqa: BLE001 - the guard names and decides every failure
-        if isinstance(exc, RateLimited) and rt.admission is not None:
-            _record_overload(rt.admission, exc)
-        calls = exc.api_calls if isinstance(exc, TriageError) else 0
-        return handle_failure(rt, _failure(rt, claim, calls), exc)
-    if result.calls and rt.admission is not None:
-        _record_success(rt.admission)
-    _observe(result)
-    return _finish(rt, claim, result)
+            outcomes[claim.ticket_id] = _defer(rt, claim, wait)
+        else:
+            calling.append(claim)
+    results = rt.calls.run([_call_for(rt, claim) for claim in calling])
+    done: list[tuple[_Claim, ClassificationResult]] = []
+    answered = 0
+    for claim, result in zip(calling, results, strict=True):
+        if isinstance(result, Exception):
+            if isinstance(result, RateLimited) and rt.admission is not None:
+                _record_overload(rt.admission, result)
+            calls = result.api_calls if isinstance(result, TriageError) else 0
+            outcomes[claim.ticket_id] = handle_failure(rt, _failure(rt, claim, calls), result)
+            continue
+        answered += 1 if result.calls else 0
+        _observe(result)
+        done.append((claim, result))
+    if answered and rt.admission is not None:
+        _record_success(rt.admission, answered)
+    outcomes.update(_finish(rt, done))
+    return outcomes
 
 
-def _record_success(admission: Admission) -> None:
+def _call_for(rt: Runtime, claim: _Claim) -> Any:
+    if claim.reuse is not None:
+        reused = _reuse(claim.reuse)
+        return lambda: reused
+    return lambda: rt.backend.classify(claim.request)
+
+
+def _record_success(admission: Admission, count: int) -> None:
     try:
-        admission.breaker.record_success()
+        admission.breaker.record_success(count)
     except Exception as exc:  # noqa: BLE001 - the label is good; a lost count must not undo it
         log.warning("circuit breaker not updated: %s", exc)
 
@@ -116,25 +173,34 @@ def _record_overload(admission: Admission, exc: RateLimited) -> None:
         log.warning("circuit breaker not updated: %s", err)
 
 
-def _admission_wait(rt: Runtime, claim: _Claim, max_inline_wait: float) -> float:
-    """Seconds this call must still wait for the shared budget or an open circuit after
-    sleeping up to `max_inline_wait` (0: go now)."""
-    if rt.admission is None:
-        return 0.0
-    tokens = estimate_input_tokens(rt.config.taxonomy, claim.request)
+def _admission_waits(rt: Runtime, claims: list[_Claim], max_inline_wait: float) -> dict[int, float]:
+    """Per ticket, the seconds its call must still wait for the shared budget or an open
+    circuit after sleeping up to `max_inline_wait` (absent or 0: go now)."""
+    if rt.admission is None or not claims:
+        return {}
+    tokens = [estimate_input_tokens(rt.config.taxonomy, c.request) for c in claims]
     try:
-        wait = rt.admission.wait_seconds(tokens)
+        waits = rt.admission.admit(tokens)
         slept = 0.0
-        while wait > 0 and slept + wait <= max_inline_wait:
-            time.sleep(wait)
-            slept += wait
-            wait = rt.admission.wait_seconds(tokens)
+        while True:
+            waiting = [i for i, wait in enumerate(waits) if wait > 0]
+            if not waiting:
+                break
+            shortest = min(waits[i] for i in waiting)
+            if slept + shortest > max_inline_wait:
+                break
+            time.sleep(shortest)
+            slept += shortest
+            for i, wait in zip(
+                waiting, rt.admission.admit([tokens[i] for i in waiting]), strict=True
+            ):
+                waits[i] = wait
     except Exception as exc:  # noqa: BLE001 - see below
         # The shared budget lives in Redis. Without it, call anyway: the API's own 429s are
         # the retry policy's to handle, while refusing would stall every ticket on Redis.
         log.warning("API budget unavailable (%s); calling without it", exc)
-        return 0.0
-    return wait
+        return {}
+    return {claim.ticket_id: wait for claim, wait in zip(claims, waits, strict=True)}
 
 
 def _defer(rt: Runtime, claim: _Claim, wait: float) -> str:
@@ -150,36 +216,27 @@ def _defer(rt: Runtime, claim: _Claim, wait: float) -> str:
         )
         # Jitter, so tickets deferred together do not all come back in the same instant.
         jitter = random.uniform(0, min(wait, 5.0))
-        outbox_id = enqueue_classify(session, claim.ticket_id, countdown=wait + jitter).id
+        outbox_id = enqueue_classify(session, claim.ticket_id, countdown=wait + jitter)
     rt.publisher.publish([outbox_id])
     return "deferred"
 
 
-def _begin(rt: Runtime, ticket_id: int, *, reuse: bool = True) -> _Claim | str:
-    settings = rt.settings
+def _begin(
+    rt: Runtime, ticket_ids: list[int], reuse: bool, outcomes: dict[int, str]
+) -> list[_Claim]:
+    """Claim the tickets that are ours to classify; note an outcome for the others."""
     # A ticket another worker is classifying right now is left alone for this long; after it,
     # the holder is presumed dead (the message came back) and the ticket is taken over.
-    lease = timedelta(seconds=classify_lease_seconds(settings))
+    lease = timedelta(seconds=classify_lease_seconds(rt.settings))
     with session_scope(rt.sessions) as session:
-        ticket = session.get(Ticket, ticket_id)
-        if ticket is None:
-            log.error("classify: ticket %s does not exist", ticket_id)
-            return "missing"
-        if ticket.state not in CLAIMABLE:
-            return "noop"
         now = utcnow()
-        fresh_holder = ticket.state == S.CLASSIFYING and ticket.state_changed_at > now - lease
-        if fresh_holder:
-            _reschedule(session, ticket, lease - (now - ticket.state_changed_at))
-            return "deferred"
-        moved = transition(
+        claimed = transition_many(
             session,
-            ticket_id,
+            ticket_ids,
             S.CLASSIFYING,
             only_from=CLAIMABLE,
-            # The lease in the same atomic check, not the timestamp we read: the relay may
-            # move received -> queued between our read and this update, which must not cost
-            # the claim (the message is already in our hands).
+            # The lease in the same atomic check: the relay may move received -> queued at any
+            # moment, which must not cost the claim (the message is already in our hands).
             where=[
                 or_(
                     Ticket.state != S.CLASSIFYING.value,
@@ -188,16 +245,48 @@ def _begin(rt: Runtime, ticket_id: int, *, reuse: bool = True) -> _Claim | str:
             ],
             attempts=Ticket.attempts + 1,
         )
-        if not moved:
-            return "noop"
-        return _Claim(
-            ticket_id=ticket.id,
-            attempt=ticket.attempts + 1,
-            generation=ticket.generation,
-            received_at=ticket.received_at,
-            request=build_request(rt, ticket),
-            reuse=_find_reusable(rt, session, ticket) if reuse else None,
-        )
+        taken = {ticket.id for ticket in claimed}
+        others = [i for i in ticket_ids if i not in taken]
+        if others:
+            _not_claimed(session, others, now, lease, outcomes)
+        reusable = _find_reusable(rt, session, claimed) if reuse else {}
+        return [
+            _Claim(
+                ticket_id=ticket.id,
+                attempt=ticket.attempts,
+                generation=ticket.generation,
+                received_at=ticket.received_at,
+                request=build_request(rt, ticket),
+                reuse=reusable.get(ticket.id),
+            )
+            for ticket in sorted(claimed, key=lambda t: ticket_ids.index(t.id))
+        ]
+
+
+def _not_claimed(
+    session: Session,
+    ticket_ids: list[int],
+    now: datetime,
+    lease: timedelta,
+    outcomes: dict[int, str],
+) -> None:
+    rows = session.execute(
+        select(Ticket.id, Ticket.state, Ticket.state_changed_at).where(Ticket.id.in_(ticket_ids))
+    ).all()
+    known = {row.id: row for row in rows}
+    for ticket_id in ticket_ids:
+        row = known.get(ticket_id)
+        if row is None:
+            log.error("classify: ticket %s does not exist", ticket_id)
+            outcomes[ticket_id] = "missing"
+        elif row.state == S.CLASSIFYING and row.state_changed_at > now - lease:
+            # Held by a live worker (or one not yet presumed dead): look again when its lease
+            # is over, in case it never finishes.
+            remaining = lease - (now - row.state_changed_at)
+            enqueue_classify(session, ticket_id, countdown=max(1.0, remaining.total_seconds()))
+            outcomes[ticket_id] = "deferred"
+        else:
+            outcomes[ticket_id] = "noop"
 
 
 def _age_seconds(rt: Runtime, claim: _Claim) -> float:
@@ -210,10 +299,6 @@ def _age_seconds(rt: Runtime, claim: _Claim) -> float:
         )
     started = max(claim.received_at, replayed) if replayed else claim.received_at
     return (utcnow() - started).total_seconds()
-
-
-def _reschedule(session: Session, ticket: Ticket, wait: timedelta) -> None:
-    enqueue_classify(session, ticket.id, countdown=max(1.0, wait.total_seconds()))
 
 
 def build_request(rt: Runtime, ticket: Ticket) -> ClassificationRequest:
@@ -229,25 +314,35 @@ def build_request(rt: Runtime, ticket: Ticket) -> ClassificationRequest:
     )
 
 
-def _find_reusable(rt: Runtime, session: Session, ticket: Ticket) -> Classification | None:
+def _find_reusable(
+    rt: Runtime, session: Session, tickets: Sequence[Ticket]
+) -> dict[int, Classification]:
+    """For each ticket, the newest first-hand label of another ticket with the same text,
+    within the reuse window, from this taxonomy and backend."""
     window = rt.settings.reuse_window_hours
-    if window <= 0:
-        return None
+    if window <= 0 or not tickets:
+        return {}
     since = utcnow() - timedelta(hours=window)
-    return session.scalar(
-        select(Classification)
+    latest = (
+        select(func.max(Classification.id))
         .join(Ticket, Ticket.id == Classification.ticket_id)
         .where(
-            Ticket.content_hash == ticket.content_hash,
-            Ticket.id != ticket.id,
+            Ticket.content_hash.in_({t.content_hash for t in tickets}),
+            Ticket.id.not_in([t.id for t in tickets]),
             Classification.taxonomy_version == rt.config.taxonomy.version,
             Classification.backend == rt.backend.name,
             Classification.reused_from_id.is_(None),
             Classification.created_at >= since,
         )
-        .order_by(Classification.id.desc())
-        .limit(1)
+        .group_by(Ticket.content_hash)
     )
+    rows = session.execute(
+        select(Classification, Ticket.content_hash)
+        .join(Ticket, Ticket.id == Classification.ticket_id)
+        .where(Classification.id.in_(latest))
+    ).all()
+    by_hash = {content_hash: label for label, content_hash in rows}
+    return {t.id: by_hash[t.content_hash] for t in tickets if t.content_hash in by_hash}
 
 
 def _reuse(source: Classification) -> ClassificationResult:
@@ -281,53 +376,99 @@ def _failure(rt: Runtime, claim: _Claim, api_calls: int) -> StageFailure:
     )
 
 
-def _finish(rt: Runtime, claim: _Claim, result: ClassificationResult) -> str:
+def _finish(rt: Runtime, done: list[tuple[_Claim, ClassificationResult]]) -> dict[int, str]:
+    if not done:
+        return {}
     with session_scope(rt.sessions) as session:
-        recorded = _record(rt, session, claim, result)
-        if recorded is None:
-            # Another worker finished this ticket first; its label stands and this one is
-            # dropped with the transaction.
-            session.rollback()
-            return "superseded"
-        outcome, _, outbox_id = recorded
-    rt.publisher.publish([outbox_id])
-    return outcome
+        recorded = _record(rt, session, done)
+    rt.publisher.publish(recorded.outbox_ids)
+    return recorded.outcomes
+
+
+@dataclass(slots=True)
+class _Recorded:
+    # Per ticket: routed | review | superseded (another worker finished it first).
+    outcomes: dict[int, str]
+    label_ids: dict[int, int]
+    # Delivery messages to publish after commit.
+    outbox_ids: list[int]
 
 
 def _record(
-    rt: Runtime, session: Session, claim: _Claim, result: ClassificationResult
-) -> tuple[str, int, int] | None:
-    """Store the label, route and dispatch in the caller's transaction. Returns the outcome,
-    the new Classification's id and the delivery message to publish, or None when the ticket
-    is no longer ours."""
-    route = decide_route(rt.config.taxonomy, result.label)
-    row = _classification_row(rt, claim, result)
-    session.add(row)
-    session.flush()
-    moved = transition(
-        session,
-        claim.ticket_id,
-        S.CLASSIFIED,
-        only_from=frozenset({S.CLASSIFYING}),
-        current_classification_id=row.id,
-        last_error=None,
-    )
-    if not moved:
-        return None
-    outbox_id = _dispatch(session, claim, row, route)
-    session.add(
-        Attempt(
-            ticket_id=claim.ticket_id,
-            stage="classify",
-            number=claim.attempt,
-            finished_at=utcnow(),
-            outcome="reused" if result.reused_from_id else "ok",
-            request_id=result.request_id,
-            api_calls=result.calls,
-            latency_ms=result.latency_ms,
+    rt: Runtime, session: Session, done: list[tuple[_Claim, ClassificationResult]]
+) -> _Recorded:
+    """Store the labels, route and dispatch in the caller's transaction, a statement per
+    table for the whole batch (plus one compare-and-set per ticket)."""
+    label_ids = session.scalars(
+        insert(Classification).returning(Classification.id, sort_by_parameter_order=True),
+        [_classification_values(rt, claim, result) for claim, result in done],
+    ).all()
+    recorded = _Recorded(outcomes={}, label_ids={}, outbox_ids=[])
+    kept: list[tuple[_Claim, ClassificationResult, Route, int]] = []
+    dropped: list[int] = []
+    for (claim, result), label_id in zip(done, label_ids, strict=True):
+        route = decide_route(rt.config.taxonomy, result.label)
+        moved = transition(
+            session,
+            claim.ticket_id,
+            S.NEEDS_REVIEW if route.needs_review else S.ROUTED,
+            only_from=frozenset({S.CLASSIFYING}),
+            current_classification_id=label_id,
+            last_error=None,
+            department=route.department,
+            review_reason=route.reason,
         )
+        if moved:
+            kept.append((claim, result, route, label_id))
+            recorded.label_ids[claim.ticket_id] = label_id
+            recorded.outcomes[claim.ticket_id] = "review" if route.needs_review else "routed"
+        else:
+            # Another worker finished this ticket first; its label stands, ours goes.
+            dropped.append(label_id)
+            recorded.outcomes[claim.ticket_id] = "superseded"
+    if dropped:
+        session.execute(delete(Classification).where(Classification.id.in_(dropped)))
+    if not kept:
+        return recorded
+    dispatch_ids = session.scalars(
+        insert(Dispatch).returning(Dispatch.id, sort_by_parameter_order=True),
+        [
+            {
+                "ticket_id": claim.ticket_id,
+                "classification_id": label_id,
+                "generation": claim.generation,
+                "route": route.queue,
+                "department": route.department,
+                "rule": route.rule,
+            }
+            for claim, _result, route, label_id in kept
+        ],
+    ).all()
+    recorded.outbox_ids = enqueue_many(
+        session,
+        [
+            delivery_values(claim.ticket_id, dispatch_id, route.queue)
+            for (claim, _result, route, _label), dispatch_id in zip(kept, dispatch_ids, strict=True)
+        ],
     )
-    return ("review" if route.needs_review else "routed"), row.id, outbox_id
+    finished = utcnow()
+    session.execute(
+        insert(Attempt),
+        [
+            {
+                "ticket_id": claim.ticket_id,
+                "stage": "classify",
+                "number": claim.attempt,
+                "finished_at": finished,
+                "outcome": "reused" if result.reused_from_id else "ok",
+                "request_id": result.request_id,
+                "api_calls": result.calls,
+                "latency_ms": result.latency_ms,
+            }
+            for claim, result, _route, _label in kept
+        ],
+    )
+    return recorded
 
 
 # A ticket that has finished (or failed) classification may be classified again.
@@ -386,61 +527,48 @@ def record_label(
         request=build_request(rt, ticket),
         reuse=None,
     )
-    return _record(rt, session, claim, result)
+    recorded = _record(rt, session, [(claim, result)])
+    if ticket.id not in recorded.label_ids:
+        return None
+    outbox = recorded.outbox_ids[0]
+    return recorded.outcomes[ticket.id], recorded.label_ids[ticket.id], outbox
 
 
-def _dispatch(session: Session, claim: _Claim, row: Classification, route: Route) -> int:
-    target = S.NEEDS_REVIEW if route.needs_review else S.ROUTED
-    transition(
-        session,
-        claim.ticket_id,
-        target,
-        only_from=frozenset({S.CLASSIFIED}),
-        department=route.department,
-        review_reason=route.reason,
-    )
-    dispatch = Dispatch(
-        ticket_id=claim.ticket_id,
-        classification_id=row.id,
-        generation=claim.generation,
-        route=route.queue,
-        department=route.department,
-        rule=route.rule,
-    )
-    session.add(dispatch)
-    session.flush()
-    return enqueue_delivery(
-        session, ticket_id=claim.ticket_id, dispatch_id=dispatch.id, route=route.queue
-    ).id
-
-
-def _classification_row(rt: Runtime, claim: _Claim, result: ClassificationResult) -> Classification:
+def _classification_values(
+    rt: Runtime, claim: _Claim, result: ClassificationResult
+) -> dict[str, Any]:
     label, usage = result.label, result.usage
-    return Classification(
-        ticket_id=claim.ticket_id,
-        generation=claim.generation,
-        intent=label.intent,
-        department=label.department,
-        priority=label.priority,
-        language=label.language,
-        sentiment=label.sentiment,
-        confidence=label.confidence,
-        summary=label.summary,
-        backend=result.backend,
-        model=result.model,
-        taxonomy_version=rt.config.taxonomy.version,
-        prompt_version=result.prompt_version,
-        input_tokens=usage.input_tokens,
-        output_tokens=usage.output_tokens,
-        cache_read_tokens=usage.cache_read_tokens,
-        cache_write_tokens=usage.cache_write_tokens,
-        cost_usd=usage.cost_usd,
-        latency_ms=result.latency_ms,
-        attempt=claim.attempt,
-        calls=result.calls,
-        request_id=result.request_id,
-        reused_from_id=result.reused_from_id,
-    )
+    return {
+        "ticket_id": claim.ticket_id,
+        "generation": claim.generation,
+        **label.model_dump(include=set(LABEL_FIELDS)),
+        "backend": result.backend,
+        "model": result.model,
+        "taxonomy_version": rt.config.taxonomy.version,
+        "prompt_version": result.prompt_version,
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cache_read_tokens": usage.cache_read_tokens,
+        "cache_write_tokens": usage.cache_write_tokens,
+        "cost_usd": usage.cost_usd,
+        "latency_ms": result.latency_ms,
+        "attempt": claim.attempt,
+        "calls": result.calls,
+        "request_id": result.request_id,
+        "reused_from_id": result.reused_from_id,
+        "created_at": utcnow(),
+    }
+
+
+LABEL_FIELDS = (
+    "intent",
+    "department",
+    "priority",
+    "language",
+    "sentiment",
+    "confidence",
+    "summary",
+)
 
 
 def _observe(result: ClassificationResult) -> None:

@@ -6,10 +6,11 @@ message itself is the delivery, and this stage only records that it was consumed
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from triage.db.models import Attempt, Classification, Dispatch, Ticket, TicketState, utcnow
@@ -34,45 +35,75 @@ class _Job:
 
 
 class SinksDone(Exception):
-    """The sinks accepted the delivery but the database could not record it. Retry the
+    """The sinks accepted these deliveries but the database could not record them. Retry the
     recording only: sending again would deliver twice what a live worker knows it sent."""
 
-    def __init__(self, dispatch_id: int) -> None:
-        super().__init__(f"dispatch {dispatch_id} delivered, not yet recorded")
-        self.dispatch_id = dispatch_id
+    def __init__(self, dispatch_ids: list[int]) -> None:
+        super().__init__(f"dispatches {dispatch_ids} delivered, not yet recorded")
+        self.dispatch_ids = dispatch_ids
 
 
 def deliver_stage(rt: Runtime, dispatch_id: int, *, sinks_done: bool = False) -> str:
-    job = _begin(rt, dispatch_id, sinks_done=sinks_done)
-    if isinstance(job, str):
-        return job
+    return deliver_many_stage(rt, [dispatch_id], sinks_done=sinks_done)[dispatch_id]
+
+
+def deliver_many_stage(
+    rt: Runtime, dispatch_ids: Sequence[int], *, sinks_done: bool = False
+) -> dict[int, str]:
+    """Deliver a batch of dispatches: one transaction to take them, their sinks (side by side
+    when there are several), one transaction to record them. Returns each one's outcome."""
+    outcomes: dict[int, str] = {}
+    jobs = _begin(rt, list(dict.fromkeys(dispatch_ids)), sinks_done, outcomes)
+    failed: list[tuple[_Job, Exception]] = []
+    sent = jobs
     if not sinks_done:
-        try:
-            for sink in rt.sinks_for(job.delivery.department):
-                sink.deliver(job.delivery)
-        except Exception as exc:  # noqa: BLE001 - the guard names and decides every failure
-            return handle_failure(rt, _failure(job), exc)
+        with_sinks = [job for job in jobs if rt.sinks_for(job.delivery.department)]
+        results = rt.calls.run([_send_for(rt, job) for job in with_sinks])
+        failed = [
+            (job, result)
+            for job, result in zip(with_sinks, results, strict=True)
+            if isinstance(result, Exception)
+        ]
+        failing = {job.delivery.dispatch_id for job, _ in failed}
+        sent = [job for job in jobs if job.delivery.dispatch_id not in failing]
     try:
-        _record_delivered(rt, job)
+        _record_delivered(rt, sent)
     except Exception as exc:
         if is_database_outage(exc):
-            raise SinksDone(dispatch_id) from exc
+            raise SinksDone([job.delivery.dispatch_id for job in sent]) from exc
         raise
-    return "delivered"
+    outcomes.update({job.delivery.dispatch_id: "delivered" for job in sent})
+    for job, error in failed:
+        outcomes[job.delivery.dispatch_id] = handle_failure(rt, _failure(job), error)
+    return outcomes
 
 
-def _record_delivered(rt: Runtime, job: _Job) -> None:
+def _send_for(rt: Runtime, job: _Job) -> Callable[[], None]:
+    def send() -> None:
+        for sink in rt.sinks_for(job.delivery.department):
+            sink.deliver(job.delivery)
+
+    return send
+
+
+def _record_delivered(rt: Runtime, jobs: list[_Job]) -> None:
+    if not jobs:
+        return
     now = utcnow()
     with session_scope(rt.sessions) as session:
         session.execute(
             update(Dispatch)
-            .where(Dispatch.id == job.delivery.dispatch_id, Dispatch.delivered_at.is_(None))
+            .where(
+                Dispatch.id.in_([job.delivery.dispatch_id for job in jobs]),
+                Dispatch.delivered_at.is_(None),
+            )
             .values(delivered_at=now)
             .execution_options(synchronize_session=False)
         )
+        ours = [job.attempt_id for job in jobs]
         session.execute(
             update(Attempt)
-            .where(Attempt.id == job.attempt_id)
+            .where(Attempt.id.in_(ours))
             .values(outcome="ok", finished_at=now)
             .execution_options(synchronize_session=False)
         )
@@ -80,90 +111,138 @@ def _record_delivered(rt: Runtime, job: _Job) -> None:
         session.execute(
             update(Attempt)
             .where(
-                Attempt.ticket_id == job.delivery.ticket_id,
+                Attempt.ticket_id.in_([job.delivery.ticket_id for job in jobs]),
                 Attempt.stage == "deliver",
                 Attempt.outcome == STARTED,
+                Attempt.id.not_in(ours),
             )
             .values(outcome="lost", finished_at=now)
             .execution_options(synchronize_session=False)
         )
 
 
-def _begin(rt: Runtime, dispatch_id: int, *, sinks_done: bool) -> _Job | str:
+def _begin(
+    rt: Runtime, dispatch_ids: list[int], sinks_done: bool, outcomes: dict[int, str]
+) -> list[_Job]:
     with session_scope(rt.sessions) as session:
-        # Take the dispatch row first (a row lock on PostgreSQL, the write lock on SQLite), so
-        # two copies of the message cannot both miss each other's "started" attempt below.
-        took = session.execute(
+        # Take the dispatch rows first (row locks on PostgreSQL, in id order; the write lock on
+        # SQLite), so two copies of a message cannot both miss each other's "started" attempt.
+        taken = session.scalars(
             update(Dispatch)
-            .where(Dispatch.id == dispatch_id, Dispatch.delivered_at.is_(None))
+            .where(Dispatch.id.in_(sorted(dispatch_ids)), Dispatch.delivered_at.is_(None))
             .values(delivery_attempts=Dispatch.delivery_attempts + 1)
-            .execution_options(synchronize_session=False)
-        ).rowcount  # type: ignore[attr-defined]
-        if took != 1:
-            return "noop" if session.get(Dispatch, dispatch_id) else "missing"
-        dispatch = session.get(Dispatch, dispatch_id)
-        assert dispatch is not None
-        ticket = session.get(Ticket, dispatch.ticket_id)
-        if ticket is None or ticket.generation != dispatch.generation:
-            session.rollback()
-            return "superseded"
-        if ticket.state not in (S.ROUTED, S.NEEDS_REVIEW):
-            session.rollback()
-            return "noop"
-        if not sinks_done and _in_flight(rt, session, dispatch):
-            # Another worker is delivering it right now (a sweeper's or a redelivered copy of
-            # the message): sending too would deliver it twice. If that worker dies, the
-            # sweeper sends it again once the lease is over.
-            session.rollback()
-            return "in_flight"
-        marker = Attempt(
-            ticket_id=ticket.id,
-            stage="deliver",
-            number=dispatch.delivery_attempts,
-            outcome=STARTED,
-        )
-        session.add(marker)
-        session.flush()
-        label = (
-            session.get(Classification, dispatch.classification_id)
-            if dispatch.classification_id
-            else None
-        )
-        delivery = Delivery(
-            ticket_id=ticket.id,
-            dispatch_id=dispatch.id,
-            source=ticket.source,
-            external_id=ticket.external_id,
-            route=dispatch.route,
-            department=dispatch.department,
-            needs_review=ticket.state == S.NEEDS_REVIEW,
-            review_reason=ticket.review_reason,
-            label={**label.label_fields(), "model": label.model} if label else {},
-            metadata=dict(ticket.extra or {}),
-        )
-        return _Job(
-            delivery=delivery,
-            attempt=dispatch.delivery_attempts,
-            age_seconds=(utcnow() - dispatch.created_at).total_seconds(),
-            attempt_id=marker.id,
-        )
+            .returning(Dispatch)
+            .execution_options(synchronize_session=False, populate_existing=True)
+        ).all()
+        by_id = {d.id: d for d in taken}
+        others = [i for i in dispatch_ids if i not in by_id]
+        if others:
+            exist = set(session.scalars(select(Dispatch.id).where(Dispatch.id.in_(others))))
+            outcomes.update({i: "noop" if i in exist else "missing" for i in others})
+        if not taken:
+            return []
+        tickets = {
+            t.id: t
+            for t in session.scalars(
+                select(Ticket).where(Ticket.id.in_({d.ticket_id for d in taken}))
+            )
+        }
+        busy = set() if sinks_done else _in_flight(rt, session, taken)
+        ready: list[Dispatch] = []
+        for dispatch in taken:
+            ticket = tickets.get(dispatch.ticket_id)
+            if ticket is None or ticket.generation != dispatch.generation:
+                outcomes[dispatch.id] = "superseded"
+            elif ticket.state not in (S.ROUTED, S.NEEDS_REVIEW):
+                outcomes[dispatch.id] = "noop"
+            elif dispatch.ticket_id in busy:
+                # Another worker is delivering it right now (a sweeper's or a redelivered copy
+                # of the message): sending too would deliver it twice. If that worker dies,
+                # the sweeper sends it again once the lease is over.
+                outcomes[dispatch.id] = "in_flight"
+            else:
+                ready.append(dispatch)
+        skipped = [d.id for d in taken if d.id in outcomes]
+        if skipped:
+            # Not ours to deliver: the attempt count goes back as it was.
+            session.execute(
+                update(Dispatch)
+                .where(Dispatch.id.in_(skipped))
+                .values(delivery_attempts=Dispatch.delivery_attempts - 1)
+                .execution_options(synchronize_session=False)
+            )
+        if not ready:
+            return []
+        marker_ids = session.scalars(
+            insert(Attempt).returning(Attempt.id, sort_by_parameter_order=True),
+            [
+                {
+                    "ticket_id": d.ticket_id,
+                    "stage": "deliver",
+                    "number": d.delivery_attempts,
+                    "outcome": STARTED,
+                    "started_at": utcnow(),
+                }
+                for d in ready
+            ],
+        ).all()
+        label_ids = {d.classification_id for d in ready if d.classification_id}
+        labels = {
+            c.id: c
+            for c in session.scalars(select(Classification).where(Classification.id.in_(label_ids)))
+        }
+        now = utcnow()
+        jobs = []
+        for dispatch, marker_id in zip(ready, marker_ids, strict=True):
+            ticket = tickets[dispatch.ticket_id]
+            label = labels.get(dispatch.classification_id or 0)
+            delivery = Delivery(
+                ticket_id=ticket.id,
+                dispatch_id=dispatch.id,
+                source=ticket.source,
+                external_id=ticket.external_id,
+                route=dispatch.route,
+                department=dispatch.department,
+                needs_review=ticket.state == S.NEEDS_REVIEW,
+                review_reason=ticket.review_reason,
+                label={**label.label_fields(), "model": label.model} if label else {},
+                metadata=dict(ticket.extra or {}),
+            )
+            jobs.append(
+                _Job(
+                    delivery=delivery,
+                    attempt=dispatch.delivery_attempts,
+                    age_seconds=(now - dispatch.created_at).total_seconds(),
+                    attempt_id=marker_id,
+                )
+            )
+        order = {dispatch_id: i for i, dispatch_id in enumerate(dispatch_ids)}
+        return sorted(jobs, key=lambda job: order[job.delivery.dispatch_id])
 
 
-def _in_flight(rt: Runtime, session: Session, dispatch: Dispatch) -> bool:
-    sinks = rt.sinks_for(dispatch.department)
-    lease = deliver_lease_seconds(len(sinks), rt.sinks.timeout_seconds)
-    since = utcnow() - timedelta(seconds=lease)
-    started = session.scalar(
-        select(Attempt.id)
-        .where(
-            Attempt.ticket_id == dispatch.ticket_id,
+def _in_flight(rt: Runtime, session: Session, dispatches: Sequence[Dispatch]) -> set[int]:
+    """The tickets among these dispatches' that a live delivery attempt holds."""
+    leases = {
+        d.ticket_id: deliver_lease_seconds(
+            len(rt.sinks_for(d.department)), rt.sinks.timeout_seconds
+        )
+        for d in dispatches
+    }
+    since = utcnow() - timedelta(seconds=max(leases.values()))
+    rows = session.execute(
+        select(Attempt.ticket_id, Attempt.started_at).where(
+            Attempt.ticket_id.in_(leases),
             Attempt.stage == "deliver",
             Attempt.outcome == STARTED,
             Attempt.started_at > since,
         )
-        .limit(1)
-    )
-    return started is not None
+    ).all()
+    now = utcnow()
+    return {
+        ticket_id
+        for ticket_id, started in rows
+        if started > now - timedelta(seconds=leases[ticket_id])
+    }
 
 
 def _failure(job: _Job) -> StageFailure:

@@ -11,18 +11,24 @@ from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from triage.db.models import OutboxMessage, TicketState, utcnow
 from triage.db.session import session_scope
 from triage.pipeline.routing import CLASSIFY_QUEUE
-from triage.pipeline.states import transition
+from triage.pipeline.states import transition_many
 
 log = logging.getLogger(__name__)
 
 CLASSIFY_TASK = "triage.classify_ticket"
 DELIVER_TASK = "triage.deliver"
+# Tasks whose messages may carry many ids: the single-id argument a row holds, and the list
+# argument a batch of such rows is sent under.
+BATCH_ARGS = {
+    CLASSIFY_TASK: ("ticket_id", "ticket_ids"),
+    DELIVER_TASK: ("dispatch_id", "dispatch_ids"),
+}
 DEAD_LETTER_TASK = "triage.dead_lettered"
 # How long a claimed row is left alone before another relay may try it again.
 CLAIM_LEASE = timedelta(seconds=30)
@@ -34,6 +40,27 @@ CLAIM_LEASE = timedelta(seconds=30)
 MAX_BROKER_COUNTDOWN_SECONDS = 15.0
 
 
+def outbox_values(
+    *, ticket_id: int, task: str, queue: str, args: dict[str, Any], countdown: float = 0.0
+) -> dict[str, Any]:
+    """An outbox row's columns. A `countdown` longer than MAX_BROKER_COUNTDOWN_SECONDS keeps
+    the row in the outbox until it is due."""
+    countdown = max(0.0, countdown)
+    now = utcnow()
+    available_at = now
+    if countdown > MAX_BROKER_COUNTDOWN_SECONDS:
+        available_at = now + timedelta(seconds=countdown)
+    return {
+        "ticket_id": ticket_id,
+        "task": task,
+        "queue": queue,
+        "args": args,
+        "countdown": countdown,
+        "created_at": now,
+        "available_at": available_at,
+    }
+
+
 def enqueue(
     session: Session,
     *,
@@ -43,62 +70,69 @@ def enqueue(
     args: dict[str, Any],
     countdown: float = 0.0,
 ) -> OutboxMessage:
-    """Add a message to the outbox in the caller's transaction. A `countdown` longer than
-    MAX_BROKER_COUNTDOWN_SECONDS keeps the row in the outbox until it is due."""
-    countdown = max(0.0, countdown)
-    now = utcnow()
-    available_at = now
-    if countdown > MAX_BROKER_COUNTDOWN_SECONDS:
-        available_at = now + timedelta(seconds=countdown)
+    """Add a message to the outbox in the caller's transaction."""
     msg = OutboxMessage(
-        ticket_id=ticket_id,
-        task=task,
-        queue=queue,
-        args=args,
-        countdown=countdown,
-        created_at=now,
-        available_at=available_at,
+        **outbox_values(ticket_id=ticket_id, task=task, queue=queue, args=args, countdown=countdown)
     )
     session.add(msg)
     return msg
 
 
-def enqueue_classify(session: Session, ticket_id: int, *, countdown: float = 0.0) -> OutboxMessage:
-    """Queue classify_ticket(ticket_id) after the caller's commit; the row has its id."""
-    msg = enqueue(
-        session,
+def enqueue_many(session: Session, rows: list[dict[str, Any]]) -> list[int]:
+    """Add many messages (`outbox_values` each) in one statement; returns their ids in order."""
+    if not rows:
+        return []
+    stmt = insert(OutboxMessage).returning(OutboxMessage.id, sort_by_parameter_order=True)
+    return list(session.scalars(stmt, rows).all())
+
+
+def enqueue_classify(session: Session, ticket_id: int, *, countdown: float = 0.0) -> int:
+    """Queue classify_ticket(ticket_id) after the caller's commit; returns the row's id."""
+    values = outbox_values(
         ticket_id=ticket_id,
         task=CLASSIFY_TASK,
         queue=CLASSIFY_QUEUE,
         args={"ticket_id": ticket_id},
         countdown=countdown,
     )
-    session.flush()
-    return msg
+    return _insert_one(session, values)
 
 
 def enqueue_delivery(
     session: Session, *, ticket_id: int, dispatch_id: int, route: str, countdown: float = 0.0
-) -> OutboxMessage:
-    """Queue deliver(dispatch_id) on the dispatch's route after the caller's commit."""
-    msg = enqueue(
-        session,
+) -> int:
+    """Queue deliver(dispatch_id) on the dispatch's route after the caller's commit; returns
+    the row's id."""
+    return _insert_one(session, delivery_values(ticket_id, dispatch_id, route, countdown))
+
+
+def _insert_one(session: Session, values: dict[str, Any]) -> int:
+    return int(session.scalars(insert(OutboxMessage).returning(OutboxMessage.id), [values]).one())
+
+
+def delivery_values(
+    ticket_id: int, dispatch_id: int, route: str, countdown: float = 0.0
+) -> dict[str, Any]:
+    return outbox_values(
         ticket_id=ticket_id,
         task=DELIVER_TASK,
         queue=route,
         args={"dispatch_id": dispatch_id},
         countdown=countdown,
     )
-    session.flush()
-    return msg
 
 
 class Publisher:
-    """Sends claimed outbox rows to the broker. `send` is Celery's `send_task`."""
+    """Sends claimed outbox rows to the broker. `send` is Celery's `send_task`.
 
-    def __init__(self, sessions: sessionmaker[Session], send: Any) -> None:
+    Rows for the same batchable task and queue that are due now go out as one message of up
+    to `batch_size` ids: the broker, the worker and the database then handle them together.
+    """
+
+    def __init__(self, sessions: sessionmaker[Session], send: Any, batch_size: int = 1) -> None:
         self._sessions = sessions
         self._send = send
+        self._batch_size = max(1, batch_size)
 
     def publish(self, ids: Iterable[int]) -> int:
         """Publish these rows now (after the commit that wrote them)."""
@@ -143,23 +177,46 @@ class Publisher:
 
     def _publish_claimed(self, rows: list[OutboxMessage]) -> int:
         sent: list[OutboxMessage] = []
-        for row in rows:
-            due = row.created_at + timedelta(seconds=row.countdown)
-            countdown = max(0.0, (due - utcnow()).total_seconds())
+        for group, kwargs, countdown in self._messages(rows):
             try:
                 self._send(
-                    row.task,
-                    kwargs=row.args,
-                    queue=row.queue,
+                    group[0].task,
+                    kwargs=kwargs,
+                    queue=group[0].queue,
                     countdown=countdown or None,
                 )
-            except Exception as exc:  # noqa: BLE001 - any broker failure leaves the row for later
-                log.warning("outbox %s not published (%s); will retry", row.id, exc)
+            except Exception as exc:  # noqa: BLE001 - any broker failure leaves the rows for later
+                ids = ", ".join(str(r.id) for r in group)
+                log.warning("outbox %s not published (%s); will retry", ids, exc)
                 continue
-            sent.append(row)
+            sent += group
         if sent:
             self._mark_sent(sent)
         return len(sent)
+
+    def _messages(
+        self, rows: list[OutboxMessage]
+    ) -> Iterable[tuple[list[OutboxMessage], dict[str, Any], float]]:
+        """The messages that carry `rows`: one per row, except that rows due now for the same
+        batchable task and queue share messages of up to `batch_size` ids."""
+        batches: dict[tuple[str, str], list[OutboxMessage]] = {}
+        now = utcnow()
+        for row in rows:
+            due = row.created_at + timedelta(seconds=row.countdown)
+            countdown = max(0.0, (due - now).total_seconds())
+            names = BATCH_ARGS.get(row.task)
+            if countdown == 0 and names and set(row.args) == {names[0]}:
+                batches.setdefault((row.task, row.queue), []).append(row)
+            else:
+                yield [row], row.args, countdown
+        for (task, _queue), group in batches.items():
+            single, plural = BATCH_ARGS[task]
+            for i in range(0, len(group), self._batch_size):
+                chunk = group[i : i + self._batch_size]
+                if len(chunk) == 1:
+                    yield chunk, chunk[0].args, 0.0
+                else:
+                    yield chunk, {plural: [r.args[single] for r in chunk]}, 0.0
 
     def _mark_sent(self, rows: list[OutboxMessage]) -> None:
         now = utcnow()
@@ -170,14 +227,14 @@ class Publisher:
                 .values(sent_at=now)
                 .execution_options(synchronize_session=False)
             )
-            for row in rows:
-                if row.task == CLASSIFY_TASK:
-                    transition(
-                        session,
-                        row.ticket_id,
-                        TicketState.QUEUED,
-                        only_from=frozenset({TicketState.RECEIVED}),
-                    )
+            classify = [row.ticket_id for row in rows if row.task == CLASSIFY_TASK]
+            if classify:
+                transition_many(
+                    session,
+                    classify,
+                    TicketState.QUEUED,
+                    only_from=frozenset({TicketState.RECEIVED}),
+                )
 
 
 class OutboxOnlyPublisher(Publisher):

@@ -16,6 +16,7 @@ from triage.classify.backends.factory import build_backend
 from triage.config import AppConfig, Settings, get_config
 from triage.db.session import get_sessionmaker
 from triage.pipeline.celery_app import make_celery
+from triage.pipeline.fanout import CallPool
 from triage.pipeline.relay import Publisher
 from triage.reliability.limits import Admission, ApiLimiter, CircuitBreaker, Limits
 from triage.sinks.base import Sink
@@ -45,7 +46,12 @@ class Runtime:
 
     @cached_property
     def publisher(self) -> Publisher:
-        return Publisher(self.sessions, self.celery.send_task)
+        return Publisher(self.sessions, self.celery.send_task, self.settings.batch_size)
+
+    @cached_property
+    def calls(self) -> CallPool:
+        """Model calls in flight in this process, at most `worker_concurrency`."""
+        return CallPool(self.settings.worker_concurrency)
 
     @cached_property
     def sinks(self) -> SinkTable:

@@ -14,8 +14,8 @@ from typing import Any
 
 from celery import shared_task
 
-from triage.pipeline.classify_stage import classify_ticket_stage
-from triage.pipeline.deliver_stage import SinksDone, deliver_stage
+from triage.pipeline.classify_stage import classify_tickets_stage
+from triage.pipeline.deliver_stage import SinksDone, deliver_many_stage
 from triage.pipeline.runtime import get_runtime
 from triage.reliability.retry import (
     INFRASTRUCTURE_RETRIES,
@@ -39,29 +39,47 @@ def _retry_on_database_outage(task: Any, exc: Exception) -> None:
 
 
 @shared_task(bind=True, name="triage.classify_ticket", ignore_result=True)  # type: ignore[untyped-decorator]
-def classify_ticket(self: Any, ticket_id: int) -> str:
-    """Label one ticket and dispatch it to its department (or to review)."""
+def classify_ticket(
+    self: Any, ticket_id: int | None = None, ticket_ids: list[int] | None = None
+) -> dict[int, str]:
+    """Label tickets and dispatch each to its department (or to review). A message carries
+    one ticket (`ticket_id`) or a batch the publisher grouped (`ticket_ids`)."""
     try:
-        return classify_ticket_stage(get_runtime(), ticket_id)
+        return classify_tickets_stage(get_runtime(), _ids(ticket_id, ticket_ids))
     except Exception as exc:
         _retry_on_database_outage(self, exc)
         raise
 
 
 @shared_task(bind=True, name="triage.deliver", ignore_result=True)  # type: ignore[untyped-decorator]
-def deliver(self: Any, dispatch_id: int, sinks_done: bool = False) -> str:
-    """Apply a routed ticket's department sinks (consumed from dept.<department>)."""
+def deliver(
+    self: Any,
+    dispatch_id: int | None = None,
+    sinks_done: bool = False,
+    dispatch_ids: list[int] | None = None,
+) -> dict[int, str]:
+    """Apply routed tickets' department sinks (consumed from dept.<department>): one
+    dispatch (`dispatch_id`) or a batch (`dispatch_ids`)."""
     try:
-        return deliver_stage(get_runtime(), dispatch_id, sinks_done=sinks_done)
+        return deliver_many_stage(
+            get_runtime(), _ids(dispatch_id, dispatch_ids), sinks_done=sinks_done
+        )
     except SinksDone as done:
         # Only the recording is retried; the sinks are not asked twice.
         delay = infrastructure_delay(int(self.request.retries or 0))
         raise self.retry(
             exc=done,
             countdown=delay,
-            kwargs={"dispatch_id": dispatch_id, "sinks_done": True},
+            kwargs={"dispatch_ids": done.dispatch_ids, "sinks_done": True},
             max_retries=INFRASTRUCTURE_RETRIES,
         ) from done
     except Exception as exc:
         _retry_on_database_outage(self, exc)
         raise
+
+
+def _ids(one: int | None, many: list[int] | None) -> list[int]:
+    ids = [*([] if one is None else [one]), *(many or [])]
+    if not ids:
+        raise ValueError("a message with no ids")
+    return ids

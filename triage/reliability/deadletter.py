@@ -115,8 +115,8 @@ def replay(session: Session, dead_letter_id: int) -> Replayed | None:
     if letter.stage == "deliver" and ticket.current_classification_id is not None:
         return _replay_delivery(session, ticket, letter)
     transition(session, ticket.id, S.QUEUED, only_from=frozenset({S.DEAD_LETTERED}), attempts=0)
-    msg = enqueue_classify(session, ticket.id)
-    return Replayed(ticket_id=ticket.id, stage="classify", outbox_id=msg.id)
+    outbox_id = enqueue_classify(session, ticket.id)
+    return Replayed(ticket_id=ticket.id, stage="classify", outbox_id=outbox_id)
 
 
 def _replay_delivery(session: Session, ticket: Ticket, letter: DeadLetter) -> Replayed | None:
@@ -133,7 +133,7 @@ def _replay_delivery(session: Session, ticket: Ticket, letter: DeadLetter) -> Re
     dispatch.delivery_attempts = 0
     # The deliver stage's age bound counts from here: a replay is a fresh run.
     dispatch.created_at = utcnow()
-    msg = enqueue_delivery(
+    outbox_id = enqueue_delivery(
         session, ticket_id=ticket.id, dispatch_id=dispatch.id, route=dispatch.route
     )
-    return Replayed(ticket_id=ticket.id, stage="deliver", outbox_id=msg.id)
+    return Replayed(ticket_id=ticket.id, stage="deliver", outbox_id=outbox_id)

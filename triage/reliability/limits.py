@@ -14,6 +14,7 @@ that (sleep briefly, or put the ticket back on the queue without using an attemp
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,14 +160,19 @@ class CircuitBreaker:
     def wait_seconds(self) -> float:
         """0.0 when a call may go (closed, or this caller won the half-open probe); otherwise
         how long to wait before asking again."""
+        return self.check()[0]
+
+    def check(self) -> tuple[float, bool]:
+        """`wait_seconds`, and whether the caller holds the half-open probe (then only one
+        call may go)."""
         open_until, half_open = self._client.mget(self._open_until, self._half_open)
         remaining = 0.0 if open_until is None else float(open_until) - time.time()
         if remaining > 0:
-            return remaining
+            return remaining, False
         if half_open is None:
-            return 0.0
+            return 0.0, False
         won = self._client.set(self._probe, "1", nx=True, px=int(self.probe_interval * 1000))
-        return 0.0 if won else self.probe_interval
+        return (0.0, True) if won else (self.probe_interval, False)
 
     def record_overload(self, retry_after: float | None = None) -> bool:
         """Count one 429/529; returns True when this failure opened the circuit."""
@@ -192,12 +198,12 @@ class CircuitBreaker:
         )
         return bool(opened)
 
-    def record_success(self) -> None:
-        """Count one good answer; while half-open, it closes the circuit."""
+    def record_success(self, count: int = 1) -> None:
+        """Count good answers; while half-open, one closes the circuit."""
         second = int(time.time())
         key = f"{self._prefix}:calls:{second}"
         pipe = self._client.pipeline(transaction=False)
-        pipe.incr(key)
+        pipe.incrby(key, count)
         pipe.expire(key, self.window + 5)
         pipe.get(self._open_until)
         pipe.exists(self._half_open)
@@ -220,3 +226,17 @@ class Admission:
         if paused > 0:
             return paused
         return self.limiter.acquire(input_tokens)
+
+    def admit(self, input_tokens: Sequence[int]) -> list[float]:
+        """`wait_seconds` for a batch of calls, asking the breaker once: 0.0 for each call that
+        may go now (and is counted against the budget), else seconds to wait. A half-open
+        circuit lets only the first call through, as the probe."""
+        if not input_tokens:
+            return []
+        paused, probe = self.breaker.check()
+        if paused > 0:
+            return [paused] * len(input_tokens)
+        waits = [self.limiter.acquire(input_tokens[0])]
+        for tokens in input_tokens[1:]:
+            waits.append(self.breaker.probe_interval if probe else self.limiter.acquire(tokens))
+        return waits

@@ -60,16 +60,19 @@ def _postgres(session: Session) -> bool:
 
 
 class BrokerDepths:
-    """Messages waiting on each queue, asked once per pass. None when the broker cannot say
-    (it is down: then nothing published now would get there either)."""
+    """How many ids may be waiting on each queue (messages x the batch size), asked once per
+    pass. None when the broker cannot say (it is down: then nothing published now would get
+    there either)."""
 
     def __init__(self, rt: Runtime) -> None:
         self._rt = rt
+        self._per_message = rt.settings.batch_size
         self._known: dict[str, int | None] = {}
 
     def __call__(self, queue: str) -> int | None:
         if queue not in self._known:
-            self._known[queue] = self._ask(queue)
+            messages = self._ask(queue)
+            self._known[queue] = None if messages is None else messages * self._per_message
         return self._known[queue]
 
     def _ask(self, queue: str) -> int | None:
@@ -86,10 +89,10 @@ class BrokerDepths:
 
 
 def _not_all_on_broker(depth: int | None, candidates: int) -> bool:
-    """Whether `candidates` tickets waiting for `stuck_after` on a queue holding `depth`
-    messages cannot all be there: a backlog is not a loss. The broker cannot be asked for one
-    message, so a queue at least as deep as the candidates is given the benefit of the doubt
-    until it drains below them (a lost message then waits for the backlog, never for ever)."""
+    """Whether `candidates` tickets waiting for `stuck_after` on a queue that may hold `depth`
+    of them cannot all be there: a backlog is not a loss. The broker cannot be asked for one
+    message, so a queue that may hold the candidates is given the benefit of the doubt until
+    it drains below them (a lost message then waits for the backlog, never for ever)."""
     return depth is not None and depth < candidates
 
 
@@ -156,7 +159,7 @@ def _requeue_tickets(
             where=[Ticket.state_changed_at == changed_at],
         )
         if won:
-            out.append(enqueue_classify(session, ticket_id).id)
+            out.append(enqueue_classify(session, ticket_id))
             requeued += 1
     return requeued
 
@@ -194,10 +197,9 @@ def _requeue_deliveries(
     requeued = 0
     for dispatch_id, ticket_id, route in undelivered:
         if route in lost:
-            msg = enqueue_delivery(
-                session, ticket_id=ticket_id, dispatch_id=dispatch_id, route=route
+            out.append(
+                enqueue_delivery(session, ticket_id=ticket_id, dispatch_id=dispatch_id, route=route)
             )
-            out.append(msg.id)
             requeued += 1
     return requeued
 

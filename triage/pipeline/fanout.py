@@ -1,0 +1,91 @@
+"""Model calls in flight in one worker process: a bound on them, and the threads they run on.
+
+A task message can carry many tickets. The task takes as many call slots as it can get (at
+least one, at most one per ticket), claims that many tickets, and runs their calls side by
+side; tickets it has no slot for yet stay unclaimed in `queued`, so a busy process never holds
+claims (and their leases) it cannot serve.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class CallSlots:
+    """A counting semaphore that hands out as many permits as are free, up to a wish."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self._free = self.limit
+        self._cond = threading.Condition()
+
+    def take(self, wanted: int) -> int:
+        """Block until a slot is free; take up to `wanted` of them and say how many."""
+        with self._cond:
+            while self._free == 0:
+                self._cond.wait()
+            got = min(self._free, max(1, wanted))
+            self._free -= got
+            return got
+
+    def give(self, n: int) -> None:
+        with self._cond:
+            self._free += n
+            self._cond.notify_all()
+
+    @property
+    def free(self) -> int:
+        return self._free
+
+
+class CallPool:
+    """Runs a batch's calls concurrently. The first runs on the caller's own thread (a batch
+    of one never changes threads); the rest on a shared pool as large as the slot limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.slots = CallSlots(limit)
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def run(self, calls: Sequence[Callable[[], T]]) -> list[T | Exception]:
+        """Each call's result, or the exception it raised, in order."""
+        if not calls:
+            return []
+        futures: list[Future[T]] = [self._pool().submit(call) for call in calls[1:]]
+        results: list[T | Exception] = [_capture(calls[0])]
+        for future in futures:
+            exc = future.exception()
+            results.append(future.result() if exc is None else _as_exception(exc))
+        return results
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            with self._lock:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(
+                        self.slots.limit, thread_name_prefix="triage-call"
+                    )
+        return self._executor
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+
+def _capture(call: Callable[[], T]) -> T | Exception:
+    try:
+        return call()
+    except Exception as exc:  # noqa: BLE001 - handed back for the stage's guard to decide
+        return exc
+
+
+def _as_exception(exc: BaseException) -> Exception:
+    # A BaseException (KeyboardInterrupt, SystemExit) from a pool thread must still stop us.
+    if isinstance(exc, Exception):
+        return exc
+    raise exc
