@@ -46,6 +46,17 @@ _OVERHEAD = text(
 )
 
 
+# Rows sent in one publish share its sent_at: tickets per message, per task.
+_BATCHES = text(
+    """
+    SELECT task, count(*), count(DISTINCT (queue, sent_at))
+      FROM outbox
+     WHERE ticket_id > :w AND sent_at IS NOT NULL
+     GROUP BY task
+    """
+)
+
+
 class Probe:
     def __init__(self, db_url: str) -> None:
         self._engine = create_engine(normalize_url(db_url), pool_size=1, max_overflow=1)
@@ -86,6 +97,13 @@ class Probe:
             # The API's publish after its commit: part of "before_model".
             "api_publish": [float(r[3]) for r in rows],
         }
+
+    def tickets_per_message(self, since: int) -> dict[str, float]:
+        """Mean ids per task message (at least: rows of one publish may be split further by
+        the batch size), per task."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(_BATCHES, {"w": since}).all()
+        return {str(task).split(".")[-1]: round(n / max(1, m), 1) for task, n, m in rows}
 
     def backend_pids(self) -> list[int]:
         """PostgreSQL server processes serving this database (for CPU accounting)."""

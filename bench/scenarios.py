@@ -122,6 +122,7 @@ def cpu_bound(stack: Stack, tickets: int) -> dict[str, Any]:
         "states": stack.probe.states(since),
         "api_calls": stack.fake.stats()["calls"],
         "cpu_ms_per_ticket": {k: round(v * 1000 / accepted, 2) for k, v in cpu.items()},
+        "tickets_per_message": stack.probe.tickets_per_message(since),
     }
 
 
@@ -204,6 +205,7 @@ def io_bound(
         # Cores our processes kept busy: near the machine's count means CPU, not
         # concurrency, set the rate.
         "cores_busy": round(sum(cpu.values()) / elapsed, 2),
+        "tickets_per_message": stack.probe.tickets_per_message(since),
         "states": stack.probe.states(since),
     }
 

@@ -96,7 +96,10 @@ def worker(
         "--without-mingle",
         "--without-heartbeat",
     ]
+    # Deliveries from many classify batches finishing together share publishes and messages.
+    rt.start_batching()
     try:
         rt.celery.worker_main(argv)
     finally:
         sweeper.stop()
+        rt.stop_batching()

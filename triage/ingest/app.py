@@ -23,7 +23,6 @@ from triage.db.session import session_scope
 from triage.errors import IngestError
 from triage.ingest import problems
 from triage.ingest.models import Ignored, InboundTicket
-from triage.ingest.publishing import PublishBatcher
 from triage.ingest.sources.registry import SOURCES
 from triage.metrics import INGEST_LATENCY, WEBHOOKS
 from triage.pipeline.runtime import Runtime, get_runtime
@@ -66,17 +65,15 @@ def _require_json(request: Request) -> None:
 def create_app(rt: Runtime | None = None, *, relay_interval: float = 2.0) -> FastAPI:
     runtime = rt or get_runtime()
 
-    batcher = PublishBatcher(runtime.publisher)
-
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         loop = Periodic("triage-relay", relay_interval, runtime.publisher.relay_pending)
         loop.start()
-        batcher.start()
+        runtime.start_batching()
         try:
             yield
         finally:
-            batcher.stop()
+            runtime.stop_batching()
             loop.stop()
 
     app = FastAPI(title="triage", version="0.1.0", lifespan=lifespan)
@@ -119,7 +116,7 @@ def create_app(rt: Runtime | None = None, *, relay_interval: float = 2.0) -> Fas
             if accepted.outbox_id is not None:
                 # Published off the request path: the helpdesk's wait does not include the
                 # broker, and a burst of webhooks is published in batches.
-                batcher.submit(accepted.outbox_id)
+                runtime.publish_after_commit([accepted.outbox_id])
             status = 202
             return JSONResponse(
                 {

@@ -46,7 +46,7 @@ from triage.pipeline.relay import (
 )
 from triage.pipeline.routing import CLASSIFY_QUEUE, Route, decide_route
 from triage.pipeline.runtime import Runtime
-from triage.pipeline.states import transition, transition_many
+from triage.pipeline.states import transition, transition_each, transition_many
 from triage.reliability.guard import StageFailure, handle_failure
 from triage.reliability.limits import Admission
 from triage.reliability.retry import classify_lease_seconds, policy_for
@@ -381,7 +381,7 @@ def _finish(rt: Runtime, done: list[tuple[_Claim, ClassificationResult]]) -> dic
         return {}
     with session_scope(rt.sessions) as session:
         recorded = _record(rt, session, done)
-    rt.publisher.publish(recorded.outbox_ids)
+    rt.publish_after_commit(recorded.outbox_ids)
     return recorded.outcomes
 
 
@@ -404,28 +404,33 @@ def _record(
         [_classification_values(rt, claim, result) for claim, result in done],
     ).all()
     recorded = _Recorded(outcomes={}, label_ids={}, outbox_ids=[])
+    routes = {claim.ticket_id: decide_route(rt.config.taxonomy, r.label) for claim, r in done}
+    labels = {
+        claim.ticket_id: label_id for (claim, _), label_id in zip(done, label_ids, strict=True)
+    }
+    moved = transition_each(
+        session,
+        {i: S.NEEDS_REVIEW if route.needs_review else S.ROUTED for i, route in routes.items()},
+        only_from=frozenset({S.CLASSIFYING}),
+        each={
+            "current_classification_id": labels,
+            "department": {i: route.department for i, route in routes.items()},
+            "review_reason": {i: route.reason for i, route in routes.items()},
+        },
+        last_error=None,
+    )
     kept: list[tuple[_Claim, ClassificationResult, Route, int]] = []
     dropped: list[int] = []
-    for (claim, result), label_id in zip(done, label_ids, strict=True):
-        route = decide_route(rt.config.taxonomy, result.label)
-        moved = transition(
-            session,
-            claim.ticket_id,
-            S.NEEDS_REVIEW if route.needs_review else S.ROUTED,
-            only_from=frozenset({S.CLASSIFYING}),
-            current_classification_id=label_id,
-            last_error=None,
-            department=route.department,
-            review_reason=route.reason,
-        )
-        if moved:
-            kept.append((claim, result, route, label_id))
-            recorded.label_ids[claim.ticket_id] = label_id
-            recorded.outcomes[claim.ticket_id] = "review" if route.needs_review else "routed"
+    for claim, result in done:
+        ticket_id, route = claim.ticket_id, routes[claim.ticket_id]
+        if ticket_id in moved:
+            kept.append((claim, result, route, labels[ticket_id]))
+            recorded.label_ids[ticket_id] = labels[ticket_id]
+            recorded.outcomes[ticket_id] = "review" if route.needs_review else "routed"
         else:
             # Another worker finished this ticket first; its label stands, ours goes.
-            dropped.append(label_id)
-            recorded.outcomes[claim.ticket_id] = "superseded"
+            dropped.append(labels[ticket_id])
+            recorded.outcomes[ticket_id] = "superseded"
     if dropped:
         session.execute(delete(Classification).where(Classification.id.in_(dropped)))
     if not kept:

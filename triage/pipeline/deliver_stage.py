@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import exists, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from triage.db.models import Attempt, Classification, Dispatch, Ticket, TicketState, utcnow
@@ -53,7 +53,13 @@ def deliver_many_stage(
     """Deliver a batch of dispatches: one transaction to take them, their sinks (side by side
     when there are several), one transaction to record them. Returns each one's outcome."""
     outcomes: dict[int, str] = {}
-    jobs = _begin(rt, list(dict.fromkeys(dispatch_ids)), sinks_done, outcomes)
+    ids = list(dict.fromkeys(dispatch_ids))
+    if not sinks_done:
+        outcomes.update(_record_queue_only(rt, ids))
+        ids = [i for i in ids if i not in outcomes]
+        if not ids:
+            return outcomes
+    jobs = _begin(rt, ids, sinks_done, outcomes)
     failed: list[tuple[_Job, Exception]] = []
     sent = jobs
     if not sinks_done:
@@ -76,6 +82,55 @@ def deliver_many_stage(
     for job, error in failed:
         outcomes[job.delivery.dispatch_id] = handle_failure(rt, _failure(job), error)
     return outcomes
+
+
+def _record_queue_only(rt: Runtime, dispatch_ids: list[int]) -> dict[int, str]:
+    """Dispatches to departments without sinks: the queue message was the delivery, and
+    consuming it is all there is to record. Nothing is sent anywhere, so nothing can be sent
+    twice: no in-flight marker, one transaction for the batch. What this leaves (dispatches
+    with sinks, and anything not deliverable now) takes the full path."""
+    everything_but, names = rt.sinks.queue_only()
+    if everything_but:
+        quiet = or_(Dispatch.department.is_(None), Dispatch.department.not_in(names))
+    elif names:
+        quiet = Dispatch.department.in_(names)
+    else:
+        return {}
+    live = exists().where(
+        Ticket.id == Dispatch.ticket_id,
+        Ticket.generation == Dispatch.generation,
+        Ticket.state.in_([S.ROUTED.value, S.NEEDS_REVIEW.value]),
+    )
+    now = utcnow()
+    with session_scope(rt.sessions) as session:
+        rows = session.execute(
+            update(Dispatch)
+            .where(
+                Dispatch.id.in_(sorted(dispatch_ids)),
+                Dispatch.delivered_at.is_(None),
+                quiet,
+                live,
+            )
+            .values(delivered_at=now, delivery_attempts=Dispatch.delivery_attempts + 1)
+            .returning(Dispatch.id, Dispatch.ticket_id, Dispatch.delivery_attempts)
+            .execution_options(synchronize_session=False)
+        ).all()
+        if rows:
+            session.execute(
+                insert(Attempt),
+                [
+                    {
+                        "ticket_id": ticket_id,
+                        "stage": "deliver",
+                        "number": number,
+                        "outcome": "ok",
+                        "started_at": now,
+                        "finished_at": now,
+                    }
+                    for _id, ticket_id, number in rows
+                ],
+            )
+    return {dispatch_id: "delivered" for dispatch_id, _t, _n in rows}
 
 
 def _send_for(rt: Runtime, job: _Job) -> Callable[[], None]:

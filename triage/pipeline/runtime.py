@@ -17,6 +17,7 @@ from triage.config import AppConfig, Settings, get_config
 from triage.db.session import get_sessionmaker
 from triage.pipeline.celery_app import make_celery
 from triage.pipeline.fanout import CallPool
+from triage.pipeline.publishing import PublishBatcher
 from triage.pipeline.relay import Publisher
 from triage.reliability.limits import Admission, ApiLimiter, CircuitBreaker, Limits
 from triage.sinks.base import Sink
@@ -28,6 +29,7 @@ class Runtime:
         self.config = config
         self._backend: ClassifierBackend | None = None
         self._backend_lock = threading.Lock()
+        self._batcher: PublishBatcher | None = None
 
     @property
     def settings(self) -> Settings:
@@ -47,6 +49,28 @@ class Runtime:
     @cached_property
     def publisher(self) -> Publisher:
         return Publisher(self.sessions, self.celery.send_task, self.settings.batch_size)
+
+    def start_batching(self) -> None:
+        """From now on `publish_after_commit` hands rows to one background thread, which
+        publishes what piles up together (long-running processes: the API and workers)."""
+        if self._batcher is None:
+            self._batcher = PublishBatcher(self.publisher)
+            self._batcher.start()
+
+    def stop_batching(self) -> None:
+        """Publish what was handed over, then publish inline again."""
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher.stop()
+
+    def publish_after_commit(self, outbox_ids: Sequence[int]) -> None:
+        """Send rows the caller has just committed: through the batching thread when one
+        runs, else now."""
+        batcher = self._batcher
+        if batcher is not None:
+            batcher.submit(outbox_ids)
+        else:
+            self.publisher.publish(outbox_ids)
 
     @cached_property
     def calls(self) -> CallPool:

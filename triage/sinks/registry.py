@@ -19,6 +19,14 @@ class SinkTable:
     # Per HTTP request; with the number of sinks it bounds how long one delivery can take.
     timeout_seconds: float = 10.0
 
+    def queue_only(self) -> tuple[bool, list[str]]:
+        """The departments whose queue message is the whole delivery (no sinks), as
+        (everything but these, these): (True, names with sinks) when the default has no
+        sinks, else (False, names that have none)."""
+        if not self.default:
+            return True, [name for name, sinks in self.by_department.items() if sinks]
+        return False, [name for name, sinks in self.by_department.items() if not sinks]
+
     def for_department(self, department: str | None) -> Sequence[Sink]:
         if department is None:
             return self.default
