@@ -1,0 +1,153 @@
+"""Batched messages against the real PostgreSQL, Redis, a real worker process and the SDK on
+the fake Messages API: rows published together share a task message, and each ticket of a
+batch still gets exactly its own outcome."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from sqlalchemy import func, select
+
+from tests.fakeanthropic import FakeAnthropic, Fault
+from tests.support.stack import (
+    WorkerProcess,
+    make_runtime,
+    queued_ids,
+    stack_env,
+    truncate,
+    wait_until,
+)
+from triage.db.models import Attempt, Classification, DeadLetter, Dispatch, Ticket
+from triage.db.repo import accept_ticket
+from triage.db.session import session_scope
+from triage.ingest.models import InboundTicket
+from triage.pipeline.relay import enqueue, enqueue_delivery
+from triage.pipeline.routing import CLASSIFY_QUEUE
+
+
+@pytest.fixture(scope="module")
+def fake():
+    with FakeAnthropic(latency=0.05) as server:
+        yield server
+
+
+@pytest.fixture()
+def env(pg_url, clean_redis, fake):
+    truncate(pg_url)
+    fake.clear_faults()
+    fake.reset_stats()
+    return stack_env(
+        pg_url,
+        clean_redis,
+        TRIAGE_BACKEND="anthropic",
+        ANTHROPIC_API_KEY="sk-test",
+        ANTHROPIC_BASE_URL=fake.base_url,
+        TRIAGE_REUSE_WINDOW_HOURS="0",
+        TRIAGE_BATCH_SIZE="8",
+    )
+
+
+def _store(rt, n, text=lambda i: f"Ticket {i} [[intent:billing]]"):
+    ids, outbox = [], []
+    with session_scope(rt.sessions) as session:
+        for i in range(n):
+            accepted = accept_ticket(
+                session,
+                InboundTicket(source="generic", external_id=f"b-{i}", subject="s", body=text(i)),
+            )
+            ids.append(accepted.ticket_id)
+            outbox.append(accepted.outbox_id)
+    return ids, outbox
+
+
+def test_rows_published_together_share_messages_up_to_the_batch_size(env, clean_redis):
+    rt = make_runtime(env)
+    ids, outbox = _store(rt, 11)
+    assert rt.publisher.publish(outbox) == 11
+    # 11 tickets, batches of 8: two messages, every ticket in exactly one of them.
+    assert sorted(queued_ids(clean_redis, CLASSIFY_QUEUE)) == sorted(ids)
+    with rt.sessions() as s:
+        assert s.scalar(select(func.count()).where(Ticket.state == "queued")) == 11
+    assert redis.Redis.from_url(clean_redis).llen(CLASSIFY_QUEUE) == 2
+
+
+def test_delayed_and_other_queue_rows_keep_their_own_messages(env, clean_redis):
+    rt = make_runtime(env)
+    ids, _ = _store(rt, 3)
+    with session_scope(rt.sessions) as session:
+        delayed = enqueue(
+            session,
+            ticket_id=ids[0],
+            task="triage.classify_ticket",
+            queue=CLASSIFY_QUEUE,
+            args={"ticket_id": ids[0]},
+            countdown=5,
+        )
+        session.flush()
+        a = enqueue_delivery(session, ticket_id=ids[1], dispatch_id=901, route="dept.billing")
+        b = enqueue_delivery(session, ticket_id=ids[2], dispatch_id=902, route="dept.billing")
+        c = enqueue_delivery(session, ticket_id=ids[2], dispatch_id=903, route="dept.sales")
+        rows = [delayed.id, a, b, c]
+    assert rt.publisher.publish(rows) == 4
+    broker = redis.Redis.from_url(clean_redis)
+    assert broker.llen(CLASSIFY_QUEUE) == 1  # the delayed one, alone
+    assert broker.llen("dept.billing") == 1 and sorted(queued_ids(clean_redis, "dept.billing")) == [
+        901,
+        902,
+    ]
+    assert queued_ids(clean_redis, "dept.sales") == [903]
+
+
+def test_one_batch_message_gives_each_ticket_its_own_outcome(env, clean_redis, fake):
+    rt = make_runtime(env)
+    marks = {3: "POISON", 5: "FLAKY"}
+
+    def text(i):
+        return f"{marks.get(i, 'Ticket')} {i} [[intent:{'technical' if i % 2 else 'billing'}]]"
+
+    fake.add_fault(Fault("bad_request", times=-1, match="POISON"))
+    fake.add_fault(Fault("overloaded", times=1, match="FLAKY"))
+    ids, outbox = _store(rt, 8, text)
+    rt.publisher.publish(outbox)
+    assert sorted(queued_ids(clean_redis, CLASSIFY_QUEUE)) == sorted(ids)
+    poison, flaky = ids[3], ids[5]
+    with WorkerProcess(env, concurrency=16) as worker:
+
+        def finished():
+            with rt.sessions() as s:
+                routed = s.scalar(
+                    select(func.count()).where(Ticket.id.in_(ids), Ticket.state == "routed")
+                )
+                delivered = s.scalar(select(func.count()).where(Dispatch.delivered_at.is_not(None)))
+                dead = s.scalar(select(func.count()).where(Ticket.state == "dead_lettered"))
+            return routed == 7 and delivered == 7 and dead == 1
+
+        try:
+            wait_until(finished, 60, what="7 routed and delivered, 1 dead-lettered")
+        except AssertionError:
+            print(worker.log())
+            raise
+    with rt.sessions() as s:
+        tickets = {t.id: t for t in s.scalars(select(Ticket).where(Ticket.id.in_(ids)))}
+        assert tickets[poison].state == "dead_lettered"
+        letter = s.scalars(select(DeadLetter).where(DeadLetter.ticket_id == poison)).one()
+        assert letter.stage == "classify" and letter.payload["args"] == {"ticket_id": poison}
+        # One label per routed ticket, none for the poison one; departments follow the label.
+        labels = s.scalars(select(Classification).where(Classification.ticket_id.in_(ids))).all()
+        assert sorted(c.ticket_id for c in labels) == sorted(set(ids) - {poison})
+        for i, ticket_id in enumerate(ids):
+            if ticket_id != poison:
+                expected = "tech_support" if i % 2 else "billing"
+                assert tickets[ticket_id].department == expected
+        flaky_outcomes = s.scalars(
+            select(Attempt.outcome)
+            .where(Attempt.ticket_id == flaky, Attempt.stage == "classify")
+            .order_by(Attempt.id)
+        ).all()
+        assert flaky_outcomes == ["retry", "ok"]
+        delivered = s.scalars(
+            select(Attempt.ticket_id).where(Attempt.stage == "deliver", Attempt.outcome == "ok")
+        ).all()
+        assert sorted(delivered) == sorted(set(ids) - {poison})
+    # 6 plain calls, the poison once, the flaky twice.
+    assert fake.call_count() == 9

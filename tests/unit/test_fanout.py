@@ -1,0 +1,96 @@
+"""The per-process call bound and the publishing thread: plain in-process logic."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from triage.pipeline.fanout import CallPool, CallSlots
+from triage.pipeline.publishing import PublishBatcher
+
+
+def test_slots_hand_out_what_is_free_up_to_the_wish():
+    slots = CallSlots(5)
+    assert slots.take(3) == 3
+    assert slots.take(10) == 2  # only two left
+    got: list[int] = []
+    waiter = threading.Thread(target=lambda: got.append(slots.take(4)))
+    waiter.start()
+    time.sleep(0.1)
+    assert got == []  # none free: it waits
+    slots.give(3)
+    waiter.join(2)
+    assert got == [3]
+    slots.give(2 + 3)
+    assert slots.free == 5
+
+
+def test_pool_returns_results_and_exceptions_in_order_and_runs_the_first_inline():
+    pool = CallPool(4)
+    caller = threading.get_ident()
+    # Three calls that can only all finish if they run at the same time.
+    together = threading.Barrier(3, timeout=10)
+    threads: dict[int, int] = {}
+
+    def ok(n: int):
+        def call() -> int:
+            threads[n] = threading.get_ident()
+            together.wait()
+            return n
+
+        return call
+
+    def boom() -> int:
+        raise ValueError("no label")
+
+    results = pool.run([ok(1), boom, ok(3), ok(4)])
+    assert results[0] == 1 and results[2] == 3 and results[3] == 4
+    assert isinstance(results[1], ValueError)
+    assert threads[1] == caller and caller not in (threads[3], threads[4])
+    pool.shutdown()
+
+
+def test_pool_lets_a_base_exception_through():
+    pool = CallPool(2)
+
+    def stop() -> int:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pool.run([lambda: 1, stop])
+    pool.shutdown()
+
+
+class Recorder:
+    """Stands where relay.Publisher does: records each publish call's ids."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.batches: list[list[int]] = []
+        self.delay = delay
+
+    def publish(self, ids: list[int]) -> int:
+        time.sleep(self.delay)
+        self.batches.append(list(ids))
+        return len(ids)
+
+
+def test_a_lone_id_is_published_at_once_and_a_burst_shares_publishes():
+    recorder = Recorder(delay=0.02)
+    # A linger far longer than the wait below: the lone id must not be held for it.
+    batcher = PublishBatcher(recorder, linger=30.0)  # type: ignore[arg-type]
+    batcher.start()
+    batcher.submit([1])
+    deadline = time.monotonic() + 10
+    while not recorder.batches and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert recorder.batches == [[1]]
+    for i in range(2, 42):
+        batcher.submit([i])
+    # stop() publishes what is waiting without lingering.
+    batcher.stop()
+    published = [i for batch in recorder.batches for i in batch]
+    assert sorted(published) == list(range(1, 42))
+    # 40 ids arriving together went out in a few publishes, not 40.
+    assert len(recorder.batches) <= 3
