@@ -56,6 +56,8 @@ class Stack:
                 "workers": [w.pid for w in self.workers],
                 "api": with_children(self.serve_pid),
                 "postgres": self.probe.backend_pids(),
+                # Not triage: the stand-in for the remote API, on the same two cores.
+                "fake_api": [self.fake.proc.pid],
             }
         )
 
