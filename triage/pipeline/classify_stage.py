@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from triage.classify.backends.base import ClassificationRequest, ClassificationResult, Usage
@@ -35,7 +35,7 @@ from triage.db.models import (
     TicketState,
     utcnow,
 )
-from triage.db.session import session_scope
+from triage.db.session import insert_rows, session_scope
 from triage.errors import RateLimited, TransientError, TriageError
 from triage.metrics import CLASSIFICATIONS, CLASSIFY_COST, CLASSIFY_LATENCY, CLASSIFY_TOKENS
 from triage.pipeline.relay import (
@@ -399,10 +399,11 @@ def _record(
 ) -> _Recorded:
     """Store the labels, route and dispatch in the caller's transaction, a statement per
     table for the whole batch (plus one compare-and-set per ticket)."""
-    label_ids = session.scalars(
-        insert(Classification).returning(Classification.id, sort_by_parameter_order=True),
+    label_ids = insert_rows(
+        session,
+        Classification,
         [_classification_values(rt, claim, result) for claim, result in done],
-    ).all()
+    )
     recorded = _Recorded(outcomes={}, label_ids={}, outbox_ids=[])
     routes = {claim.ticket_id: decide_route(rt.config.taxonomy, r.label) for claim, r in done}
     labels = {
@@ -435,8 +436,9 @@ def _record(
         session.execute(delete(Classification).where(Classification.id.in_(dropped)))
     if not kept:
         return recorded
-    dispatch_ids = session.scalars(
-        insert(Dispatch).returning(Dispatch.id, sort_by_parameter_order=True),
+    dispatch_ids = insert_rows(
+        session,
+        Dispatch,
         [
             {
                 "ticket_id": claim.ticket_id,
@@ -448,7 +450,7 @@ def _record(
             }
             for claim, _result, route, label_id in kept
         ],
-    ).all()
+    )
     recorded.outbox_ids = enqueue_many(
         session,
         [
@@ -457,8 +459,9 @@ def _record(
         ],
     )
     finished = utcnow()
-    session.execute(
-        insert(Attempt),
+    insert_rows(
+        session,
+        Attempt,
         [
             {
                 "ticket_id": claim.ticket_id,
@@ -472,6 +475,7 @@ def _record(
             }
             for claim, result, _route, _label in kept
         ],
+        returning=None,
     )
     return recorded
 

@@ -10,11 +10,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import exists, insert, or_, select, update
+from sqlalchemy import exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from triage.db.models import Attempt, Classification, Dispatch, Ticket, TicketState, utcnow
-from triage.db.session import session_scope
+from triage.db.session import insert_rows, session_scope
 from triage.pipeline.relay import DELIVER_TASK
 from triage.pipeline.runtime import Runtime
 from triage.reliability.guard import StageFailure, handle_failure
@@ -116,8 +116,9 @@ def _record_queue_only(rt: Runtime, dispatch_ids: list[int]) -> dict[int, str]:
             .execution_options(synchronize_session=False)
         ).all()
         if rows:
-            session.execute(
-                insert(Attempt),
+            insert_rows(
+                session,
+                Attempt,
                 [
                     {
                         "ticket_id": ticket_id,
@@ -129,6 +130,7 @@ def _record_queue_only(rt: Runtime, dispatch_ids: list[int]) -> dict[int, str]:
                     }
                     for _id, ticket_id, number in rows
                 ],
+                returning=None,
             )
     return {dispatch_id: "delivered" for dispatch_id, _t, _n in rows}
 
@@ -228,8 +230,9 @@ def _begin(
             )
         if not ready:
             return []
-        marker_ids = session.scalars(
-            insert(Attempt).returning(Attempt.id, sort_by_parameter_order=True),
+        marker_ids = insert_rows(
+            session,
+            Attempt,
             [
                 {
                     "ticket_id": d.ticket_id,
@@ -240,7 +243,7 @@ def _begin(
                 }
                 for d in ready
             ],
-        ).all()
+        )
         label_ids = {d.classification_id for d in ready if d.classification_id}
         labels = {
             c.id: c

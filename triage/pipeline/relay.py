@@ -11,11 +11,11 @@ from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from triage.db.models import OutboxMessage, TicketState, utcnow
-from triage.db.session import session_scope
+from triage.db.session import insert_rows, session_scope
 from triage.pipeline.routing import CLASSIFY_QUEUE
 from triage.pipeline.states import transition_many
 
@@ -80,10 +80,7 @@ def enqueue(
 
 def enqueue_many(session: Session, rows: list[dict[str, Any]]) -> list[int]:
     """Add many messages (`outbox_values` each) in one statement; returns their ids in order."""
-    if not rows:
-        return []
-    stmt = insert(OutboxMessage).returning(OutboxMessage.id, sort_by_parameter_order=True)
-    return list(session.scalars(stmt, rows).all())
+    return insert_rows(session, OutboxMessage, rows)
 
 
 def enqueue_classify(session: Session, ticket_id: int, *, countdown: float = 0.0) -> int:
@@ -107,7 +104,7 @@ def enqueue_delivery(
 
 
 def _insert_one(session: Session, values: dict[str, Any]) -> int:
-    return int(session.scalars(insert(OutboxMessage).returning(OutboxMessage.id), [values]).one())
+    return int(insert_rows(session, OutboxMessage, [values])[0])
 
 
 def delivery_values(
