@@ -94,3 +94,21 @@ def test_a_lone_id_is_published_at_once_and_a_burst_shares_publishes():
     assert sorted(published) == list(range(1, 42))
     # 40 ids arriving together went out in a few publishes, not 40.
     assert len(recorder.batches) <= 3
+
+
+def test_waves_hand_back_a_fast_answer_before_a_slow_one():
+    pool = CallPool(4)
+    go = threading.Event()
+
+    def slow() -> str:
+        assert go.wait(10)
+        return "slow"
+
+    waves = pool.waves([slow, lambda: "fast", lambda: "also fast"])
+    first = next(waves)
+    # The slow call cannot have finished: it waits for this test to let it go.
+    assert 0 not in dict(first) and set(dict(first).values()) <= {"fast", "also fast"}
+    go.set()
+    rest = [pair for wave in waves for pair in wave]
+    assert dict(first + rest) == {0: "slow", 1: "fast", 2: "also fast"}
+    pool.shutdown()

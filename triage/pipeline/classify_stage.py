@@ -133,10 +133,20 @@ def _classify_chunk(
             outcomes[claim.ticket_id] = _defer(rt, claim, wait)
         else:
             calling.append(claim)
-    results = rt.calls.run([_call_for(rt, claim) for claim in calling])
+    for wave in rt.calls.waves([_call_for(rt, claim) for claim in calling]):
+        outcomes.update(_settle(rt, [(calling[i], result) for i, result in wave]))
+    return outcomes
+
+
+def _settle(
+    rt: Runtime, answers: list[tuple[_Claim, ClassificationResult | Exception]]
+) -> dict[int, str]:
+    """Outcomes for the calls that have finished: failures to the guard one by one, labels
+    recorded together."""
+    outcomes: dict[int, str] = {}
     done: list[tuple[_Claim, ClassificationResult]] = []
     answered = 0
-    for claim, result in zip(calling, results, strict=True):
+    for claim, result in answers:
         if isinstance(result, Exception):
             if isinstance(result, RateLimited) and rt.admission is not None:
                 _record_overload(rt.admission, result)

@@ -9,11 +9,14 @@ claims (and their leases) it cannot serve.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
+# How long a wave waits for answers arriving just after its first.
+GATHER_SECONDS = 0.01
 
 
 class CallSlots:
@@ -59,9 +62,32 @@ class CallPool:
         futures: list[Future[T]] = [self._pool().submit(call) for call in calls[1:]]
         results: list[T | Exception] = [_capture(calls[0])]
         for future in futures:
-            exc = future.exception()
-            results.append(future.result() if exc is None else _as_exception(exc))
+            outcome: T | Exception = _outcome(future)
+            results.append(outcome)
         return results
+
+    def waves(self, calls: Sequence[Callable[[], T]]) -> Iterator[list[tuple[int, T | Exception]]]:
+        """Run the calls side by side and yield their outcomes as they finish: each time one
+        is done, every call done within GATHER_SECONDS of it, with its index. A fast answer is
+        not held back for a slow one, and answers that arrive together are handled together."""
+        if len(calls) <= 1:
+            if calls:
+                yield [(0, _capture(calls[0]))]
+            return
+        futures = {self._pool().submit(call): i for i, call in enumerate(calls)}
+        pending: set[Future[T]] = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            if pending:
+                # Answers a few ms behind the first join its wave: one transaction for them
+                # all, at a cost far below a model call's own spread.
+                more, pending = wait(pending, timeout=GATHER_SECONDS)
+                done |= more
+            wave: list[tuple[int, T | Exception]] = []
+            for future in sorted(done, key=futures.__getitem__):
+                outcome: T | Exception = _outcome(future)
+                wave.append((futures[future], outcome))
+            yield wave
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._executor is None:
@@ -82,6 +108,13 @@ def _capture(call: Callable[[], T]) -> T | Exception:
         return call()
     except Exception as exc:  # noqa: BLE001 - handed back for the stage's guard to decide
         return exc
+
+
+def _outcome(future: Future[R]) -> R | Exception:
+    exc = future.exception()
+    if exc is None:
+        return future.result()
+    return _as_exception(exc)
 
 
 def _as_exception(exc: BaseException) -> Exception:

@@ -23,10 +23,11 @@ log = logging.getLogger(__name__)
 # Large enough to amortise the two transactions, small enough that one batch's broker sends
 # do not hold back the next tickets for long.
 MAX_BATCH = 200
-# Under load (more than one id waiting at once) the thread waits this long for more before
-# publishing, so that rows share task messages; a lone id goes at once. A few tens of ms
-# against model calls of 0.3-2 s.
-LINGER_SECONDS = 0.025
+# Under load (at least LINGER_FROM ids waiting at once: they arrive faster than one publish
+# takes) the thread waits up to this long for more before publishing, so that rows share task
+# messages. At a moderate rate ids go at once and pay no latency for it.
+LINGER_SECONDS = 0.02
+LINGER_FROM = 3
 
 
 class PublishBatcher:
@@ -73,7 +74,7 @@ class PublishBatcher:
                 continue
             except queue.Empty:
                 pass
-            if stopping or len(batch) < 2:
+            if stopping or (deadline is None and len(batch) < LINGER_FROM):
                 break
             if deadline is None:
                 deadline = time.monotonic() + self._linger
