@@ -31,3 +31,9 @@ CLASSIFY_COST = Counter("triage_cost_usd_total", "Model spend in USD by model", 
 STAGE_FAILURES = Counter(
     "triage_stage_failures_total", "Stage failures by stage and outcome", ["stage", "outcome"]
 )
+BATCH_SIZE = Histogram(
+    "triage_batch_ids",
+    "Tickets (classify) or dispatches (deliver) per task message",
+    ["stage"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)

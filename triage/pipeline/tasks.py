@@ -14,6 +14,7 @@ from typing import Any
 
 from celery import shared_task
 
+from triage.metrics import BATCH_SIZE
 from triage.pipeline.classify_stage import classify_tickets_stage
 from triage.pipeline.deliver_stage import SinksDone, deliver_many_stage
 from triage.pipeline.runtime import get_runtime
@@ -44,8 +45,10 @@ def classify_ticket(
 ) -> dict[int, str]:
     """Label tickets and dispatch each to its department (or to review). A message carries
     one ticket (`ticket_id`) or a batch the publisher grouped (`ticket_ids`)."""
+    ids = _ids(ticket_id, ticket_ids)
+    BATCH_SIZE.labels(stage="classify").observe(len(ids))
     try:
-        return classify_tickets_stage(get_runtime(), _ids(ticket_id, ticket_ids))
+        return classify_tickets_stage(get_runtime(), ids)
     except Exception as exc:
         _retry_on_database_outage(self, exc)
         raise
@@ -60,10 +63,10 @@ def deliver(
 ) -> dict[int, str]:
     """Apply routed tickets' department sinks (consumed from dept.<department>): one
     dispatch (`dispatch_id`) or a batch (`dispatch_ids`)."""
+    ids = _ids(dispatch_id, dispatch_ids)
+    BATCH_SIZE.labels(stage="deliver").observe(len(ids))
     try:
-        return deliver_many_stage(
-            get_runtime(), _ids(dispatch_id, dispatch_ids), sinks_done=sinks_done
-        )
+        return deliver_many_stage(get_runtime(), ids, sinks_done=sinks_done)
     except SinksDone as done:
         # Only the recording is retried; the sinks are not asked twice.
         delay = infrastructure_delay(int(self.request.retries or 0))
