@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import signal
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -92,6 +93,18 @@ class Cli:
     def json(self, *args: str, **env: str) -> Any:
         result = self(*args, "--json", **env)
         return json.loads(result.stdout)
+
+
+@pytest.fixture()
+def ctrl_c() -> Iterator[Callable[[], None]]:
+    """Press Ctrl-C on this process. Python's own SIGINT handler is put in place first: a
+    process started in the background by a non-interactive shell inherits SIGINT ignored, and
+    then the interrupt would never arrive."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield lambda: os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture()

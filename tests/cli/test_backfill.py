@@ -79,9 +79,7 @@ def test_backfill_without_batch_is_a_usage_error(cli):
     assert "--batch" in result.output
 
 
-def test_ctrl_c_while_polling_then_rerun_imports_without_new_batches(cli, rt, fake):
-    import os
-    import signal
+def test_ctrl_c_while_polling_then_rerun_imports_without_new_batches(cli, rt, fake, ctrl_c):
     import threading
 
     from tests.support.stack import wait_until
@@ -95,7 +93,7 @@ def test_ctrl_c_while_polling_then_rerun_imports_without_new_batches(cli, rt, fa
 
     def interrupt_once_submitted():
         wait_until(submitted, 30, what="batch submitted")
-        os.kill(os.getpid(), signal.SIGINT)
+        ctrl_c()
 
     before = fake.stats()["batches"]
     fake.batch_delay = 1.5

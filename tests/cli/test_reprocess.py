@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 
 from sqlalchemy import func, select
@@ -76,13 +74,13 @@ def test_stopped_reprocess_resumes_without_calling_twice(cli, rt, fake):
     assert {n for _, n in counts} == {3}
 
 
-def test_ctrl_c_stops_cleanly_and_the_rerun_finishes_the_rest(cli, rt, fake):
+def test_ctrl_c_stops_cleanly_and_the_rerun_finishes_the_rest(cli, rt, fake, ctrl_c):
     ids = seed_routed(rt, [f"Cannot log in {n} [[intent:account]]" for n in range(8)])
     fake.latency = 0.15
 
     def interrupt_after_two_calls():
         wait_until(lambda: fake.call_count() >= 2, 30, what="two calls")
-        os.kill(os.getpid(), signal.SIGINT)
+        ctrl_c()
 
     try:
         threading.Thread(target=interrupt_after_two_calls, daemon=True).start()

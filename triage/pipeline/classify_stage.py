@@ -560,7 +560,7 @@ def _classification_values(
     return {
         "ticket_id": claim.ticket_id,
         "generation": claim.generation,
-        **label.model_dump(include=set(LABEL_FIELDS)),
+        **label.model_dump(),
         "backend": result.backend,
         "model": result.model,
         "taxonomy_version": rt.config.taxonomy.version,
@@ -577,17 +577,6 @@ def _classification_values(
         "reused_from_id": result.reused_from_id,
         "created_at": utcnow(),
     }
-
-
-LABEL_FIELDS = (
-    "intent",
-    "department",
-    "priority",
-    "language",
-    "sentiment",
-    "confidence",
-    "summary",
-)
 
 
 def _observe(result: ClassificationResult) -> None:
