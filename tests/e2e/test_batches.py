@@ -83,11 +83,10 @@ def test_delayed_and_other_queue_rows_keep_their_own_messages(env, clean_redis):
             args={"ticket_id": ids[0]},
             countdown=5,
         )
-        session.flush()
         a = enqueue_delivery(session, ticket_id=ids[1], dispatch_id=901, route="dept.billing")
         b = enqueue_delivery(session, ticket_id=ids[2], dispatch_id=902, route="dept.billing")
         c = enqueue_delivery(session, ticket_id=ids[2], dispatch_id=903, route="dept.sales")
-        rows = [delayed.id, a, b, c]
+        rows = [delayed, a, b, c]
     assert rt.publisher.publish(rows) == 4
     broker = redis.Redis.from_url(clean_redis)
     assert broker.llen(CLASSIFY_QUEUE) == 1  # the delayed one, alone

@@ -86,15 +86,8 @@ def backfill(
     rt = load_runtime()
     if dry_run:
         est = rp.estimate(rt, rp.select_ids(rt, f), batch=True)
-        data = {
-            "tickets": est.tickets,
-            "model": est.model,
-            "estimated_input_tokens": est.input_tokens,
-            "estimated_output_tokens": est.output_tokens,
-            "estimated_cost_usd": str(est.cost_usd),
-        }
         if as_json:
-            print_json(data)
+            print_json(est.as_json())
         else:
             console.print(
                 f"{est.tickets} tickets would be sent in batches to {est.model}: estimated "

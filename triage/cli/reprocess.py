@@ -158,15 +158,8 @@ def _collect(done: set[Future[Any]], bar: Any, task: Any) -> None:
 
 
 def _print_estimate(est: Any, as_json: bool) -> None:
-    data = {
-        "tickets": est.tickets,
-        "model": est.model,
-        "estimated_input_tokens": est.input_tokens,
-        "estimated_output_tokens": est.output_tokens,
-        "estimated_cost_usd": str(est.cost_usd),
-    }
     if as_json:
-        print_json(data)
+        print_json(est.as_json())
         return
     console.print(
         f"{est.tickets} tickets would be reprocessed with {est.model}: about "

@@ -69,13 +69,12 @@ def enqueue(
     queue: str,
     args: dict[str, Any],
     countdown: float = 0.0,
-) -> OutboxMessage:
-    """Add a message to the outbox in the caller's transaction."""
-    msg = OutboxMessage(
-        **outbox_values(ticket_id=ticket_id, task=task, queue=queue, args=args, countdown=countdown)
+) -> int:
+    """Add a message to the outbox in the caller's transaction; returns the row's id."""
+    values = outbox_values(
+        ticket_id=ticket_id, task=task, queue=queue, args=args, countdown=countdown
     )
-    session.add(msg)
-    return msg
+    return _insert_one(session, values)
 
 
 def enqueue_many(session: Session, rows: list[dict[str, Any]]) -> list[int]:

@@ -23,6 +23,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
@@ -87,6 +88,15 @@ class Estimate:
     output_tokens: int
     cost_usd: Decimal
     model: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "tickets": self.tickets,
+            "model": self.model,
+            "estimated_input_tokens": self.input_tokens,
+            "estimated_output_tokens": self.output_tokens,
+            "estimated_cost_usd": str(self.cost_usd),
+        }
 
 
 def estimate(rt: Runtime, ids: list[int], *, batch: bool = False) -> Estimate:

@@ -12,7 +12,6 @@ from triage.db.models import (
     Attempt,
     DeadLetter,
     Dispatch,
-    OutboxMessage,
     Ticket,
     TicketState,
     utcnow,
@@ -39,9 +38,10 @@ def dead_letter(
     attempts: int,
     payload: dict[str, Any],
     only_from: frozenset[TicketState] | None = None,
-) -> tuple[DeadLetter, OutboxMessage] | None:
+) -> tuple[DeadLetter, int] | None:
     """Record the failure, move the ticket to dead_lettered and announce it on triage.dead,
-    all in the caller's transaction. Returns the letter and the announcement to publish, or
+    all in the caller's transaction. Returns the letter and the announcement's outbox id to
+    publish, or
     None when the ticket is already dead-lettered or finished (a redelivered copy of the
     message lost the race): one letter per failure, never two."""
     first_failed = session.scalar(
@@ -68,7 +68,7 @@ def dead_letter(
         return None
     session.add(letter)
     session.flush()
-    notice = enqueue(
+    notice_id = enqueue(
         session,
         ticket_id=ticket_id,
         task=DEAD_LETTER_TASK,
@@ -81,8 +81,7 @@ def dead_letter(
             "message": letter.message,
         },
     )
-    session.flush()
-    return letter, notice
+    return letter, notice_id
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,7 +70,7 @@ def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> st
         if decision.retry:
             if failure.on_retry is not None:
                 failure.on_retry(session)
-            msg = enqueue(
+            outbox_id = enqueue(
                 session,
                 ticket_id=failure.ticket_id,
                 task=failure.task,
@@ -95,10 +95,8 @@ def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> st
             )
             if lettered is None:
                 return "noop"
-            _letter, msg = lettered
+            _letter, outbox_id = lettered
             log.error("ticket %s dead-lettered at %s: %s", failure.ticket_id, failure.stage, error)
-        session.flush()
-        outbox_id = msg.id
     rt.publisher.publish([outbox_id])
     return outcome
 
