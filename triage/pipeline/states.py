@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Update, case, update
+from sqlalchemy import ColumnElement, Update, and_, case, select, update
 from sqlalchemy.orm import Session
 
 from triage.db.models import Ticket, TicketState, utcnow
@@ -72,13 +72,12 @@ def transition_many(
     **fields: Any,
 ) -> list[Ticket]:
     """`transition` for many tickets in one UPDATE; returns the tickets that moved, as they
-    are after it. Rows are taken in id order, so two batches that overlap lock them in the
-    same order."""
+    are after it. Rows are locked in id order (`_locked_in_id_order`)."""
     if not ticket_ids:
         return []
+    stmt = _update(to, only_from, where, fields)
     stmt = (
-        _update(to, only_from, where, fields)
-        .where(Ticket.id.in_(sorted(set(ticket_ids))))
+        stmt.where(_locked_in_id_order(ticket_ids, stmt.whereclause))
         .returning(Ticket)
         .execution_options(populate_existing=True)
     )
@@ -105,13 +104,33 @@ def transition_each(
         column: case({i: values[i] for i in ids}, value=Ticket.id)
         for column, values in {"state": {i: moves[i].value for i in ids}, **each}.items()
     }
+    allowed = Ticket.state.in_([s.value for s in only_from])
     stmt = (
         update(Ticket)
-        .where(Ticket.id.in_(ids), Ticket.state.in_([s.value for s in only_from]))
+        .where(allowed, _locked_in_id_order(ids, allowed))
         .values(state_changed_at=utcnow(), **per_ticket, **fields)
         .returning(Ticket.id)
     )
     return set(session.connection().execute(stmt).scalars())
+
+
+def _locked_in_id_order(
+    ticket_ids: Sequence[int], condition: ColumnElement[bool] | None
+) -> ColumnElement[bool]:
+    """`id IN (...)` that first locks the rows meeting `condition` in id order.
+
+    An UPDATE locks rows in whatever order its plan scans them (index order for a few ids,
+    physical order for a bitmap scan of many), so two batches that overlap, say the relay
+    marking rows queued and a worker claiming them, could each hold a row the other waits
+    for: a deadlock, which PostgreSQL breaks only after a second. Locking in one order first
+    makes that impossible. SQLite, which locks the whole database, renders no FOR UPDATE.
+    """
+    ids = sorted(set(ticket_ids))
+    rows = select(Ticket.id).where(Ticket.id.in_(ids))
+    if condition is not None:
+        rows = rows.where(condition)
+    # The plain list as well, for the planner: an index lookup of the ids on the outside.
+    return and_(Ticket.id.in_(ids), Ticket.id.in_(rows.order_by(Ticket.id).with_for_update()))
 
 
 def _update(
