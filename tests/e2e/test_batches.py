@@ -4,6 +4,8 @@ batch still gets exactly its own outcome."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import redis
 from sqlalchemy import func, select
@@ -150,3 +152,35 @@ def test_one_batch_message_gives_each_ticket_its_own_outcome(env, clean_redis, f
         assert sorted(delivered) == sorted(set(ids) - {poison})
     # 6 plain calls, the poison once, the flaky twice.
     assert fake.call_count() == 9
+
+
+def test_a_worker_holds_no_more_tickets_than_it_has_call_slots(env, clean_redis, fake):
+    """Six 4-ticket messages and a worker with 4 call slots: it takes one message (and at
+    most one more that a fetch already had on its way) and leaves the rest on the broker,
+    where a second worker finds them, instead of hoarding batches it cannot run."""
+    rt = make_runtime(env)
+    ids, outbox = _store(rt, 24)
+    env = {**env, "TRIAGE_BATCH_SIZE": "4"}
+    make_runtime(env).publisher.publish(outbox)
+    broker = redis.Redis.from_url(clean_redis)
+    assert broker.llen(CLASSIFY_QUEUE) == 6
+    fake.latency = 1.5
+    try:
+        with WorkerProcess(env, concurrency=4) as first:
+            wait_until(lambda: fake.in_flight() == 4, 30, what="4 calls in flight")
+            # Long enough for a hoarding consumer to fill its prefetch (4 messages).
+            time.sleep(0.5)
+            assert broker.llen(CLASSIFY_QUEUE) >= 4, first.log()
+            with WorkerProcess(env, concurrency=4):
+                wait_until(lambda: fake.in_flight() == 8, 30, what="both workers calling")
+
+                def routed() -> int:
+                    with rt.sessions() as s:
+                        return s.scalar(
+                            select(func.count()).where(Ticket.id.in_(ids), Ticket.state == "routed")
+                        )
+
+                wait_until(lambda: routed() == 24, 60, what="24 routed")
+    finally:
+        fake.latency = 0.05
+    assert fake.call_count() == 24

@@ -1,19 +1,29 @@
-"""Backpressure at the consumer: while the shared circuit breaker is open, a worker stops
-consuming `triage.classify`, and starts again by itself when the circuit half-opens.
+"""Backpressure at the consumer.
 
-Deferring each ticket instead would spin through the whole backlog every cool-down (a database
-write and a broker message per ticket) and bring every ticket back in the same instant. Messages
-already taken keep going through the classify stage, which defers them without spending an
-attempt. Delivery queues are not paused: sinks are not the API.
+Two consumer steps decide when a worker takes messages off the broker:
+
+- While the shared circuit breaker is open, a worker stops consuming `triage.classify`, and
+  starts again by itself when the circuit half-opens.
+- A worker takes another message only while the tickets it holds are fewer than its call
+  slots (see HoldOnlyWhatCanRun).
+
+For the circuit: deferring each ticket instead would spin through the whole backlog every
+cool-down (a database write and a broker message per ticket) and bring every ticket back in
+the same instant. Messages already taken keep going through the classify stage, which defers
+them without spending an attempt. Delivery queues are not paused: sinks are not the API.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
+from types import MethodType
 from typing import Any, ClassVar
 
 from celery import Celery, bootsteps
+from celery.worker import state
 
+from triage.pipeline.relay import CLASSIFY_TASK
 from triage.pipeline.routing import CLASSIFY_QUEUE
 
 log = logging.getLogger(__name__)
@@ -69,5 +79,48 @@ class PauseClassifyWhileCircuitOpen(bootsteps.StartStopStep):  # type: ignore[mi
             self.paused = False
 
 
+def held_tickets(requests: Iterable[Any]) -> int:
+    """Tickets in the messages a worker holds (running or waiting for a thread): a classify
+    message counts its ids, since each needs a call slot; any other message counts one."""
+    held = 0
+    for request in requests:
+        kwargs = request.kwargs or {}
+        ids = kwargs.get("ticket_ids") if request.task_name == CLASSIFY_TASK else None
+        held += len(ids) if ids else 1
+    return held
+
+
+class HoldOnlyWhatCanRun(bootsteps.StartStopStep):  # type: ignore[misc]
+    """A worker takes another message only while it holds fewer tickets than it has call
+    slots.
+
+    Celery's prefetch counts messages (one per thread), but a message can carry a batch of
+    tickets. Without this, the first worker to start after an outage would take up to a
+    thread's worth of batches, thousands of tickets it can only run 64 at a time, while the
+    other workers sat idle. Messages left on the broker go to whichever worker frees a slot
+    first. Redis only (the transport asks `can_consume` before each BRPOP; a reply already
+    on its way may still bring one message more); on AMQP, prefetch alone bounds it.
+    """
+
+    requires: ClassVar[tuple[str, ...]] = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, c: Any) -> None:
+        from triage.pipeline.runtime import get_runtime
+
+        if c.task_consumer is None or c.connection.transport.driver_type != "redis":
+            return
+        limit = get_runtime().calls.slots.limit
+        qos = c.task_consumer.channel.qos
+        by_prefetch = qos.can_consume
+
+        def can_consume(_qos: Any) -> bool:
+            return held_tickets(list(state.reserved_requests)) < limit and by_prefetch()
+
+        # A consumer restart (broker reconnect) builds a new channel, and this step runs
+        # again after Tasks to wrap its QoS.
+        qos.can_consume = MethodType(can_consume, qos)
+
+
 def install(app: Celery) -> None:
     app.steps["consumer"].add(PauseClassifyWhileCircuitOpen)
+    app.steps["consumer"].add(HoldOnlyWhatCanRun)
