@@ -54,6 +54,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--overhead-seconds", type=float, default=15.0)
     parser.add_argument(
+        "--overhead-rate", type=float, default=0.0, help="tickets/s (0: half the measured peak)"
+    )
+    parser.add_argument(
         "--only", default="", help="comma-separated subset: anchor,cpu,ingest,io,random,overhead"
     )
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "var" / "bench")
@@ -187,7 +190,7 @@ def run_scenarios(
         peaks = [
             r["tickets_per_second"] for r in (result.get("io_fixed"), result.get("cpu_bound")) if r
         ]
-        rate = max(5.0, min(peaks) / 2) if peaks else 40.0
+        rate = args.overhead_rate or (max(5.0, min(peaks) / 2) if peaks else 40.0)
         measure(
             "overhead",
             f"5. per-ticket overhead at {rate:.0f} tickets/s",

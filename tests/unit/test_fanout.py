@@ -1,14 +1,18 @@
-"""The per-process call bound and the publishing thread: plain in-process logic."""
+"""The per-process call bound, the publishing thread and the consumer's ticket count: plain
+in-process logic."""
 
 from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
+from triage.pipeline.consumption import held_tickets
 from triage.pipeline.fanout import CallPool, CallSlots
-from triage.pipeline.publishing import PublishBatcher
+from triage.pipeline.publishing import Backlog, PublishBatcher
+from triage.pipeline.relay import CLASSIFY_TASK, DELIVER_TASK
 
 
 def test_slots_hand_out_what_is_free_up_to_the_wish():
@@ -112,3 +116,72 @@ def test_waves_hand_back_a_fast_answer_before_a_slow_one():
     rest = [pair for wave in waves for pair in wave]
     assert dict(first + rest) == {0: "slow", 1: "fast", 2: "also fast"}
     pool.shutdown()
+
+
+def test_with_a_backlog_lone_ids_linger_and_go_out_together():
+    recorder = Recorder(delay=0.0)
+    batcher = PublishBatcher(
+        recorder,  # type: ignore[arg-type]
+        linger=0.0,
+        backlog=lambda: True,
+        backlog_linger=0.5,
+    )
+    batcher.start()
+    batcher.submit([1])
+    time.sleep(0.1)
+    assert recorder.batches == []  # held back: the queue is behind anyway
+    for i in range(2, 6):
+        batcher.submit([i])
+        time.sleep(0.01)
+    deadline = time.monotonic() + 10
+    while not recorder.batches and time.monotonic() < deadline:
+        time.sleep(0.01)
+    batcher.stop()
+    assert recorder.batches == [[1, 2, 3, 4, 5]]
+
+
+def test_a_failing_backlog_probe_publishes_at_once():
+    recorder = Recorder(delay=0.0)
+
+    def broken() -> bool:
+        raise ConnectionError("broker down")
+
+    batcher = PublishBatcher(recorder, backlog=broken, backlog_linger=30.0)  # type: ignore[arg-type]
+    batcher.start()
+    batcher.submit([7])
+    deadline = time.monotonic() + 10
+    while not recorder.batches and time.monotonic() < deadline:
+        time.sleep(0.005)
+    batcher.stop()
+    assert recorder.batches == [[7]]
+
+
+def test_backlog_asks_the_broker_at_most_once_per_interval():
+    depths = iter([10, 0, None])
+    asked: list[int] = []
+
+    def depth() -> int | None:
+        asked.append(1)
+        return next(depths)
+
+    backlog = Backlog(depth, threshold=4, interval=0.2)
+    assert backlog() is True
+    assert backlog() is True and len(asked) == 1  # cached within the interval
+    time.sleep(0.25)
+    assert backlog() is False and len(asked) == 2  # 0 waiting
+    time.sleep(0.25)
+    assert backlog() is False and len(asked) == 3  # unknown depth: no backlog
+
+
+def test_held_tickets_counts_classify_ids_and_other_messages_as_one():
+    def request(task: str, **kwargs: object) -> SimpleNamespace:
+        return SimpleNamespace(task_name=task, kwargs=kwargs)
+
+    held = [
+        request(CLASSIFY_TASK, ticket_ids=[1, 2, 3]),
+        request(CLASSIFY_TASK, ticket_id=4),
+        request(DELIVER_TASK, dispatch_ids=[5, 6, 7, 8]),
+        request(DELIVER_TASK, dispatch_id=9),
+    ]
+    assert held_tickets(held) == 3 + 1 + 1 + 1
+    assert held_tickets([]) == 0

@@ -6,6 +6,10 @@ it arrives; under heavy load ids pile up while it works and go out together: cla
 marking rows costs two transactions per batch instead of two per ticket, and rows for the same
 queue share task messages (relay.Publisher). A crash loses nothing: the rows are committed,
 and the relay loop and the workers' sweepers publish whatever is left.
+
+When the classify queue is backed up (messages wait there that no worker has taken), the
+thread lingers longer: the tickets would wait in the queue anyway, and full batches cost the
+workers far less per ticket than the one-ticket messages a steady trickle of webhooks makes.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from triage.pipeline.relay import Publisher
 
@@ -28,12 +32,53 @@ MAX_BATCH = 200
 # messages. At a moderate rate ids go at once and pay no latency for it.
 LINGER_SECONDS = 0.02
 LINGER_FROM = 3
+# With a backlog: up to this long (MAX_BATCH ids end it sooner). A full batch of a few dozen
+# ids arrives within it at the rates where a backlog forms.
+BACKLOG_LINGER_SECONDS = 0.1
+# Messages waiting on the classify queue that make it a backlog: more than a moment's worth
+# between a publish and a worker's next fetch.
+BACKLOG_MESSAGES = 4
+# How often the broker is asked, at most (and only while there is something to publish).
+BACKLOG_CHECK_SECONDS = 0.25
+
+
+class Backlog:
+    """Whether a queue holds at least `threshold` messages, from a depth probe asked at most
+    every `interval` seconds. An unknown depth (broker down) is no backlog."""
+
+    def __init__(
+        self,
+        depth: Callable[[], int | None],
+        threshold: int = BACKLOG_MESSAGES,
+        interval: float = BACKLOG_CHECK_SECONDS,
+    ) -> None:
+        self._depth = depth
+        self._threshold = threshold
+        self._interval = interval
+        self._checked = -interval
+        self._backed_up = False
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now - self._checked >= self._interval:
+            self._checked = now
+            depth = self._depth()
+            self._backed_up = depth is not None and depth >= self._threshold
+        return self._backed_up
 
 
 class PublishBatcher:
-    def __init__(self, publisher: Publisher, linger: float = LINGER_SECONDS) -> None:
+    def __init__(
+        self,
+        publisher: Publisher,
+        linger: float = LINGER_SECONDS,
+        backlog: Callable[[], bool] | None = None,
+        backlog_linger: float = BACKLOG_LINGER_SECONDS,
+    ) -> None:
         self._publisher = publisher
         self._linger = linger
+        self._backlog = backlog or (lambda: False)
+        self._backlog_linger = backlog_linger
         self._ids: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="triage-publish", daemon=True)
 
@@ -74,10 +119,13 @@ class PublishBatcher:
                 continue
             except queue.Empty:
                 pass
-            if stopping or (deadline is None and len(batch) < LINGER_FROM):
+            if stopping:
                 break
             if deadline is None:
-                deadline = time.monotonic() + self._linger
+                linger = self._linger_for(len(batch))
+                if linger <= 0:
+                    break
+                deadline = time.monotonic() + linger
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -86,6 +134,19 @@ class PublishBatcher:
             except queue.Empty:
                 break
         return batch, stopping
+
+    def _linger_for(self, waiting: int) -> float:
+        """How long to wait for more ids, with `waiting` already in hand (0: publish now)."""
+        if self._backed_up():
+            return self._backlog_linger
+        return self._linger if waiting >= LINGER_FROM else 0.0
+
+    def _backed_up(self) -> bool:
+        try:
+            return self._backlog()
+        except Exception as exc:  # noqa: BLE001 - lingering is an optimisation, never a stall
+            log.warning("backlog unknown (%s); publishing without it", exc)
+            return False
 
     def _publish(self, ids: list[int]) -> None:
         try:

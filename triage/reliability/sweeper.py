@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from triage.db.models import Dispatch, OutboxMessage, Ticket, TicketState, utcnow
 from triage.db.session import session_scope
+from triage.pipeline.broker import queue_depth
 from triage.pipeline.relay import DELIVER_TASK, enqueue_classify, enqueue_delivery
 from triage.pipeline.routing import CLASSIFY_QUEUE
 from triage.pipeline.runtime import Runtime
@@ -76,16 +77,7 @@ class BrokerDepths:
         return self._known[queue]
 
     def _ask(self, queue: str) -> int | None:
-        try:
-            with self._rt.celery.connection_for_write() as conn:
-                conn.ensure_connection(max_retries=1)
-                ok = conn.default_channel.queue_declare(queue=queue, passive=True)
-                return int(ok.message_count)
-        except Exception as exc:  # noqa: BLE001 - a queue nobody declared yet is empty
-            if getattr(exc, "code", None) == 404 or "NOT_FOUND" in str(exc):
-                return 0
-            log.warning("sweeper: depth of %s unknown (%s)", queue, exc)
-            return None
+        return queue_depth(self._rt.celery, queue)
 
 
 def _not_all_on_broker(depth: int | None, candidates: int) -> bool:
