@@ -110,7 +110,9 @@ class Probe:
         them unless some were delayed (those go alone): an upper bound, close in practice."""
         with self._engine.connect() as conn:
             rows = conn.execute(_BATCHES, {"w": since, "batch": batch_size}).all()
-        return {str(task).split(".")[-1]: round(n / max(1, m), 1) for task, n, m in rows}
+        return {
+            str(task).split(".")[-1]: round(float(n) / max(1.0, float(m)), 1) for task, n, m in rows
+        }
 
     def backend_pids(self) -> list[int]:
         """PostgreSQL server processes serving this database (for CPU accounting)."""
