@@ -229,8 +229,12 @@ def overhead(stack: Stack, *, rate: float, seconds: float, latency: float) -> di
     stack.start_workers()
     since = stack.probe.watermark()
     n = max(1, int(rate * seconds))
+    meter = stack.cpu_meter()
+    meter.start()
     samples = post_open_loop(stack.api_url, stack.bodies(n), rate=rate)
-    _drain(stack, since, sum(1 for s in samples if s.status == 202), timeout=240)
+    accepted = sum(1 for s in samples if s.status == 202)
+    _drain(stack, since, accepted, timeout=240)
+    cpu = meter.stop()
     ms = [s.latency * 1000 for s in samples]
     return {
         "offered_per_second": round(rate, 1),
@@ -240,6 +244,8 @@ def overhead(stack: Stack, *, rate: float, seconds: float, latency: float) -> di
             f"overhead_ms{'' if part == 'total' else '_' + part}": summary(values)
             for part, values in stack.probe.overhead_ms(since).items()
         },
+        "cpu_ms_per_ticket": {k: round(v * 1000 / max(1, accepted), 2) for k, v in cpu.items()},
+        "tickets_per_message": stack.probe.tickets_per_message(since),
         "webhook_ms_meanwhile": {
             "p50": round(percentile(ms, 50), 1),
             "p99": round(percentile(ms, 99), 1),

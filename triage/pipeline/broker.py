@@ -4,6 +4,7 @@ Redis, the declare-ok count on AMQP)."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from celery import Celery
 
@@ -12,16 +13,44 @@ log = logging.getLogger(__name__)
 
 def queue_depth(celery: Celery, queue: str) -> int | None:
     """Messages waiting on `queue` for a consumer (0 for a queue nobody declared yet), or None
-    when the broker cannot be asked."""
-    # A connection of its own: on AMQP a passive declare of a missing queue closes the
-    # channel, which must not be a pooled producer's.
-    try:
-        with celery.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1)
-            ok = conn.default_channel.queue_declare(queue=queue, passive=True)
+    when the broker cannot be asked. Opens a connection for the one question."""
+    return QueueDepth(celery, queue)()
+
+
+class QueueDepth:
+    """`queue_depth` for a caller that asks often (several times a second): the connection
+    stays open between asks, and is dropped after any failure. One thread only."""
+
+    def __init__(self, celery: Celery, queue: str) -> None:
+        self._celery = celery
+        self._queue = queue
+        # A connection of its own, not a pooled producer's: on AMQP a passive declare of a
+        # missing queue closes the channel.
+        self._conn: Any = None
+
+    def __call__(self) -> int | None:
+        try:
+            if self._conn is None:
+                self._conn = self._celery.connection_for_write()
+                self._conn.ensure_connection(max_retries=1)
+            ok = self._conn.default_channel.queue_declare(queue=self._queue, passive=True)
             return int(ok.message_count)
-    except Exception as exc:  # noqa: BLE001 - callers treat "unknown" on their own terms
-        if getattr(exc, "code", None) == 404 or "NOT_FOUND" in str(exc):
-            return 0
-        log.warning("depth of %s unknown (%s)", queue, exc)
-        return None
+        except Exception as exc:  # noqa: BLE001 - callers treat "unknown" on their own terms
+            if getattr(exc, "code", None) == 404 or "NOT_FOUND" in str(exc):
+                # A queue nobody declared yet; on Redis, any empty queue (no list key). AMQP
+                # closes the channel over it, Redis keeps it: reconnecting for every ask of an
+                # empty queue would cost more than the rest of the publishing thread's work.
+                if self._conn is None or self._conn.transport.driver_type != "redis":
+                    self.close()
+                return 0
+            self.close()
+            log.warning("depth of %s unknown (%s)", self._queue, exc)
+            return None
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.release()
+            except Exception as exc:  # noqa: BLE001 - it is being thrown away
+                log.debug("closing a broker connection: %s", exc)

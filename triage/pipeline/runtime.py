@@ -15,7 +15,7 @@ from triage.classify.backends.base import ClassifierBackend
 from triage.classify.backends.factory import build_backend
 from triage.config import AppConfig, Settings, get_config
 from triage.db.session import get_sessionmaker
-from triage.pipeline.broker import queue_depth
+from triage.pipeline.broker import QueueDepth
 from triage.pipeline.celery_app import make_celery
 from triage.pipeline.fanout import CallPool
 from triage.pipeline.publishing import Backlog, PublishBatcher
@@ -56,7 +56,7 @@ class Runtime:
         """From now on `publish_after_commit` hands rows to one background thread, which
         publishes what piles up together (long-running processes: the API and workers)."""
         if self._batcher is None:
-            classify_backlog = Backlog(lambda: queue_depth(self.celery, CLASSIFY_QUEUE))
+            classify_backlog = Backlog(QueueDepth(self.celery, CLASSIFY_QUEUE))
             self._batcher = PublishBatcher(self.publisher, backlog=classify_backlog)
             self._batcher.start()
 

@@ -1,0 +1,30 @@
+"""Queue depth from the real Redis broker, as the publishing thread's backlog check asks it."""
+
+from __future__ import annotations
+
+from tests.support.stack import make_runtime, stack_env, truncate
+from triage.pipeline.broker import QueueDepth, queue_depth
+from triage.pipeline.publishing import Backlog
+from triage.pipeline.routing import CLASSIFY_QUEUE
+
+
+def test_depth_counts_waiting_messages_and_an_empty_queue_is_zero(pg_url, clean_redis):
+    truncate(pg_url)
+    rt = make_runtime(stack_env(pg_url, clean_redis))
+    depth = QueueDepth(rt.celery, CLASSIFY_QUEUE)
+    # On Redis an empty queue is no key at all: zero, asked again and again.
+    assert [depth(), depth()] == [0, 0]
+    backlog = Backlog(depth, threshold=3, interval=0)
+    assert backlog() is False
+    for i in range(3):
+        rt.celery.send_task("triage.classify_ticket", kwargs={"ticket_id": i}, queue=CLASSIFY_QUEUE)
+    assert depth() == 3 and queue_depth(rt.celery, CLASSIFY_QUEUE) == 3
+    assert backlog() is True
+    depth.close()
+
+
+def test_an_unreachable_broker_has_no_depth(pg_url):
+    rt = make_runtime(stack_env(pg_url, "redis://127.0.0.1:1/0"))
+    depth = QueueDepth(rt.celery, CLASSIFY_QUEUE)
+    assert depth() is None
+    assert Backlog(depth, interval=0)() is False
