@@ -198,6 +198,15 @@ def run_scenarios(
                 stack, rate=rate, seconds=args.overhead_seconds, latency=0.5
             ),
         )
+        # Half of that too: where the knee is. A steady trickle of webhooks makes one-ticket
+        # messages, which cost several times a batch's share per ticket.
+        measure(
+            "overhead_quarter",
+            f"5b. per-ticket overhead at {rate / 2:.0f} tickets/s",
+            lambda: scenarios.overhead(
+                stack, rate=rate / 2, seconds=args.overhead_seconds, latency=0.5
+            ),
+        )
 
 
 if __name__ == "__main__":

@@ -21,11 +21,14 @@ def _mark(ok: bool | None) -> str:
 def _cpu(figures: dict[str, Any]) -> str:
     """CPU milliseconds per ticket, total and by process group."""
     per = dict(figures.get("cpu_ms_per_ticket") or {})
-    # The fake stands in for the remote API: shown, but not counted as triage's.
+    # The fake stands in for the remote API and the load generator for the helpdesks: shown,
+    # but not counted as triage's.
     fake = per.pop("fake_api", None)
+    client = per.pop("load_generator", None)
     parts = " + ".join(f"{k} {v:.1f}" for k, v in per.items())
     text = f"{sum(per.values()):.1f}" + (f" ({parts})" if len(per) > 1 else "")
-    return text + (f"; fake API {fake:.1f}" if fake is not None else "")
+    text += f"; fake API {fake:.1f}" if fake is not None else ""
+    return text + (f", load generator {client:.1f}" if client is not None else "")
 
 
 def rows(result: dict[str, Any]) -> list[Row]:
@@ -110,17 +113,22 @@ def rows(result: dict[str, Any]) -> list[Row]:
                 None,
             )
         )
-    ov = result.get("overhead")
-    if ov:
+    for key, name, target in (
+        ("overhead", "5. per-ticket overhead", "p99 < 100 ms"),
+        ("overhead_quarter", "5b. per-ticket overhead", "(reported)"),
+    ):
+        ov = result.get(key)
+        if not ov:
+            continue
         o = ov["overhead_ms"]
         out.append(
             (
-                f"5. per-ticket overhead at {ov['offered_per_second']} tickets/s",
-                "p99 < 100 ms",
+                f"{name} at {ov['offered_per_second']} tickets/s",
+                target,
                 f"p50 {o['p50']} ms, p99 {o['p99']} ms (model {ov['model_latency_seconds']} s "
                 f"excluded); before the call p50 {ov['overhead_ms_before_model']['p50']} ms, "
                 f"after the label p50 {ov['overhead_ms_after_label']['p50']} ms",
-                o["p99"] < 100,
+                o["p99"] < 100 if key == "overhead" else None,
             )
         )
     return out

@@ -3,6 +3,7 @@ overhead. Each one returns a plain dict of measured figures for the table and th
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections import Counter
@@ -58,6 +59,8 @@ class Stack:
                 "postgres": self.probe.backend_pids(),
                 # Not triage: the stand-in for the remote API, on the same two cores.
                 "fake_api": [self.fake.proc.pid],
+                # Not triage either: this process, which posts the webhooks (and polls).
+                "load_generator": [os.getpid()],
             }
         )
 
