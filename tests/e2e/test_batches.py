@@ -49,13 +49,15 @@ def env(pg_url, clean_redis, fake):
     )
 
 
-def _store(rt, n, text=lambda i: f"Ticket {i} [[intent:billing]]"):
+def _store(rt, n, text=lambda i: f"Ticket {i} [[intent:billing]]", prefix="b"):
     ids, outbox = [], []
     with session_scope(rt.sessions) as session:
         for i in range(n):
             accepted = accept_ticket(
                 session,
-                InboundTicket(source="generic", external_id=f"b-{i}", subject="s", body=text(i)),
+                InboundTicket(
+                    source="generic", external_id=f"{prefix}-{i}", subject="s", body=text(i)
+                ),
             )
             ids.append(accepted.ticket_id)
             outbox.append(accepted.outbox_id)
@@ -184,3 +186,33 @@ def test_a_worker_holds_no_more_tickets_than_it_has_call_slots(env, clean_redis,
     finally:
         fake.latency = 0.05
     assert fake.call_count() == 24
+
+
+def test_a_slow_call_does_not_keep_its_batch_mates_slots(env, clean_redis, fake):
+    """Two call slots; message A carries a slow ticket and a fast one, message B one more.
+    The fast call's slot is free again once it has answered, so B is taken and routed while
+    A's slow call is still out, instead of waiting for the whole of A."""
+    env = {**env, "TRIAGE_BATCH_SIZE": "2"}
+    rt = make_runtime(env)
+    fake.add_fault(Fault("timeout", times=-1, match="SLOWPOKE", delay=3.0))
+    (slow, fast), outbox_a = _store(
+        rt, 2, lambda i: f"{'SLOWPOKE' if i == 0 else 'Fast'} {i} [[intent:billing]]", "a"
+    )
+    (later,), outbox_b = _store(rt, 1, prefix="later")
+    rt.publisher.publish(outbox_a)
+    rt.publisher.publish(outbox_b)
+    assert redis.Redis.from_url(clean_redis).llen(CLASSIFY_QUEUE) == 2
+
+    def states() -> dict[int, str]:
+        with rt.sessions() as s:
+            rows = s.execute(
+                select(Ticket.id, Ticket.state).where(Ticket.id.in_([slow, fast, later]))
+            )
+            return {row.id: row.state for row in rows}
+
+    with WorkerProcess(env, concurrency=2) as worker:
+        wait_until(lambda: states()[later] == "routed", 30, what="B routed")
+        seen = states()
+        assert seen[fast] == "routed" and seen[slow] == "classifying", worker.log()
+        wait_until(lambda: states()[slow] == "routed", 30, what="the slow one routed")
+    assert fake.call_count() == 3

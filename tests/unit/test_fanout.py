@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from triage.pipeline.consumption import held_tickets
-from triage.pipeline.fanout import CallPool, CallSlots
+from triage.pipeline.fanout import CallPool, CallSlots, HeldSlots
 from triage.pipeline.publishing import Backlog, PublishBatcher
 from triage.pipeline.relay import CLASSIFY_TASK, DELIVER_TASK
 
@@ -185,3 +185,31 @@ def test_held_tickets_counts_classify_ids_and_other_messages_as_one():
     ]
     assert held_tickets(held) == 3 + 1 + 1 + 1
     assert held_tickets([]) == 0
+
+
+def test_a_patient_take_waits_for_enough_slots_and_an_impatient_one_does_not():
+    slots = CallSlots(4)
+    assert slots.take(4) == 4
+    got: list[int] = []
+    waiter = threading.Thread(target=lambda: got.append(slots.take(3, patience=5.0)))
+    waiter.start()
+    slots.give(1)
+    time.sleep(0.1)
+    assert got == []  # one free, three wanted: still waiting for more
+    slots.give(2)
+    waiter.join(5)
+    assert got == [3]
+    slots.give(2)  # 2 free of 4
+    assert slots.take(4, patience=0.05) == 2  # patience runs out: it takes what there is
+
+
+def test_held_slots_go_back_as_calls_finish_and_the_rest_at_the_end():
+    slots = CallSlots(8)
+    held = HeldSlots(slots, slots.take(6))
+    assert slots.free == 2
+    held.give(2)
+    assert slots.free == 4
+    held.give(10)  # never more than it holds
+    assert slots.free == 8
+    held.give_rest()
+    assert slots.free == 8

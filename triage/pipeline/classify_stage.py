@@ -38,6 +38,7 @@ from triage.db.models import (
 from triage.db.session import insert_rows, session_scope
 from triage.errors import RateLimited, TransientError, TriageError
 from triage.metrics import CLASSIFICATIONS, CLASSIFY_COST, CLASSIFY_LATENCY, CLASSIFY_TOKENS
+from triage.pipeline.fanout import SLOT_PATIENCE_SECONDS, HeldSlots
 from triage.pipeline.relay import (
     CLASSIFY_TASK,
     delivery_values,
@@ -97,17 +98,17 @@ def classify_tickets_stage(
     outcomes: dict[int, str] = {}
     pending = list(dict.fromkeys(ticket_ids))
     while pending:
-        slots = rt.calls.slots.take(len(pending))
-        chunk, pending = pending[:slots], pending[slots:]
+        held = HeldSlots(rt.calls.slots, rt.calls.slots.take(len(pending), SLOT_PATIENCE_SECONDS))
+        chunk, pending = pending[: held.count], pending[held.count :]
         try:
-            outcomes.update(_classify_chunk(rt, chunk, reuse, max_inline_wait))
+            outcomes.update(_classify_chunk(rt, chunk, reuse, max_inline_wait, held))
         finally:
-            rt.calls.slots.give(slots)
+            held.give_rest()
     return outcomes
 
 
 def _classify_chunk(
-    rt: Runtime, ticket_ids: list[int], reuse: bool, max_inline_wait: float
+    rt: Runtime, ticket_ids: list[int], reuse: bool, max_inline_wait: float, held: HeldSlots
 ) -> dict[int, str]:
     outcomes: dict[int, str] = {}
     claims = _begin(rt, ticket_ids, reuse, outcomes)
@@ -133,7 +134,12 @@ def _classify_chunk(
             outcomes[claim.ticket_id] = _defer(rt, claim, wait)
         else:
             calling.append(claim)
+    # Slots are for calls: tickets that make none (not claimed, deferred, out of attempts)
+    # free theirs now, and each call's slot is freed when its answer is in, so another task's
+    # tickets can start while this batch's slowest calls are still out.
+    held.give(held.count - len(calling))
     for wave in rt.calls.waves([_call_for(rt, claim) for claim in calling]):
+        held.give(len(wave))
         outcomes.update(_settle(rt, [(calling[i], result) for i, result in wave]))
     return outcomes
 

@@ -80,8 +80,8 @@ class PauseClassifyWhileCircuitOpen(bootsteps.StartStopStep):  # type: ignore[mi
 
 
 def held_tickets(requests: Iterable[Any]) -> int:
-    """Tickets in the messages a worker holds (running or waiting for a thread): a classify
-    message counts its ids, since each needs a call slot; any other message counts one."""
+    """Tickets in these messages: a classify message counts its ids, since each needs a call
+    slot; any other message counts one."""
     held = 0
     for request in requests:
         kwargs = request.kwargs or {}
@@ -91,15 +91,18 @@ def held_tickets(requests: Iterable[Any]) -> int:
 
 
 class HoldOnlyWhatCanRun(bootsteps.StartStopStep):  # type: ignore[misc]
-    """A worker takes another message only while it holds fewer tickets than it has call
-    slots.
+    """A worker takes another message only while the tickets waiting for a thread are fewer
+    than its free call slots.
 
     Celery's prefetch counts messages (one per thread), but a message can carry a batch of
     tickets. Without this, the first worker to start after an outage would take up to a
     thread's worth of batches, thousands of tickets it can only run 64 at a time, while the
     other workers sat idle. Messages left on the broker go to whichever worker frees a slot
-    first. Redis only (the transport asks `can_consume` before each BRPOP; a reply already
-    on its way may still bring one message more); on AMQP, prefetch alone bounds it.
+    first; a slot is free again as soon as its call has answered (`HeldSlots`), so a batch
+    whose slowest calls are still out does not keep the worker from taking more. Redis only
+    (the transport asks `can_consume` before each BRPOP; a reply already on its way, or a
+    message a thread has just started, may still bring a few tickets more); on AMQP,
+    prefetch alone bounds it.
     """
 
     requires: ClassVar[tuple[str, ...]] = ("celery.worker.consumer.tasks:Tasks",)
@@ -109,12 +112,14 @@ class HoldOnlyWhatCanRun(bootsteps.StartStopStep):  # type: ignore[misc]
 
         if c.task_consumer is None or c.connection.transport.driver_type != "redis":
             return
-        limit = get_runtime().calls.slots.limit
+        slots = get_runtime().calls.slots
         qos = c.task_consumer.channel.qos
         by_prefetch = qos.can_consume
 
         def can_consume(_qos: Any) -> bool:
-            return held_tickets(list(state.reserved_requests)) < limit and by_prefetch()
+            active = state.active_requests
+            waiting = [r for r in list(state.reserved_requests) if r not in active]
+            return held_tickets(waiting) < slots.free and by_prefetch()
 
         # A consumer restart (broker reconnect) builds a new channel, and this step runs
         # again after Tasks to wrap its QoS.

@@ -9,6 +9,7 @@ claims (and their leases) it cannot serve.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TypeVar
@@ -17,6 +18,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 # How long a wave waits for answers arriving just after its first.
 GATHER_SECONDS = 0.01
+# How long a batch that finds too few free slots waits for more before starting on a part.
+SLOT_PATIENCE_SECONDS = 0.05
 
 
 class CallSlots:
@@ -27,12 +30,20 @@ class CallSlots:
         self._free = self.limit
         self._cond = threading.Condition()
 
-    def take(self, wanted: int) -> int:
-        """Block until a slot is free; take up to `wanted` of them and say how many."""
+    def take(self, wanted: int, patience: float = 0.0) -> int:
+        """Block until a slot is free; take up to `wanted` of them and say how many. With
+        fewer free than wanted, wait up to `patience` seconds for more first: slots come back
+        a call at a time, and a batch split into many small chunks costs a transaction pair
+        per chunk."""
+        wanted = max(1, wanted)
         with self._cond:
             while self._free == 0:
                 self._cond.wait()
-            got = min(self._free, max(1, wanted))
+            if self._free < wanted and patience > 0:
+                deadline = time.monotonic() + patience
+                while self._free < wanted and (left := deadline - time.monotonic()) > 0:
+                    self._cond.wait(left)
+            got = min(self._free, wanted)
             self._free -= got
             return got
 
@@ -44,6 +55,25 @@ class CallSlots:
     @property
     def free(self) -> int:
         return self._free
+
+
+class HeldSlots:
+    """Slots one task has taken, given back a few at a time as its calls finish; whatever is
+    left goes back at the end (`give_rest`, in a finally)."""
+
+    def __init__(self, slots: CallSlots, count: int) -> None:
+        self._slots = slots
+        self.count = count
+        self._held = count
+
+    def give(self, n: int) -> None:
+        n = min(n, self._held)
+        if n > 0:
+            self._held -= n
+            self._slots.give(n)
+
+    def give_rest(self) -> None:
+        self.give(self._held)
 
 
 class CallPool:
