@@ -319,6 +319,10 @@ def replay_the_dead_letters_once_the_api_accepts_them(rt, fake, receiver, ids, p
     assert len(received) == len(ids) and max(received.values()) == 1
 
 
+# By then the circuit has opened: every call fails at once and is retried within 0.5 s.
+OPENS_WITHIN = 8
+
+
 def test_sustained_overload_pauses_consumption_instead_of_spending_attempts(
     stack, fault_env, fake, receiver
 ):
@@ -330,8 +334,11 @@ def test_sustained_overload_pauses_consumption_instead_of_spending_attempts(
     with workers(env) as pool:
         wait_until(lambda: terminal_count(rt, ids) >= len(ids) // 5, 120, what="progress")
         # The API answers nothing but 529 for 25 seconds.
+        answered_before = fake.call_count()
         outage = fake.add_fault(Fault("overloaded", times=-1))
-        time.sleep(25)
+        time.sleep(OPENS_WITHIN)
+        while_opening = outage.injected
+        time.sleep(25 - OPENS_WITHIN)
         fake.clear_faults()
         settle(rt, receiver, ids, pool)
         logs = [w.log_path.read_text(errors="replace") for w in pool]
@@ -346,9 +353,22 @@ def test_sustained_overload_pauses_consumption_instead_of_spending_attempts(
         ids=ids,
         started=started,
     )
-    fig.notes.update(overloaded_answers=outage.injected, paused=paused, resumed=resumed)
+    open_phase = outage.injected - while_opening
+    fig.notes.update(
+        overloaded_answers=outage.injected,
+        answered_before=answered_before,
+        while_opening=while_opening,
+        once_open=open_phase,
+        paused=paused,
+        resumed=resumed,
+    )
     assert_nothing_lost_or_doubled(fig)
     assert fig.dead_lettered == 0, fig.line()
     assert paused >= 1 and resumed >= 1, fig.line()
-    # Without the breaker every waiting ticket would call about every second for 25 s.
-    assert outage.injected < len(ids) // 2, fig.line()
+    # The breaker opens once overloads are half of the window's answers: about as many 529s
+    # as answers before the outage, plus the calls already out. Without it every waiting
+    # ticket would call about every second for 25 s (some 20,000 calls).
+    assert while_opening < answered_before + len(ids) // 2, fig.line()
+    # Once open, only half-open probes go out: one per probe interval (2 s) for everyone,
+    # and the calls of batches admitted just before a probe failed.
+    assert open_phase < (25 - OPENS_WITHIN) / 2 + 40, fig.line()
