@@ -216,3 +216,29 @@ def test_a_slow_call_does_not_keep_its_batch_mates_slots(env, clean_redis, fake)
         assert seen[fast] == "routed" and seen[slow] == "classifying", worker.log()
         wait_until(lambda: states()[slow] == "routed", 30, what="the slow one routed")
     assert fake.call_count() == 3
+
+
+def test_the_rest_of_a_batch_does_not_wait_behind_a_slow_call(env, clean_redis, fake):
+    """One 4-ticket message, two call slots, the first ticket slow. The batch goes in parts:
+    the fast tickets behind the slow one start as slots come back and are routed while the
+    slow call is still out, instead of waiting for the part it started in."""
+    env = {**env, "TRIAGE_BATCH_SIZE": "4"}
+    rt = make_runtime(env)
+    fake.add_fault(Fault("timeout", times=-1, match="SLOWPOKE", delay=3.0))
+    ids, outbox = _store(
+        rt, 4, lambda i: f"{'SLOWPOKE' if i == 0 else 'Fast'} {i} [[intent:billing]]", "parts"
+    )
+    rt.publisher.publish(outbox)
+    assert redis.Redis.from_url(clean_redis).llen(CLASSIFY_QUEUE) == 1
+    slow, rest = ids[0], ids[1:]
+
+    def states() -> dict[int, str]:
+        with rt.sessions() as s:
+            rows = s.execute(select(Ticket.id, Ticket.state).where(Ticket.id.in_(ids)))
+            return {row.id: row.state for row in rows}
+
+    with WorkerProcess(env, concurrency=2) as worker:
+        wait_until(lambda: all(states()[i] == "routed" for i in rest), 30, what="3 fast routed")
+        assert states()[slow] == "classifying", worker.log()
+        wait_until(lambda: states()[slow] == "routed", 30, what="the slow one routed")
+    assert fake.call_count() == 4

@@ -15,8 +15,10 @@ import logging
 import random
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from sqlalchemy import delete, func, or_, select, update
@@ -94,17 +96,40 @@ def classify_tickets_stage(
     reuse: bool = True,
     max_inline_wait: float = MAX_INLINE_WAIT,
 ) -> dict[int, str]:
-    """`classify_ticket_stage` for a batch; returns each ticket's outcome."""
+    """`classify_ticket_stage` for a batch; returns each ticket's outcome.
+
+    A batch larger than the free call slots goes in parts, each claiming only the tickets it
+    has slots for. A part that leaves tickets behind runs beside the next ones, which start
+    as slots come back, so one slow call does not hold up the tickets after it. Every part
+    has finished before this returns (or raises the first part's failure): the message is
+    acknowledged only then."""
     outcomes: dict[int, str] = {}
     pending = list(dict.fromkeys(ticket_ids))
-    while pending:
-        held = HeldSlots(rt.calls.slots, rt.calls.slots.take(len(pending), SLOT_PATIENCE_SECONDS))
-        chunk, pending = pending[: held.count], pending[held.count :]
-        try:
-            outcomes.update(_classify_chunk(rt, chunk, reuse, max_inline_wait, held))
-        finally:
-            held.give_rest()
+    beside: list[Future[dict[int, str]]] = []
+    try:
+        while pending:
+            taken = rt.calls.slots.take(len(pending), SLOT_PATIENCE_SECONDS)
+            held = HeldSlots(rt.calls.slots, taken)
+            chunk, pending = pending[:taken], pending[taken:]
+            if pending:
+                part = partial(_run_chunk, rt, chunk, reuse, max_inline_wait, held)
+                beside.append(rt.calls.beside(part))
+            else:
+                outcomes.update(_run_chunk(rt, chunk, reuse, max_inline_wait, held))
+    finally:
+        wait(beside)
+    for finished in beside:
+        outcomes.update(finished.result())
     return outcomes
+
+
+def _run_chunk(
+    rt: Runtime, ticket_ids: list[int], reuse: bool, max_inline_wait: float, held: HeldSlots
+) -> dict[int, str]:
+    try:
+        return _classify_chunk(rt, ticket_ids, reuse, max_inline_wait, held)
+    finally:
+        held.give_rest()
 
 
 def _classify_chunk(

@@ -83,6 +83,7 @@ class CallPool:
     def __init__(self, limit: int) -> None:
         self.slots = CallSlots(limit)
         self._executor: ThreadPoolExecutor | None = None
+        self._parts: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
     def run(self, calls: Sequence[Callable[[], T]]) -> list[T | Exception]:
@@ -119,6 +120,17 @@ class CallPool:
                 wave.append((futures[future], outcome))
             yield wave
 
+    def beside(self, part: Callable[[], T]) -> Future[T]:
+        """Run one part of a batch on its own thread (not a call thread: the part's own calls
+        need those). At most one part per slot can be running, so `limit` threads suffice."""
+        if self._parts is None:
+            with self._lock:
+                if self._parts is None:
+                    self._parts = ThreadPoolExecutor(
+                        self.slots.limit, thread_name_prefix="triage-part"
+                    )
+        return self._parts.submit(part)
+
     def _pool(self) -> ThreadPoolExecutor:
         if self._executor is None:
             with self._lock:
@@ -129,8 +141,9 @@ class CallPool:
         return self._executor
 
     def shutdown(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
+        for executor in (self._parts, self._executor):
+            if executor is not None:
+                executor.shutdown(wait=True)
 
 
 def _capture(call: Callable[[], T]) -> T | Exception:
