@@ -14,7 +14,11 @@ log = logging.getLogger(__name__)
 def queue_depth(celery: Celery, queue: str) -> int | None:
     """Messages waiting on `queue` for a consumer (0 for a queue nobody declared yet), or None
     when the broker cannot be asked. Opens a connection for the one question."""
-    return QueueDepth(celery, queue)()
+    depth = QueueDepth(celery, queue)
+    try:
+        return depth()
+    finally:
+        depth.close()
 
 
 class QueueDepth:

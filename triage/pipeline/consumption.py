@@ -4,8 +4,8 @@ Two consumer steps decide when a worker takes messages off the broker:
 
 - While the shared circuit breaker is open, a worker stops consuming `triage.classify`, and
   starts again by itself when the circuit half-opens.
-- A worker takes another message only while the tickets it holds are fewer than its call
-  slots (see HoldOnlyWhatCanRun).
+- A worker takes another message only while the tickets waiting for its threads are fewer
+  than its free call slots (see HoldOnlyWhatCanRun).
 
 For the circuit: deferring each ticket instead would spin through the whole backlog every
 cool-down (a database write and a broker message per ticket) and bring every ticket back in

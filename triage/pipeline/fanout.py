@@ -3,7 +3,8 @@
 A task message can carry many tickets. The task takes as many call slots as it can get (at
 least one, at most one per ticket), claims that many tickets, and runs their calls side by
 side; tickets it has no slot for yet stay unclaimed in `queued`, so a busy process never holds
-claims (and their leases) it cannot serve.
+claims (and their leases) it cannot serve. Those go in a later part of the batch, which starts
+beside the earlier ones as slots come back (each call's slot is given back as it answers).
 """
 
 from __future__ import annotations
@@ -82,15 +83,16 @@ class CallPool:
 
     def __init__(self, limit: int) -> None:
         self.slots = CallSlots(limit)
-        self._executor: ThreadPoolExecutor | None = None
-        self._parts: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
+        # Threads start on first use, not here. Parts get their own: a part waits on its
+        # calls, which need the call threads.
+        self._calls = ThreadPoolExecutor(self.slots.limit, thread_name_prefix="triage-call")
+        self._parts = ThreadPoolExecutor(self.slots.limit, thread_name_prefix="triage-part")
 
     def run(self, calls: Sequence[Callable[[], T]]) -> list[T | Exception]:
         """Each call's result, or the exception it raised, in order."""
         if not calls:
             return []
-        futures: list[Future[T]] = [self._pool().submit(call) for call in calls[1:]]
+        futures: list[Future[T]] = [self._calls.submit(call) for call in calls[1:]]
         results: list[T | Exception] = [_capture(calls[0])]
         for future in futures:
             outcome: T | Exception = _outcome(future)
@@ -105,7 +107,7 @@ class CallPool:
             if calls:
                 yield [(0, _capture(calls[0]))]
             return
-        futures = {self._pool().submit(call): i for i, call in enumerate(calls)}
+        futures = {self._calls.submit(call): i for i, call in enumerate(calls)}
         pending: set[Future[T]] = set(futures)
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -121,29 +123,13 @@ class CallPool:
             yield wave
 
     def beside(self, part: Callable[[], T]) -> Future[T]:
-        """Run one part of a batch on its own thread (not a call thread: the part's own calls
-        need those). At most one part per slot can be running, so `limit` threads suffice."""
-        if self._parts is None:
-            with self._lock:
-                if self._parts is None:
-                    self._parts = ThreadPoolExecutor(
-                        self.slots.limit, thread_name_prefix="triage-part"
-                    )
+        """Run one part of a batch on its own thread. Each running part holds at least one
+        slot, so `limit` threads suffice."""
         return self._parts.submit(part)
 
-    def _pool(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            with self._lock:
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(
-                        self.slots.limit, thread_name_prefix="triage-call"
-                    )
-        return self._executor
-
     def shutdown(self) -> None:
-        for executor in (self._parts, self._executor):
-            if executor is not None:
-                executor.shutdown(wait=True)
+        self._parts.shutdown(wait=True)
+        self._calls.shutdown(wait=True)
 
 
 def _capture(call: Callable[[], T]) -> T | Exception:

@@ -41,9 +41,8 @@ def dead_letter(
 ) -> tuple[DeadLetter, int] | None:
     """Record the failure, move the ticket to dead_lettered and announce it on triage.dead,
     all in the caller's transaction. Returns the letter and the announcement's outbox id to
-    publish, or
-    None when the ticket is already dead-lettered or finished (a redelivered copy of the
-    message lost the race): one letter per failure, never two."""
+    publish, or None when the ticket is already dead-lettered or finished (a redelivered copy
+    of the message lost the race): one letter per failure, never two."""
     first_failed = session.scalar(
         select(func.min(Attempt.started_at)).where(
             Attempt.ticket_id == ticket_id, Attempt.stage == stage, Attempt.outcome != "ok"

@@ -72,12 +72,9 @@ class BrokerDepths:
 
     def __call__(self, queue: str) -> int | None:
         if queue not in self._known:
-            messages = self._ask(queue)
+            messages = queue_depth(self._rt.celery, queue)
             self._known[queue] = None if messages is None else messages * self._per_message
         return self._known[queue]
-
-    def _ask(self, queue: str) -> int | None:
-        return queue_depth(self._rt.celery, queue)
 
 
 def _not_all_on_broker(depth: int | None, candidates: int) -> bool:
