@@ -9,11 +9,12 @@ import time
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
-from tests.support.stack import truncate
+from tests.support.stack import make_runtime, stack_env, truncate
 from triage.db.models import TicketState
 from triage.db.repo import accept_ticket
 from triage.db.session import get_sessionmaker, session_scope
 from triage.ingest.models import InboundTicket
+from triage.pipeline.classify_stage import _begin, _record
 from triage.pipeline.states import transition_many
 
 
@@ -78,3 +79,63 @@ def test_a_batch_transition_locks_tickets_in_id_order(pg_url):
         engine.dispose()
     assert sorted(moved) == sorted([a, b, c])
 
+
+
+def _waiting_on_a_lock(engine) -> bool:
+    with engine.connect() as conn:
+        return bool(
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            ).scalar()
+        )
+
+
+def test_recording_labels_locks_tickets_in_id_order(pg_url, clean_redis):
+    """The finishing transaction's INSERTs lock the tickets they reference (the foreign key
+    check). Answers arrive in any order; the rows must still go in ticket order, or a batch
+    that locks in id order (the relay marking tickets queued) deadlocks with it."""
+    truncate(pg_url)
+    rt = make_runtime(stack_env(pg_url, clean_redis))
+    with session_scope(rt.sessions) as session:
+        a, b = (
+            accept_ticket(
+                session,
+                InboundTicket(
+                    source="generic", external_id=f"fk-{i}", subject="Refund", body=f"Charged {i}"
+                ),
+            ).ticket_id
+            for i in range(2)
+        )
+    outcomes: dict[int, str] = {}
+    claims = {c.ticket_id: c for c in _begin(rt, [a, b], reuse=False, outcomes=outcomes)}
+    assert sorted(claims) == [a, b]
+    answers = [(claims[i], rt.backend.classify(claims[i].request)) for i in (b, a)]
+    engine = create_engine(pg_url)
+    holder = engine.connect()
+    holder.execute(text("SELECT id FROM tickets WHERE id = :a FOR UPDATE"), {"a": a})
+    recorded: list[dict[int, str]] = []
+
+    def finish() -> None:
+        with session_scope(rt.sessions) as session:
+            recorded.append(_record(rt, session, answers).outcomes)
+
+    worker = threading.Thread(target=finish)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not _waiting_on_a_lock(engine):
+            assert time.monotonic() < deadline, "the recording never waited for ticket a"
+            time.sleep(0.05)
+        # Waiting on a (held above), it must not hold b yet: b is after a in id order.
+        assert worker.is_alive()
+        assert not _locked(engine, b)
+    finally:
+        holder.rollback()
+        holder.close()
+        worker.join(10)
+        engine.dispose()
+    assert recorded and set(recorded[0]) == {a, b}
+    assert set(recorded[0].values()) <= {"routed", "review"}

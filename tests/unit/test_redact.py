@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from triage.classify.redact import redact
+from triage.classify.redact import Redactor, redact
 
 
 def test_contact_details_are_replaced():
@@ -24,3 +24,15 @@ def test_order_numbers_dates_and_amounts_stay():
 
 def test_numbers_that_fail_luhn_are_not_cards():
     assert "[CARD]" not in redact("Invoice 1234 5678 9012 3456 is wrong")
+
+
+def test_one_redactor_serves_subject_and_body_with_whole_words_only():
+    redactor = Redactor(names=["Ann Lee-Smith"], emails=["ann@shop.example"])
+    subject = redactor("Ann Lee-Smith: Annual plan")
+    body = redactor("ANN here (ann@shop.example). lee-smith is my surname; Annual billing.")
+    assert subject == "[NAME]: Annual plan"
+    assert body == "[NAME] here ([EMAIL]). [NAME] is my surname; Annual billing."
+
+
+def test_no_personal_data_given_only_generic_patterns_apply():
+    assert Redactor()("Write to x@y.example") == "Write to [EMAIL]"

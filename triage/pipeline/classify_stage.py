@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from triage.classify.backends.base import ClassificationRequest, ClassificationResult, Usage
 from triage.classify.prompt import estimate_input_tokens
-from triage.classify.redact import redact
+from triage.classify.redact import Redactor
 from triage.classify.schema import TicketLabel
 from triage.db.models import (
     Attempt,
@@ -346,10 +346,11 @@ def build_request(rt: Runtime, ticket: Ticket) -> ClassificationRequest:
     """What the backend may see of a ticket: cleaned text, personal data redacted."""
     subject, body = ticket.subject, ticket.clean_text or ticket.body
     if rt.settings.redact_personal_data:
-        names = [n for n in (ticket.requester_name,) if n]
-        emails = [e for e in (ticket.requester_email,) if e]
-        subject = redact(subject, names=names, emails=emails)
-        body = redact(body, names=names, emails=emails)
+        redactor = Redactor(
+            names=[n for n in (ticket.requester_name,) if n],
+            emails=[e for e in (ticket.requester_email,) if e],
+        )
+        subject, body = redactor(subject), redactor(body)
     return ClassificationRequest(
         ticket_id=ticket.id, subject=subject, body=body, channel=ticket.channel
     )
@@ -440,6 +441,10 @@ def _record(
 ) -> _Recorded:
     """Store the labels, route and dispatch in the caller's transaction, a statement per
     table for the whole batch (plus one compare-and-set per ticket)."""
+    # In ticket order: each INSERT locks the tickets its rows reference (the foreign key
+    # check), and every other batch locks tickets in id order, so any other order here can
+    # deadlock with, say, the relay marking the same tickets queued.
+    done = sorted(done, key=lambda answer: answer[0].ticket_id)
     label_ids = insert_rows(
         session,
         Classification,
