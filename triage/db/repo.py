@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Insert, select
@@ -36,13 +37,18 @@ def content_hash(subject: str, clean_text: str) -> str:
     return hashlib.sha256(normalized.encode()).hexdigest()
 
 
-def _insert(session: Session) -> Any:
-    dialect = session.get_bind().dialect.name
+@lru_cache(maxsize=4)
+def _accept_statement(dialect: str) -> Insert:
+    """The ticket INSERT, built once per dialect (see session._insert_statement for why)."""
     if dialect == "postgresql":
-        return postgresql.insert
-    if dialect == "sqlite":
-        return sqlite.insert
-    raise RuntimeError(f"unsupported database dialect {dialect!r}")
+        build: Any = postgresql.insert
+    elif dialect == "sqlite":
+        build = sqlite.insert
+    else:
+        raise RuntimeError(f"unsupported database dialect {dialect!r}")
+    table = Ticket.__table__
+    stmt: Insert = build(table).on_conflict_do_nothing(index_elements=["source", "external_id"])
+    return stmt.returning(table.c.id)
 
 
 def accept_ticket(
@@ -60,26 +66,24 @@ def accept_ticket(
     extra = dict(inbound.metadata)
     if inbound.update_key:
         extra[APPLIED_UPDATES] = [inbound.update_key]
-    stmt: Insert = (
-        _insert(session)(Ticket)
-        .values(
-            source=inbound.source,
-            external_id=inbound.external_id,
-            subject=inbound.subject,
-            body=body,
-            clean_text=clean,
-            content_hash=content_hash(inbound.subject, clean),
-            requester_email=inbound.requester_email,
-            requester_name=inbound.requester_name,
-            channel=inbound.channel,
-            external_created_at=inbound.created_at,
-            extra=extra,
-            state=TicketState.RECEIVED.value,
-        )
-        .on_conflict_do_nothing(index_elements=["source", "external_id"])
-        .returning(Ticket.id)
-    )
-    ticket_id = session.scalar(stmt)
+    connection = session.connection()
+    ticket_id = connection.execute(
+        _accept_statement(connection.dialect.name),
+        {
+            "source": inbound.source,
+            "external_id": inbound.external_id,
+            "subject": inbound.subject,
+            "body": body,
+            "clean_text": clean,
+            "content_hash": content_hash(inbound.subject, clean),
+            "requester_email": inbound.requester_email,
+            "requester_name": inbound.requester_name,
+            "channel": inbound.channel,
+            "external_created_at": inbound.created_at,
+            "metadata": extra,
+            "state": TicketState.RECEIVED.value,
+        },
+    ).scalar()
     if ticket_id is None:
         existing = session.scalars(
             select(Ticket).where(

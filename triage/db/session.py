@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -9,8 +10,23 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Table, create_engine, event, insert
+from sqlalchemy import (
+    JSON,
+    Column,
+    Engine,
+    Insert,
+    Table,
+    Text,
+    bindparam,
+    cast,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+)
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -113,16 +129,66 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
 def insert_rows(
     session: Session, model: type[Base], rows: list[dict[str, Any]], returning: str | None = "id"
 ) -> list[Any]:
-    """INSERT many rows in the session's transaction with one statement (a multi-row VALUES on
-    PostgreSQL and SQLite), bypassing the ORM's unit of work: on the hot path its bookkeeping
-    costs more than the statement. Returns the `returning` column in the order of `rows`."""
+    """INSERT many rows in the session's transaction with one statement, bypassing the ORM's
+    unit of work: on the hot path its bookkeeping costs more than the statement. Returns the
+    `returning` column in the order of `rows`. Every row has the same keys.
+
+    On PostgreSQL the rows go as one array per column (`INSERT ... SELECT FROM unnest(...)`):
+    the statement's text is the same whatever the number of rows, so it is parsed once by the
+    driver and the server instead of once per batch size (a multi-row VALUES of a few dozen
+    rows is too long for psycopg's statement cache). Elsewhere, a multi-row VALUES."""
     if not rows:
         return []
     table = model.__table__
     assert isinstance(table, Table)
+    connection = session.connection()
+    if connection.dialect.name == "postgresql" and returning in (None, "id"):
+        columns = tuple(rows[0])
+        params = {
+            f"a_{name}": [_array_item(table.c[name], row[name]) for row in rows] for name in columns
+        }
+        result = connection.execute(_unnest_insert(table, columns, returning), params)
+        # Ids are drawn in the SELECT's order (ORDER BY ordinality), so ascending ids are the
+        # rows' order; RETURNING itself promises no order.
+        return [] if returning is None else sorted(result.scalars())
+    result = connection.execute(_insert_statement(table, returning), rows)
+    return [] if returning is None else list(result.scalars())
+
+
+def _array_item(column: Column[Any], value: Any) -> Any:
+    # JSON goes in a text array and is cast back per row (see _unnest_insert).
+    if isinstance(column.type, JSON) and value is not None:
+        return json.dumps(value)
+    return value
+
+
+@lru_cache(maxsize=64)
+def _insert_statement(table: Table, returning: str | None) -> Insert:
+    # One statement object per table: SQLAlchemy memoizes its cache key on the object, so a
+    # statement built afresh per call is keyed (and its parameters coerced) every time.
     stmt = insert(table)
     if returning is None:
-        session.connection().execute(stmt, rows)
-        return []
-    stmt = stmt.returning(table.c[returning], sort_by_parameter_order=True)
-    return list(session.connection().execute(stmt, rows).scalars())
+        return stmt
+    return stmt.returning(table.c[returning], sort_by_parameter_order=True)
+
+
+@lru_cache(maxsize=64)
+def _unnest_insert(table: Table, columns: tuple[str, ...], returning: str | None) -> Insert:
+    def array_type(column: Column[Any]) -> Any:
+        return postgresql.ARRAY(Text if isinstance(column.type, JSON) else column.type)
+
+    source = (
+        func.unnest(*(bindparam(f"a_{name}", type_=array_type(table.c[name])) for name in columns))
+        .table_valued(*columns, with_ordinality="ordinality")
+        .render_derived()
+    )
+    values = select(
+        *(
+            cast(source.c[name], table.c[name].type)
+            if isinstance(table.c[name].type, JSON)
+            else source.c[name]
+            for name in columns
+        )
+    ).order_by(source.c.ordinality)
+    stmt = insert(table).from_select(list(columns), values)
+    return stmt if returning is None else stmt.returning(table.c[returning])

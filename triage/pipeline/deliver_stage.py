@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import lru_cache
 
-from sqlalchemy import exists, or_, select, update
+from sqlalchemy import Update, bindparam, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from triage.db.models import Attempt, Classification, Dispatch, Ticket, TicketState, utcnow
@@ -90,31 +91,18 @@ def _record_queue_only(rt: Runtime, dispatch_ids: list[int]) -> dict[int, str]:
     twice: no in-flight marker, one transaction for the batch. What this leaves (dispatches
     with sinks, and anything not deliverable now) takes the full path."""
     everything_but, names = rt.sinks.queue_only()
-    if everything_but:
-        quiet = or_(Dispatch.department.is_(None), Dispatch.department.not_in(names))
-    elif names:
-        quiet = Dispatch.department.in_(names)
-    else:
+    if not everything_but and not names:
         return {}
-    live = exists().where(
-        Ticket.id == Dispatch.ticket_id,
-        Ticket.generation == Dispatch.generation,
-        Ticket.state.in_([S.ROUTED.value, S.NEEDS_REVIEW.value]),
-    )
     now = utcnow()
     with session_scope(rt.sessions) as session:
-        rows = session.execute(
-            update(Dispatch)
-            .where(
-                Dispatch.id.in_(sorted(dispatch_ids)),
-                Dispatch.delivered_at.is_(None),
-                quiet,
-                live,
+        rows = (
+            session.connection()
+            .execute(
+                _queue_only_statement(everything_but, tuple(names)),
+                {"ids": sorted(dispatch_ids), "now": now},
             )
-            .values(delivered_at=now, delivery_attempts=Dispatch.delivery_attempts + 1)
-            .returning(Dispatch.id, Dispatch.ticket_id, Dispatch.delivery_attempts)
-            .execution_options(synchronize_session=False)
-        ).all()
+            .all()
+        )
         if rows:
             insert_rows(
                 session,
@@ -128,11 +116,38 @@ def _record_queue_only(rt: Runtime, dispatch_ids: list[int]) -> dict[int, str]:
                         "started_at": now,
                         "finished_at": now,
                     }
-                    for _id, ticket_id, number in rows
+                    # Ticket order: the foreign key check locks them (see classify_stage).
+                    for _id, ticket_id, number in sorted(rows, key=lambda row: row[1])
                 ],
                 returning=None,
             )
     return {dispatch_id: "delivered" for dispatch_id, _t, _n in rows}
+
+
+@lru_cache(maxsize=8)
+def _queue_only_statement(everything_but: bool, names: tuple[str, ...]) -> Update:
+    """Mark the live, undelivered dispatches among `ids` to queue-only departments delivered.
+    Built once per sinks table: the statement is the same for every batch."""
+    if everything_but:
+        quiet = or_(Dispatch.department.is_(None), Dispatch.department.not_in(names))
+    else:
+        quiet = Dispatch.department.in_(names)
+    live = exists().where(
+        Ticket.id == Dispatch.ticket_id,
+        Ticket.generation == Dispatch.generation,
+        Ticket.state.in_([S.ROUTED.value, S.NEEDS_REVIEW.value]),
+    )
+    return (
+        update(Dispatch)
+        .where(
+            Dispatch.id.in_(bindparam("ids", expanding=True)),
+            Dispatch.delivered_at.is_(None),
+            quiet,
+            live,
+        )
+        .values(delivered_at=bindparam("now"), delivery_attempts=Dispatch.delivery_attempts + 1)
+        .returning(Dispatch.id, Dispatch.ticket_id, Dispatch.delivery_attempts)
+    )
 
 
 def _send_for(rt: Runtime, job: _Job) -> Callable[[], None]:

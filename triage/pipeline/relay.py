@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from triage.db.models import OutboxMessage, TicketState, utcnow
 from triage.db.session import insert_rows, session_scope
 from triage.pipeline.routing import CLASSIFY_QUEUE
-from triage.pipeline.states import transition_many
+from triage.pipeline.states import transition_ids
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class Publisher:
         ids = list(ids)
         if not ids:
             return 0
-        return self._publish_claimed(self._claim(OutboxMessage.id.in_(ids)))
+        return self._publish_claimed(self._claim(ids))
 
     def relay_pending(self, *, older_than: float = 2.0, limit: int = 500) -> int:
         """Publish rows left behind: broker outage, crash after commit, or a lost claim."""
@@ -153,26 +154,20 @@ class Publisher:
             ).all()
         if not ids:
             return 0
-        return self._publish_claimed(self._claim(OutboxMessage.id.in_(ids)))
+        return self._publish_claimed(self._claim(ids))
 
-    def _claim(self, which: Any) -> list[OutboxMessage]:
+    def _claim(self, ids: Iterable[int]) -> list[_Claimed]:
         now = utcnow()
         with session_scope(self._sessions) as session:
-            claimed = session.scalars(
-                update(OutboxMessage)
-                .where(which, OutboxMessage.sent_at.is_(None), OutboxMessage.available_at <= now)
-                .values(
-                    available_at=now + CLAIM_LEASE,
-                    publish_attempts=OutboxMessage.publish_attempts + 1,
-                )
-                .returning(OutboxMessage)
-                .execution_options(synchronize_session=False)
-            ).all()
-            session.expunge_all()
-        return list(claimed)
+            rows = session.connection().execute(
+                _CLAIM, {"ids": sorted(ids), "now": now, "lease_until": now + CLAIM_LEASE}
+            )
+            # In ticket order (RETURNING has none): a batch message then lists its tickets
+            # in the order every transaction locks them.
+            return sorted((_Claimed(*row) for row in rows), key=lambda r: (r.ticket_id, r.id))
 
-    def _publish_claimed(self, rows: list[OutboxMessage]) -> int:
-        sent: list[OutboxMessage] = []
+    def _publish_claimed(self, rows: list[_Claimed]) -> int:
+        sent: list[_Claimed] = []
         for group, kwargs, countdown in self._messages(rows):
             try:
                 self._send(
@@ -191,11 +186,11 @@ class Publisher:
         return len(sent)
 
     def _messages(
-        self, rows: list[OutboxMessage]
-    ) -> Iterable[tuple[list[OutboxMessage], dict[str, Any], float]]:
+        self, rows: list[_Claimed]
+    ) -> Iterable[tuple[list[_Claimed], dict[str, Any], float]]:
         """The messages that carry `rows`: one per row, except that rows due now for the same
         batchable task and queue share messages of up to `batch_size` ids."""
-        batches: dict[tuple[str, str], list[OutboxMessage]] = {}
+        batches: dict[tuple[str, str], list[_Claimed]] = {}
         now = utcnow()
         for row in rows:
             due = row.created_at + timedelta(seconds=row.countdown)
@@ -214,23 +209,60 @@ class Publisher:
                 else:
                     yield chunk, {plural: [r.args[single] for r in chunk]}, 0.0
 
-    def _mark_sent(self, rows: list[OutboxMessage]) -> None:
-        now = utcnow()
+    def _mark_sent(self, rows: list[_Claimed]) -> None:
         with session_scope(self._sessions) as session:
-            session.execute(
-                update(OutboxMessage)
-                .where(OutboxMessage.id.in_([r.id for r in rows]))
-                .values(sent_at=now)
-                .execution_options(synchronize_session=False)
-            )
+            session.connection().execute(_MARK_SENT, {"ids": [r.id for r in rows], "now": utcnow()})
             classify = [row.ticket_id for row in rows if row.task == CLASSIFY_TASK]
             if classify:
-                transition_many(
+                transition_ids(
                     session,
                     classify,
                     TicketState.QUEUED,
                     only_from=frozenset({TicketState.RECEIVED}),
                 )
+
+
+@dataclass(frozen=True, slots=True)
+class _Claimed:
+    """What publishing needs of a claimed outbox row (not the ORM entity: loading and
+    tracking those cost more than the claim)."""
+
+    id: int
+    ticket_id: int
+    task: str
+    queue: str
+    args: dict[str, Any]
+    countdown: float
+    created_at: datetime
+
+
+# Built once: the same statement for every batch (its ids are an expanding parameter).
+_CLAIM = (
+    update(OutboxMessage)
+    .where(
+        OutboxMessage.id.in_(bindparam("ids", expanding=True)),
+        OutboxMessage.sent_at.is_(None),
+        OutboxMessage.available_at <= bindparam("now"),
+    )
+    .values(
+        available_at=bindparam("lease_until"),
+        publish_attempts=OutboxMessage.publish_attempts + 1,
+    )
+    .returning(
+        OutboxMessage.id,
+        OutboxMessage.ticket_id,
+        OutboxMessage.task,
+        OutboxMessage.queue,
+        OutboxMessage.args,
+        OutboxMessage.countdown,
+        OutboxMessage.created_at,
+    )
+)
+_MARK_SENT = (
+    update(OutboxMessage)
+    .where(OutboxMessage.id.in_(bindparam("ids", expanding=True)))
+    .values(sent_at=bindparam("now"))
+)
 
 
 class OutboxOnlyPublisher(Publisher):
