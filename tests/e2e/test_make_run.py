@@ -41,8 +41,9 @@ def test_embedded_run_triages_every_sample(tmp_path):
     engine = create_engine(f"sqlite:///{db}")
     with engine.connect() as conn:
         rows = conn.execute(
-            select(Ticket.external_id, Ticket.state, Classification.intent, Classification.backend)
-            .join(Classification, Classification.id == Ticket.current_classification_id)
+            select(
+                Ticket.external_id, Ticket.state, Classification.intent, Classification.backend
+            ).join(Classification, Classification.id == Ticket.current_classification_id)
         ).all()
     assert len(rows) == len(samples) >= 30
     assert all(r.state in ("routed", "needs_review") for r in rows)

@@ -25,7 +25,10 @@ def setup(pg_url, clean_redis):
     truncate(pg_url)
     with FakeAnthropic() as fake:
         env = stack_env(
-            pg_url, clean_redis, TRIAGE_BACKEND="anthropic", ANTHROPIC_API_KEY="sk-test",
+            pg_url,
+            clean_redis,
+            TRIAGE_BACKEND="anthropic",
+            ANTHROPIC_API_KEY="sk-test",
             ANTHROPIC_BASE_URL=fake.base_url,
         )
         with WorkerProcess(env, concurrency=8) as worker:

@@ -6,13 +6,14 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
+import pytest
 import redis
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from tests.support.stack import make_runtime, queued_ids, stack_env, truncate
 from triage.db.models import OutboxMessage, Ticket, utcnow
 from triage.db.session import session_scope
-from triage.pipeline.relay import CLASSIFY_TASK, Publisher, enqueue
+from triage.pipeline.relay import CLASSIFY_TASK, Publisher, classify_values, enqueue
 from triage.pipeline.routing import CLASSIFY_QUEUE
 from triage.reliability.sweeper import sweep_once
 
@@ -90,3 +91,41 @@ def test_several_sweepers_at_once_re_enqueue_each_stuck_ticket_once(pg_url, clea
         reports = list(pool.map(sweep_once, sweepers))
     assert sum(r.requeued_tickets for r in reports) == 40
     assert sorted(queued_ids(clean_redis, CLASSIFY_QUEUE)) == sorted(set(ids))
+
+
+def test_rows_claimed_as_written_are_sent_by_their_writer_or_after_the_lease_by_the_relay(
+    pg_url, clean_redis
+):
+    truncate(pg_url)
+    rt = make_runtime(stack_env(pg_url, clean_redis))
+    sent = []
+    publisher = Publisher(rt.sessions, lambda task, **kw: sent.append(kw["kwargs"]))
+    first, second = _tickets(rt, 2)
+    with session_scope(rt.sessions) as s:
+        rows = publisher.write(s, [classify_values(first), classify_values(second)])
+    assert [r.ticket_id for r in rows] == [first, second]
+    # Claimed: the relay leaves them to the writer, however old they are.
+    assert publisher.relay_pending(older_than=0) == 0 and sent == []
+    assert publisher.send(rows[:1]) == 1
+    assert sent == [{"ticket_id": first}]
+    # The writer died before sending the second: once the lease is over it is the relay's.
+    with session_scope(rt.sessions) as s:
+        s.execute(
+            update(OutboxMessage)
+            .where(OutboxMessage.id == rows[1].id)
+            .values(available_at=utcnow() - timedelta(seconds=1))
+        )
+    assert publisher.relay_pending(older_than=0) == 1
+    assert sent == [{"ticket_id": first}, {"ticket_id": second}]
+    with rt.sessions() as s:
+        marked = s.scalars(select(OutboxMessage).order_by(OutboxMessage.id)).all()
+    assert [m.sent_at is not None for m in marked] == [True, True]
+    assert [m.publish_attempts for m in marked] == [1, 2]
+
+
+def test_a_row_due_later_cannot_be_claimed_as_it_is_written(pg_url, clean_redis):
+    truncate(pg_url)
+    rt = make_runtime(stack_env(pg_url, clean_redis))
+    (tid,) = _tickets(rt, 1)
+    with session_scope(rt.sessions) as s, pytest.raises(ValueError, match="due later"):
+        rt.publisher.write(s, [classify_values(tid, countdown=600)])

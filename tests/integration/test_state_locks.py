@@ -80,7 +80,6 @@ def test_a_batch_transition_locks_tickets_in_id_order(pg_url):
     assert sorted(moved) == sorted([a, b, c])
 
 
-
 def _waiting_on_a_lock(engine) -> bool:
     with engine.connect() as conn:
         return bool(

@@ -68,16 +68,16 @@ def test_pool_lets_a_base_exception_through():
 
 
 class Recorder:
-    """Stands where relay.Publisher does: records each publish call's ids."""
+    """Stands where relay.Publisher does: records the rows of each `send` (ints here)."""
 
     def __init__(self, delay: float = 0.0) -> None:
         self.batches: list[list[int]] = []
         self.delay = delay
 
-    def publish(self, ids: list[int]) -> int:
+    def send(self, rows: list[int]) -> int:
         time.sleep(self.delay)
-        self.batches.append(list(ids))
-        return len(ids)
+        self.batches.append(list(rows))
+        return len(rows)
 
 
 def test_a_lone_id_is_published_at_once_and_a_burst_shares_publishes():

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from triage.classify.textclean import clean_ticket_text
 from triage.db.models import Classification, DeadLetter, Dispatch, Ticket, TicketState
 from triage.ingest.models import InboundTicket
-from triage.pipeline.relay import enqueue_classify
+from triage.pipeline.relay import Pending, Publisher, classify_values, write_outbox
 from triage.pipeline.states import transition
 
 # Between the stored text and each update appended to it, so history stays readable.
@@ -28,7 +28,12 @@ class Accepted:
     ticket_id: int
     duplicate: bool
     status: str
-    outbox_id: int | None = None
+    # The classify message, to publish after the commit.
+    outbox: Pending | None = None
+
+    @property
+    def outbox_id(self) -> int | None:
+        return None if self.outbox is None else self.outbox.id
 
 
 def content_hash(subject: str, clean_text: str) -> str:
@@ -52,13 +57,19 @@ def _accept_statement(dialect: str) -> Insert:
 
 
 def accept_ticket(
-    session: Session, inbound: InboundTicket, *, update_policy: str = "ignore"
+    session: Session,
+    inbound: InboundTicket,
+    *,
+    update_policy: str = "ignore",
+    publisher: Publisher | None = None,
 ) -> Accepted:
     """Store a new ticket and its classify message in the caller's transaction, or report the
     existing one. `ON CONFLICT DO NOTHING` makes concurrent duplicate deliveries safe.
 
     An update with new customer text for a stored ticket is ignored (a duplicate), or with
-    `update_policy="retriage"` appended to the ticket and classified again."""
+    `update_policy="retriage"` appended to the ticket and classified again. With `publisher`,
+    the message is written for it to send after the commit (`Publisher.write`); without, it
+    waits for the relay or an explicit publish."""
     body = inbound.body
     if inbound.update_text:
         body = _appended(body, inbound.update_key, inbound.update_text)
@@ -91,21 +102,32 @@ def accept_ticket(
             )
         ).one()
         if update_policy == "retriage" and inbound.update_key and inbound.update_text:
-            retriaged = _retriage(session, existing, inbound)
+            retriaged = _retriage(session, existing, inbound, publisher)
             if retriaged is not None:
                 return retriaged
         return Accepted(ticket_id=existing.id, duplicate=True, status=existing.state)
-    outbox_id = enqueue_classify(session, ticket_id)
     return Accepted(
-        ticket_id=ticket_id, duplicate=False, status=TicketState.RECEIVED, outbox_id=outbox_id
+        ticket_id=ticket_id,
+        duplicate=False,
+        status=TicketState.RECEIVED,
+        outbox=_classify_message(session, ticket_id, publisher),
     )
+
+
+def _classify_message(session: Session, ticket_id: int, publisher: Publisher | None) -> Pending:
+    values = classify_values(ticket_id)
+    if publisher is None:
+        return write_outbox(session, [values], claimed=False)[0]
+    return publisher.write(session, [values])[0]
 
 
 def _appended(body: str, key: str | None, text: str) -> str:
     return body + UPDATE_SEPARATOR.format(key=key or "") + text
 
 
-def _retriage(session: Session, ticket: Ticket, inbound: InboundTicket) -> Accepted | None:
+def _retriage(
+    session: Session, ticket: Ticket, inbound: InboundTicket, publisher: Publisher | None
+) -> Accepted | None:
     """Append the update's text and send the ticket back to classification as a new
     generation; the earlier labels and dispatches stay as history. None when this update was
     applied already (a redelivery) or a concurrent delivery of it won the race."""
@@ -130,9 +152,11 @@ def _retriage(session: Session, ticket: Ticket, inbound: InboundTicket) -> Accep
     )
     if not moved:
         return None
-    outbox_id = enqueue_classify(session, ticket.id)
     return Accepted(
-        ticket_id=ticket.id, duplicate=False, status=TicketState.QUEUED, outbox_id=outbox_id
+        ticket_id=ticket.id,
+        duplicate=False,
+        status=TicketState.QUEUED,
+        outbox=_classify_message(session, ticket.id, publisher),
     )
 
 

@@ -82,7 +82,9 @@ def create_app(rt: Runtime | None = None, *, relay_interval: float = 2.0) -> Fas
 
     def _store(inbound: InboundTicket) -> Accepted:
         with session_scope(runtime.sessions) as session:
-            return accept_ticket(session, inbound, update_policy=settings.update_policy)
+            return accept_ticket(
+                session, inbound, update_policy=settings.update_policy, publisher=runtime.publisher
+            )
 
     @app.post("/webhooks/{source}", status_code=202)
     async def receive_webhook(source: str, request: Request) -> JSONResponse:
@@ -113,10 +115,10 @@ def create_app(rt: Runtime | None = None, *, relay_interval: float = 2.0) -> Fas
                 status = 202
                 return JSONResponse({"status": "ignored", "reason": inbound.reason}, 202)
             accepted = await run_in_threadpool(_store, inbound)
-            if accepted.outbox_id is not None:
+            if accepted.outbox is not None:
                 # Published off the request path: the helpdesk's wait does not include the
                 # broker, and a burst of webhooks is published in batches.
-                runtime.publish_after_commit([accepted.outbox_id])
+                runtime.publish_after_commit([accepted.outbox])
             status = 202
             return JSONResponse(
                 {

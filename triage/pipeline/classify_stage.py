@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -43,9 +43,10 @@ from triage.metrics import CLASSIFICATIONS, CLASSIFY_COST, CLASSIFY_LATENCY, CLA
 from triage.pipeline.fanout import SLOT_PATIENCE_SECONDS, HeldSlots
 from triage.pipeline.relay import (
     CLASSIFY_TASK,
+    Pending,
     delivery_values,
     enqueue_classify,
-    enqueue_many,
+    write_outbox,
 )
 from triage.pipeline.routing import CLASSIFY_QUEUE, Route, decide_route
 from triage.pipeline.runtime import Runtime
@@ -422,9 +423,13 @@ def _finish(rt: Runtime, done: list[tuple[_Claim, ClassificationResult]]) -> dic
     if not done:
         return {}
     with session_scope(rt.sessions) as session:
-        recorded = _record(rt, session, done)
-    rt.publish_after_commit(recorded.outbox_ids)
+        recorded = _record(rt, session, done, write=rt.publisher.write)
+    rt.publish_after_commit(recorded.outbox)
     return recorded.outcomes
+
+
+def _unclaimed(session: Session, rows: list[dict[str, Any]]) -> list[Pending]:
+    return write_outbox(session, rows, claimed=False)
 
 
 @dataclass(slots=True)
@@ -433,14 +438,19 @@ class _Recorded:
     outcomes: dict[int, str]
     label_ids: dict[int, int]
     # Delivery messages to publish after commit.
-    outbox_ids: list[int]
+    outbox: list[Pending]
 
 
 def _record(
-    rt: Runtime, session: Session, done: list[tuple[_Claim, ClassificationResult]]
+    rt: Runtime,
+    session: Session,
+    done: list[tuple[_Claim, ClassificationResult]],
+    *,
+    write: Callable[[Session, list[dict[str, Any]]], list[Pending]] = _unclaimed,
 ) -> _Recorded:
     """Store the labels, route and dispatch in the caller's transaction, a statement per
-    table for the whole batch (plus one compare-and-set per ticket)."""
+    table for the whole batch. `write` writes the delivery messages (`Publisher.write` when
+    the caller publishes them itself after the commit)."""
     # In ticket order: each INSERT locks the tickets its rows reference (the foreign key
     # check), and every other batch locks tickets in id order, so any other order here can
     # deadlock with, say, the relay marking the same tickets queued.
@@ -450,7 +460,7 @@ def _record(
         Classification,
         [_classification_values(rt, claim, result) for claim, result in done],
     )
-    recorded = _Recorded(outcomes={}, label_ids={}, outbox_ids=[])
+    recorded = _Recorded(outcomes={}, label_ids={}, outbox=[])
     routes = {claim.ticket_id: decide_route(rt.config.taxonomy, r.label) for claim, r in done}
     labels = {
         claim.ticket_id: label_id for (claim, _), label_id in zip(done, label_ids, strict=True)
@@ -497,7 +507,7 @@ def _record(
             for claim, _result, route, label_id in kept
         ],
     )
-    recorded.outbox_ids = enqueue_many(
+    recorded.outbox = write(
         session,
         [
             delivery_values(claim.ticket_id, dispatch_id, route.queue)
@@ -585,7 +595,7 @@ def record_label(
     recorded = _record(rt, session, [(claim, result)])
     if ticket.id not in recorded.label_ids:
         return None
-    outbox = recorded.outbox_ids[0]
+    outbox = recorded.outbox[0].id
     return recorded.outcomes[ticket.id], recorded.label_ids[ticket.id], outbox
 
 

@@ -1,11 +1,12 @@
 """Publishing committed outbox rows off the caller's thread, in batches.
 
-The API's webhooks and the workers' classify stage hand the ids of the rows they committed to
-one background thread per process and go on. Under light load the thread publishes each id as
-it arrives; under heavy load ids pile up while it works and go out together: claiming and
-marking rows costs two transactions per batch instead of two per ticket, and rows for the same
-queue share task messages (relay.Publisher). A crash loses nothing: the rows are committed,
-and the relay loop and the workers' sweepers publish whatever is left.
+The API's webhooks and the workers' classify stage hand the rows they committed (claimed as
+they were written, `Publisher.write`) to one background thread per process and go on. Under
+light load the thread publishes each row as it arrives; under heavy load rows pile up while it
+works and go out together: marking rows sent costs one transaction per batch instead of one
+per ticket, and rows for the same queue share task messages (relay.Publisher). A crash loses
+nothing: the rows are committed, and the relay loop and the workers' sweepers publish whatever
+is left once its claim's lease is over.
 
 When the classify queue is backed up (messages wait there that no worker has taken), the
 thread lingers longer: the tickets would wait in the queue anyway, and full batches cost the
@@ -20,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from triage.pipeline.relay import Publisher
+from triage.pipeline.relay import Pending, Publisher
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +80,19 @@ class PublishBatcher:
         self._linger = linger
         self._backlog = backlog or (lambda: False)
         self._backlog_linger = backlog_linger
-        self._ids: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._rows: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="triage-publish", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, outbox_ids: Iterable[int]) -> None:
-        for outbox_id in outbox_ids:
-            self._ids.put(outbox_id)
+    def submit(self, rows: Iterable[Pending]) -> None:
+        for row in rows:
+            self._rows.put(row)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Publish what was submitted, then end the thread."""
-        self._ids.put(None)
+        self._rows.put(None)
         self._thread.join(timeout)
 
     def _run(self) -> None:
@@ -101,12 +102,12 @@ class PublishBatcher:
             if batch:
                 self._publish(batch)
 
-    def _collect(self) -> tuple[list[int], bool]:
+    def _collect(self) -> tuple[list[Pending], bool]:
         """The next batch, and whether stop() was called."""
-        batch: list[int] = []
+        batch: list[Pending] = []
         stopping = False
         deadline: float | None = None
-        item = self._ids.get()
+        item = self._rows.get()
         while True:
             if item is None:
                 stopping = True
@@ -115,7 +116,7 @@ class PublishBatcher:
             if len(batch) >= MAX_BATCH:
                 break
             try:
-                item = self._ids.get_nowait()
+                item = self._rows.get_nowait()
                 continue
             except queue.Empty:
                 pass
@@ -130,7 +131,7 @@ class PublishBatcher:
             if remaining <= 0:
                 break
             try:
-                item = self._ids.get(timeout=remaining)
+                item = self._rows.get(timeout=remaining)
             except queue.Empty:
                 break
         return batch, stopping
@@ -148,10 +149,10 @@ class PublishBatcher:
             log.warning("backlog unknown (%s); publishing without it", exc)
             return False
 
-    def _publish(self, ids: list[int]) -> None:
+    def _publish(self, rows: list[Pending]) -> None:
         try:
-            self._publisher.publish(ids)
+            self._publisher.send(rows)
         except Exception as exc:  # noqa: BLE001 - the relay loop retries what is left
             log.warning(
-                "publishing %d outbox rows failed (%s); the relay will retry", len(ids), exc
+                "publishing %d outbox rows failed (%s); the relay will retry", len(rows), exc
             )

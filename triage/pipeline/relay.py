@@ -7,7 +7,7 @@ idempotent tasks absorb."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -78,21 +78,19 @@ def enqueue(
     return _insert_one(session, values)
 
 
-def enqueue_many(session: Session, rows: list[dict[str, Any]]) -> list[int]:
-    """Add many messages (`outbox_values` each) in one statement; returns their ids in order."""
-    return insert_rows(session, OutboxMessage, rows)
-
-
 def enqueue_classify(session: Session, ticket_id: int, *, countdown: float = 0.0) -> int:
     """Queue classify_ticket(ticket_id) after the caller's commit; returns the row's id."""
-    values = outbox_values(
+    return _insert_one(session, classify_values(ticket_id, countdown))
+
+
+def classify_values(ticket_id: int, countdown: float = 0.0) -> dict[str, Any]:
+    return outbox_values(
         ticket_id=ticket_id,
         task=CLASSIFY_TASK,
         queue=CLASSIFY_QUEUE,
         args={"ticket_id": ticket_id},
         countdown=countdown,
     )
-    return _insert_one(session, values)
 
 
 def enqueue_delivery(
@@ -101,6 +99,35 @@ def enqueue_delivery(
     """Queue deliver(dispatch_id) on the dispatch's route after the caller's commit; returns
     the row's id."""
     return _insert_one(session, delivery_values(ticket_id, dispatch_id, route, countdown))
+
+
+def write_outbox(session: Session, rows: list[dict[str, Any]], *, claimed: bool) -> list[Pending]:
+    """Add messages (`outbox_values` each) in one statement; returns them in order.
+
+    `claimed`: the rows are claimed by this process as they are written (the lease and
+    attempt a claim would set), for a writer that publishes them itself right after its
+    commit (`Publisher.send`). That saves the claim's own transaction on every publish. As
+    with any claim, a row still unsent when its lease ends (the process died, the broker was
+    down) is the relay's. Only rows due now can be claimed: later ones wait for the relay."""
+    if claimed:
+        lease_until = utcnow() + CLAIM_LEASE
+        for values in rows:
+            if values["available_at"] > values["created_at"]:
+                raise ValueError("an outbox row due later cannot be claimed as it is written")
+        rows = [{**values, "available_at": lease_until, "publish_attempts": 1} for values in rows]
+    ids = insert_rows(session, OutboxMessage, rows)
+    return [
+        Pending(
+            id=row_id,
+            ticket_id=values["ticket_id"],
+            task=values["task"],
+            queue=values["queue"],
+            args=values["args"],
+            countdown=values["countdown"],
+            created_at=values["created_at"],
+        )
+        for row_id, values in zip(ids, rows, strict=True)
+    ]
 
 
 def _insert_one(session: Session, values: dict[str, Any]) -> int:
@@ -138,6 +165,17 @@ class Publisher:
             return 0
         return self._publish_claimed(self._claim(ids))
 
+    # Rows this publisher sends right after their commit are claimed as they are written.
+    claims_on_write = True
+
+    def write(self, session: Session, rows: list[dict[str, Any]]) -> list[Pending]:
+        """Write outbox rows that `send` is to publish after the caller's commit."""
+        return write_outbox(session, rows, claimed=self.claims_on_write)
+
+    def send(self, rows: Sequence[Pending]) -> int:
+        """Publish rows `write` claimed, now that their transaction has committed."""
+        return self._publish_claimed(sorted(rows, key=lambda r: (r.ticket_id, r.id)))
+
     def relay_pending(self, *, older_than: float = 2.0, limit: int = 500) -> int:
         """Publish rows left behind: broker outage, crash after commit, or a lost claim."""
         cutoff = utcnow() - timedelta(seconds=older_than)
@@ -156,7 +194,7 @@ class Publisher:
             return 0
         return self._publish_claimed(self._claim(ids))
 
-    def _claim(self, ids: Iterable[int]) -> list[_Claimed]:
+    def _claim(self, ids: Iterable[int]) -> list[Pending]:
         now = utcnow()
         with session_scope(self._sessions) as session:
             rows = session.connection().execute(
@@ -164,10 +202,10 @@ class Publisher:
             )
             # In ticket order (RETURNING has none): a batch message then lists its tickets
             # in the order every transaction locks them.
-            return sorted((_Claimed(*row) for row in rows), key=lambda r: (r.ticket_id, r.id))
+            return sorted((Pending(*row) for row in rows), key=lambda r: (r.ticket_id, r.id))
 
-    def _publish_claimed(self, rows: list[_Claimed]) -> int:
-        sent: list[_Claimed] = []
+    def _publish_claimed(self, rows: list[Pending]) -> int:
+        sent: list[Pending] = []
         for group, kwargs, countdown in self._messages(rows):
             try:
                 self._send(
@@ -186,11 +224,11 @@ class Publisher:
         return len(sent)
 
     def _messages(
-        self, rows: list[_Claimed]
-    ) -> Iterable[tuple[list[_Claimed], dict[str, Any], float]]:
+        self, rows: list[Pending]
+    ) -> Iterable[tuple[list[Pending], dict[str, Any], float]]:
         """The messages that carry `rows`: one per row, except that rows due now for the same
         batchable task and queue share messages of up to `batch_size` ids."""
-        batches: dict[tuple[str, str], list[_Claimed]] = {}
+        batches: dict[tuple[str, str], list[Pending]] = {}
         now = utcnow()
         for row in rows:
             due = row.created_at + timedelta(seconds=row.countdown)
@@ -209,7 +247,7 @@ class Publisher:
                 else:
                     yield chunk, {plural: [r.args[single] for r in chunk]}, 0.0
 
-    def _mark_sent(self, rows: list[_Claimed]) -> None:
+    def _mark_sent(self, rows: list[Pending]) -> None:
         with session_scope(self._sessions) as session:
             session.connection().execute(_MARK_SENT, {"ids": [r.id for r in rows], "now": utcnow()})
             classify = [row.ticket_id for row in rows if row.task == CLASSIFY_TASK]
@@ -223,9 +261,9 @@ class Publisher:
 
 
 @dataclass(frozen=True, slots=True)
-class _Claimed:
-    """What publishing needs of a claimed outbox row (not the ORM entity: loading and
-    tracking those cost more than the claim)."""
+class Pending:
+    """What publishing needs of an outbox row (not the ORM entity: loading and tracking those
+    cost more than the claim)."""
 
     id: int
     ticket_id: int
@@ -270,7 +308,12 @@ class OutboxOnlyPublisher(Publisher):
     Redis): messages stay in the outbox, and the running worker's sweeper or the API's relay
     publishes them."""
 
+    claims_on_write = False
+
     def publish(self, ids: Iterable[int]) -> int:
+        return 0
+
+    def send(self, rows: Sequence[Pending]) -> int:
         return 0
 
     def relay_pending(self, *, older_than: float = 2.0, limit: int = 500) -> int:

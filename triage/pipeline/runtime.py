@@ -19,7 +19,7 @@ from triage.pipeline.broker import QueueDepth
 from triage.pipeline.celery_app import make_celery
 from triage.pipeline.fanout import CallPool
 from triage.pipeline.publishing import Backlog, PublishBatcher
-from triage.pipeline.relay import Publisher
+from triage.pipeline.relay import Pending, Publisher
 from triage.pipeline.routing import CLASSIFY_QUEUE
 from triage.reliability.limits import Admission, ApiLimiter, CircuitBreaker, Limits
 from triage.sinks.base import Sink
@@ -66,14 +66,14 @@ class Runtime:
         if batcher is not None:
             batcher.stop()
 
-    def publish_after_commit(self, outbox_ids: Sequence[int]) -> None:
-        """Send rows the caller has just committed: through the batching thread when one
-        runs, else now."""
+    def publish_after_commit(self, rows: Sequence[Pending]) -> None:
+        """Send rows the caller has just committed (written with `publisher.write`): through
+        the batching thread when one runs, else now."""
         batcher = self._batcher
         if batcher is not None:
-            batcher.submit(outbox_ids)
+            batcher.submit(rows)
         else:
-            self.publisher.publish(outbox_ids)
+            self.publisher.send(rows)
 
     @cached_property
     def calls(self) -> CallPool:
