@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import sys
 import time
 import uuid
 from datetime import UTC, datetime
@@ -64,6 +66,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
+    # A bench stopped with SIGTERM (kill, a CI timeout) stops its child processes too: the
+    # handler turns the signal into SystemExit, so the `finally` below runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args = parse_args()
     only = set(filter(None, args.only.split(",")))
 

@@ -74,22 +74,46 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
+def server_cpu_seconds(pid: int) -> float:
+    """CPU time of a forking server (the PostgreSQL postmaster): its own, its children's that
+    have exited (which the kernel adds to the parent once it reaps them) and its live
+    children's. A connection's backend that comes and goes within a scenario counts too."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    own = sum(int(f) for f in fields[11:15]) / _TICKS
+    children = [c for c in with_children(pid) if c != pid]
+    return own + sum(cpu_seconds(c) for c in children)
+
+
 class CpuMeter:
     """CPU seconds used by a set of processes between start() and stop(). On a shared, noisy
-    machine this is steadier than wall-clock rates: other work does not inflate it."""
+    machine this is steadier than wall-clock rates: other work does not inflate it. `totals`
+    are groups measured by a running total instead (a forking server)."""
 
-    def __init__(self, pids: Callable[[], dict[str, list[int]]]) -> None:
+    def __init__(
+        self,
+        pids: Callable[[], dict[str, list[int]]],
+        totals: dict[str, Callable[[], float]] | None = None,
+    ) -> None:
         self._pids = pids
+        self._totals = totals or {}
         self._before: dict[int, float] = {}
+        self._totals_before: dict[str, float] = {}
 
     def start(self) -> None:
         self._before = {p: cpu_seconds(p) for ps in self._pids().values() for p in ps}
+        self._totals_before = {group: total() for group, total in self._totals.items()}
 
     def stop(self) -> dict[str, float]:
-        return {
-            group: round(sum(cpu_seconds(p) - self._before.get(p, 0.0) for p in ps), 2)
+        used = {
+            group: sum(cpu_seconds(p) - self._before.get(p, 0.0) for p in ps)
             for group, ps in self._pids().items()
         }
+        for group, total in self._totals.items():
+            used[group] = total() - self._totals_before[group]
+        return {group: round(seconds, 2) for group, seconds in used.items()}
 
 
 class BenchDatabase:

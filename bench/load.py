@@ -91,6 +91,10 @@ class _Connection:
         self.writer.close()
 
 
+class _Stale(Exception):
+    """A reused connection was closed by the server before it answered anything."""
+
+
 class _Pool:
     """Idle connections to the API, opened as needed, at most `size`."""
 
@@ -106,26 +110,41 @@ class _Pool:
         async with self._slots:
             conn = self._idle.pop() if self._idle else None
             try:
-                if conn is None:
-                    conn = await _Connection.open(self.host, self.port)
-                status, reusable = await asyncio.wait_for(
-                    conn.post(self.host, self.path, body), timeout=30
-                )
-            except (
-                TimeoutError,
-                OSError,
-                asyncio.IncompleteReadError,
-                asyncio.LimitOverrunError,
-                ValueError,
-            ):
-                if conn is not None:
-                    conn.close()
-                return 0, time.perf_counter() - started
-            if reusable:
-                self._idle.append(conn)
-            else:
-                conn.close()
+                status = await self._post_on(conn, body)
+            except _Stale:
+                # A kept-alive connection the server closed while it sat idle (uvicorn does
+                # after 5 s): nothing came back, so it is sent again on a new connection, as
+                # an HTTP client's pool does. On a new connection this is a failure.
+                try:
+                    status = await self._post_on(None, body)
+                except _Stale:
+                    status = 0
         return status, time.perf_counter() - started
+
+    async def _post_on(self, conn: _Connection | None, body: bytes) -> int:
+        """The status (0: failed); raises _Stale when a reused connection was closed."""
+        reused = conn is not None
+        try:
+            if conn is None:
+                conn = await _Connection.open(self.host, self.port)
+            status, reusable = await asyncio.wait_for(
+                conn.post(self.host, self.path, body), timeout=30
+            )
+        except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError) as exc:
+            if conn is not None:
+                conn.close()
+            if reused and not getattr(exc, "partial", b""):
+                raise _Stale from exc
+            return 0
+        except (TimeoutError, OSError, asyncio.LimitOverrunError, ValueError):
+            if conn is not None:
+                conn.close()
+            return 0
+        if reusable:
+            self._idle.append(conn)
+        else:
+            conn.close()
+        return status
 
     def close(self) -> None:
         for conn in self._idle:

@@ -3,6 +3,7 @@ spent in triage outside the model call. Tickets of one scenario are those above 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, text
@@ -114,16 +115,13 @@ class Probe:
             str(task).split(".")[-1]: round(float(n) / max(1.0, float(m)), 1) for task, n, m in rows
         }
 
-    def backend_pids(self) -> list[int]:
-        """PostgreSQL server processes serving this database (for CPU accounting)."""
+    def postmaster_pid(self) -> int:
+        """The PostgreSQL server's main process, the parent of every backend (for CPU
+        accounting; the server is on this machine)."""
         with self._engine.connect() as conn:
-            rows = conn.execute(
-                text(
-                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND pid <> pg_backend_pid()"
-                )
-            ).all()
-        return [int(pid) for (pid,) in rows]
+            backend = int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+        stat = Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(stat[1])
 
     def dispose(self) -> None:
         self._engine.dispose()

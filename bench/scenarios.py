@@ -8,6 +8,7 @@ import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property, partial
 from typing import Any
 
 from bench.infra import (
@@ -15,6 +16,7 @@ from bench.infra import (
     FakeApi,
     Proc,
     rss_mib,
+    server_cpu_seconds,
     start_triage_workers,
     stop_all,
     wait_until,
@@ -41,6 +43,10 @@ class Stack:
     run: str = "r"
     _batch: int = 0
 
+    @cached_property
+    def postmaster(self) -> int:
+        return self.probe.postmaster_pid()
+
     def bodies(self, n: int) -> list[bytes]:
         self._batch += 1
         tag = f"{self.run}{self._batch}"
@@ -56,12 +62,14 @@ class Stack:
             lambda: {
                 "workers": [w.pid for w in self.workers],
                 "api": with_children(self.serve_pid),
-                "postgres": self.probe.backend_pids(),
                 # Not triage: the stand-in for the remote API, on the same two cores.
                 "fake_api": [self.fake.proc.pid],
                 # Not triage either: this process, which posts the webhooks (and polls).
                 "load_generator": [os.getpid()],
-            }
+            },
+            # All of the server: backends come and go with pooled connections. Nothing else
+            # uses it during a run.
+            totals={"postgres": partial(server_cpu_seconds, self.postmaster)},
         )
 
     def stop_workers(self) -> None:
