@@ -19,9 +19,9 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import bindparam, delete, func, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from triage.classify.backends.base import ClassificationRequest, ClassificationResult, Usage
@@ -343,7 +343,26 @@ def _age_seconds(rt: Runtime, claim: _Claim) -> float:
     return (utcnow() - started).total_seconds()
 
 
-def build_request(rt: Runtime, ticket: Ticket) -> ClassificationRequest:
+class TicketText(Protocol):
+    """What a classification request is built from: a Ticket, or a row of its columns."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def subject(self) -> str: ...
+    @property
+    def body(self) -> str: ...
+    @property
+    def clean_text(self) -> str: ...
+    @property
+    def channel(self) -> str | None: ...
+    @property
+    def requester_name(self) -> str | None: ...
+    @property
+    def requester_email(self) -> str | None: ...
+
+
+def build_request(rt: Runtime, ticket: TicketText) -> ClassificationRequest:
     """What the backend may see of a ticket: cleaned text, personal data redacted."""
     subject, body = ticket.subject, ticket.clean_text or ticket.body
     if rt.settings.redact_personal_data:
@@ -358,34 +377,83 @@ def build_request(rt: Runtime, ticket: Ticket) -> ClassificationRequest:
 
 
 def _find_reusable(
-    rt: Runtime, session: Session, tickets: Sequence[Ticket]
+    rt: Runtime, session: Session, tickets: Sequence[Any]
 ) -> dict[int, Classification]:
     """For each ticket, the newest first-hand label of another ticket with the same text,
     within the reuse window, from this taxonomy and backend."""
     window = rt.settings.reuse_window_hours
     if window <= 0 or not tickets:
         return {}
-    since = utcnow() - timedelta(hours=window)
-    latest = (
-        select(func.max(Classification.id))
-        .join(Ticket, Ticket.id == Classification.ticket_id)
-        .where(
-            Ticket.content_hash.in_({t.content_hash for t in tickets}),
-            Ticket.id.not_in([t.id for t in tickets]),
-            Classification.taxonomy_version == rt.config.taxonomy.version,
-            Classification.backend == rt.backend.name,
-            Classification.reused_from_id.is_(None),
-            Classification.created_at >= since,
-        )
-        .group_by(Ticket.content_hash)
-    )
+    postgres = session.get_bind().dialect.name == "postgresql"
     rows = session.execute(
-        select(Classification, Ticket.content_hash)
-        .join(Ticket, Ticket.id == Classification.ticket_id)
-        .where(Classification.id.in_(latest))
+        _REUSABLE_BY_TICKET if postgres else _REUSABLE,
+        {
+            "hashes": sorted({t.content_hash for t in tickets}),
+            "ids": [t.id for t in tickets],
+            "taxonomy": rt.config.taxonomy.version,
+            "backend": rt.backend.name,
+            "since": utcnow() - timedelta(hours=window),
+        },
     ).all()
     by_hash = {content_hash: label for label, content_hash in rows}
     return {t.id: by_hash[t.content_hash] for t in tickets if t.content_hash in by_hash}
+
+
+# Built once (every value is a parameter): the newest first-hand label per content hash.
+_REUSABLE = (
+    select(Classification, Ticket.content_hash)
+    .join(Ticket, Ticket.id == Classification.ticket_id)
+    .where(
+        Classification.id.in_(
+            select(func.max(Classification.id))
+            .join(Ticket, Ticket.id == Classification.ticket_id)
+            .where(
+                Ticket.content_hash.in_(bindparam("hashes", expanding=True)),
+                Ticket.id.not_in(bindparam("ids", expanding=True)),
+                Classification.taxonomy_version == bindparam("taxonomy"),
+                Classification.backend == bindparam("backend"),
+                Classification.reused_from_id.is_(None),
+                Classification.created_at >= bindparam("since"),
+            )
+            .group_by(Ticket.content_hash)
+        )
+    )
+)
+
+# The same on PostgreSQL, driven from the tickets with these hashes (their index) to each
+# one's newest label (LATERAL, the classifications' ticket index). The form above leaves the
+# join order to the planner, which, with statistics behind a fast-growing table, scanned every
+# label in the window for each claim: 7.7 ms against 0.1 ms at 4,000 labels.
+_NEWEST_LABEL = (
+    select(Classification.id)
+    .where(
+        Classification.ticket_id == Ticket.id,
+        Classification.taxonomy_version == bindparam("taxonomy"),
+        Classification.backend == bindparam("backend"),
+        Classification.reused_from_id.is_(None),
+        Classification.created_at >= bindparam("since"),
+    )
+    .order_by(Classification.id.desc())
+    .limit(1)
+    .lateral("newest")
+)
+_NEWEST_PER_HASH = (
+    select(func.max(_NEWEST_LABEL.c.id).label("id"))
+    .select_from(Ticket)
+    .join(_NEWEST_LABEL, true())
+    .where(
+        Ticket.content_hash.in_(bindparam("hashes", expanding=True)),
+        Ticket.id.not_in(bindparam("ids", expanding=True)),
+    )
+    .group_by(Ticket.content_hash)
+    .subquery("per_hash")
+)
+_REUSABLE_BY_TICKET = (
+    select(Classification, Ticket.content_hash)
+    .select_from(_NEWEST_PER_HASH)
+    .join(Classification, Classification.id == _NEWEST_PER_HASH.c.id)
+    .join(Ticket, Ticket.id == Classification.ticket_id)
+)
 
 
 def _reuse(source: Classification) -> ClassificationResult:
