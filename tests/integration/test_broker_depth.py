@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tests.support.stack import make_runtime, stack_env, truncate
+from triage.pipeline import redis_transport
 from triage.pipeline.broker import QueueDepth, queue_depth
 from triage.pipeline.publishing import Backlog
 from triage.pipeline.routing import CLASSIFY_QUEUE
@@ -28,3 +29,22 @@ def test_an_unreachable_broker_has_no_depth(pg_url):
     depth = QueueDepth(rt.celery, CLASSIFY_QUEUE)
     assert depth() is None
     assert Backlog(depth, interval=0)() is False
+
+
+def test_the_redis_channel_reuses_one_client_until_its_pool_is_replaced(pg_url, clean_redis):
+    truncate(pg_url)
+    rt = make_runtime(stack_env(pg_url, clean_redis))
+    with rt.celery.connection_for_write() as conn:
+        channel = conn.default_channel
+        assert isinstance(channel, redis_transport.Channel)
+        with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+            assert first is second
+            first.rpush("triage-test-list", b"x")
+            assert second.llen("triage-test-list") == 1
+        # kombu drops the pool after a connection error; the next command gets a new client.
+        channel._pool = None
+        with channel.conn_or_acquire() as third:
+            assert third is not first and third.llen("triage-test-list") == 1
+        # Publishing and reading back go through it.
+        rt.celery.send_task("triage.classify_ticket", kwargs={"ticket_id": 1}, queue=CLASSIFY_QUEUE)
+        assert queue_depth(rt.celery, CLASSIFY_QUEUE) == 1

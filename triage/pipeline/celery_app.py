@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from celery import Celery
 from kombu import Queue
 
@@ -74,5 +76,7 @@ def make_celery(config: AppConfig) -> Celery:
         worker_send_task_events=False,
         enable_utc=True,
     )
+    if urlsplit(broker).scheme == "redis":
+        app.conf.broker_transport = "triage.pipeline.redis_transport:Transport"
     consumption.install(app)
     return app
