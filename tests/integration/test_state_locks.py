@@ -31,6 +31,25 @@ def _locked(engine, ticket_id: int) -> bool:
     return False
 
 
+def _while_blocked(engine, holder, work, *, blocked, what, check) -> None:
+    """Run `work` on a thread until `blocked()` says it waits on the lock `holder` holds;
+    `check()` must then be true. The holder lets go at the end, and `work` finishes."""
+    worker = threading.Thread(target=work)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not blocked():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+        assert worker.is_alive()
+        assert check()
+    finally:
+        holder.rollback()
+        holder.close()
+        worker.join(10)
+        engine.dispose()
+
+
 def test_a_batch_transition_locks_tickets_in_id_order(pg_url):
     truncate(pg_url)
     sessions = get_sessionmaker(pg_url, 4)
@@ -62,21 +81,15 @@ def test_a_batch_transition_locks_tickets_in_id_order(pg_url):
             )
             moved.extend(t.id for t in tickets)
 
-    worker = threading.Thread(target=batch)
-    worker.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not _locked(engine, a):
-            assert time.monotonic() < deadline, "the batch never took a lock"
-            time.sleep(0.05)
-        # Waiting on b (held above), the batch holds a but not c: it goes in id order.
-        assert worker.is_alive()
-        assert not _locked(engine, c)
-    finally:
-        holder.rollback()
-        holder.close()
-        worker.join(10)
-        engine.dispose()
+    # Waiting on b (held above), the batch holds a but not c: it goes in id order.
+    _while_blocked(
+        engine,
+        holder,
+        batch,
+        blocked=lambda: _locked(engine, a),
+        what="the batch never took a lock",
+        check=lambda: not _locked(engine, c),
+    )
     assert sorted(moved) == sorted([a, b, c])
 
 
@@ -121,20 +134,14 @@ def test_recording_labels_locks_tickets_in_id_order(pg_url, clean_redis):
         with session_scope(rt.sessions) as session:
             recorded.append(_record(rt, session, answers).outcomes)
 
-    worker = threading.Thread(target=finish)
-    worker.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not _waiting_on_a_lock(engine):
-            assert time.monotonic() < deadline, "the recording never waited for ticket a"
-            time.sleep(0.05)
-        # Waiting on a (held above), it must not hold b yet: b is after a in id order.
-        assert worker.is_alive()
-        assert not _locked(engine, b)
-    finally:
-        holder.rollback()
-        holder.close()
-        worker.join(10)
-        engine.dispose()
+    # Waiting on a (held above), it must not hold b yet: b is after a in id order.
+    _while_blocked(
+        engine,
+        holder,
+        finish,
+        blocked=lambda: _waiting_on_a_lock(engine),
+        what="the recording never waited for ticket a",
+        check=lambda: not _locked(engine, b),
+    )
     assert recorded and set(recorded[0]) == {a, b}
     assert set(recorded[0].values()) <= {"routed", "review"}
