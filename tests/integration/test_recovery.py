@@ -106,7 +106,7 @@ def test_rows_claimed_as_written_are_sent_by_their_writer_or_after_the_lease_by_
     assert [r.ticket_id for r in rows] == [first, second]
     # Claimed: the relay leaves them to the writer, however old they are.
     assert publisher.relay_pending(older_than=0) == 0 and sent == []
-    assert publisher.send(rows[:1]) == 1
+    assert publisher.publish_written(rows[:1]) == 1
     assert sent == [{"ticket_id": first}]
     # The writer died before sending the second: once the lease is over it is the relay's.
     with session_scope(rt.sessions) as s:

@@ -68,13 +68,13 @@ def test_pool_lets_a_base_exception_through():
 
 
 class Recorder:
-    """Stands where relay.Publisher does: records the rows of each `send` (ints here)."""
+    """Stands where relay.Publisher does: records the rows of each `publish_written` (ints here)."""
 
     def __init__(self, delay: float = 0.0) -> None:
         self.batches: list[list[int]] = []
         self.delay = delay
 
-    def send(self, rows: list[int]) -> int:
+    def publish_written(self, rows: list[int]) -> int:
         time.sleep(self.delay)
         self.batches.append(list(rows))
         return len(rows)

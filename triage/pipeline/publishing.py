@@ -151,7 +151,7 @@ class PublishBatcher:
 
     def _publish(self, rows: list[Pending]) -> None:
         try:
-            self._publisher.send(rows)
+            self._publisher.publish_written(rows)
         except Exception as exc:  # noqa: BLE001 - the relay loop retries what is left
             log.warning(
                 "publishing %d outbox rows failed (%s); the relay will retry", len(rows), exc

@@ -84,6 +84,7 @@ def enqueue_classify(session: Session, ticket_id: int, *, countdown: float = 0.0
 
 
 def classify_values(ticket_id: int, countdown: float = 0.0) -> dict[str, Any]:
+    """The outbox row (`outbox_values`) of a classify_ticket(ticket_id) message."""
     return outbox_values(
         ticket_id=ticket_id,
         task=CLASSIFY_TASK,
@@ -106,9 +107,10 @@ def write_outbox(session: Session, rows: list[dict[str, Any]], *, claimed: bool)
 
     `claimed`: the rows are claimed by this process as they are written (the lease and
     attempt a claim would set), for a writer that publishes them itself right after its
-    commit (`Publisher.send`). That saves the claim's own transaction on every publish. As
-    with any claim, a row still unsent when its lease ends (the process died, the broker was
-    down) is the relay's. Only rows due now can be claimed: later ones wait for the relay."""
+    commit (`Publisher.publish_written`). That saves the claim's own transaction on every
+    publish. As with any claim, a row still unsent when its lease ends (the process died, the
+    broker was down) is the relay's. Only rows due now can be claimed: later ones wait for the
+    relay."""
     if claimed:
         lease_until = utcnow() + CLAIM_LEASE
         for values in rows:
@@ -147,11 +149,16 @@ def delivery_values(
 
 
 class Publisher:
-    """Sends claimed outbox rows to the broker. `send` is Celery's `send_task`.
+    """Sends claimed outbox rows to the broker (through `send`, Celery's `send_task`).
 
     Rows for the same batchable task and queue that are due now go out as one message of up
     to `batch_size` ids: the broker, the worker and the database then handle them together.
+    `publish` claims rows by id first; rows written with `write` are claimed already and go
+    out with `publish_written`.
     """
+
+    # Rows this publisher sends right after their commit are claimed as they are written.
+    claims_on_write = True
 
     def __init__(self, sessions: sessionmaker[Session], send: Any, batch_size: int = 1) -> None:
         self._sessions = sessions
@@ -165,14 +172,11 @@ class Publisher:
             return 0
         return self._publish_claimed(self._claim(ids))
 
-    # Rows this publisher sends right after their commit are claimed as they are written.
-    claims_on_write = True
-
     def write(self, session: Session, rows: list[dict[str, Any]]) -> list[Pending]:
-        """Write outbox rows that `send` is to publish after the caller's commit."""
+        """Write outbox rows that `publish_written` is to publish after the caller's commit."""
         return write_outbox(session, rows, claimed=self.claims_on_write)
 
-    def send(self, rows: Sequence[Pending]) -> int:
+    def publish_written(self, rows: Sequence[Pending]) -> int:
         """Publish rows `write` claimed, now that their transaction has committed."""
         return self._publish_claimed(sorted(rows, key=lambda r: (r.ticket_id, r.id)))
 
@@ -313,7 +317,7 @@ class OutboxOnlyPublisher(Publisher):
     def publish(self, ids: Iterable[int]) -> int:
         return 0
 
-    def send(self, rows: Sequence[Pending]) -> int:
+    def publish_written(self, rows: Sequence[Pending]) -> int:
         return 0
 
     def relay_pending(self, *, older_than: float = 2.0, limit: int = 500) -> int:

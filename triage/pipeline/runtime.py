@@ -73,7 +73,7 @@ class Runtime:
         if batcher is not None:
             batcher.submit(rows)
         else:
-            self.publisher.send(rows)
+            self.publisher.publish_written(rows)
 
     @cached_property
     def calls(self) -> CallPool:
