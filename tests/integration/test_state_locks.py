@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, select, text, update
 from sqlalchemy.exc import OperationalError
 
 from tests.support.stack import make_runtime, stack_env, truncate
-from triage.db.models import TicketState
+from triage.db.models import Ticket, TicketState, utcnow
 from triage.db.repo import accept_ticket
 from triage.db.session import get_sessionmaker, session_scope
 from triage.ingest.models import InboundTicket
-from triage.pipeline.classify_stage import _begin, _record
-from triage.pipeline.states import transition_many
+from triage.pipeline.classify_stage import CLAIMABLE, _begin, _record
+from triage.pipeline.states import claim_for_classification, transition_many
 
 
 def _locked(engine, ticket_id: int) -> bool:
@@ -145,3 +146,40 @@ def test_recording_labels_locks_tickets_in_id_order(pg_url, clean_redis):
     )
     assert recorded and set(recorded[0]) == {a, b}
     assert set(recorded[0].values()) <= {"routed", "review"}
+
+
+def test_a_claim_takes_what_is_claimable_and_a_lapsed_lease_but_not_a_live_one(pg_url):
+    truncate(pg_url)
+    sessions = get_sessionmaker(pg_url, 4)
+    now = utcnow()
+    with session_scope(sessions) as session:
+        ids = [
+            accept_ticket(
+                session,
+                InboundTicket(source="generic", external_id=f"claim-{i}", subject="s", body="b"),
+            ).ticket_id
+            for i in range(4)
+        ]
+        queued, live, lapsed, routed = ids
+        for ticket_id, state, age in (
+            (queued, "queued", 0),
+            (live, "classifying", 5),
+            (lapsed, "classifying", 120),
+            (routed, "routed", 0),
+        ):
+            session.execute(
+                update(Ticket)
+                .where(Ticket.id == ticket_id)
+                .values(state=state, state_changed_at=now - timedelta(seconds=age), attempts=1)
+            )
+    with session_scope(sessions) as session:
+        rows = claim_for_classification(
+            session, ids, only_from=CLAIMABLE, stale_before=now - timedelta(seconds=60)
+        )
+    assert sorted((r.id, r.state, r.attempts) for r in rows) == [
+        (queued, "classifying", 2),
+        (lapsed, "classifying", 2),
+    ]
+    with sessions() as session:
+        states = {row.id: row.state for row in session.execute(select(Ticket.id, Ticket.state))}
+    assert states[live] == "classifying" and states[routed] == "routed"

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, Protocol
 
-from sqlalchemy import bindparam, delete, func, or_, select, true, update
+from sqlalchemy import bindparam, delete, func, select, true, update
 from sqlalchemy.orm import Session
 
 from triage.classify.backends.base import ClassificationRequest, ClassificationResult, Usage
@@ -50,7 +50,7 @@ from triage.pipeline.relay import (
 )
 from triage.pipeline.routing import CLASSIFY_QUEUE, Route, decide_route
 from triage.pipeline.runtime import Runtime
-from triage.pipeline.states import transition, transition_each, transition_many
+from triage.pipeline.states import claim_for_classification, transition, transition_each
 from triage.reliability.guard import StageFailure, handle_failure
 from triage.reliability.limits import Admission
 from triage.reliability.retry import classify_lease_seconds, policy_for
@@ -272,20 +272,8 @@ def _begin(
     lease = timedelta(seconds=classify_lease_seconds(rt.settings))
     with session_scope(rt.sessions) as session:
         now = utcnow()
-        claimed = transition_many(
-            session,
-            ticket_ids,
-            S.CLASSIFYING,
-            only_from=CLAIMABLE,
-            # The lease in the same atomic check: the relay may move received -> queued at any
-            # moment, which must not cost the claim (the message is already in our hands).
-            where=[
-                or_(
-                    Ticket.state != S.CLASSIFYING.value,
-                    Ticket.state_changed_at <= now - lease,
-                )
-            ],
-            attempts=Ticket.attempts + 1,
+        claimed = claim_for_classification(
+            session, ticket_ids, only_from=CLAIMABLE, stale_before=now - lease
         )
         taken = {ticket.id for ticket in claimed}
         others = [i for i in ticket_ids if i not in taken]

@@ -7,11 +7,13 @@ redelivered copies of one message cannot both move the ticket: the loser sees Fa
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    BindParameter,
     ClauseElement,
     ColumnElement,
     Table,
@@ -20,6 +22,7 @@ from sqlalchemy import (
     bindparam,
     case,
     func,
+    or_,
     select,
     update,
 )
@@ -95,6 +98,55 @@ def transition_many(
     assert isinstance(table, Table)
     stmt = stmt.where(_locked_in_id_order(ticket_ids, stmt.whereclause)).returning(*table.columns)
     return list(session.connection().execute(stmt).all())
+
+
+def claim_for_classification(
+    session: Session,
+    ticket_ids: Sequence[int],
+    *,
+    only_from: frozenset[TicketState],
+    stale_before: datetime,
+) -> list[Any]:
+    """Move tickets to `classifying` for this worker and count the attempt, in one UPDATE
+    built once (`transition_many` builds its statement per call). A ticket already
+    `classifying` is taken over only if it was claimed before `stale_before` (its holder's
+    lease is over). Returns the rows that moved, every column by name, locked in id order."""
+    if not ticket_ids:
+        return []
+    stmt = _claim_statement(only_from)
+    params = {"ids": sorted(set(ticket_ids)), "stale_before": stale_before, "now": utcnow()}
+    return list(session.connection().execute(stmt, params).all())
+
+
+@lru_cache(maxsize=4)
+def _claim_statement(only_from: frozenset[TicketState]) -> Update:
+    if not only_from <= ALLOWED_FROM[S.CLASSIFYING]:
+        raise IllegalTransitionError(f"{sorted(only_from - ALLOWED_FROM[S.CLASSIFYING])}")
+    table = Ticket.__table__
+    assert isinstance(table, Table)
+    ids: BindParameter[Any] = bindparam("ids", expanding=True)
+    claimable = and_(
+        Ticket.state.in_(sorted(s.value for s in only_from)),
+        # The lease in the same atomic check: the relay may move received -> queued at any
+        # moment, which must not cost the claim (the message is already in our hands).
+        or_(
+            Ticket.state != S.CLASSIFYING.value,
+            Ticket.state_changed_at <= bindparam("stale_before"),
+        ),
+    )
+    locked = (
+        select(Ticket.id).where(Ticket.id.in_(ids), claimable).order_by(Ticket.id).with_for_update()
+    )
+    return (
+        update(Ticket)
+        .where(Ticket.id.in_(ids), claimable, Ticket.id.in_(locked))
+        .values(
+            state=S.CLASSIFYING.value,
+            state_changed_at=bindparam("now"),
+            attempts=Ticket.attempts + 1,
+        )
+        .returning(*table.columns)
+    )
 
 
 def transition_ids(
