@@ -1,6 +1,6 @@
-"""Which earlier label a ticket with the same text reuses, on PostgreSQL (where the lookup is
-driven from the tickets' hash index) and on SQLite (the embedded default): the newest
-first-hand label in the window, from this taxonomy and backend."""
+"""Which earlier label a ticket with the same text reuses, on PostgreSQL and on SQLite (the
+embedded default): the newest first-hand label in the window, from this taxonomy and
+backend."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from triage.db.repo import accept_ticket
 from triage.db.session import get_sessionmaker, session_scope
 from triage.ingest.models import InboundTicket
 from triage.pipeline.classify_stage import CLAIMABLE, _begin, _record
-from triage.pipeline.states import claim_for_classification, transition_many
+from triage.pipeline.states import claim_for_classification, transition_ids
 
 
 def _locked(engine, ticket_id: int) -> bool:
@@ -77,10 +77,14 @@ def test_a_batch_transition_locks_tickets_in_id_order(pg_url):
             # Force the physical scan order the default plan would use for a large batch.
             session.execute(text("SET LOCAL enable_indexscan = off"))
             session.execute(text("SET LOCAL enable_bitmapscan = off"))
-            tickets = transition_many(
-                session, [c, b, a], TicketState.QUEUED, only_from=frozenset({TicketState.RECEIVED})
+            moved.extend(
+                transition_ids(
+                    session,
+                    [c, b, a],
+                    TicketState.QUEUED,
+                    only_from=frozenset({TicketState.RECEIVED}),
+                )
             )
-            moved.extend(t.id for t in tickets)
 
     # Waiting on b (held above), the batch holds a but not c: it goes in id order.
     _while_blocked(

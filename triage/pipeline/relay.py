@@ -178,7 +178,7 @@ class Publisher:
 
     def publish_written(self, rows: Sequence[Pending]) -> int:
         """Publish rows `write` claimed, now that their transaction has committed."""
-        return self._publish_claimed(sorted(rows, key=lambda r: (r.ticket_id, r.id)))
+        return self._publish_claimed(rows)
 
     def relay_pending(self, *, older_than: float = 2.0, limit: int = 500) -> int:
         """Publish rows left behind: broker outage, crash after commit, or a lost claim."""
@@ -204,13 +204,14 @@ class Publisher:
             rows = session.connection().execute(
                 _CLAIM, {"ids": sorted(ids), "now": now, "lease_until": now + CLAIM_LEASE}
             )
-            # In ticket order (RETURNING has none): a batch message then lists its tickets
-            # in the order every transaction locks them.
-            return sorted((Pending(*row) for row in rows), key=lambda r: (r.ticket_id, r.id))
+            return [Pending(*row) for row in rows]
 
-    def _publish_claimed(self, rows: list[Pending]) -> int:
+    def _publish_claimed(self, rows: Sequence[Pending]) -> int:
         sent: list[Pending] = []
-        for group, kwargs, countdown in self._messages(rows):
+        # In ticket order (a claim's RETURNING has none): a batch message then lists its
+        # tickets in the order every transaction locks them.
+        ordered = sorted(rows, key=lambda r: (r.ticket_id, r.id))
+        for group, kwargs, countdown in self._messages(ordered):
             try:
                 self._send(
                     group[0].task,

@@ -79,27 +79,6 @@ def transition(
     return session.connection().execute(stmt).rowcount == 1
 
 
-def transition_many(
-    session: Session,
-    ticket_ids: Sequence[int],
-    to: TicketState,
-    *,
-    only_from: frozenset[TicketState] | None = None,
-    where: Sequence[ColumnElement[bool]] = (),
-    **fields: Any,
-) -> list[Any]:
-    """`transition` for many tickets in one UPDATE; returns the rows that moved, as they are
-    after it (every column, by column name; not ORM entities, whose loading cost more than
-    the UPDATE). Rows are locked in id order (`_locked_in_id_order`)."""
-    if not ticket_ids:
-        return []
-    stmt = _update(to, only_from, where, fields)
-    table = Ticket.__table__
-    assert isinstance(table, Table)
-    stmt = stmt.where(_locked_in_id_order(ticket_ids, stmt.whereclause)).returning(*table.columns)
-    return list(session.connection().execute(stmt).all())
-
-
 def claim_for_classification(
     session: Session,
     ticket_ids: Sequence[int],
@@ -108,7 +87,7 @@ def claim_for_classification(
     stale_before: datetime,
 ) -> list[Any]:
     """Move tickets to `classifying` for this worker and count the attempt, in one UPDATE
-    built once (`transition_many` builds its statement per call). A ticket already
+    built once. A ticket already
     `classifying` is taken over only if it was claimed before `stale_before` (its holder's
     lease is over). Returns the rows that moved, every column by name, locked in id order."""
     if not ticket_ids:
@@ -134,12 +113,9 @@ def _claim_statement(only_from: frozenset[TicketState]) -> Update:
             Ticket.state_changed_at <= bindparam("stale_before"),
         ),
     )
-    locked = (
-        select(Ticket.id).where(Ticket.id.in_(ids), claimable).order_by(Ticket.id).with_for_update()
-    )
     return (
         update(Ticket)
-        .where(Ticket.id.in_(ids), claimable, Ticket.id.in_(locked))
+        .where(claimable, _locked_in_id_order(Ticket.id.in_(ids), claimable))
         .values(
             state=S.CLASSIFYING.value,
             state_changed_at=bindparam("now"),
@@ -157,12 +133,13 @@ def transition_ids(
     only_from: frozenset[TicketState] | None = None,
     **fields: Any,
 ) -> set[int]:
-    """`transition_many` that returns only the ids that moved, not the tickets: for callers
-    that need nothing else (loading whole tickets costs more than the UPDATE)."""
+    """`transition` for many tickets in one UPDATE; returns the ids that moved. Rows are
+    locked in id order (`_locked_in_id_order`)."""
     if not ticket_ids:
         return set()
     stmt = _update(to, only_from, (), fields)
-    stmt = stmt.where(_locked_in_id_order(ticket_ids, stmt.whereclause)).returning(Ticket.id)
+    member = Ticket.id.in_(sorted(set(ticket_ids)))
+    stmt = stmt.where(_locked_in_id_order(member, stmt.whereclause)).returning(Ticket.id)
     return set(session.connection().execute(stmt).scalars())
 
 
@@ -198,7 +175,7 @@ def transition_each(
     allowed = Ticket.state.in_([s.value for s in only_from])
     stmt = (
         update(Ticket)
-        .where(allowed, _locked_in_id_order(ids, allowed))
+        .where(allowed, _locked_in_id_order(Ticket.id.in_(ids), allowed))
         .values(state_changed_at=utcnow(), **per_ticket, **fields)
         .returning(Ticket.id)
     )
@@ -228,15 +205,13 @@ def _each_by_arrays(
         .render_derived()
     )
     allowed = Ticket.state.in_(sorted(s.value for s in only_from))
-    locked = (
-        select(Ticket.id)
-        .where(Ticket.id == func.any(ids), allowed)
-        .order_by(Ticket.id)
-        .with_for_update()
-    )
     return (
         update(Ticket)
-        .where(Ticket.id == values.c.id, allowed, Ticket.id.in_(locked))
+        .where(
+            Ticket.id == values.c.id,
+            allowed,
+            _locked_in_id_order(Ticket.id == func.any(ids), allowed),
+        )
         .values(
             state_changed_at=bindparam("now"),
             **{name: values.c[name] for name in columns},
@@ -247,9 +222,10 @@ def _each_by_arrays(
 
 
 def _locked_in_id_order(
-    ticket_ids: Sequence[int], condition: ColumnElement[bool] | None
+    member: ColumnElement[bool], condition: ColumnElement[bool] | None
 ) -> ColumnElement[bool]:
-    """`id IN (...)` that first locks the rows meeting `condition` in id order.
+    """`member` (the tickets' ids: a list, an expanding parameter or an array), first locking
+    the member rows that meet `condition` in id order.
 
     An UPDATE locks rows in whatever order its plan scans them (index order for a few ids,
     physical order for a bitmap scan of many), so two batches that overlap, say the relay
@@ -257,12 +233,11 @@ def _locked_in_id_order(
     for: a deadlock, which PostgreSQL breaks only after a second. Locking in one order first
     makes that impossible. SQLite, which locks the whole database, renders no FOR UPDATE.
     """
-    ids = sorted(set(ticket_ids))
-    rows = select(Ticket.id).where(Ticket.id.in_(ids))
+    rows = select(Ticket.id).where(member)
     if condition is not None:
         rows = rows.where(condition)
-    # The plain list as well, for the planner: an index lookup of the ids on the outside.
-    return and_(Ticket.id.in_(ids), Ticket.id.in_(rows.order_by(Ticket.id).with_for_update()))
+    # `member` as well, for the planner: an index lookup of the ids on the outside.
+    return and_(member, Ticket.id.in_(rows.order_by(Ticket.id).with_for_update()))
 
 
 def _update(
