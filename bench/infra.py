@@ -171,6 +171,7 @@ class Proc:
 
     def __init__(self, name: str, args: list[str], env: dict[str, str]) -> None:
         self.name = name
+        self.metrics_port: int | None = None
         self.log_path = Path(tempfile.mkstemp(prefix=f"triage-bench-{name}-", suffix=".log")[1])
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
@@ -302,8 +303,15 @@ def start_serve(env: dict[str, str], workers: int = 1) -> tuple[Proc, str]:
 
 
 def start_triage_workers(env: dict[str, str], processes: int, concurrency: int) -> list[Proc]:
+    """The fleet; each worker serves its Prometheus metrics on its own port
+    (`Proc.metrics_port`)."""
     args = [sys.executable, "-m", "triage.cli.main", "worker", "-c", str(concurrency)]
-    workers = [Proc(f"worker{i}", args, env) for i in range(processes)]
+    workers = []
+    for i in range(processes):
+        port = free_port()
+        worker = Proc(f"worker{i}", args, {**env, "TRIAGE_WORKER_METRICS_PORT": str(port)})
+        worker.metrics_port = port
+        workers.append(worker)
     for worker in workers:
         worker.wait_log(b" ready.", timeout=90)
     return workers

@@ -8,7 +8,6 @@ from typing import Any
 
 from sqlalchemy import create_engine, text
 
-from triage.config import Settings
 from triage.db.session import normalize_url
 
 # Finished = its dispatch was delivered, or it was dead-lettered (visible, not lost).
@@ -37,28 +36,11 @@ _OVERHEAD = text(
     """
     SELECT extract(epoch FROM d.delivered_at - t.received_at) * 1000 - c.latency_ms,
            extract(epoch FROM c.created_at - t.received_at) * 1000 - c.latency_ms,
-           extract(epoch FROM d.delivered_at - c.created_at) * 1000,
-           extract(epoch FROM o.sent_at - t.received_at) * 1000
+           extract(epoch FROM d.delivered_at - c.created_at) * 1000
       FROM tickets t
       JOIN dispatches d ON d.ticket_id = t.id AND d.delivered_at IS NOT NULL
       JOIN classifications c ON c.id = d.classification_id
-      JOIN outbox o ON o.id = (SELECT min(id) FROM outbox WHERE ticket_id = t.id)
      WHERE t.id > :w
-    """
-)
-
-
-DEFAULT_BATCH_SIZE = int(Settings.model_fields["batch_size"].default)
-# Rows sent in one publish share its sent_at, and a publish splits each queue's rows into
-# messages of up to the batch size: tickets per message, per task.
-_BATCHES = text(
-    """
-    SELECT task, sum(n), sum(ceil(n / CAST(:batch AS float)))
-      FROM (SELECT task, count(*) AS n
-              FROM outbox
-             WHERE ticket_id > :w AND sent_at IS NOT NULL
-             GROUP BY task, queue, sent_at) AS publishes
-     GROUP BY task
     """
 )
 
@@ -96,23 +78,9 @@ class Probe:
     def overhead_ms(self, since: int) -> dict[str, list[float]]:
         with self._engine.connect() as conn:
             rows = conn.execute(_OVERHEAD, {"w": since}).all()
-        parts = ("total", "before_model", "after_label", "api_publish")
-        # api_publish (the API's publish after its commit, part of before_model) is missing
-        # for a ticket whose first message went out through the relay loop instead.
+        parts = ("total", "before_model", "after_label")
         return {
             part: [float(r[i]) for r in rows if r[i] is not None] for i, part in enumerate(parts)
-        }
-
-    def tickets_per_message(
-        self, since: int, batch_size: int = DEFAULT_BATCH_SIZE
-    ) -> dict[str, float]:
-        """Mean ids per task message, per task. Rows published together are counted as
-        full messages of `batch_size` and one remainder, which is how the publisher splits
-        them unless some were delayed (those go alone): an upper bound, close in practice."""
-        with self._engine.connect() as conn:
-            rows = conn.execute(_BATCHES, {"w": since, "batch": batch_size}).all()
-        return {
-            str(task).split(".")[-1]: round(float(n) / max(1.0, float(m)), 1) for task, n, m in rows
         }
 
     def postmaster_pid(self) -> int:

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from functools import cached_property, partial
 from typing import Any
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
 from bench.infra import (
     CpuMeter,
     FakeApi,
@@ -72,6 +75,39 @@ class Stack:
             totals={"postgres": partial(server_cpu_seconds, self.postmaster)},
         )
 
+    def batch_counts(self) -> Counter[str]:
+        """Per stage, the ids and the task messages the running workers have handled so far
+        (their `triage_batch_ids` histograms: `<stage>_ids`, `<stage>_messages`)."""
+        counts: Counter[str] = Counter()
+        for worker in self.workers:
+            if worker.metrics_port is None:
+                continue
+            text = httpx.get(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=5).text
+            for family in text_string_to_metric_families(text):
+                if family.name != "triage_batch_ids":
+                    continue
+                for sample in family.samples:
+                    stage = sample.labels.get("stage", "")
+                    if sample.name.endswith("_sum"):
+                        counts[f"{stage}_ids"] += int(sample.value)
+                    elif sample.name.endswith("_count"):
+                        counts[f"{stage}_messages"] += int(sample.value)
+        return counts
+
+    def tickets_per_message(self, before: Counter[str]) -> dict[str, float]:
+        """Mean ids per task message per stage since `before` (`batch_counts`), by the
+        workers' own count."""
+        now = self.batch_counts()
+        stages = {key.rsplit("_", 1)[0] for key in now}
+        return {
+            stage: round(
+                (now[f"{stage}_ids"] - before[f"{stage}_ids"])
+                / max(1, now[f"{stage}_messages"] - before[f"{stage}_messages"]),
+                1,
+            )
+            for stage in sorted(stages)
+        }
+
     def stop_workers(self) -> None:
         stop_all(self.workers)
         self.workers = []
@@ -115,6 +151,7 @@ def cpu_bound(stack: Stack, tickets: int) -> dict[str, Any]:
     stack.fake.reset()
     stack.start_workers()
     since = stack.probe.watermark()
+    batches = stack.batch_counts()
     bodies = stack.bodies(tickets)
     meter = stack.cpu_meter()
     meter.start()
@@ -135,7 +172,7 @@ def cpu_bound(stack: Stack, tickets: int) -> dict[str, Any]:
         "states": stack.probe.states(since),
         "api_calls": stack.fake.stats()["calls"],
         "cpu_ms_per_ticket": {k: round(v * 1000 / accepted, 2) for k, v in cpu.items()},
-        "tickets_per_message": stack.probe.tickets_per_message(since),
+        "tickets_per_message": stack.tickets_per_message(batches),
     }
 
 
@@ -187,6 +224,7 @@ def io_bound(
     stack.fake.set_latency(latency)
     stack.fake.reset()
     stack.start_workers()
+    batches = stack.batch_counts()
     meter = stack.cpu_meter()
     meter.start()
     seen = _drain(stack, since, preload, timeout=300, watch=True)
@@ -218,7 +256,7 @@ def io_bound(
         # Cores our processes kept busy: near the machine's count means CPU, not
         # concurrency, set the rate.
         "cores_busy": round(sum(cpu.values()) / elapsed, 2),
-        "tickets_per_message": stack.probe.tickets_per_message(since),
+        "tickets_per_message": stack.tickets_per_message(batches),
         "states": stack.probe.states(since),
     }
 
@@ -239,6 +277,7 @@ def overhead(stack: Stack, *, rate: float, seconds: float, latency: float) -> di
     stack.fake.reset()
     stack.start_workers()
     since = stack.probe.watermark()
+    batches = stack.batch_counts()
     n = max(1, int(rate * seconds))
     meter = stack.cpu_meter()
     meter.start()
@@ -256,7 +295,7 @@ def overhead(stack: Stack, *, rate: float, seconds: float, latency: float) -> di
             for part, values in stack.probe.overhead_ms(since).items()
         },
         "cpu_ms_per_ticket": {k: round(v * 1000 / max(1, accepted), 2) for k, v in cpu.items()},
-        "tickets_per_message": stack.probe.tickets_per_message(since),
+        "tickets_per_message": stack.tickets_per_message(batches),
         "webhook_ms_meanwhile": {
             "p50": round(percentile(ms, 50), 1),
             "p99": round(percentile(ms, 99), 1),

@@ -11,7 +11,7 @@ import pytest
 
 from triage.pipeline.consumption import held_tickets
 from triage.pipeline.fanout import CallPool, CallSlots, HeldSlots
-from triage.pipeline.publishing import Backlog, PublishBatcher
+from triage.pipeline.publishing import MARK_DELAY_SECONDS, Backlog, PublishBatcher
 from triage.pipeline.relay import CLASSIFY_TASK, DELIVER_TASK
 
 
@@ -68,16 +68,21 @@ def test_pool_lets_a_base_exception_through():
 
 
 class Recorder:
-    """Stands where relay.Publisher does: records the rows of each `publish_written` (ints here)."""
+    """Stands where relay.Publisher does: records the rows (ints here) of each `send_claimed`,
+    and each `mark_sent` with the time it came."""
 
     def __init__(self, delay: float = 0.0) -> None:
         self.batches: list[list[int]] = []
+        self.marks: list[tuple[float, list[int]]] = []
         self.delay = delay
 
-    def publish_written(self, rows: list[int]) -> int:
+    def send_claimed(self, rows: list[int]) -> list[int]:
         time.sleep(self.delay)
         self.batches.append(list(rows))
-        return len(rows)
+        return list(rows)
+
+    def mark_sent(self, rows: list[int]) -> None:
+        self.marks.append((time.monotonic(), list(rows)))
 
 
 def test_a_lone_id_is_published_at_once_and_a_burst_shares_publishes():
@@ -213,3 +218,24 @@ def test_held_slots_go_back_as_calls_finish_and_the_rest_at_the_end():
     assert slots.free == 8
     held.give_rest()
     assert slots.free == 8
+
+
+def test_sent_rows_are_marked_together_a_moment_later_and_on_stop():
+    recorder = Recorder(delay=0.0)
+    batcher = PublishBatcher(recorder, linger=0.0)  # type: ignore[arg-type]
+    batcher.start()
+    started = time.monotonic()
+    for i in range(1, 6):
+        batcher.submit([i])
+        time.sleep(0.02)
+    deadline = time.monotonic() + 10
+    while not recorder.marks and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # Each row went out alone, at once; the marks waited and went in one transaction.
+    assert recorder.batches == [[1], [2], [3], [4], [5]]
+    assert [rows for _at, rows in recorder.marks] == [[1, 2, 3, 4, 5]]
+    assert recorder.marks[0][0] - started >= MARK_DELAY_SECONDS
+    # stop() marks what was sent without waiting for the delay.
+    batcher.submit([6])
+    batcher.stop()
+    assert [rows for _at, rows in recorder.marks] == [[1, 2, 3, 4, 5], [6]]

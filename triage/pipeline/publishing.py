@@ -8,6 +8,12 @@ per ticket, and rows for the same queue share task messages (relay.Publisher). A
 nothing: the rows are committed, and the relay loop and the workers' sweepers publish whatever
 is left once its claim's lease is over.
 
+Rows are marked sent a moment after they are sent, together (MARK_DELAY_SECONDS): at a
+moderate rate every publish is one row, and its own mark-sent transaction would be a third of
+the database work the API does for a webhook. Nothing waits for the mark: the message is on
+the broker, the claim's lease keeps other relays off the row meanwhile, and a crash in between
+sends the row again after the lease, which the idempotent tasks absorb.
+
 When the classify queue is backed up (messages wait there that no worker has taken), the
 thread lingers longer: the tickets would wait in the queue anyway, and full batches cost the
 workers far less per ticket than the one-ticket messages a steady trickle of webhooks makes.
@@ -41,6 +47,10 @@ BACKLOG_LINGER_SECONDS = 0.1
 BACKLOG_MESSAGES = 4
 # How often the broker is asked, at most (and only while there is something to publish).
 BACKLOG_CHECK_SECONDS = 0.25
+# Sent rows are marked sent this long after the first of them was sent, or once this many
+# wait. Far inside the claim's lease (relay.CLAIM_LEASE), so no other relay sends them again.
+MARK_DELAY_SECONDS = 0.5
+MARK_MAX = 1000
 
 
 class Backlog:
@@ -81,6 +91,8 @@ class PublishBatcher:
         self._backlog = backlog or (lambda: False)
         self._backlog_linger = backlog_linger
         self._rows: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
+        self._unmarked: list[Pending] = []
+        self._mark_at = 0.0
         self._thread = threading.Thread(target=self._run, name="triage-publish", daemon=True)
 
     def start(self) -> None:
@@ -98,16 +110,27 @@ class PublishBatcher:
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            batch, stopping = self._collect()
+            wait = None
+            if self._unmarked:
+                wait = max(0.0, self._mark_at - time.monotonic())
+            batch, stopping = self._collect(wait)
             if batch:
                 self._publish(batch)
+            if self._unmarked and (
+                stopping or len(self._unmarked) >= MARK_MAX or time.monotonic() >= self._mark_at
+            ):
+                self._mark()
 
-    def _collect(self) -> tuple[list[Pending], bool]:
-        """The next batch, and whether stop() was called."""
+    def _collect(self, wait: float | None) -> tuple[list[Pending], bool]:
+        """The next batch (empty when nothing came within `wait` seconds; None: no limit),
+        and whether stop() was called."""
         batch: list[Pending] = []
         stopping = False
         deadline: float | None = None
-        item = self._rows.get()
+        try:
+            item = self._rows.get(timeout=wait)
+        except queue.Empty:
+            return batch, stopping
         while True:
             if item is None:
                 stopping = True
@@ -151,8 +174,24 @@ class PublishBatcher:
 
     def _publish(self, rows: list[Pending]) -> None:
         try:
-            self._publisher.publish_written(rows)
+            sent = self._publisher.send_claimed(rows)
         except Exception as exc:  # noqa: BLE001 - the relay loop retries what is left
             log.warning(
                 "publishing %d outbox rows failed (%s); the relay will retry", len(rows), exc
+            )
+            return
+        if sent and not self._unmarked:
+            self._mark_at = time.monotonic() + MARK_DELAY_SECONDS
+        self._unmarked += sent
+
+    def _mark(self) -> None:
+        rows, self._unmarked = self._unmarked, []
+        try:
+            self._publisher.mark_sent(rows)
+        except Exception as exc:  # noqa: BLE001 - unmarked rows are sent again after the lease
+            log.warning(
+                "marking %d sent outbox rows failed (%s); they will be sent again after the "
+                "claim's lease",
+                len(rows),
+                exc,
             )

@@ -207,6 +207,14 @@ class Publisher:
             return [Pending(*row) for row in rows]
 
     def _publish_claimed(self, rows: Sequence[Pending]) -> int:
+        sent = self.send_claimed(rows)
+        if sent:
+            self.mark_sent(sent)
+        return len(sent)
+
+    def send_claimed(self, rows: Sequence[Pending]) -> list[Pending]:
+        """Send claimed rows to the broker without marking them sent; returns those that went.
+        Until `mark_sent` (or the claim's lease ends) nobody else sends them."""
         sent: list[Pending] = []
         # In ticket order (a claim's RETURNING has none): a batch message then lists its
         # tickets in the order every transaction locks them.
@@ -224,9 +232,7 @@ class Publisher:
                 log.warning("outbox %s not published (%s); will retry", ids, exc)
                 continue
             sent += group
-        if sent:
-            self._mark_sent(sent)
-        return len(sent)
+        return sent
 
     def _messages(
         self, rows: list[Pending]
@@ -252,7 +258,8 @@ class Publisher:
                 else:
                     yield chunk, {plural: [r.args[single] for r in chunk]}, 0.0
 
-    def _mark_sent(self, rows: list[Pending]) -> None:
+    def mark_sent(self, rows: Sequence[Pending]) -> None:
+        """Record rows as sent (and their classify tickets as queued), in one transaction."""
         with session_scope(self._sessions) as session:
             session.connection().execute(_MARK_SENT, {"ids": [r.id for r in rows], "now": utcnow()})
             classify = [row.ticket_id for row in rows if row.task == CLASSIFY_TASK]
@@ -320,6 +327,9 @@ class OutboxOnlyPublisher(Publisher):
 
     def publish_written(self, rows: Sequence[Pending]) -> int:
         return 0
+
+    def send_claimed(self, rows: Sequence[Pending]) -> list[Pending]:
+        return []
 
     def relay_pending(self, *, older_than: float = 2.0, limit: int = 500) -> int:
         return 0
