@@ -142,6 +142,11 @@ def insert_rows(
     table = model.__table__
     assert isinstance(table, Table)
     connection = session.connection()
+    if len(rows) == 1:
+        # The common case at a moderate rate. A single-row INSERT costs the driver and the
+        # server far less than arrays of one (psycopg dumps arrays in Python, per column).
+        result = connection.execute(_insert_statement(table, returning), rows[0])
+        return [] if returning is None else [result.scalar_one()]
     if connection.dialect.name == "postgresql" and returning in (None, "id"):
         columns = tuple(rows[0])
         params = {
