@@ -1,0 +1,95 @@
+"""The hot path's batch statements give the same result for one row as for many (one row takes
+a plain statement, many take arrays on PostgreSQL), on PostgreSQL and on SQLite."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from tests.support.stack import truncate
+from triage.db.migrate import upgrade
+from triage.db.models import OutboxMessage, Ticket, TicketState, utcnow
+from triage.db.session import get_sessionmaker, insert_rows, session_scope
+from triage.pipeline.relay import classify_values
+from triage.pipeline.states import IllegalTransitionError, transition_each
+
+S = TicketState
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def sessions(request, pg_url, tmp_path):
+    if request.param == "postgresql":
+        truncate(pg_url)
+        url = pg_url
+    else:
+        url = f"sqlite:///{tmp_path / 'batch.db'}"
+        upgrade(url)
+    return get_sessionmaker(url, 4)
+
+
+def _tickets(sessions, states: list[str]) -> list[int]:
+    with session_scope(sessions) as s:
+        return insert_rows(
+            s,
+            Ticket,
+            [
+                {
+                    "source": "generic",
+                    "external_id": f"b-{i}",
+                    "subject": "s",
+                    "body": "b",
+                    "content_hash": f"{i}" * 64,
+                    "state": state,
+                    "state_changed_at": utcnow(),
+                    "received_at": utcnow(),
+                }
+                for i, state in enumerate(states)
+            ],
+        )
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_insert_rows_returns_each_rows_id_in_order(sessions, n):
+    ids = _tickets(sessions, ["received"] * n)
+    with session_scope(sessions) as s:
+        outbox = insert_rows(s, OutboxMessage, [classify_values(i) for i in reversed(ids)])
+        none = insert_rows(s, OutboxMessage, [classify_values(ids[0])], returning=None)
+    assert len(outbox) == n and none == []
+    with sessions() as s:
+        stored = dict(s.execute(select(OutboxMessage.id, OutboxMessage.ticket_id)).all())
+    # The i-th id returned is the row made from the i-th values, JSON args included.
+    assert [stored[row_id] for row_id in outbox] == list(reversed(ids))
+    with sessions() as s:
+        args = s.scalars(select(OutboxMessage.args).where(OutboxMessage.id == outbox[0])).one()
+    assert args == {"ticket_id": ids[-1]}
+
+
+@pytest.mark.parametrize(
+    "states", [["classifying"], ["routed"], ["classifying", "routed", "classifying"]]
+)
+def test_transition_each_moves_only_allowed_tickets_with_their_own_values(sessions, states):
+    ids = _tickets(sessions, states)
+    moves = {i: S.NEEDS_REVIEW if k % 2 else S.ROUTED for k, i in enumerate(ids)}
+    with session_scope(sessions) as s:
+        moved = transition_each(
+            s,
+            moves,
+            only_from=frozenset({S.CLASSIFYING}),
+            each={"department": {i: f"dept-{i}" for i in ids}},
+            last_error=None,
+        )
+    movable = {i for i, state in zip(ids, states, strict=True) if state == "classifying"}
+    assert moved == movable
+    with sessions() as s:
+        rows = {t.id: t for t in s.scalars(select(Ticket))}
+    for i, state in zip(ids, states, strict=True):
+        if i in movable:
+            assert (rows[i].state, rows[i].department) == (moves[i].value, f"dept-{i}")
+        else:
+            assert (rows[i].state, rows[i].department) == (state, None)
+
+
+def test_transition_each_refuses_a_move_the_state_machine_forbids(sessions):
+    (ticket,) = _tickets(sessions, ["received"])
+    with session_scope(sessions) as s, pytest.raises(IllegalTransitionError):
+        transition_each(s, {ticket: S.ROUTED}, only_from=frozenset({S.RECEIVED}), each={})
