@@ -239,3 +239,37 @@ def test_sent_rows_are_marked_together_a_moment_later_and_on_stop():
     batcher.submit([6])
     batcher.stop()
     assert [rows for _at, rows in recorder.marks] == [[1, 2, 3, 4, 5], [6]]
+
+
+def _paced(batcher: PublishBatcher, n: int, every: float) -> None:
+    batcher.start()
+    for i in range(1, n + 1):
+        batcher.submit([i])
+        time.sleep(every)
+    batcher.stop()
+
+
+def test_a_steady_stream_shares_publishes_only_when_gathering_is_asked_for():
+    # Ids 10 ms apart, each publish at once: with gather_stream the batcher sees ids due
+    # within its linger and waits for them; without, every id goes as it comes.
+    gathered, alone = Recorder(), Recorder()
+    _paced(PublishBatcher(gathered, linger=0.2, gather_stream=True), 20, 0.01)  # type: ignore[arg-type]
+    _paced(PublishBatcher(alone, linger=0.2), 20, 0.01)  # type: ignore[arg-type]
+    for recorder in (gathered, alone):
+        assert sorted(i for batch in recorder.batches for i in batch) == list(range(1, 21))
+    assert len(gathered.batches) <= 5
+    assert len(alone.batches) >= 10
+
+
+def test_one_handoff_of_several_rows_is_not_held_back():
+    # A batch's deliveries handed over together are not a rate: they go at once, not after
+    # the linger that several waiting handoffs would earn.
+    recorder = Recorder()
+    batcher = PublishBatcher(recorder, linger=30.0)  # type: ignore[arg-type]
+    batcher.start()
+    batcher.submit([1, 2, 3, 4])
+    deadline = time.monotonic() + 5
+    while not recorder.batches and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert recorder.batches == [[1, 2, 3, 4]]
+    batcher.stop()

@@ -69,7 +69,9 @@ def create_app(rt: Runtime | None = None, *, relay_interval: float = 2.0) -> Fas
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         loop = Periodic("triage-relay", relay_interval, runtime.publisher.relay_pending)
         loop.start()
-        runtime.start_batching()
+        # Webhooks arriving close together share classify messages: their tickets then share
+        # the worker's claim too. (A worker's deliveries come in bursts per batch already.)
+        runtime.start_batching(gather_stream=True)
         try:
             yield
         finally:

@@ -34,11 +34,16 @@ log = logging.getLogger(__name__)
 # Large enough to amortise the two transactions, small enough that one batch's broker sends
 # do not hold back the next tickets for long.
 MAX_BATCH = 200
-# Under load (at least LINGER_FROM ids waiting at once: they arrive faster than one publish
-# takes) the thread waits up to this long for more before publishing, so that rows share task
-# messages. At a moderate rate ids go at once and pay no latency for it.
+# Under load the thread waits up to this long for more ids before publishing, so that rows
+# share task messages: when LINGER_FROM handoffs are waiting at once (they arrive faster than
+# one publish takes; one handoff of several rows, a batch's deliveries say, is not a rate), or,
+# with `gather_stream`, when handoffs have lately come less than this far apart (another is
+# due within the wait). A message of two tickets costs the workers far less than two of one, and the
+# wait is small beside the model call. At a moderate rate ids go at once and pay nothing.
 LINGER_SECONDS = 0.02
 LINGER_FROM = 3
+# Weight of the newest gap in the running mean of the gaps between ids.
+GAP_WEIGHT = 0.2
 # With a backlog: up to this long (MAX_BATCH ids end it sooner). A full batch of a few dozen
 # ids arrives within it at the rates where a backlog forms.
 BACKLOG_LINGER_SECONDS = 0.1
@@ -85,12 +90,19 @@ class PublishBatcher:
         linger: float = LINGER_SECONDS,
         backlog: Callable[[], bool] | None = None,
         backlog_linger: float = BACKLOG_LINGER_SECONDS,
+        gather_stream: bool = False,
     ) -> None:
         self._publisher = publisher
         self._linger = linger
         self._backlog = backlog or (lambda: False)
         self._backlog_linger = backlog_linger
-        self._rows: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
+        self._gather_stream = gather_stream
+        # One item per handoff (`submit`); None asks the thread to stop.
+        self._handoffs: queue.SimpleQueue[list[Pending] | None] = queue.SimpleQueue()
+        # Running mean of the seconds between handoffs. Submitters update it without a
+        # lock: a lost update only nudges an estimate.
+        self._gap = float("inf")
+        self._last_submit: float | None = None
         self._unmarked: list[Pending] = []
         self._mark_at = 0.0
         self._thread = threading.Thread(target=self._run, name="triage-publish", daemon=True)
@@ -99,12 +111,20 @@ class PublishBatcher:
         self._thread.start()
 
     def submit(self, rows: Iterable[Pending]) -> None:
-        for row in rows:
-            self._rows.put(row)
+        now = time.monotonic()
+        last, self._last_submit = self._last_submit, now
+        if last is not None:
+            gap = now - last
+            self._gap = (
+                gap if self._gap == float("inf") else self._gap + GAP_WEIGHT * (gap - self._gap)
+            )
+        handoff = list(rows)
+        if handoff:
+            self._handoffs.put(handoff)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Publish what was submitted, then end the thread."""
-        self._rows.put(None)
+        self._handoffs.put(None)
         self._thread.join(timeout)
 
     def _run(self) -> None:
@@ -125,28 +145,30 @@ class PublishBatcher:
         """The next batch (empty when nothing came within `wait` seconds; None: no limit),
         and whether stop() was called."""
         batch: list[Pending] = []
+        handoffs = 0
         stopping = False
         deadline: float | None = None
         try:
-            item = self._rows.get(timeout=wait)
+            item = self._handoffs.get(timeout=wait)
         except queue.Empty:
             return batch, stopping
         while True:
             if item is None:
                 stopping = True
             else:
-                batch.append(item)
+                batch += item
+                handoffs += 1
             if len(batch) >= MAX_BATCH:
                 break
             try:
-                item = self._rows.get_nowait()
+                item = self._handoffs.get_nowait()
                 continue
             except queue.Empty:
                 pass
             if stopping:
                 break
             if deadline is None:
-                linger = self._linger_for(len(batch))
+                linger = self._linger_for(handoffs)
                 if linger <= 0:
                     break
                 deadline = time.monotonic() + linger
@@ -154,16 +176,18 @@ class PublishBatcher:
             if remaining <= 0:
                 break
             try:
-                item = self._rows.get(timeout=remaining)
+                item = self._handoffs.get(timeout=remaining)
             except queue.Empty:
                 break
         return batch, stopping
 
     def _linger_for(self, waiting: int) -> float:
-        """How long to wait for more ids, with `waiting` already in hand (0: publish now)."""
+        """How long to wait for more ids, with `waiting` handoffs in hand (0: publish now)."""
         if self._backed_up():
             return self._backlog_linger
-        return self._linger if waiting >= LINGER_FROM else 0.0
+        if waiting >= LINGER_FROM or (self._gather_stream and self._gap < self._linger):
+            return self._linger
+        return 0.0
 
     def _backed_up(self) -> bool:
         try:

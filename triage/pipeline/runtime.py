@@ -52,12 +52,16 @@ class Runtime:
     def publisher(self) -> Publisher:
         return Publisher(self.sessions, self.celery.send_task, self.settings.batch_size)
 
-    def start_batching(self) -> None:
+    def start_batching(self, *, gather_stream: bool = False) -> None:
         """From now on `publish_after_commit` hands rows to one background thread, which
-        publishes what piles up together (long-running processes: the API and workers)."""
+        publishes what piles up together (long-running processes: the API and workers).
+        `gather_stream`: a steady stream of ids close together waits a moment to share
+        messages too (see publishing.LINGER_SECONDS)."""
         if self._batcher is None:
             classify_backlog = Backlog(QueueDepth(self.celery, CLASSIFY_QUEUE))
-            self._batcher = PublishBatcher(self.publisher, backlog=classify_backlog)
+            self._batcher = PublishBatcher(
+                self.publisher, backlog=classify_backlog, gather_stream=gather_stream
+            )
             self._batcher.start()
 
     def stop_batching(self) -> None:
