@@ -1,7 +1,8 @@
 """The transactional outbox: messages are written with the state they announce and published
 after commit. Publishing claims rows with one atomic UPDATE (a short lease), so the request
 that wrote a row, every worker's sweeper and the API's relay loop can all try without sending
-a row twice in the normal case; a crash between send and mark-sent sends it again, which the
+a row twice in the normal case; a crash between send and mark-sent (which a long-running
+process batches, see publishing.py) sends it again after the lease, which the
 idempotent tasks absorb."""
 
 from __future__ import annotations
