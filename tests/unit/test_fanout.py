@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
@@ -67,6 +68,13 @@ def test_pool_lets_a_base_exception_through():
     pool.shutdown()
 
 
+def _wait_for(ready: Callable[[], object], seconds: float) -> None:
+    """Poll until `ready()` is truthy or `seconds` pass (the assertions after it say which)."""
+    deadline = time.monotonic() + seconds
+    while not ready() and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 class Recorder:
     """Stands where relay.Publisher does: records the rows (ints here) of each `send_claimed`,
     and each `mark_sent` with the time it came."""
@@ -91,9 +99,7 @@ def test_a_lone_id_is_published_at_once_and_a_burst_shares_publishes():
     batcher = PublishBatcher(recorder, linger=30.0)  # type: ignore[arg-type]
     batcher.start()
     batcher.submit([1])
-    deadline = time.monotonic() + 10
-    while not recorder.batches and time.monotonic() < deadline:
-        time.sleep(0.005)
+    _wait_for(lambda: recorder.batches, 10)
     assert recorder.batches == [[1]]
     for i in range(2, 42):
         batcher.submit([i])
@@ -138,9 +144,7 @@ def test_with_a_backlog_lone_ids_linger_and_go_out_together():
     for i in range(2, 6):
         batcher.submit([i])
         time.sleep(0.01)
-    deadline = time.monotonic() + 10
-    while not recorder.batches and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _wait_for(lambda: recorder.batches, 10)
     batcher.stop()
     assert recorder.batches == [[1, 2, 3, 4, 5]]
 
@@ -154,9 +158,7 @@ def test_a_failing_backlog_probe_publishes_at_once():
     batcher = PublishBatcher(recorder, backlog=broken, backlog_linger=30.0)  # type: ignore[arg-type]
     batcher.start()
     batcher.submit([7])
-    deadline = time.monotonic() + 10
-    while not recorder.batches and time.monotonic() < deadline:
-        time.sleep(0.005)
+    _wait_for(lambda: recorder.batches, 10)
     batcher.stop()
     assert recorder.batches == [[7]]
 
@@ -228,9 +230,7 @@ def test_sent_rows_are_marked_together_a_moment_later_and_on_stop():
     for i in range(1, 6):
         batcher.submit([i])
         time.sleep(0.02)
-    deadline = time.monotonic() + 10
-    while not recorder.marks and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _wait_for(lambda: recorder.marks, 10)
     # Each row went out alone, at once; the marks waited and went in one transaction.
     assert recorder.batches == [[1], [2], [3], [4], [5]]
     assert [rows for _at, rows in recorder.marks] == [[1, 2, 3, 4, 5]]
@@ -268,8 +268,6 @@ def test_one_handoff_of_several_rows_is_not_held_back():
     batcher = PublishBatcher(recorder, linger=30.0)  # type: ignore[arg-type]
     batcher.start()
     batcher.submit([1, 2, 3, 4])
-    deadline = time.monotonic() + 5
-    while not recorder.batches and time.monotonic() < deadline:
-        time.sleep(0.005)
+    _wait_for(lambda: recorder.batches, 5)
     assert recorder.batches == [[1, 2, 3, 4]]
     batcher.stop()
