@@ -10,9 +10,10 @@ import pytest
 import redis
 from sqlalchemy import select, update
 
-from tests.support.stack import make_runtime, queued_ids, stack_env, truncate
+from tests.support.stack import make_runtime, queued_ids, stack_env, truncate, wait_until
 from triage.db.models import OutboxMessage, Ticket, utcnow
 from triage.db.session import session_scope
+from triage.pipeline.publishing import PublishBatcher
 from triage.pipeline.relay import CLASSIFY_TASK, Publisher, classify_values, enqueue
 from triage.pipeline.routing import CLASSIFY_QUEUE
 from triage.reliability.sweeper import sweep_once
@@ -129,3 +130,31 @@ def test_a_row_due_later_cannot_be_claimed_as_it_is_written(pg_url, clean_redis)
     (tid,) = _tickets(rt, 1)
     with session_scope(rt.sessions) as s, pytest.raises(ValueError, match="due later"):
         rt.publisher.write(s, [classify_values(tid, countdown=600)])
+
+
+def test_the_publishing_thread_sends_at_once_and_marks_sent_a_moment_later(pg_url, clean_redis):
+    truncate(pg_url)
+    rt = make_runtime(stack_env(pg_url, clean_redis))
+    ids = _tickets(rt, 3, state="received", age=0.0)
+    batcher = PublishBatcher(rt.publisher)
+    batcher.start()
+    try:
+        with session_scope(rt.sessions) as s:
+            rows = rt.publisher.write(s, [classify_values(i) for i in ids])
+        batcher.submit(rows)
+        wait_until(lambda: sorted(queued_ids(clean_redis, CLASSIFY_QUEUE)) == ids, 10)
+        # On the broker, not yet marked: the claim's lease keeps the relay off them meanwhile.
+        assert rt.publisher.relay_pending(older_than=0) == 0
+
+        def marked() -> bool:
+            with rt.sessions() as s:
+                sent = s.scalars(select(OutboxMessage.sent_at)).all()
+            return len(sent) == 3 and all(at is not None for at in sent)
+
+        wait_until(marked, 10, what="the rows marked sent")
+    finally:
+        batcher.stop()
+    with rt.sessions() as s:
+        assert set(s.scalars(select(Ticket.state))) == {"queued"}
+    # Sent once: nothing more reached the broker.
+    assert sorted(queued_ids(clean_redis, CLASSIFY_QUEUE)) == ids
