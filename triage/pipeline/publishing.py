@@ -38,8 +38,8 @@ MAX_BATCH = 200
 # share task messages: when LINGER_FROM handoffs are waiting at once (they arrive faster than
 # one publish takes; one handoff of several rows, a batch's deliveries say, is not a rate), or,
 # with `gather_stream`, when handoffs have lately come less than this far apart (another is
-# due within the wait). A message of two tickets costs the workers far less than two of one, and the
-# wait is small beside the model call. At a moderate rate ids go at once and pay nothing.
+# due within the wait). A message of two tickets costs the workers far less than two of one,
+# and the wait is small beside the model call. At a moderate rate ids go at once.
 LINGER_SECONDS = 0.02
 LINGER_FROM = 3
 # Weight of the newest gap in the running mean of the gaps between ids.
