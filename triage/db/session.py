@@ -136,18 +136,16 @@ def insert_rows(
     On PostgreSQL the rows go as one array per column (`INSERT ... SELECT FROM unnest(...)`):
     the statement's text is the same whatever the number of rows, so it is parsed once by the
     driver and the server instead of once per batch size (a multi-row VALUES of a few dozen
-    rows is too long for psycopg's statement cache). Elsewhere, a multi-row VALUES."""
+    rows is too long for psycopg's statement cache). Elsewhere, and for a single row, a plain
+    (multi-row) VALUES."""
     if not rows:
         return []
     table = model.__table__
     assert isinstance(table, Table)
     connection = session.connection()
-    if len(rows) == 1:
-        # The common case at a moderate rate. A single-row INSERT costs the driver and the
-        # server far less than arrays of one (psycopg dumps arrays in Python, per column).
-        result = connection.execute(_insert_statement(table, returning), rows[0])
-        return [] if returning is None else [result.scalar_one()]
-    if connection.dialect.name == "postgresql" and returning in (None, "id"):
+    # One row (the common case at a moderate rate) takes the plain INSERT below: arrays of one
+    # cost the driver and the server far more (psycopg dumps arrays in Python, per column).
+    if len(rows) > 1 and connection.dialect.name == "postgresql" and returning in (None, "id"):
         columns = tuple(rows[0])
         params = {
             f"a_{name}": [_array_item(table.c[name], row[name]) for row in rows] for name in columns

@@ -326,9 +326,6 @@ class OutboxOnlyPublisher(Publisher):
     def publish(self, ids: Iterable[int]) -> int:
         return 0
 
-    def publish_written(self, rows: Sequence[Pending]) -> int:
-        return 0
-
     def send_claimed(self, rows: Sequence[Pending]) -> list[Pending]:
         return []
 
