@@ -43,7 +43,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--processes", type=int, default=4, help="worker processes")
     parser.add_argument("--concurrency", type=int, default=64, help="threads per worker")
     parser.add_argument(
-        "--db-pool", type=int, default=4, help="workers' TRIAGE_DB_POOL_SIZE (0: triage's default)"
+        "--db-pool", type=int, default=8, help="workers' TRIAGE_DB_POOL_SIZE (0: triage's default)"
     )
     parser.add_argument("--api-workers", type=int, default=1, help="triage serve --workers")
     parser.add_argument("--tickets", type=int, default=1500, help="anchor and CPU-bound tickets")

@@ -74,9 +74,9 @@ class Settings(BaseSettings):
     # as one message and are claimed, recorded and routed in shared transactions; under light
     # load a batch is one ticket, so this costs no latency.
     batch_size: int = Field(32, ge=1, le=500)
-    # Connections each process keeps to PostgreSQL (and as many again in bursts). Threads hold
+    # Connections each process keeps to PostgreSQL, and at most uses. Threads hold
     # one only for short transactions, never across a model call, so this follows the CPU, not
-    # the concurrency; keep processes x 2 x pool under the server's max_connections.
+    # the concurrency; keep processes x pool under the server's max_connections.
     db_pool_size: int = Field(10, ge=1)
     # A worker serves its Prometheus metrics here when set (the API serves /metrics itself).
     worker_metrics_port: int | None = Field(None, ge=1, le=65535)
