@@ -33,6 +33,13 @@ CONSUMER_SECRET = "whsec_" + "ZmF1bHQtdGVzdC1jb25zdW1lci1zZWNyZXQtMDEyMzQ1"
 FIGURES_FILE = PROJECT_ROOT / "var" / "fault-figures.json"
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # The listen backlog, read when the socket starts listening (in the constructor): workers
+    # deliver in bursts of a hundred at once, and the default of 5 reset some connections.
+    request_queue_size = 1024
+
+
 class ConsumerReceiver:
     """The department's side of the outbound webhook: records every delivery it accepted,
     by `webhook-id` (one per dispatch), exactly as a consumer would see them."""
@@ -62,9 +69,7 @@ class ConsumerReceiver:
                 self.send_header("content-length", "0")
                 self.end_headers()
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.server.request_queue_size = 1024
+        self.server = _Server(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     @property
