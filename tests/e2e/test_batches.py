@@ -242,3 +242,39 @@ def test_the_rest_of_a_batch_does_not_wait_behind_a_slow_call(env, clean_redis, 
         assert states()[slow] == "classifying", worker.log()
         wait_until(lambda: states()[slow] == "routed", 30, what="the slow one routed")
     assert fake.call_count() == 4
+
+
+def test_a_batch_waiting_for_slots_comes_before_fetching_another(env, clean_redis, fake):
+    """Four 8-ticket messages and a worker with 4 call slots. The first message runs in two
+    parts; when the first part's calls answer, the freed slots go to the second part, and
+    the worker fetches no other message until they have: the messages stay on the broker for
+    any worker with slots to spare, instead of queueing behind this one's."""
+    env = {**env, "TRIAGE_BATCH_SIZE": "8"}
+    rt = make_runtime(env)
+    ids, outbox = _store(rt, 32, prefix="ahead")
+    rt.publisher.publish(outbox)
+    broker = redis.Redis.from_url(clean_redis)
+    assert broker.llen(CLASSIFY_QUEUE) == 4
+    fake.latency = 1.5
+    try:
+        with WorkerProcess(env, concurrency=4) as worker:
+            wait_until(lambda: fake.call_count() == 4, 30, what="the first part's 4 calls")
+            wait_until(
+                lambda: fake.call_count() == 8 and fake.in_flight() == 4,
+                30,
+                what="the second part's 4 calls in flight",
+            )
+            # The moment the first answers came back is when a fetch could have slipped in.
+            time.sleep(0.5)
+            assert broker.llen(CLASSIFY_QUEUE) == 3, worker.log()
+
+            def routed() -> int:
+                with rt.sessions() as s:
+                    return s.scalar(
+                        select(func.count()).where(Ticket.id.in_(ids), Ticket.state == "routed")
+                    )
+
+            wait_until(lambda: routed() == 32, 60, what="32 routed")
+    finally:
+        fake.latency = 0.05
+    assert fake.call_count() == 32

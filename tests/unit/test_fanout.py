@@ -32,6 +32,16 @@ def test_slots_hand_out_what_is_free_up_to_the_wish():
     assert slots.free == 5
 
 
+def test_slots_count_the_tickets_waiting_for_them_and_never_below_zero():
+    slots = CallSlots(4)
+    slots.expect(10)
+    assert slots.take(10) == 4
+    slots.expect(-4)
+    assert slots.waiting == 6 and slots.free == 0
+    slots.expect(-8)  # a caller giving back more than it counted does not go negative
+    assert slots.waiting == 0
+
+
 def test_pool_returns_results_and_exceptions_in_order_and_runs_the_first_inline():
     pool = CallPool(4)
     caller = threading.get_ident()

@@ -107,10 +107,14 @@ def classify_tickets_stage(
     outcomes: dict[int, str] = {}
     pending = list(dict.fromkeys(ticket_ids))
     beside: list[Future[dict[int, str]]] = []
+    slots = rt.calls.slots
+    # Until they have slots, these tickets count against what the consumer fetches next.
+    slots.expect(len(pending))
     try:
         while pending:
-            taken = rt.calls.slots.take(len(pending), SLOT_PATIENCE_SECONDS)
-            held = HeldSlots(rt.calls.slots, taken)
+            taken = slots.take(len(pending), SLOT_PATIENCE_SECONDS)
+            slots.expect(-taken)
+            held = HeldSlots(slots, taken)
             chunk, pending = pending[:taken], pending[taken:]
             if pending:
                 part = partial(_run_chunk, rt, chunk, reuse, max_inline_wait, held)
@@ -118,6 +122,7 @@ def classify_tickets_stage(
             else:
                 outcomes.update(_run_chunk(rt, chunk, reuse, max_inline_wait, held))
     finally:
+        slots.expect(-len(pending))
         wait(beside)
     for finished in beside:
         outcomes.update(finished.result())

@@ -4,8 +4,8 @@ Two consumer steps decide when a worker takes messages off the broker:
 
 - While the shared circuit breaker is open, a worker stops consuming `triage.classify`, and
   starts again by itself when the circuit half-opens.
-- A worker takes another message only while the tickets waiting for its threads are fewer
-  than its free call slots (see HoldOnlyWhatCanRun).
+- A worker takes another message only while the tickets it holds without a call slot are
+  fewer than its free call slots (see HoldOnlyWhatCanRun).
 
 For the circuit: deferring each ticket instead would spin through the whole backlog every
 cool-down (a database write and a broker message per ticket) and bring every ticket back in
@@ -91,15 +91,19 @@ def held_tickets(requests: Iterable[Any]) -> int:
 
 
 class HoldOnlyWhatCanRun(bootsteps.StartStopStep):  # type: ignore[misc]
-    """A worker takes another message only while the tickets waiting for a thread are fewer
-    than its free call slots.
+    """A worker takes another message only while the tickets it already holds without a call
+    slot are fewer than its free call slots: those in messages waiting for a thread, and those
+    of running batches still waiting for slots (`CallSlots.waiting`).
 
     Celery's prefetch counts messages (one per thread), but a message can carry a batch of
     tickets. Without this, the first worker to start after an outage would take up to a
     thread's worth of batches, thousands of tickets it can only run 64 at a time, while the
     other workers sat idle. Messages left on the broker go to whichever worker frees a slot
     first; a slot is free again as soon as its call has answered (`HeldSlots`), so a batch
-    whose slowest calls are still out does not keep the worker from taking more. Redis only
+    whose slowest calls are still out does not keep the worker from taking more. A batch that
+    began with fewer slots than tickets keeps the rest waiting for this worker's next free
+    slots; counting them means a freed slot goes to them, not to fetching yet another batch
+    while an idle worker gets none. Redis only
     (the transport asks `can_consume` before each BRPOP; a reply already on its way, or a
     message a thread has just started, may still bring a few tickets more); on AMQP,
     prefetch alone bounds it.
@@ -119,7 +123,7 @@ class HoldOnlyWhatCanRun(bootsteps.StartStopStep):  # type: ignore[misc]
         def can_consume(_qos: Any) -> bool:
             active = state.active_requests
             waiting = [r for r in list(state.reserved_requests) if r not in active]
-            return held_tickets(waiting) < slots.free and by_prefetch()
+            return held_tickets(waiting) + slots.waiting < slots.free and by_prefetch()
 
         # A consumer restart (broker reconnect) builds a new channel, and this step runs
         # again after Tasks to wrap its QoS.

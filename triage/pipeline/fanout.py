@@ -29,6 +29,9 @@ class CallSlots:
     def __init__(self, limit: int) -> None:
         self.limit = max(1, limit)
         self._free = self.limit
+        # Tickets of running batches that have no slot yet (`expect`): work this process has
+        # already taken from the broker, ahead of anything it would fetch next.
+        self._waiting = 0
         self._cond = threading.Condition()
 
     def take(self, wanted: int, patience: float = 0.0) -> int:
@@ -53,9 +56,18 @@ class CallSlots:
             self._free += n
             self._cond.notify_all()
 
+    def expect(self, n: int) -> None:
+        """`n` more tickets in hand wait for slots (negative: that many fewer)."""
+        with self._cond:
+            self._waiting = max(0, self._waiting + n)
+
     @property
     def free(self) -> int:
         return self._free
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
 
 
 class HeldSlots:
