@@ -156,16 +156,27 @@ def test_one_batch_message_gives_each_ticket_its_own_outcome(env, clean_redis, f
     assert fake.call_count() == 9
 
 
+def _queued(rt, redis_url: str, n: int, prefix: str, *, messages: int):
+    """`n` stored tickets published in the runtime's batch size: their ids and the broker."""
+    ids, outbox = _store(rt, n, prefix=prefix)
+    rt.publisher.publish(outbox)
+    broker = redis.Redis.from_url(redis_url)
+    assert broker.llen(CLASSIFY_QUEUE) == messages
+    return ids, broker
+
+
+def _routed(rt, ids: list[int]) -> int:
+    with rt.sessions() as s:
+        return s.scalar(select(func.count()).where(Ticket.id.in_(ids), Ticket.state == "routed"))
+
+
 def test_a_worker_holds_no_more_tickets_than_it_has_call_slots(env, clean_redis, fake):
     """Six 4-ticket messages and a worker with 4 call slots: it takes one message (and at
     most one more that a fetch already had on its way) and leaves the rest on the broker,
     where a second worker finds them, instead of hoarding batches it cannot run."""
-    rt = make_runtime(env)
-    ids, outbox = _store(rt, 24)
     env = {**env, "TRIAGE_BATCH_SIZE": "4"}
-    make_runtime(env).publisher.publish(outbox)
-    broker = redis.Redis.from_url(clean_redis)
-    assert broker.llen(CLASSIFY_QUEUE) == 6
+    rt = make_runtime(env)
+    ids, broker = _queued(rt, clean_redis, 24, "b", messages=6)
     fake.latency = 1.5
     try:
         with WorkerProcess(env, concurrency=4) as first:
@@ -175,14 +186,7 @@ def test_a_worker_holds_no_more_tickets_than_it_has_call_slots(env, clean_redis,
             assert broker.llen(CLASSIFY_QUEUE) >= 4, first.log()
             with WorkerProcess(env, concurrency=4):
                 wait_until(lambda: fake.in_flight() == 8, 30, what="both workers calling")
-
-                def routed() -> int:
-                    with rt.sessions() as s:
-                        return s.scalar(
-                            select(func.count()).where(Ticket.id.in_(ids), Ticket.state == "routed")
-                        )
-
-                wait_until(lambda: routed() == 24, 60, what="24 routed")
+                wait_until(lambda: _routed(rt, ids) == 24, 60, what="24 routed")
     finally:
         fake.latency = 0.05
     assert fake.call_count() == 24
@@ -251,10 +255,7 @@ def test_a_batch_waiting_for_slots_comes_before_fetching_another(env, clean_redi
     any worker with slots to spare, instead of queueing behind this one's."""
     env = {**env, "TRIAGE_BATCH_SIZE": "8"}
     rt = make_runtime(env)
-    ids, outbox = _store(rt, 32, prefix="ahead")
-    rt.publisher.publish(outbox)
-    broker = redis.Redis.from_url(clean_redis)
-    assert broker.llen(CLASSIFY_QUEUE) == 4
+    ids, broker = _queued(rt, clean_redis, 32, "ahead", messages=4)
     fake.latency = 1.5
     try:
         with WorkerProcess(env, concurrency=4) as worker:
@@ -267,14 +268,7 @@ def test_a_batch_waiting_for_slots_comes_before_fetching_another(env, clean_redi
             # The moment the first answers came back is when a fetch could have slipped in.
             time.sleep(0.5)
             assert broker.llen(CLASSIFY_QUEUE) == 3, worker.log()
-
-            def routed() -> int:
-                with rt.sessions() as s:
-                    return s.scalar(
-                        select(func.count()).where(Ticket.id.in_(ids), Ticket.state == "routed")
-                    )
-
-            wait_until(lambda: routed() == 32, 60, what="32 routed")
+            wait_until(lambda: _routed(rt, ids) == 32, 60, what="32 routed")
     finally:
         fake.latency = 0.05
     assert fake.call_count() == 32
