@@ -8,7 +8,7 @@ from decimal import Decimal
 import pytest
 
 from tests.fakeanthropic import FakeAnthropic, Fault
-from triage.classify.backends.anthropic import AnthropicBackend, make_client
+from triage.classify.backends.anthropic import AnthropicBackend, ThreadClients
 from triage.classify.backends.base import ClassificationRequest
 from triage.classify.backends.cascade import CascadeBackend
 from triage.classify.schema import output_schema
@@ -38,7 +38,7 @@ def _reset(fake):
 
 def backend(fake, model="claude-haiku-4-5", timeout=5.0) -> AnthropicBackend:
     cfg = get_config()
-    client = make_client(api_key="sk-test", base_url=fake.base_url, timeout=timeout)
+    client = ThreadClients(api_key="sk-test", base_url=fake.base_url, timeout=timeout)
     return AnthropicBackend(
         taxonomy=cfg.taxonomy, model=model, spec=cfg.models.spec(model), client=client
     )

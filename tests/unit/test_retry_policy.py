@@ -84,6 +84,27 @@ def test_database_outage_backs_off_briefly_within_the_broker_countdown_limit():
 
 
 def test_the_sdk_never_retries_behind_the_policy():
-    from triage.classify.backends.anthropic import make_client
+    from triage.classify.backends.anthropic import ThreadClients, make_client
 
     assert make_client(api_key="k", base_url=None, timeout=5).max_retries == 0
+    assert ThreadClients(api_key="k", base_url=None, timeout=5).get().max_retries == 0
+
+
+def test_each_thread_gets_its_own_sdk_client_sharing_one_tls_context():
+    import threading
+
+    from triage.classify.backends.anthropic import ThreadClients
+
+    clients = ThreadClients(api_key="k", base_url="http://127.0.0.1:9", timeout=5)
+    mine = clients.get()
+    theirs: list[object] = []
+    thread = threading.Thread(target=lambda: theirs.append(clients.get()))
+    thread.start()
+    thread.join()
+    assert clients.get() is mine
+    assert theirs[0] is not mine
+    contexts = {
+        id(client._client._transport._pool._ssl_context)  # type: ignore[attr-defined]
+        for client in (mine, theirs[0])
+    }
+    assert len(contexts) == 1

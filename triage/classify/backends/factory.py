@@ -28,12 +28,12 @@ def build_backend(config: AppConfig) -> ClassifierBackend:
 
 
 def _anthropic(config: AppConfig, model: str) -> ClassifierBackend:
-    from triage.classify.backends.anthropic import AnthropicBackend, make_client
+    from triage.classify.backends.anthropic import AnthropicBackend, ThreadClients
 
     settings = config.settings
     if settings.anthropic_api_key is None:
         raise ConfigError("ANTHROPIC_API_KEY is not set; use TRIAGE_BACKEND=local to run offline")
-    client = make_client(
+    client = ThreadClients(
         api_key=settings.anthropic_api_key.get_secret_value(),
         base_url=settings.anthropic_base_url,
         timeout=settings.api_timeout_seconds,
