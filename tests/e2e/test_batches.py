@@ -248,11 +248,12 @@ def test_the_rest_of_a_batch_does_not_wait_behind_a_slow_call(env, clean_redis, 
     assert fake.call_count() == 4
 
 
-def test_a_batch_waiting_for_slots_comes_before_fetching_another(env, clean_redis, fake):
-    """Four 8-ticket messages and a worker with 4 call slots. The first message runs in two
-    parts; when the first part's calls answer, the freed slots go to the second part, and
-    the worker fetches no other message until they have: the messages stay on the broker for
-    any worker with slots to spare, instead of queueing behind this one's."""
+def test_a_busy_worker_holds_one_message_in_reserve_and_no_more(env, clean_redis, fake):
+    """Four 8-ticket messages and a worker with 4 call slots (a reserve of 1 ticket). The
+    first message runs in two parts; when the first part's calls answer, the freed slots go
+    to the second part, and the worker takes one message more, to have work in hand when
+    those slots free again, but not the other two: they stay on the broker for any worker
+    with slots to spare, instead of queueing behind this one's."""
     env = {**env, "TRIAGE_BATCH_SIZE": "8"}
     rt = make_runtime(env)
     ids, broker = _queued(rt, clean_redis, 32, "ahead", messages=4)
@@ -260,14 +261,21 @@ def test_a_batch_waiting_for_slots_comes_before_fetching_another(env, clean_redi
     try:
         with WorkerProcess(env, concurrency=4) as worker:
             wait_until(lambda: fake.call_count() == 4, 30, what="the first part's 4 calls")
-            wait_until(
-                lambda: fake.call_count() == 8 and fake.in_flight() == 4,
-                30,
-                what="the second part's 4 calls in flight",
-            )
-            # The moment the first answers came back is when a fetch could have slipped in.
-            time.sleep(0.5)
+            # While the first part runs, the other half of its message is all it holds.
             assert broker.llen(CLASSIFY_QUEUE) == 3, worker.log()
+            # Taken while the second part's calls are still out: ahead of need, not after.
+            wait_until(
+                lambda: (
+                    fake.call_count() == 8
+                    and fake.in_flight() == 4
+                    and broker.llen(CLASSIFY_QUEUE) == 2
+                ),
+                30,
+                what="one message taken ahead while the second part's 4 calls run",
+            )
+            # Holding 8 tickets ahead of no free slot, it takes nothing more.
+            time.sleep(1.0)
+            assert broker.llen(CLASSIFY_QUEUE) == 2, worker.log()
             wait_until(lambda: _routed(rt, ids) == 32, 60, what="32 routed")
     finally:
         fake.latency = 0.05
