@@ -143,14 +143,16 @@ class Stack:
 
 def _steady(read: Callable[[], Any], seconds: float = 0.6) -> Callable[[], bool]:
     """A condition for `wait_until`: `read()` has returned the same value for `seconds`."""
-    last: list[Any] = [object(), time.monotonic()]
+    seen: Any = object()
+    since = time.monotonic()
 
     def check() -> bool:
+        nonlocal seen, since
         value = read()
-        if value != last[0]:
-            last[:] = [value, time.monotonic()]
+        if value != seen:
+            seen, since = value, time.monotonic()
             return False
-        return time.monotonic() - last[1] >= seconds
+        return time.monotonic() - since >= seconds
 
     return check
 

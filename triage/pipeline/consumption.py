@@ -114,10 +114,11 @@ class HoldOnlyWhatCanRun(bootsteps.StartStopStep):  # type: ignore[misc]
     began with fewer slots than tickets keeps the rest waiting for this worker's next free
     slots; counting them means a freed slot goes to them, not to fetching yet another batch
     while an idle worker gets none. A busy worker (no free slot) holds ahead less than the
-    reserve (RESERVE_DIVISOR) plus one message. Redis only
-    (the transport asks `can_consume` before each BRPOP; a reply already on its way, or a
-    message a thread has just started, may still bring a few tickets more); on AMQP,
-    prefetch alone bounds it.
+    reserve (RESERVE_DIVISOR) plus one message.
+
+    Redis only (the transport asks `can_consume` before each BRPOP; a reply already on its
+    way, or a message a thread has just started, may still bring a few tickets more); on
+    AMQP, prefetch alone bounds it.
     """
 
     requires: ClassVar[tuple[str, ...]] = ("celery.worker.consumer.tasks:Tasks",)

@@ -185,23 +185,29 @@ class ThreadClients:
     def get(self) -> anthropic.Anthropic:
         client: anthropic.Anthropic | None = getattr(self._local, "client", None)
         if client is None:
-            client = self._local.client = anthropic.Anthropic(
+            client = self._local.client = make_client(
                 api_key=self._api_key,
                 base_url=self._base_url,
                 timeout=self._timeout,
-                # One home for retries: the pipeline's policy (see module docstring).
-                max_retries=0,
                 http_client=anthropic.DefaultHttpxClient(verify=self._tls, timeout=self._timeout),
             )
         return client
 
 
-def make_client(*, api_key: str, base_url: str | None, timeout: float) -> anthropic.Anthropic:
-    """One client, for callers with a single thread of calls (batches, `triage doctor`)."""
+def make_client(
+    *,
+    api_key: str,
+    base_url: str | None,
+    timeout: float,
+    http_client: httpx2.Client | None = None,
+) -> anthropic.Anthropic:
+    """One client. Alone, for callers with a single thread of calls (batches, `triage
+    doctor`); the worker's calls get one per thread (`ThreadClients`)."""
     return anthropic.Anthropic(
         api_key=api_key,
         base_url=base_url,
         timeout=timeout,
         # One home for retries: the pipeline's policy (see module docstring).
         max_retries=0,
+        http_client=http_client,
     )
