@@ -171,6 +171,7 @@ def wait_settled(rt: Any, receiver: ConsumerReceiver, ids: list[int], timeout: f
     """Until every accepted ticket is terminal, every current dispatch delivered and received,
     and no outbox message is waiting: the pipeline has nothing left to do for them."""
     terminal = [s.value for s in TERMINAL_STATES]
+    last: dict[str, Any] = {}
 
     def settled() -> bool:
         try:
@@ -189,9 +190,31 @@ def wait_settled(rt: Any, receiver: ConsumerReceiver, ids: list[int], timeout: f
         except Exception:  # the database may be the thing that is down
             return False
         received, _ = receiver.snapshot()
+        last.update(
+            terminal=done,
+            undelivered=undelivered,
+            outbox_pending=pending,
+            delivered=delivered,
+            received=len(received),
+        )
         return done == len(ids) and undelivered == 0 and pending == 0 and len(received) >= delivered
 
-    wait_until(settled, timeout, what=f"{len(ids)} tickets to settle", every=1.0)
+    try:
+        wait_until(settled, timeout, what=f"{len(ids)} tickets to settle", every=1.0)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last seen {last}; {states(rt, ids)}") from None
+
+
+def states(rt: Any, ids: list[int]) -> str:
+    """Where the tickets are, for a failure message."""
+    try:
+        with rt.sessions() as s:
+            rows = s.execute(
+                select(Ticket.state, func.count()).where(Ticket.id.in_(ids)).group_by(Ticket.state)
+            ).all()
+    except Exception as exc:  # the database may be the thing that is down
+        return f"states unknown ({exc})"
+    return "states " + ", ".join(f"{state}={n}" for state, n in rows)
 
 
 def audit(

@@ -48,3 +48,22 @@ def test_the_redis_channel_reuses_one_client_until_its_pool_is_replaced(pg_url, 
         # Publishing and reading back go through it.
         rt.celery.send_task("triage.classify_ticket", kwargs={"ticket_id": 1}, queue=CLASSIFY_QUEUE)
         assert queue_depth(rt.celery, CLASSIFY_QUEUE) == 1
+
+
+def test_a_channel_detached_from_its_connection_still_closes_and_restores_unacked(
+    pg_url, clean_redis
+):
+    """When the consumer loses the broker, kombu can detach the transport from its connection
+    before the channel is closed; closing then rebuilds the pool to put unacked messages back.
+    That raised AttributeError, which Celery treats as unrecoverable: the worker shut down."""
+    truncate(pg_url)
+    rt = make_runtime(stack_env(pg_url, clean_redis))
+    rt.celery.send_task("triage.classify_ticket", kwargs={"ticket_id": 1}, queue=CLASSIFY_QUEUE)
+    conn = rt.celery.connection_for_read()
+    channel = conn.default_channel
+    message = channel.basic_get(CLASSIFY_QUEUE, no_ack=False)
+    assert message is not None and queue_depth(rt.celery, CLASSIFY_QUEUE) == 0
+    # What kombu's Connection.collect() does before the consumer closes the connection.
+    channel.connection.client = None
+    channel.close()
+    assert queue_depth(rt.celery, CLASSIFY_QUEUE) == 1
