@@ -59,11 +59,11 @@ def test_a_channel_detached_from_its_connection_still_closes_and_restores_unacke
     truncate(pg_url)
     rt = make_runtime(stack_env(pg_url, clean_redis))
     rt.celery.send_task("triage.classify_ticket", kwargs={"ticket_id": 1}, queue=CLASSIFY_QUEUE)
-    conn = rt.celery.connection_for_read()
-    channel = conn.default_channel
-    message = channel.basic_get(CLASSIFY_QUEUE, no_ack=False)
-    assert message is not None and queue_depth(rt.celery, CLASSIFY_QUEUE) == 0
-    # What kombu's Connection.collect() does before the consumer closes the connection.
-    channel.connection.client = None
-    channel.close()
-    assert queue_depth(rt.celery, CLASSIFY_QUEUE) == 1
+    with rt.celery.connection_for_read() as conn:
+        channel = conn.default_channel
+        message = channel.basic_get(CLASSIFY_QUEUE, no_ack=False)
+        assert message is not None and queue_depth(rt.celery, CLASSIFY_QUEUE) == 0
+        # What kombu's Connection.collect() does before the consumer closes the connection.
+        channel.connection.client = None
+        channel.close()
+        assert queue_depth(rt.celery, CLASSIFY_QUEUE) == 1
