@@ -39,9 +39,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                 raise redis.exceptions.ConnectionError("the broker connection was closed")
             return dict(known)
         params: dict[str, Any] = super()._connparams(asynchronous)
-        if self._opened_with is None:
-            self._opened_with = {}
-        self._opened_with[asynchronous] = dict(params)
+        self._opened_with = {**(self._opened_with or {}), asynchronous: dict(params)}
         return params
 
     @contextmanager
