@@ -490,6 +490,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return None
         if fault.kind == "drop":
             return self._drop()
+        if fault.kind == "cut_body":
+            whole = json.dumps(fake.message(params)).encode()
+            return self._send(200, whole[: len(whole) // 2])
         return self._send(200, fake.faulty_message(params, fault.kind))
 
     def _control(self, path: str, body: Any) -> None:

@@ -232,13 +232,21 @@ def test_postgres_stopped_and_restarted_mid_run(stack, fault_env, fake, receiver
     assert_nothing_lost_or_doubled(fig, workers_died=True)
 
 
-TRANSIENT_KINDS = ("rate_limit", "overloaded", "server_error", "timeout", "drop", "truncated")
+TRANSIENT_KINDS = (
+    "rate_limit",
+    "overloaded",
+    "server_error",
+    "timeout",
+    "drop",
+    "truncated",
+    "cut_body",
+)
 
 
 def test_ten_percent_transient_api_faults_of_every_kind(stack, fault_env, fake, receiver):
     rt, client = stack
     started = time.monotonic()
-    # Six kinds, each on ~1.74% of calls: about 10% of calls fail.
+    # Seven kinds, each on ~1.5% of calls: about 10% of calls fail.
     each = 1 - 0.9 ** (1 / len(TRANSIENT_KINDS))
     for kind in TRANSIENT_KINDS:
         fake.add_fault(
@@ -255,7 +263,7 @@ def test_ten_percent_transient_api_faults_of_every_kind(stack, fault_env, fake, 
     with workers(fault_env) as pool:
         settle(rt, receiver, ids, pool)
     fig, _per_ticket = audited(
-        "10% transient API faults (429+retry-after, 529, 500, timeout, drop, truncated)",
+        "10% transient API faults (429+retry-after, 529, 500, timeout, drop, truncated, cut body)",
         rt,
         receiver,
         fake,

@@ -96,6 +96,21 @@ def test_overload_server_errors_and_dropped_connections_are_transient(fake, kind
         backend(fake).classify(request())
 
 
+def test_a_200_whose_body_is_not_a_message_is_transient_and_names_the_request(fake):
+    fake.add_fault(Fault("cut_body"))
+    with pytest.raises(TransientError, match="not a Message") as info:
+        backend(fake).classify(request())
+    assert info.value.request_id and info.value.request_id.startswith("req_")
+    assert info.value.api_calls == 1
+    assert len(fake.requests) == 1
+
+
+def test_request_id_and_usage_come_from_the_answer(fake):
+    result = backend(fake).classify(request())
+    assert result.request_id and result.request_id.startswith("req_")
+    assert result.usage.input_tokens > 0 and result.usage.output_tokens > 0
+
+
 def test_timeout_is_transient(fake):
     fake.add_fault(Fault("timeout"))
     with pytest.raises(TransientError, match="timeout"):

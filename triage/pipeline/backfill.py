@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from triage.classify.backends.anthropic import make_client, translate_api_error
 from triage.classify.backends.base import ClassificationResult
-from triage.classify.backends.messages import LabelRequest, answer_text, usage_of
+from triage.classify.backends.messages import Answer, LabelRequest, answer_text, usage_of
 from triage.classify.schema import validate_label
 from triage.db.models import (
     MessageBatch,
@@ -325,7 +325,8 @@ class BatchBackfill:
             self.rt.publisher.publish([outbox_id])
 
     def _label(self, ticket_id: int, message: Message) -> ClassificationResult:
-        text = answer_text(message, ticket_id, message.id)
+        answer = Answer.of(message)
+        text = answer_text(answer, ticket_id, message.id)
         return ClassificationResult(
             label=validate_label(self.rt.config.taxonomy, text),
             backend=BACKEND,
@@ -333,7 +334,7 @@ class BatchBackfill:
             prompt_version=self.request.prompt_version,
             # A batch has no per-request latency worth recording (it is hours of queueing).
             latency_ms=0.0,
-            usage=usage_of(message, self.spec, batch=True),
+            usage=usage_of(answer, self.spec, batch=True),
             request_id=message.id,
             calls=1,
         )

@@ -13,11 +13,16 @@ from typing import Any
 
 import anthropic
 import httpx2
-from anthropic.types import Message
 from pydantic import ValidationError
 
 from triage.classify.backends.base import ClassificationRequest, ClassificationResult, Usage
-from triage.classify.backends.messages import LabelRequest, answer_text, usage_of
+from triage.classify.backends.messages import (
+    Answer,
+    LabelRequest,
+    answer_text,
+    read_answer,
+    usage_of,
+)
 from triage.classify.schema import TicketLabel, validate_label
 from triage.config import ModelSpec
 from triage.errors import (
@@ -64,8 +69,8 @@ class AnthropicBackend:
         label: TicketLabel | None = None
         for repair in (False, True):
             calls += 1
-            message = self._call(messages, request.ticket_id, calls)
-            request_id = getattr(message, "_request_id", None) or request_id
+            message, call_id = self._call(messages, request.ticket_id, calls)
+            request_id = call_id or request_id
             usage = usage + usage_of(message, self._spec)
             text = answer_text(message, request.ticket_id, request_id)
             try:
@@ -102,9 +107,11 @@ class AnthropicBackend:
             calls=calls,
         )
 
-    def _call(self, messages: list[Any], ticket_id: int, calls: int) -> Message:
+    def _call(self, messages: list[Any], ticket_id: int, calls: int) -> tuple[Answer, str | None]:
+        """One call; the answer and the API's request id. The raw response is read by
+        `read_answer` instead of the SDK's `Message` parse (see `Answer`)."""
         try:
-            message: Message = self._client.get().messages.create(
+            raw = self._client.get().messages.with_raw_response.create(
                 model=self.model,
                 max_tokens=self._max_tokens,
                 system=self._request.system,
@@ -112,9 +119,11 @@ class AnthropicBackend:
                 output_config=self._request.output_config,
                 extra_body=self._extra_body,
             )
-            return message
+            return read_answer(raw.read(), ticket_id, raw.request_id), raw.request_id
         except anthropic.APIError as exc:
             raise _with_calls(translate_api_error(exc, ticket_id), calls) from exc
+        except TriageError as exc:
+            raise _with_calls(exc, calls) from exc
 
 
 def translate_api_error(exc: anthropic.APIError, ticket_id: int | None = None) -> TriageError:

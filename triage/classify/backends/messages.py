@@ -9,12 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from anthropic.types import Message
+from pydantic import BaseModel, ValidationError
 
 from triage.classify.backends.base import ClassificationRequest, Usage
 from triage.classify.prompt import prompt_version, system_prompt, user_message
 from triage.classify.schema import output_schema
 from triage.config import ModelSpec
-from triage.errors import OutputTruncated, Refused
+from triage.errors import OutputTruncated, Refused, TransientError
 from triage.taxonomy import Taxonomy
 
 
@@ -56,7 +57,54 @@ class LabelRequest:
         }
 
 
-def answer_text(message: Message, ticket_id: int, request_id: str | None) -> str:
+class AnswerBlock(BaseModel):
+    type: str
+    text: str = ""
+
+
+class AnswerUsage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    cache_read_input_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+
+
+class Answer(BaseModel):
+    """The fields of a Message that triage reads, parsed from the raw response body.
+
+    The SDK's own parse builds every nested type of `Message` field by field in Python:
+    against the fake Messages API it was a sixth of the CPU of a call (about 0.3 ms of
+    1.7-2.0 here), and the call is a third of a worker's CPU per ticket.
+    """
+
+    id: str
+    content: list[AnswerBlock]
+    stop_reason: str | None = None
+    usage: AnswerUsage
+
+    @classmethod
+    def of(cls, message: Message) -> Answer:
+        """The same fields of a Message the SDK has already parsed (batch results)."""
+        return cls.model_validate(message, from_attributes=True)
+
+
+def read_answer(body: bytes, ticket_id: int, request_id: str | None) -> Answer:
+    """A 200 whose body is not a Message (a proxy's error page, a body cut short) is a
+    transient failure, like the dropped connection it usually is."""
+    try:
+        return Answer.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(body)"
+        raise TransientError(
+            f"API answered 200 with a body that is not a Message ({len(body)} bytes; "
+            f"{where}: {first['msg']})",
+            ticket_id=ticket_id,
+            request_id=request_id,
+        ) from exc
+
+
+def answer_text(message: Answer, ticket_id: int, request_id: str | None) -> str:
     """The label text of a finished Message; refusal and max_tokens stops are typed errors."""
     text = "".join(block.text for block in message.content if block.type == "text")
     if message.stop_reason == "refusal":
@@ -74,7 +122,7 @@ def answer_text(message: Message, ticket_id: int, request_id: str | None) -> str
     return text
 
 
-def usage_of(message: Message, spec: ModelSpec, *, batch: bool = False) -> Usage:
+def usage_of(message: Answer, spec: ModelSpec, *, batch: bool = False) -> Usage:
     """Tokens and cost of one Message; batch results cost the model's batch price."""
     u = message.usage
     cache_read = u.cache_read_input_tokens or 0
