@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -142,7 +143,10 @@ def run_scenarios(
             result[key] = fn()
         except Exception as exc:
             console.log(f"[red]{title} failed: {exc}[/]")
+            # Where it failed, too: a bare "Connection refused" does not say to what.
+            where = traceback.format_exception(exc)[-6:]
             result.setdefault("errors", {})[key] = f"{exc.__class__.__name__}: {exc}"
+            result.setdefault("error_tracebacks", {})[key] = "".join(where)
         load = os.getloadavg()[0]
         result.setdefault("load_average_after", {})[key] = round(load, 2)
         console.log(f"  {time.monotonic() - began:.0f} s; load average {load:.1f}")
