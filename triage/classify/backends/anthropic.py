@@ -7,9 +7,10 @@ one repair call that shows the model its validation error; a second failure is p
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-from typing import Any
+from typing import Any, Literal
 
 import anthropic
 import httpx2
@@ -219,4 +220,25 @@ def make_client(
         # One home for retries: the pipeline's policy (see module docstring).
         max_retries=0,
         http_client=http_client,
+        open_telemetry=sdk_tracing(),
     )
+
+
+def sdk_tracing() -> Literal[False] | None:
+    """The SDK's OpenTelemetry spans only where something can record them.
+
+    With no tracer provider set up, the SDK still builds every call's span attributes before
+    it finds the span records nothing: one thread against the fake, a median 1,665 µs of CPU
+    per call against 1,489 µs with spans off. None leaves the choice to the SDK (its
+    `ANTHROPIC_OPEN_TELEMETRY*` variables, a provider the application or
+    `opentelemetry-instrument` installed); False turns the spans off.
+    """
+    if os.environ.get("ANTHROPIC_OPEN_TELEMETRY") is not None:
+        return None
+    if os.environ.get("OTEL_PYTHON_TRACER_PROVIDER"):
+        return None
+    from opentelemetry import trace
+
+    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        return False
+    return None
