@@ -79,6 +79,30 @@ def test_duplicate_delivery_returns_same_ticket_and_enqueues_nothing(client, run
     assert count(runtime, OutboxMessage) == 1
 
 
+def test_nul_characters_are_stored_as_replacement_marks_not_lost(client, runtime):
+    # Valid JSON that PostgreSQL text cannot hold: it used to fail the INSERT with a 500 on
+    # every retry of the helpdesk, so the ticket was never stored.
+    payload = ticket_payload(
+        "nul\u0000-1",
+        subject="Re\u0000fund",
+        body="Charged twice\u0000 for order 1234",
+        metadata={"k\u0000": ["v\u0000", {"deep": "x\u0000"}]},
+    )
+    payload["requester"]["name"] = "Ann\u0000"
+    first = post_ticket(client, payload)
+    assert first.status_code == 202, first.text
+    again = post_ticket(client, payload).json()
+    assert again["ticket_id"] == first.json()["ticket_id"] and again["duplicate"] is True
+    with runtime.sessions() as s:
+        ticket = s.get(Ticket, first.json()["ticket_id"])
+        assert ticket.external_id == "nul\ufffd-1"
+        assert ticket.subject == "Re\ufffdfund"
+        assert ticket.body == "Charged twice\ufffd for order 1234"
+        assert ticket.requester_name == "Ann\ufffd"
+        assert ticket.extra["k\ufffd"] == ["v\ufffd", {"deep": "x\ufffd"}]
+    assert count(runtime) == 1
+
+
 def test_ticket_view_shows_state(client):
     tid = post_ticket(client, ticket_payload("view-1")).json()["ticket_id"]
     view = client.get(f"/tickets/{tid}").json()

@@ -5,7 +5,23 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# JSON can carry U+0000 ("\u0000") but PostgreSQL text cannot store it: a ticket with one
+# failed its INSERT and the helpdesk's retries failed the same way, so the ticket was lost.
+NUL, REPLACEMENT = "\x00", "\ufffd"
+
+
+def without_nul(value: Any) -> Any:
+    """`value` with every NUL in its strings (dict keys and nested values too) replaced by
+    U+FFFD, the mark for a character that could not be kept."""
+    if isinstance(value, str):
+        return value.replace(NUL, REPLACEMENT) if NUL in value else value
+    if isinstance(value, dict):
+        return {without_nul(k): without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_nul(v) for v in value]
+    return value
 
 
 class Requester(BaseModel):
@@ -48,6 +64,11 @@ class InboundTicket(BaseModel):
     # `update_text` is the new text. Both None for a new ticket.
     update_key: str | None = None
     update_text: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        return without_nul(data) if isinstance(data, dict) else data
 
 
 class Ignored(BaseModel):
