@@ -316,6 +316,16 @@ def test_missing_fields_are_422_naming_them(client, runtime, desk):
     assert count(runtime) == 0
 
 
+@by_name
+@pytest.mark.parametrize("too_long", ["x" * 256, 10**300], ids=["256-char id", "301-digit id"])
+def test_an_id_longer_than_the_store_holds_is_422_not_a_500(client, runtime, desk, too_long):
+    # PostgreSQL refused it at the INSERT (external_id holds 255 characters): a 500 that
+    # every retry of the helpdesk met again.
+    problem = assert_problem(desk.post(client, desk.payload(too_long)), 422, desk.missing_fields[0])
+    assert desk.missing_fields[0] in {e["field"] for e in problem["errors"]}
+    assert count(runtime) == 0
+
+
 # --- accepted deliveries ----------------------------------------------------------------------
 
 

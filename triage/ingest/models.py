@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 # JSON can carry U+0000 ("\u0000") but PostgreSQL text cannot store it: a ticket with one
 # failed its INSERT and the helpdesk's retries failed the same way, so the ticket was lost.
@@ -22,6 +22,22 @@ def without_nul(value: Any) -> Any:
     if isinstance(value, list):
         return [without_nul(v) for v in value]
     return value
+
+
+# A helpdesk's ticket id as its payload carries it, bounded to what `tickets.external_id`
+# (255 characters) holds: PostgreSQL refuses a longer value at INSERT, after validation,
+# and JSON integers have no size limit.
+EXTERNAL_ID_LENGTH = 255
+
+
+def _storable_id(value: int | str) -> int | str:
+    if not str(value) or len(str(value)) > EXTERNAL_ID_LENGTH:
+        raise ValueError(f"must be 1 to {EXTERNAL_ID_LENGTH} characters long")
+    return value
+
+
+IntId = Annotated[int, AfterValidator(_storable_id)]
+ExternalId = Annotated[int | str, AfterValidator(_storable_id)]
 
 
 class Requester(BaseModel):

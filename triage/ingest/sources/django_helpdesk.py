@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from triage.config import Settings
-from triage.ingest.models import TRIAGE_NOTE_MARKER, Ignored, InboundTicket
+from triage.ingest.models import TRIAGE_NOTE_MARKER, Ignored, InboundTicket, IntId
 from triage.ingest.signing import unauthorized
 from triage.ingest.sources.base import load_json, same_secret, secret_for, validate_payload
 
@@ -43,7 +43,7 @@ class HelpdeskFollowUp(BaseModel):
 class HelpdeskTicket(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    id: int
+    id: IntId
     queue: int | None = None
     title: str = Field(min_length=1, max_length=1000)
     description: str | None

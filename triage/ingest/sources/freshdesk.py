@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from triage.config import Settings
-from triage.ingest.models import TRIAGE_NOTE_MARKER, Ignored, InboundTicket
+from triage.ingest.models import TRIAGE_NOTE_MARKER, ExternalId, Ignored, InboundTicket
 from triage.ingest.signing import unauthorized
 from triage.ingest.sources.base import (
     as_utc,
@@ -56,7 +56,7 @@ def basic_auth_password(authorization: str | None) -> str | None:
 class FreshdeskTicket(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    ticket_id: int | str
+    ticket_id: ExternalId
     ticket_subject: str = Field("", max_length=1000)
     ticket_description: str = Field(min_length=1)
     ticket_priority: int | str | None = None

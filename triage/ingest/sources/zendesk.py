@@ -34,7 +34,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from triage.config import Settings
-from triage.ingest.models import TRIAGE_NOTE_MARKER, Ignored, InboundTicket
+from triage.ingest.models import TRIAGE_NOTE_MARKER, ExternalId, Ignored, InboundTicket
 from triage.ingest.signing import unauthorized
 from triage.ingest.sources.base import (
     as_utc,
@@ -63,7 +63,7 @@ class ZendeskRequester(BaseModel):
 class ZendeskTicket(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    id: int | str
+    id: ExternalId
     subject: str = Field("", max_length=1000)
     description: str = Field(min_length=1)
     priority: str | None = None
