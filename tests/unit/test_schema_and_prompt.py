@@ -69,6 +69,11 @@ def test_valid_label_is_normalized(taxonomy):
     assert label.summary == "two lines here"
 
 
+def test_a_nul_in_the_summary_does_not_reach_the_database(taxonomy):
+    label = validate_label(taxonomy, _label(summary="refund\u0000 request"))
+    assert label.summary == "refund request"
+
+
 @pytest.mark.parametrize(
     "bad",
     [

@@ -38,7 +38,9 @@ class TicketLabel(BaseModel):
     @field_validator("summary")
     @classmethod
     def _one_line(cls, value: str) -> str:
-        line = " ".join(value.split())
+        # A NUL in the model's JSON ("\u0000") would fail the label's INSERT on PostgreSQL,
+        # and with it every label recorded in the same transaction.
+        line = " ".join(value.replace("\x00", " ").split())
         return line[:SUMMARY_MAX_CHARS]
 
     @field_validator("language", mode="before")
