@@ -25,6 +25,9 @@ class TriageError(Exception):
         stage: str | None = None,
         request_id: str | None = None,
     ) -> None:
+        # Error text is stored (attempts, dead letters) and may quote what a remote service
+        # sent; PostgreSQL text cannot hold NUL.
+        message = message.replace("\x00", "\ufffd")
         super().__init__(message)
         self.message = message
         self.ticket_id = ticket_id

@@ -11,11 +11,13 @@ import redis
 from sqlalchemy import select, update
 
 from tests.support.stack import make_runtime, queued_ids, stack_env, truncate, wait_until
-from triage.db.models import OutboxMessage, Ticket, utcnow
+from triage.db.models import DeadLetter, OutboxMessage, Ticket, utcnow
 from triage.db.session import session_scope
+from triage.errors import PermanentError
 from triage.pipeline.publishing import PublishBatcher
 from triage.pipeline.relay import CLASSIFY_TASK, Publisher, classify_values, enqueue
 from triage.pipeline.routing import CLASSIFY_QUEUE
+from triage.reliability.deadletter import dead_letter
 from triage.reliability.sweeper import sweep_once
 
 
@@ -158,3 +160,21 @@ def test_the_publishing_thread_sends_at_once_and_marks_sent_a_moment_later(pg_ur
         assert set(s.scalars(select(Ticket.state))) == {"queued"}
     # Sent once: nothing more reached the broker.
     assert sorted(queued_ids(clean_redis, CLASSIFY_QUEUE)) == ids
+
+
+def test_an_error_quoting_a_nul_from_a_remote_service_is_still_recorded(pg_url, clean_redis):
+    # A sink's error text quotes the body it answered; PostgreSQL text refuses NUL, which
+    # would have failed the dead letter's transaction and left the ticket where it was.
+    truncate(pg_url)
+    rt = make_runtime(stack_env(pg_url, clean_redis))
+    (tid,) = _tickets(rt, 1, state="routed")
+    error = PermanentError("zendesk write-back: PUT /api answered 400: bad\x00body")
+    with session_scope(rt.sessions) as s:
+        recorded = dead_letter(
+            s, ticket_id=tid, stage="deliver", error=error, attempts=1, payload={"t": tid}
+        )
+        assert recorded is not None
+    with rt.sessions() as s:
+        letter = s.scalars(select(DeadLetter).where(DeadLetter.ticket_id == tid)).one()
+        assert letter.message.endswith("400: bad\ufffdbody")
+        assert s.get(Ticket, tid).state == "dead_lettered"
