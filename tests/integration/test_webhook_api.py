@@ -134,6 +134,24 @@ def test_malformed_json_is_400(client, runtime):
     assert count(runtime) == 0
 
 
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_not_json_and_get_400_not_a_500(client, runtime, constant):
+    # Python's json reads them; the metadata column refused them at the INSERT (a 500).
+    payload = json.dumps(ticket_payload("nan-1", metadata={"score": "X"}))
+    body = payload.replace('"X"', constant).encode()
+    resp = client.post("/webhooks/generic", content=body, headers=signed_headers(body))
+    assert_problem(resp, 400, "Malformed JSON", constant)
+    assert count(runtime) == 0
+
+
+def test_json_nested_past_the_parsers_stack_is_400_not_a_500(client, runtime):
+    body = b'{"external_id": "deep-1", "body": "b", "metadata": {"x": ' + b"[" * 1500
+    body += b"]" * 1500 + b"}}"
+    resp = client.post("/webhooks/generic", content=body, headers=signed_headers(body))
+    assert_problem(resp, 400, "nested too deeply")
+    assert count(runtime) == 0
+
+
 def test_missing_fields_are_422_naming_them(client, runtime):
     body = json.dumps({"subject": "no id, no body"}).encode()
     resp = client.post("/webhooks/generic", content=body, headers=signed_headers(body))

@@ -64,12 +64,23 @@ def text_key(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _not_json(name: str) -> Any:
+    # Python reads NaN and Infinity, which JSON (RFC 8259) does not have and a PostgreSQL
+    # json column refuses: the INSERT failed after validation, a 500 on every retry.
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def load_json(body: bytes) -> Any:
     try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return json.loads(body, parse_constant=_not_json)
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
         raise IngestError(
             f"body is not valid JSON: {exc}", status=400, title="Malformed JSON"
+        ) from None
+    except RecursionError:
+        # Nesting deeper than the parser's stack: no helpdesk sends that.
+        raise IngestError(
+            "body is not valid JSON: nested too deeply", status=400, title="Malformed JSON"
         ) from None
 
 
