@@ -134,6 +134,17 @@ def test_malformed_json_is_400(client, runtime):
     assert count(runtime) == 0
 
 
+def test_a_lone_surrogate_half_is_stored_as_a_replacement_mark_not_refused(client, runtime):
+    # An emoji escaped as a UTF-16 pair and cut between its halves: validation refused the
+    # whole ticket (422). A whole pair stays the emoji it is.
+    payload = json.dumps(ticket_payload("sur-1", body="BODY"))
+    body = payload.replace("BODY", "cut \\ud83d here, whole \\ud83d\\ude00").encode()
+    resp = client.post("/webhooks/generic", content=body, headers=signed_headers(body))
+    assert resp.status_code == 202, resp.text
+    with runtime.sessions() as s:
+        assert s.get(Ticket, resp.json()["ticket_id"]).body == "cut \ufffd here, whole \U0001f600"
+
+
 @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
 def test_nan_and_infinity_are_not_json_and_get_400_not_a_500(client, runtime, constant):
     # Python's json reads them; the metadata column refused them at the INSERT (a 500).

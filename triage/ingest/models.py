@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -12,16 +13,25 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 NUL, REPLACEMENT = "\x00", "\ufffd"
 
 
-def without_nul(value: Any) -> Any:
-    """`value` with every NUL in its strings (dict keys and nested values too) replaced by
-    U+FFFD, the mark for a character that could not be kept."""
+def map_strings(value: Any, fn: Callable[[str], str]) -> Any:
+    """`value` with `fn` applied to every string in it, dict keys and nested values too."""
     if isinstance(value, str):
-        return value.replace(NUL, REPLACEMENT) if NUL in value else value
+        return fn(value)
     if isinstance(value, dict):
-        return {without_nul(k): without_nul(v) for k, v in value.items()}
+        return {map_strings(k, fn): map_strings(v, fn) for k, v in value.items()}
     if isinstance(value, list):
-        return [without_nul(v) for v in value]
+        return [map_strings(v, fn) for v in value]
     return value
+
+
+def _nul_replaced(text: str) -> str:
+    return text.replace(NUL, REPLACEMENT) if NUL in text else text
+
+
+def without_nul(value: Any) -> Any:
+    """`value` with every NUL in its strings replaced by U+FFFD, the mark for a character
+    that could not be kept."""
+    return map_strings(value, _nul_replaced)
 
 
 # A helpdesk's ticket id as its payload carries it, bounded to what `tickets.external_id`

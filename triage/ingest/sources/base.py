@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
@@ -13,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from triage.config import Settings
 from triage.errors import IngestError
-from triage.ingest.models import Ignored, InboundTicket
+from triage.ingest.models import REPLACEMENT, Ignored, InboundTicket, map_strings
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -70,9 +71,23 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
+# A \uD800-\uDFFF escape: half of a UTF-16 surrogate pair. JSON encoders that escape
+# non-ASCII write emoji this way; a text cut between the halves leaves one alone, which
+# validation refused (422) and a ticket with a broken emoji was never stored.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _mend(text: str) -> str:
+    return _LONE_SURROGATE.sub(REPLACEMENT, text)
+
+
 def load_json(body: bytes) -> Any:
+    """The parsed body; a lone surrogate in any string becomes U+FFFD."""
     try:
-        return json.loads(body, parse_constant=_not_json)
+        data = json.loads(body, parse_constant=_not_json)
+        # Pairs were joined by the parser; only the search is paid when there are none.
+        return map_strings(data, _mend) if _SURROGATE_ESCAPE.search(body) else data
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
         raise IngestError(
             f"body is not valid JSON: {exc}", status=400, title="Malformed JSON"
