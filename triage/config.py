@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     # Identical ticket text within this window reuses the earlier label: no second paid call.
     reuse_window_hours: float = Field(72.0, ge=0)
     redact_personal_data: bool = True
+    # What of a ticket's cleaned body the model is shown. A ticket's intent is in its first
+    # lines; a pasted log or a mail thread of a megabyte would otherwise cost dollars per
+    # ticket, or exceed the model's context and be dead-lettered. ~8,000 characters is about
+    # 2,000 tokens.
+    max_ticket_chars: int = Field(8000, ge=500)
 
     webhook_secret_generic: SecretStr | None = None
     webhook_secret_zendesk: SecretStr | None = None

@@ -355,15 +355,31 @@ class TicketText(Protocol):
     def requester_email(self) -> str | None: ...
 
 
+# How far past the cut the redactor reads, so that nothing personal is cut in half.
+CUT_SLACK = 200
+
+
 def build_request(rt: Runtime, ticket: TicketText) -> ClassificationRequest:
-    """What the backend may see of a ticket: cleaned text, personal data redacted."""
+    """What the backend may see of a ticket: cleaned text, at most `max_ticket_chars` of it,
+    personal data redacted."""
+    limit = rt.settings.max_ticket_chars
     subject, body = ticket.subject, ticket.clean_text or ticket.body
+    whole = len(body)
+    # Redacting a megabyte costs more than the call, so cut first, reading CUT_SLACK past
+    # the cut: an email or phone number across it is whole when the redactor sees it. Only
+    # what the slack cut could have split is dropped, from the end, after redaction.
+    if whole > limit:
+        body = body[: limit + CUT_SLACK]
     if rt.settings.redact_personal_data:
         redactor = Redactor(
             names=[n for n in (ticket.requester_name,) if n],
             emails=[e for e in (ticket.requester_email,) if e],
         )
         subject, body = redactor(subject), redactor(body)
+    if whole > limit:
+        sliced = whole > limit + CUT_SLACK
+        body = body[: min(limit, len(body) - CUT_SLACK) if sliced else limit]
+        body += f"\n[... about {whole - limit} more characters of this ticket are not shown]"
     return ClassificationRequest(
         ticket_id=ticket.id, subject=subject, body=body, channel=ticket.channel
     )
