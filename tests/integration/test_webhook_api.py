@@ -155,12 +155,21 @@ def test_nan_and_infinity_are_not_json_and_get_400_not_a_500(client, runtime, co
     assert count(runtime) == 0
 
 
-def test_json_nested_past_the_parsers_stack_is_400_not_a_500(client, runtime):
-    body = b'{"external_id": "deep-1", "body": "b", "metadata": {"x": ' + b"[" * 1500
-    body += b"]" * 1500 + b"}}"
+@pytest.mark.parametrize("depth", [40, 1500], ids=["past the limit", "past the parser's stack"])
+def test_json_nested_too_deep_is_400_not_a_500(client, runtime, depth):
+    body = b'{"external_id": "deep-1", "body": "b", "metadata": {"x": ' + b"[" * depth
+    body += b"]" * depth + b"}}"
     resp = client.post("/webhooks/generic", content=body, headers=signed_headers(body))
-    assert_problem(resp, 400, "nested too deeply")
+    assert_problem(resp, 400, "nested deeper than 32")
     assert count(runtime) == 0
+
+
+def test_metadata_nested_a_few_levels_is_kept(client, runtime):
+    payload = ticket_payload("nest-1", metadata={"a": {"b": [{"c": [1, 2, {"d": "e"}]}]}})
+    resp = post_ticket(client, payload)
+    assert resp.status_code == 202, resp.text
+    with runtime.sessions() as s:
+        assert s.get(Ticket, resp.json()["ticket_id"]).extra == payload["metadata"]
 
 
 def test_missing_fields_are_422_naming_them(client, runtime):

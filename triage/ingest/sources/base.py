@@ -82,21 +82,47 @@ def _mend(text: str) -> str:
     return _LONE_SURROGATE.sub(REPLACEMENT, text)
 
 
+# No helpdesk nests its payload deeper than a few levels. Deeper metadata would reach the
+# recursive steps after parsing (validation, the JSON column's encoder) and fail there as
+# RecursionError, a 500, instead of here as a 400.
+MAX_JSON_DEPTH = 32
+
+
+def _nested_deeper_than(data: Any, limit: int) -> bool:
+    todo: list[tuple[Any, int]] = [(data, 1)]
+    while todo:
+        value, depth = todo.pop()
+        children = value.values() if isinstance(value, dict) else value
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth >= limit:
+                    return True
+                todo.append((child, depth + 1))
+    return False
+
+
+def _too_deep() -> IngestError:
+    return IngestError(
+        f"body is not valid JSON for a webhook: nested deeper than {MAX_JSON_DEPTH} levels",
+        status=400,
+        title="Malformed JSON",
+    )
+
+
 def load_json(body: bytes) -> Any:
     """The parsed body; a lone surrogate in any string becomes U+FFFD."""
     try:
         data = json.loads(body, parse_constant=_not_json)
-        # Pairs were joined by the parser; only the search is paid when there are none.
-        return map_strings(data, _mend) if _SURROGATE_ESCAPE.search(body) else data
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
         raise IngestError(
             f"body is not valid JSON: {exc}", status=400, title="Malformed JSON"
         ) from None
     except RecursionError:
-        # Nesting deeper than the parser's stack: no helpdesk sends that.
-        raise IngestError(
-            "body is not valid JSON: nested too deeply", status=400, title="Malformed JSON"
-        ) from None
+        raise _too_deep() from None
+    if isinstance(data, (dict, list)) and _nested_deeper_than(data, MAX_JSON_DEPTH):
+        raise _too_deep()
+    # Pairs were joined by the parser; only the search is paid when there are none.
+    return map_strings(data, _mend) if _SURROGATE_ESCAPE.search(body) else data
 
 
 def validate_payload(model: type[M], data: Any) -> M:
