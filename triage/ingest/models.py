@@ -2,37 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
-
-# JSON can carry U+0000 ("\u0000") but PostgreSQL text cannot store it: a ticket with one
-# failed its INSERT and the helpdesk's retries failed the same way, so the ticket was lost.
-NUL, REPLACEMENT = "\x00", "\ufffd"
-
-
-def map_strings(value: Any, fn: Callable[[str], str]) -> Any:
-    """`value` with `fn` applied to every string in it, dict keys and nested values too."""
-    if isinstance(value, str):
-        return fn(value)
-    if isinstance(value, dict):
-        return {map_strings(k, fn): map_strings(v, fn) for k, v in value.items()}
-    if isinstance(value, list):
-        return [map_strings(v, fn) for v in value]
-    return value
-
-
-def _nul_replaced(text: str) -> str:
-    return text.replace(NUL, REPLACEMENT) if NUL in text else text
-
-
-def without_nul(value: Any) -> Any:
-    """`value` with every NUL in its strings replaced by U+FFFD, the mark for a character
-    that could not be kept."""
-    return map_strings(value, _nul_replaced)
-
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 # A helpdesk's ticket id as its payload carries it, bounded to what `tickets.external_id`
 # (255 characters) holds: PostgreSQL refuses a longer value at INSERT, after validation,
@@ -41,7 +14,7 @@ EXTERNAL_ID_LENGTH = 255
 
 
 def _storable_id(value: int | str) -> int | str:
-    if not str(value) or len(str(value)) > EXTERNAL_ID_LENGTH:
+    if not 1 <= len(str(value)) <= EXTERNAL_ID_LENGTH:
         raise ValueError(f"must be 1 to {EXTERNAL_ID_LENGTH} characters long")
     return value
 
@@ -90,11 +63,6 @@ class InboundTicket(BaseModel):
     # `update_text` is the new text. Both None for a new ticket.
     update_key: str | None = None
     update_text: str | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _storable(cls, data: Any) -> Any:
-        return without_nul(data) if isinstance(data, dict) else data
 
 
 class Ignored(BaseModel):

@@ -6,7 +6,7 @@ import hashlib
 import hmac
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from triage.config import Settings
 from triage.errors import IngestError
-from triage.ingest.models import REPLACEMENT, Ignored, InboundTicket, map_strings
+from triage.ingest.models import Ignored, InboundTicket
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -71,15 +71,28 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
-# A \uD800-\uDFFF escape: half of a UTF-16 surrogate pair. JSON encoders that escape
-# non-ASCII write emoji this way; a text cut between the halves leaves one alone, which
-# validation refused (422) and a ticket with a broken emoji was never stored.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# Characters a parsed body can hold that the database cannot store: NUL (JSON's "\u0000";
+# PostgreSQL text refuses it, so the INSERT failed on every retry of the helpdesk) and half
+# of a UTF-16 surrogate pair (an escaped emoji cut in two; validation refused the ticket).
+# Both arrive only as \u escapes, so a body without one is not walked.
+_UNSTORABLE_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+REPLACEMENT = "\ufffd"
 
 
-def _mend(text: str) -> str:
-    return _LONE_SURROGATE.sub(REPLACEMENT, text)
+def _storable(text: str) -> str:
+    return _UNSTORABLE.sub(REPLACEMENT, text)
+
+
+def map_strings(value: Any, fn: Callable[[str], str]) -> Any:
+    """`value` with `fn` applied to every string in it, dict keys and nested values too."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {map_strings(k, fn): map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, list):
+        return [map_strings(v, fn) for v in value]
+    return value
 
 
 # No helpdesk nests its payload deeper than a few levels. Deeper metadata would reach the
@@ -110,7 +123,7 @@ def _too_deep() -> IngestError:
 
 
 def load_json(body: bytes) -> Any:
-    """The parsed body; a lone surrogate in any string becomes U+FFFD."""
+    """The parsed body, every string in it storable: NUL and lone surrogates become U+FFFD."""
     try:
         data = json.loads(body, parse_constant=_not_json)
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
@@ -121,8 +134,8 @@ def load_json(body: bytes) -> Any:
         raise _too_deep() from None
     if isinstance(data, (dict, list)) and _nested_deeper_than(data, MAX_JSON_DEPTH):
         raise _too_deep()
-    # Pairs were joined by the parser; only the search is paid when there are none.
-    return map_strings(data, _mend) if _SURROGATE_ESCAPE.search(body) else data
+    # Whole surrogate pairs were joined by the parser; only halves are left to mend.
+    return map_strings(data, _storable) if _UNSTORABLE_ESCAPE.search(body) else data
 
 
 def validate_payload(model: type[M], data: Any) -> M:
