@@ -100,7 +100,8 @@ def rows(result: dict[str, Any]) -> list[Row]:
                 f"4a. webhook at {fixed['offered_per_second']:.0f} req/s (API alone)",
                 "p99 < 50 ms",
                 f"p50 {fixed['p50_ms']} ms, p99 {fixed['p99_ms']} ms, "
-                f"{fixed['non_202']} non-202 of {fixed['requests']}",
+                f"{fixed['non_202']} non-202 of {fixed['requests']}; "
+                f"CPU {_request_cpu(fixed)} ms/request",
                 fixed["p99_ms"] < 50 and fixed["non_202"] == 0,
             )
         )
@@ -109,7 +110,7 @@ def rows(result: dict[str, Any]) -> list[Row]:
                 "4b. webhook max rate (32 clients)",
                 "(reported)",
                 f"{flat['requests_per_second']} req/s, p50 {flat['p50_ms']} ms, "
-                f"p99 {flat['p99_ms']} ms",
+                f"p99 {flat['p99_ms']} ms; CPU {_request_cpu(flat)} ms/request",
                 None,
             )
         )
@@ -150,3 +151,10 @@ def print_table(result: dict[str, Any], console: Console | None = None) -> None:
     for name, target, figure, ok in rows(result):
         table.add_row(name, target, figure, _mark(ok))
     console.print(table)
+
+
+def _request_cpu(figures: dict[str, Any]) -> str:
+    cpu = figures.get("cpu_ms_per_request")
+    if not cpu:
+        return "?"
+    return f"{cpu['api']} (api) + {cpu['postgres']} (postgres)"

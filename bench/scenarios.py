@@ -226,12 +226,17 @@ def ingestion(stack: Stack, *, rate: float, seconds: float, max_tickets: int) ->
     stack.stop_workers()
     # Warm up first: connections, first-request imports and SQL compilation caches.
     warm = post_closed_loop(stack.api_url, stack.bodies(100), clients=8)
+    meter = stack.cpu_meter()
+    meter.start()
     fixed = post_open_loop(stack.api_url, stack.bodies(int(rate * seconds)), rate=rate)
+    fixed_cpu = meter.stop()
+    meter.start()
     started = time.perf_counter()
     flat_out = post_closed_loop(stack.api_url, stack.bodies(max_tickets), clients=32)
     flat_seconds = time.perf_counter() - started
+    flat_cpu = meter.stop()
 
-    def figures(samples: list[Any]) -> dict[str, Any]:
+    def figures(samples: list[Any], cpu: dict[str, float]) -> dict[str, Any]:
         ms = [s.latency * 1000 for s in samples]
         return {
             "requests": len(samples),
@@ -240,16 +245,22 @@ def ingestion(stack: Stack, *, rate: float, seconds: float, max_tickets: int) ->
             "p50_ms": round(percentile(ms, 50), 1),
             "p99_ms": round(percentile(ms, 99), 1),
             "max_ms": round(max(ms), 1),
+            # The API's own CPU is the figure that changes with its code; the rates move with
+            # whatever else the machine is doing.
+            "cpu_ms_per_request": {
+                group: round(cpu[group] * 1000 / len(samples), 2)
+                for group in ("api", "postgres", "load_generator")
+            },
         }
 
     return {
         "fixed_rate": {
             "offered_per_second": rate,
-            **figures(fixed),
+            **figures(fixed, fixed_cpu),
             "max_start_lag_ms": round(max(s.lag for s in fixed) * 1000, 1),
         },
         "max_rate": {
-            **figures(flat_out),
+            **figures(flat_out, flat_cpu),
             "clients": 32,
             "requests_per_second": round(len(flat_out) / flat_seconds, 1),
         },
