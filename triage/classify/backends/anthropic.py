@@ -34,6 +34,7 @@ from triage.errors import (
     TriageError,
 )
 from triage.taxonomy import Taxonomy
+from triage.telemetry import tracer_installed
 
 
 class AnthropicBackend:
@@ -233,12 +234,6 @@ def sdk_tracing() -> Literal[False] | None:
     `ANTHROPIC_OPEN_TELEMETRY*` variables, a provider the application or
     `opentelemetry-instrument` installed); False turns the spans off.
     """
-    if os.environ.get("ANTHROPIC_OPEN_TELEMETRY") is not None:
+    if os.environ.get("ANTHROPIC_OPEN_TELEMETRY") is not None or tracer_installed():
         return None
-    if os.environ.get("OTEL_PYTHON_TRACER_PROVIDER"):
-        return None
-    from opentelemetry import trace
-
-    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
-        return False
-    return None
+    return False
