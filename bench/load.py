@@ -30,7 +30,7 @@ def ticket_body(run: str, i: int) -> bytes:
         "external_id": f"bench-{run}-{i}",
         "subject": f"{subject} ({run}-{i})",
         "body": f"Hello, ticket {run}-{i}: {subject.lower()}. Order number {i * 7919}. "
-        "Could you please look into it today? Thanks.",
+        f"Could you please look into it today? Thanks, Customer {i}",
         "requester": {"email": f"customer{i}@example.com", "name": f"Customer {i}"},
         "channel": "email",
         "created_at": "2026-11-24T10:00:00Z",

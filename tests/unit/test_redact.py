@@ -36,3 +36,12 @@ def test_one_redactor_serves_subject_and_body_with_whole_words_only():
 
 def test_no_personal_data_given_only_generic_patterns_apply():
     assert Redactor()("Write to x@y.example") == "Write to [EMAIL]"
+
+
+def test_the_digits_of_a_requester_name_are_not_a_name():
+    # Helpdesks fill the name from a store or team label ("Store 4417"); its number is the
+    # order or store the ticket is about, not personal data.
+    redactor = Redactor(names=["Store 4417", "4417"])
+    assert redactor("Store 4417 says order 4417 never arrived") == (
+        "[NAME] says order 4417 never arrived"
+    )

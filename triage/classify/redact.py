@@ -85,6 +85,7 @@ def _own(text: str, literals: list[str], placeholder: str, *, word: bool) -> str
 
 
 def _name_parts(name: str) -> list[str]:
-    # The full name first, then each part long enough not to hit ordinary words.
+    # The full name first, then each part long enough not to hit ordinary words. A part
+    # without a letter is not a name: in "Store 4417" the number is what the ticket is about.
     parts = [name.strip()] + [p for p in name.split() if len(p) >= 3]
-    return [p for p in dict.fromkeys(parts) if p]
+    return [p for p in dict.fromkeys(parts) if any(ch.isalpha() for ch in p)]
