@@ -47,6 +47,9 @@ def parse_args() -> argparse.Namespace:
         "--db-pool", type=int, default=8, help="workers' TRIAGE_DB_POOL_SIZE (0: triage's default)"
     )
     parser.add_argument("--api-workers", type=int, default=1, help="triage serve --workers")
+    parser.add_argument(
+        "--batch-size", type=int, default=0, help="TRIAGE_BATCH_SIZE (0: triage's default)"
+    )
     parser.add_argument("--tickets", type=int, default=1500, help="anchor and CPU-bound tickets")
     parser.add_argument("--ingest-rate", type=float, default=200.0, help="offered req/s")
     parser.add_argument("--ingest-seconds", type=float, default=10.0)
@@ -85,12 +88,14 @@ def main() -> None:
             "concurrency": args.concurrency,
             "db_pool_size": args.db_pool or "default",
             "api_workers": args.api_workers,
+            "batch_size": args.batch_size or "default",
         },
         "notes": [],
     }
     with BenchDatabase() as db, RedisLease() as lease:
         fake = FakeApi(triage_env(db.url, lease.url, ""))
-        env = triage_env(db.url, lease.url, fake.base_url)
+        batching = {"TRIAGE_BATCH_SIZE": str(args.batch_size)} if args.batch_size else {}
+        env = triage_env(db.url, lease.url, fake.base_url, **batching)
         serve, api_url = start_serve(env, args.api_workers)
         probe = Probe(db.url)
         stack = scenarios.Stack(
