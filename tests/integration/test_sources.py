@@ -357,6 +357,26 @@ def test_freshdesk_ticket_is_stored_with_original_html_and_clean_text(client, ru
     assert ticket.extra["group"] == "Logistics" and ticket.extra["priority"] == "Medium"
 
 
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [
+        ("2026-11-26T06:00:00", datetime(2026, 11, 26, 6, tzinfo=UTC)),
+        ("2026-11-26T07:00:00+01:00", datetime(2026, 11, 26, 6, tzinfo=UTC)),
+        ("0001-01-01T00:00:00+01:00", None),
+        ("9999-12-31T23:59:59-01:00", None),
+        ("Thu, 26 Nov, 2026 at 6:00 AM", None),
+    ],
+    ids=["no offset", "offset", "before year 1 in UTC", "after 9999 in UTC", "display format"],
+)
+def test_freshdesk_created_at_is_stored_in_utc_or_as_none_not_a_500(
+    client, runtime, sent, expected
+):
+    # A time UTC cannot hold failed the INSERT with an OverflowError on every retry.
+    resp = FRESHDESK.post(client, freshdesk_ticket(204, ticket_created_at=sent))
+    assert resp.status_code == 202, resp.text
+    assert stored(runtime, resp.json()["ticket_id"]).external_created_at == expected
+
+
 def test_django_helpdesk_ticket_is_stored_with_mapped_fields(client, runtime):
     resp = DJANGO_HELPDESK.post(client, helpdesk_ticket(303))
     assert resp.status_code == 202, resp.text

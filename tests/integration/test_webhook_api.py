@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 
 import pytest
 from fastapi.testclient import TestClient
@@ -170,6 +171,31 @@ def test_metadata_nested_a_few_levels_is_kept(client, runtime):
     assert resp.status_code == 202, resp.text
     with runtime.sessions() as s:
         assert s.get(Ticket, resp.json()["ticket_id"]).extra == payload["metadata"]
+
+
+@pytest.mark.parametrize(
+    ("sent", "stored"),
+    [
+        ("2026-11-24T10:00:00", datetime(2026, 11, 24, 10, tzinfo=UTC)),
+        ("2026-11-24", datetime(2026, 11, 24, tzinfo=UTC)),
+        ("2026-11-24T11:00:00+01:00", datetime(2026, 11, 24, 10, tzinfo=UTC)),
+    ],
+    ids=["no offset", "date only", "offset"],
+)
+def test_created_at_without_an_offset_is_stored_as_utc_not_a_500(client, runtime, sent, stored):
+    # A naive time reached the UTC column as it was and failed the INSERT on every retry.
+    resp = post_ticket(client, ticket_payload("naive-1", created_at=sent))
+    assert resp.status_code == 202, resp.text
+    with runtime.sessions() as s:
+        assert s.get(Ticket, resp.json()["ticket_id"]).external_created_at == stored
+
+
+@pytest.mark.parametrize("sent", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+def test_created_at_that_utc_cannot_hold_is_422_naming_it_not_a_500(client, runtime, sent):
+    resp = post_ticket(client, ticket_payload("edge-1", created_at=sent))
+    problem = assert_problem(resp, 422, "created_at", "years 1 to 9999")
+    assert [e["field"] for e in problem["errors"]] == ["created_at"]
+    assert count(runtime) == 0
 
 
 def test_missing_fields_are_422_naming_them(client, runtime):

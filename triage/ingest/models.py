@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -23,6 +23,22 @@ IntId = Annotated[int, AfterValidator(_storable_id)]
 ExternalId = Annotated[int | str, AfterValidator(_storable_id)]
 
 
+def in_utc(value: datetime) -> datetime:
+    """`value` as an aware UTC datetime, the only kind triage stores. Helpdesks that omit the
+    offset mean UTC. Converted here, while parsing: at the INSERT a time UTC cannot express
+    (year 1 with an offset east of UTC, 9999 with one west) was an OverflowError, a 500."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is outside the years 1 to 9999 once converted to UTC") from None
+
+
+# A time in a webhook: aware and in UTC.
+UTCTime = Annotated[datetime, AfterValidator(in_utc)]
+
+
 class Requester(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -40,7 +56,7 @@ class GenericTicketPayload(BaseModel):
     body: str = Field(min_length=1)
     requester: Requester = Requester()
     channel: str | None = Field(None, max_length=32)
-    created_at: datetime | None = None
+    created_at: UTCTime | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 

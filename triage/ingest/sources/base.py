@@ -7,7 +7,6 @@ import hmac
 import json
 import re
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -51,13 +50,6 @@ def same_secret(given: str | None, expected: str) -> bool:
     if not given:
         return False
     return hmac.compare_digest(given.encode(), expected.encode())
-
-
-def as_utc(value: datetime | None) -> datetime | None:
-    """Helpdesks that omit the offset mean UTC; triage stores aware datetimes only."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
 
 
 def text_key(text: str) -> str:

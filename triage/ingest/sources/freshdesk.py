@@ -30,10 +30,15 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from triage.config import Settings
-from triage.ingest.models import TRIAGE_NOTE_MARKER, ExternalId, Ignored, InboundTicket
+from triage.ingest.models import (
+    TRIAGE_NOTE_MARKER,
+    ExternalId,
+    Ignored,
+    InboundTicket,
+    in_utc,
+)
 from triage.ingest.signing import unauthorized
 from triage.ingest.sources.base import (
-    as_utc,
     load_json,
     same_secret,
     secret_for,
@@ -80,11 +85,12 @@ class FreshdeskTicket(BaseModel):
         return [] if value is None else value
 
     def created(self) -> datetime | None:
-        # Placeholder dates come in the account's display format; only ISO 8601 is used.
+        # Placeholder dates come in the account's display format; only ISO 8601 is used, and
+        # only a time UTC can hold.
         if not self.ticket_created_at:
             return None
         try:
-            return as_utc(datetime.fromisoformat(self.ticket_created_at.replace("Z", "+00:00")))
+            return in_utc(datetime.fromisoformat(self.ticket_created_at.replace("Z", "+00:00")))
         except ValueError:
             return None
 

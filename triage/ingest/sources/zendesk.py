@@ -34,10 +34,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from triage.config import Settings
-from triage.ingest.models import TRIAGE_NOTE_MARKER, ExternalId, Ignored, InboundTicket
+from triage.ingest.models import (
+    TRIAGE_NOTE_MARKER,
+    ExternalId,
+    Ignored,
+    InboundTicket,
+    UTCTime,
+)
 from triage.ingest.signing import unauthorized
 from triage.ingest.sources.base import (
-    as_utc,
     load_json,
     secret_for,
     text_key,
@@ -73,8 +78,8 @@ class ZendeskTicket(BaseModel):
     via: str | dict[str, Any] | None = None
     channel: str | None = None
     requester: ZendeskRequester = ZendeskRequester()
-    created_at: datetime | None = None
-    updated_at: datetime | None = None
+    created_at: UTCTime | None = None
+    updated_at: UTCTime | None = None
 
     @field_validator("tags", mode="before")
     @classmethod
@@ -150,7 +155,7 @@ class ZendeskSource:
             requester_email=ticket.requester.email,
             requester_name=ticket.requester.name,
             channel=ticket.channel_name(),
-            created_at=as_utc(ticket.created_at),
+            created_at=ticket.created_at,
             metadata={
                 "priority": ticket.priority,
                 "tags": ticket.tags,
