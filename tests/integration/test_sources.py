@@ -377,6 +377,20 @@ def test_freshdesk_created_at_is_stored_in_utc_or_as_none_not_a_500(
     assert stored(runtime, resp.json()["ticket_id"]).external_created_at == expected
 
 
+@pytest.mark.parametrize(
+    "sent",
+    ["", "November 26, 2026 06:00", "0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"],
+    ids=["empty", "display format", "before year 1 in UTC", "after 9999 in UTC"],
+)
+def test_zendesk_time_that_is_not_iso_is_stored_as_none_not_refused(client, runtime, sent):
+    # {{ticket.created_at_with_time}} renders for display; the whole ticket was refused (422)
+    # for a time triage does not need, and the helpdesk does not resend a refused ticket.
+    resp = ZENDESK.post(client, zendesk_ticket(105, created_at=sent, updated_at=sent))
+    assert resp.status_code == 202, resp.text
+    ticket = stored(runtime, resp.json()["ticket_id"])
+    assert ticket.external_id == "105" and ticket.external_created_at is None
+
+
 def test_django_helpdesk_ticket_is_stored_with_mapped_fields(client, runtime):
     resp = DJANGO_HELPDESK.post(client, helpdesk_ticket(303))
     assert resp.status_code == 202, resp.text

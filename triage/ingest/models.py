@@ -5,7 +5,15 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+)
 
 # A helpdesk's ticket id as its payload carries it, bounded to what `tickets.external_id`
 # (255 characters) holds: PostgreSQL refuses a longer value at INSERT, after validation,
@@ -35,8 +43,20 @@ def in_utc(value: datetime) -> datetime:
         raise ValueError("is outside the years 1 to 9999 once converted to UTC") from None
 
 
+def _unparsable_as_none(value: Any, handler: ValidatorFunctionWrapHandler) -> datetime | None:
+    try:
+        parsed = handler(value)
+    except ValidationError:
+        return None
+    return parsed if isinstance(parsed, datetime) else None
+
+
 # A time in a webhook: aware and in UTC.
 UTCTime = Annotated[datetime, AfterValidator(in_utc)]
+# A helpdesk's time field, filled from whatever placeholder the admin chose: a value that is
+# not a time UTC can hold (a display format, an empty string) is no time, not a reason to
+# refuse the ticket.
+LenientUTCTime = Annotated[UTCTime | None, WrapValidator(_unparsable_as_none)]
 
 
 class Requester(BaseModel):

@@ -39,7 +39,7 @@ from triage.ingest.models import (
     ExternalId,
     Ignored,
     InboundTicket,
-    UTCTime,
+    LenientUTCTime,
 )
 from triage.ingest.signing import unauthorized
 from triage.ingest.sources.base import (
@@ -78,8 +78,10 @@ class ZendeskTicket(BaseModel):
     via: str | dict[str, Any] | None = None
     channel: str | None = None
     requester: ZendeskRequester = ZendeskRequester()
-    created_at: UTCTime | None = None
-    updated_at: UTCTime | None = None
+    # {{ticket.created_at_with_time}} renders for display ("November 26, 2026 06:00"); only
+    # {{ticket.created_at_with_timestamp}} is ISO 8601.
+    created_at: LenientUTCTime = None
+    updated_at: LenientUTCTime = None
 
     @field_validator("tags", mode="before")
     @classmethod
