@@ -156,6 +156,25 @@ def test_nan_and_infinity_are_not_json_and_get_400_not_a_500(client, runtime, co
     assert count(runtime) == 0
 
 
+@pytest.mark.parametrize("number", ["1e400", "-1e400", "1.5e309"])
+def test_a_number_beyond_a_double_is_not_json_and_gets_400_not_a_500(client, runtime, number):
+    # Python reads it as Infinity, which the metadata column refused at the INSERT (a 500).
+    payload = json.dumps(ticket_payload("big-number-1", metadata={"amount": "X", "ok": 1e300}))
+    body = payload.replace('"X"', number).encode()
+    resp = client.post("/webhooks/generic", content=body, headers=signed_headers(body))
+    assert_problem(resp, 400, "Malformed JSON", number)
+    assert count(runtime) == 0
+
+
+def test_numbers_a_double_holds_are_stored_as_sent(client, runtime):
+    metadata = {"amount": 1e300, "tiny": 1e-400, "price": 12.5, "count": 10**30}
+    resp = post_ticket(client, ticket_payload("numbers-1", metadata=metadata))
+    assert resp.status_code == 202, resp.text
+    with runtime.sessions() as s:
+        extra = s.get(Ticket, resp.json()["ticket_id"]).extra
+    assert extra == {"amount": 1e300, "tiny": 0.0, "price": 12.5, "count": 10**30}
+
+
 @pytest.mark.parametrize("depth", [40, 1500], ids=["past the limit", "past the parser's stack"])
 def test_json_nested_too_deep_is_400_not_a_500(client, runtime, depth):
     body = b'{"external_id": "deep-1", "body": "b", "metadata": {"x": ' + b"[" * depth

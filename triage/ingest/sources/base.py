@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar
@@ -63,6 +64,14 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
+def _finite(number: str) -> float:
+    # A number beyond a double's range (1e400) reads as Infinity, refused the same way.
+    value = float(number)
+    if not math.isfinite(value):
+        raise ValueError(f"number {number[:32]} is beyond the range of a double")
+    return value
+
+
 # Characters a parsed body can hold that the database cannot store: NUL (JSON's "\u0000";
 # PostgreSQL text refuses it, so the INSERT failed on every retry of the helpdesk) and half
 # of a UTF-16 surrogate pair (an escaped emoji cut in two; validation refused the ticket).
@@ -117,7 +126,7 @@ def _too_deep() -> IngestError:
 def load_json(body: bytes) -> Any:
     """The parsed body, every string in it storable: NUL and lone surrogates become U+FFFD."""
     try:
-        data = json.loads(body, parse_constant=_not_json)
+        data = json.loads(body, parse_constant=_not_json, parse_float=_finite)
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
         raise IngestError(
             f"body is not valid JSON: {exc}", status=400, title="Malformed JSON"
