@@ -146,6 +146,24 @@ def test_a_lone_surrogate_half_is_stored_as_a_replacement_mark_not_refused(clien
         assert s.get(Ticket, resp.json()["ticket_id"]).body == "cut \ufffd here, whole \U0001f600"
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le"])
+def test_a_body_not_in_utf8_is_400_not_a_500(client, runtime, encoding):
+    # json.loads reads UTF-16 and UTF-32 too, and the \u0000 in them slipped past the NUL
+    # cleaning (it looked for the escape in UTF-8 bytes): the INSERT failed with a 500.
+    body = json.dumps(ticket_payload("enc-1", body="Charged twice\u0000")).encode(encoding)
+    resp = client.post("/webhooks/generic", content=body, headers=signed_headers(body))
+    assert_problem(resp, 400, "Malformed JSON", "UTF-8")
+    assert count(runtime) == 0
+
+
+def test_a_utf8_body_with_a_byte_order_mark_is_accepted_and_cleaned(client, runtime):
+    body = json.dumps(ticket_payload("bom-1", body="Charged twice\u0000")).encode("utf-8-sig")
+    resp = client.post("/webhooks/generic", content=body, headers=signed_headers(body))
+    assert resp.status_code == 202, resp.text
+    with runtime.sessions() as s:
+        assert s.get(Ticket, resp.json()["ticket_id"]).body == "Charged twice\ufffd"
+
+
 @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
 def test_nan_and_infinity_are_not_json_and_get_400_not_a_500(client, runtime, constant):
     # Python's json reads them; the metadata column refused them at the INSERT (a 500).

@@ -76,7 +76,7 @@ def _finite(number: str) -> float:
 # PostgreSQL text refuses it, so the INSERT failed on every retry of the helpdesk) and half
 # of a UTF-16 surrogate pair (an escaped emoji cut in two; validation refused the ticket).
 # Both arrive only as \u escapes, so a body without one is not walked.
-_UNSTORABLE_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
+_UNSTORABLE_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 REPLACEMENT = "\ufffd"
 
@@ -123,11 +123,33 @@ def _too_deep() -> IngestError:
     )
 
 
+def _utf8_text(body: bytes) -> str:
+    """The body as text. JSON between systems is UTF-8 (RFC 8259, section 8.1): json.loads
+    would also read UTF-16 and UTF-32 bytes, whose \\u0000 escapes the check for unstorable
+    escapes never saw, so the NUL reached PostgreSQL (a 500 on every retry)."""
+    try:
+        text = body.decode("utf-8-sig")  # a UTF-8 byte order mark was always accepted
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(str(exc)) from None
+    # UTF-16 and UTF-32 without a byte order mark decode as UTF-8 with NULs between the
+    # characters; a raw NUL is in no UTF-8 JSON text.
+    if "\x00" in text:
+        raise _not_utf8("it holds NUL bytes (UTF-16 or UTF-32?)")
+    return text
+
+
+def _not_utf8(why: str) -> IngestError:
+    return IngestError(
+        f"body is not UTF-8 JSON (RFC 8259): {why}", status=400, title="Malformed JSON"
+    )
+
+
 def load_json(body: bytes) -> Any:
     """The parsed body, every string in it storable: NUL and lone surrogates become U+FFFD."""
+    text = _utf8_text(body)
     try:
-        data = json.loads(body, parse_constant=_not_json, parse_float=_finite)
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+        data = json.loads(text, parse_constant=_not_json, parse_float=_finite)
+    except (json.JSONDecodeError, ValueError) as exc:
         raise IngestError(
             f"body is not valid JSON: {exc}", status=400, title="Malformed JSON"
         ) from None
@@ -136,7 +158,7 @@ def load_json(body: bytes) -> Any:
     if isinstance(data, (dict, list)) and _nested_deeper_than(data, MAX_JSON_DEPTH):
         raise _too_deep()
     # Whole surrogate pairs were joined by the parser; only halves are left to mend.
-    return map_strings(data, _storable) if _UNSTORABLE_ESCAPE.search(body) else data
+    return map_strings(data, _storable) if _UNSTORABLE_ESCAPE.search(text) else data
 
 
 def validate_payload(model: type[M], data: Any) -> M:
