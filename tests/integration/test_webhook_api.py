@@ -128,6 +128,16 @@ def test_replayed_old_signature_is_401(client, runtime):
     assert count(runtime) == 0
 
 
+def test_a_timestamp_of_hundreds_of_digits_is_401_not_a_500(client, runtime):
+    # Checked before authentication, so anyone could cause the 500 (an OverflowError).
+    body = json.dumps(ticket_payload("ts-1")).encode()
+    headers = {**signed_headers(body), "webhook-timestamp": "1" + "0" * 400}
+    assert_problem(
+        client.post("/webhooks/generic", content=body, headers=headers), 401, "tolerance"
+    )
+    assert count(runtime) == 0
+
+
 def test_malformed_json_is_400(client, runtime):
     body = b'{"external_id": "x", "body": '
     resp = client.post("/webhooks/generic", content=body, headers=signed_headers(body))

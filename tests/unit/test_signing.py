@@ -61,3 +61,11 @@ def test_stale_and_future_timestamps_are_refused():
         ts = int(time.time()) + offset
         with pytest.raises(IngestError, match="tolerance"):
             verify(SECRET, reference_headers(BODY, ts), BODY, tolerance=300)
+
+
+@pytest.mark.parametrize("ts_text", ["1" + "0" * 400, "-" + "9" * 400, str(2**1024)])
+def test_a_timestamp_too_large_for_a_float_is_401_not_an_overflow(ts_text):
+    headers = {**reference_headers(BODY, int(time.time())), "webhook-timestamp": ts_text}
+    with pytest.raises(IngestError, match="tolerance") as info:
+        verify(SECRET, headers, BODY)
+    assert info.value.status == 401
