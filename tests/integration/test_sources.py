@@ -273,6 +273,20 @@ def test_freshdesk_basic_auth_password_is_accepted_and_wrong_one_refused(client,
     assert resp.status_code == 202, resp.text
 
 
+@pytest.mark.parametrize(
+    "authorization",
+    ["Basic é".encode(), "Basic é".encode("latin-1"), b"Basic \xff\xfe", b"Basic /zp4"],
+    ids=["utf-8 e-acute", "latin-1 e-acute", "raw bytes", "base64 of non-UTF-8"],
+)
+def test_freshdesk_non_ascii_basic_auth_is_401_not_a_500(client, runtime, authorization):
+    # b64decode raises a plain ValueError for a str with non-ASCII characters; only
+    # binascii.Error was caught, so anyone could cause a 500 before authentication.
+    body = json.dumps(freshdesk_ticket()).encode()
+    headers = {"content-type": "application/json", "authorization": authorization}
+    assert_problem(client.post("/webhooks/freshdesk", content=body, headers=headers), 401)
+    assert count(runtime) == 0
+
+
 def test_django_helpdesk_token_in_query_string_is_accepted(client, runtime):
     resp = DJANGO_HELPDESK.post(
         client, helpdesk_ticket(), url=f"/webhooks/django-helpdesk?token={HELPDESK_TOKEN}"

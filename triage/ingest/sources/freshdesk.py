@@ -22,7 +22,6 @@ the update policy. Triage's own note is private, so it never appears there.
 from __future__ import annotations
 
 import base64
-import binascii
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -50,9 +49,11 @@ from triage.ingest.sources.base import (
 def basic_auth_password(authorization: str | None) -> str | None:
     if not authorization or not authorization.lower().startswith("basic "):
         return None
+    # ValueError covers binascii.Error, UnicodeDecodeError and the ValueError b64decode
+    # raises for a str with non-ASCII characters (that was a 500, before authentication).
     try:
         decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:
         return None
     _user, sep, password = decoded.partition(":")
     return password if sep else None
