@@ -112,6 +112,12 @@ def test_ticket_view_shows_state(client):
     assert_problem(client.get("/tickets/999999"), 404, "not found")
 
 
+@pytest.mark.parametrize("ticket_id", [2**63, 99999999999999999999, -(2**63) - 1, 0])
+def test_ticket_id_no_ticket_can_have_is_404_not_a_500(client, ticket_id):
+    # Beyond bigint PostgreSQL refused the query with NumericValueOutOfRange (a 500).
+    assert_problem(client.get(f"/tickets/{ticket_id}"), 404, "not found")
+
+
 def test_bad_signature_is_401_and_stores_nothing(client, runtime):
     body = json.dumps(ticket_payload("sig-1")).encode()
     headers = signed_headers(body, secret="whsec_" + "d3Jvbmcgc2VjcmV0IGtleSAxMjM0NTY3OA==")

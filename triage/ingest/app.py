@@ -33,6 +33,9 @@ from triage.telemetry import any_provider_installed
 
 log = logging.getLogger(__name__)
 
+# The largest value of tickets.id (a PostgreSQL bigint).
+BIGINT_MAX = 2**63 - 1
+
 
 async def read_body_limited(request: Request, limit: int) -> bytes:
     """Read at most `limit` bytes; refuse larger bodies without reading them all."""
@@ -142,8 +145,11 @@ def create_app(rt: Runtime | None = None, *, relay_interval: float = 2.0) -> Fas
 
     @app.get("/tickets/{ticket_id}")
     def get_ticket(ticket_id: int) -> dict[str, Any]:
-        with runtime.sessions() as session:
-            view = ticket_view(session, ticket_id)
+        view = None
+        # Beyond bigint PostgreSQL refuses the query itself (a 500); no ticket has such an id.
+        if 0 < ticket_id <= BIGINT_MAX:
+            with runtime.sessions() as session:
+                view = ticket_view(session, ticket_id)
         if view is None:
             raise IngestError(f"ticket {ticket_id} not found", status=404, title="Not found")
         return view
