@@ -4,14 +4,14 @@ not the classification, and can be replayed."""
 
 from __future__ import annotations
 
-import shutil
-
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from tests.support.fakehttp import Reply, running_api
 from tests.support.stack import (
+    SINK_SECRET,
     WorkerProcess,
+    config_with_webhook_sink,
     make_runtime,
     post_ticket,
     stack_env,
@@ -19,14 +19,11 @@ from tests.support.stack import (
     truncate,
     wait_until,
 )
-from triage.config import PROJECT_ROOT
 from triage.db.models import Classification, DeadLetter, Dispatch, OutboxMessage, Ticket
 from triage.db.session import session_scope
 from triage.embedded import EmbeddedRedis, _free_port
 from triage.ingest.app import create_app
 from triage.reliability.deadletter import replay
-
-SINK_SECRET = "whsec_c2luay1yZXNpbGllbmNlLXRlc3Qtc2VjcmV0LTAx"
 
 
 def _states(rt, ids):
@@ -81,19 +78,6 @@ def test_broker_down_during_ingestion_accepts_and_classifies_once_it_is_back(pg_
         assert s.scalar(select(func.count()).select_from(Dispatch)) == 10
 
 
-def _config_with_webhook_sink(tmp_path, url: str):
-    config = tmp_path / "config"
-    shutil.copytree(PROJECT_ROOT / "config", config, ignore=shutil.ignore_patterns("samples"))
-    (config / "sinks.yaml").write_text(
-        "webhooks:\n"
-        "  receiver:\n"
-        f"    url: {url}/hook\n"
-        "    secret_env: TRIAGE_SINK_SECRET_RECEIVER\n"
-        "default: [webhook:receiver]\n"
-    )
-    return config
-
-
 def test_failing_sink_dead_letters_the_delivery_and_replay_delivers_it(
     pg_url, clean_redis, tmp_path
 ):
@@ -103,7 +87,7 @@ def test_failing_sink_dead_letters_the_delivery_and_replay_delivers_it(
         env = stack_env(
             pg_url,
             clean_redis,
-            TRIAGE_CONFIG_DIR=str(_config_with_webhook_sink(tmp_path, receiver.url)),
+            TRIAGE_CONFIG_DIR=str(config_with_webhook_sink(tmp_path, receiver.url)),
             TRIAGE_SINK_SECRET_RECEIVER=SINK_SECRET,
             TRIAGE_DELIVER_MAX_ATTEMPTS="3",
         )

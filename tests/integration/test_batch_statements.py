@@ -4,7 +4,7 @@ a plain statement, many take arrays on PostgreSQL), on PostgreSQL and on SQLite.
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from tests.support.stack import truncate
 from triage.db.migrate import upgrade
@@ -75,6 +75,7 @@ def test_transition_each_moves_only_allowed_tickets_with_their_own_values(sessio
             s,
             moves,
             only_from=frozenset({S.CLASSIFYING}),
+            generations={i: 0 for i in ids},
             each={"department": {i: f"dept-{i}" for i in ids}},
             last_error=None,
         )
@@ -89,7 +90,33 @@ def test_transition_each_moves_only_allowed_tickets_with_their_own_values(sessio
             assert (rows[i].state, rows[i].department) == (state, None)
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_transition_each_moves_a_ticket_only_in_the_generation_given(sessions, n):
+    # One statement per size: a single row and the batch form (arrays on PostgreSQL).
+    ids = _tickets(sessions, ["classifying"] * n)
+    with session_scope(sessions) as s:
+        s.execute(update(Ticket).where(Ticket.id == ids[0]).values(generation=1))
+    with session_scope(sessions) as s:
+        moved = transition_each(
+            s,
+            {i: S.ROUTED for i in ids},
+            only_from=frozenset({S.CLASSIFYING}),
+            # What the attempts read when they claimed: generation 0 for all.
+            generations={i: 0 for i in ids},
+            each={},
+        )
+    assert moved == set(ids[1:])
+    with sessions() as s:
+        assert s.get(Ticket, ids[0]).state == "classifying"  # type: ignore[union-attr]
+
+
 def test_transition_each_refuses_a_move_the_state_machine_forbids(sessions):
     (ticket,) = _tickets(sessions, ["received"])
     with session_scope(sessions) as s, pytest.raises(IllegalTransitionError):
-        transition_each(s, {ticket: S.ROUTED}, only_from=frozenset({S.RECEIVED}), each={})
+        transition_each(
+            s,
+            {ticket: S.ROUTED},
+            only_from=frozenset({S.RECEIVED}),
+            generations={ticket: 0},
+            each={},
+        )

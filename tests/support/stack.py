@@ -7,6 +7,7 @@ import atexit
 import base64
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +28,8 @@ from triage.ingest.signing import sign
 from triage.pipeline.runtime import Runtime
 
 GENERIC_SECRET = "whsec_" + "dHJpYWdlLXRlc3Qtc2VjcmV0LWtleS0wMTIzNDU2Nzg5"
+# For the webhook sink `config_with_webhook_sink` writes (TRIAGE_SINK_SECRET_RECEIVER).
+SINK_SECRET = "whsec_c2luay1yZXNpbGllbmNlLXRlc3Qtc2VjcmV0LTAx"
 TABLES = ("outbox", "attempts", "dead_letters", "dispatches", "classifications", "tickets")
 
 
@@ -227,3 +230,17 @@ def queued_ids(redis_url: str, queue: str) -> list[int]:
             elif name.endswith("_id"):
                 ids.append(value)
     return ids
+
+
+def config_with_webhook_sink(tmp_path: Path, url: str) -> Path:
+    """config/ as shipped, with every department delivered to a webhook receiver at `url`."""
+    config = tmp_path / "config"
+    shutil.copytree(PROJECT_ROOT / "config", config, ignore=shutil.ignore_patterns("samples"))
+    (config / "sinks.yaml").write_text(
+        "webhooks:\n"
+        "  receiver:\n"
+        f"    url: {url}/hook\n"
+        "    secret_env: TRIAGE_SINK_SECRET_RECEIVER\n"
+        "default: [webhook:receiver]\n"
+    )
+    return config

@@ -16,6 +16,7 @@ from triage.db.models import Classification, DeadLetter, Dispatch, Ticket, Ticke
 from triage.ingest.models import InboundTicket
 from triage.pipeline.relay import Pending, Publisher, classify_values, write_outbox
 from triage.pipeline.states import transition
+from triage.reliability.deadletter import close_open_letters
 
 # Between the stored text and each update appended to it, so history stays readable.
 UPDATE_SEPARATOR = "\n\n--- update {key} ---\n"
@@ -96,12 +97,18 @@ def accept_ticket(
         },
     ).scalar()
     if ticket_id is None:
-        existing = session.scalars(
-            select(Ticket).where(
-                Ticket.source == inbound.source, Ticket.external_id == inbound.external_id
-            )
-        ).one()
-        if update_policy == "retriage" and inbound.update_key and inbound.update_text:
+        retriage = update_policy == "retriage" and inbound.update_key and inbound.update_text
+        query = select(Ticket).where(
+            Ticket.source == inbound.source, Ticket.external_id == inbound.external_id
+        )
+        if retriage:
+            # Concurrent updates of one ticket take turns here, each appending to what the one
+            # before it committed. Without the lock, two different comments arriving together
+            # both read one generation, one lost the compare-and-set in `_retriage`, and was
+            # answered as a duplicate: its text was never stored.
+            query = query.with_for_update()
+        existing = session.scalars(query.execution_options(populate_existing=True)).one()
+        if retriage:
             retriaged = _retriage(session, existing, inbound, publisher)
             if retriaged is not None:
                 return retriaged
@@ -147,11 +154,14 @@ def _retriage(
         content_hash=content_hash(ticket.subject, clean),
         extra={**(ticket.extra or {}), APPLIED_UPDATES: [*applied, inbound.update_key]},
         generation=ticket.generation + 1,
+        # New text is new work: the attempt bound starts again, as for a reprocessed ticket.
+        attempts=0,
         department=None,
         review_reason=None,
     )
     if not moved:
         return None
+    close_open_letters(session, ticket.id)
     return Accepted(
         ticket_id=ticket.id,
         duplicate=False,

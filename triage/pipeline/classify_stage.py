@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, Protocol
 
-from sqlalchemy import bindparam, delete, func, select, update
+from sqlalchemy import bindparam, delete, func, select
 from sqlalchemy.orm import Session
 
 from triage.classify.backends.base import ClassificationRequest, ClassificationResult, Usage
@@ -51,6 +51,7 @@ from triage.pipeline.relay import (
 from triage.pipeline.routing import CLASSIFY_QUEUE, Route, decide_route
 from triage.pipeline.runtime import Runtime
 from triage.pipeline.states import claim_for_classification, transition, transition_each
+from triage.reliability.deadletter import close_open_letters
 from triage.reliability.guard import StageFailure, handle_failure
 from triage.reliability.limits import Admission
 from triage.reliability.retry import classify_lease_seconds, policy_for
@@ -259,6 +260,7 @@ def _defer(rt: Runtime, claim: _Claim, wait: float) -> str:
             claim.ticket_id,
             S.QUEUED,
             only_from=frozenset({S.CLASSIFYING}),
+            where=[Ticket.generation == claim.generation],
             attempts=Ticket.attempts - 1,
         )
         # Jitter, so tickets deferred together do not all come back in the same instant.
@@ -457,7 +459,15 @@ def _reuse(source: Classification) -> ClassificationResult:
 
 def _failure(rt: Runtime, claim: _Claim, api_calls: int) -> StageFailure:
     def back_to_queued(session: Session) -> None:
-        transition(session, claim.ticket_id, S.QUEUED, only_from=frozenset({S.CLASSIFYING}))
+        # Only this attempt's claim: if the ticket has new text since, another worker may be
+        # classifying it now, and that claim is not ours to take away.
+        transition(
+            session,
+            claim.ticket_id,
+            S.QUEUED,
+            only_from=frozenset({S.CLASSIFYING}),
+            where=[Ticket.generation == claim.generation],
+        )
 
     return StageFailure(
         ticket_id=claim.ticket_id,
@@ -470,6 +480,7 @@ def _failure(rt: Runtime, claim: _Claim, api_calls: int) -> StageFailure:
         on_retry=back_to_queued,
         api_calls=api_calls,
         dead_from=CLAIMABLE,
+        generation=claim.generation,
     )
 
 
@@ -523,6 +534,7 @@ def _record(
         session,
         {i: S.NEEDS_REVIEW if route.needs_review else S.ROUTED for i, route in routes.items()},
         only_from=frozenset({S.CLASSIFYING}),
+        generations={claim.ticket_id: claim.generation for claim, _ in done},
         each={
             "current_classification_id": labels,
             "department": {i: route.department for i, route in routes.items()},
@@ -539,11 +551,39 @@ def _record(
             recorded.label_ids[ticket_id] = labels[ticket_id]
             recorded.outcomes[ticket_id] = "review" if route.needs_review else "routed"
         else:
-            # Another worker finished this ticket first; its label stands, ours goes.
+            # Another worker finished this ticket first, or it has new text (a re-triage or
+            # reprocess since our claim): the other label stands, or is yet to come; ours goes.
             dropped.append(labels[ticket_id])
             recorded.outcomes[ticket_id] = "superseded"
     if dropped:
         session.execute(delete(Classification).where(Classification.id.in_(dropped)))
+    # Every attempt that got an answer is on record, a superseded one too: its call was paid
+    # for, and the ticket's attempt count includes it.
+    finished = utcnow()
+    insert_rows(
+        session,
+        Attempt,
+        [
+            {
+                "ticket_id": claim.ticket_id,
+                "stage": "classify",
+                "number": claim.attempt,
+                "finished_at": finished,
+                "outcome": (
+                    "superseded"
+                    if recorded.outcomes[claim.ticket_id] == "superseded"
+                    else "reused"
+                    if result.reused_from_id
+                    else "ok"
+                ),
+                "request_id": result.request_id,
+                "api_calls": result.calls,
+                "latency_ms": result.latency_ms,
+            }
+            for claim, result in done
+        ],
+        returning=None,
+    )
     if not kept:
         return recorded
     dispatch_ids = insert_rows(
@@ -568,25 +608,6 @@ def _record(
             for (claim, _result, route, _label), dispatch_id in zip(kept, dispatch_ids, strict=True)
         ],
     )
-    finished = utcnow()
-    insert_rows(
-        session,
-        Attempt,
-        [
-            {
-                "ticket_id": claim.ticket_id,
-                "stage": "classify",
-                "number": claim.attempt,
-                "finished_at": finished,
-                "outcome": "reused" if result.reused_from_id else "ok",
-                "request_id": result.request_id,
-                "api_calls": result.calls,
-                "latency_ms": result.latency_ms,
-            }
-            for claim, result, _route, _label in kept
-        ],
-        returning=None,
-    )
     return recorded
 
 
@@ -610,14 +631,7 @@ def reopen(session: Session, ticket_id: int, generation: int) -> bool:
         review_reason=None,
     )
     if moved:
-        # A dead-lettered ticket classified again is, in effect, replayed: its open letters
-        # must not stay in `dlq list` as if it still needed an operator.
-        session.execute(
-            update(DeadLetter)
-            .where(DeadLetter.ticket_id == ticket_id, DeadLetter.replayed_at.is_(None))
-            .values(replayed_at=utcnow())
-            .execution_options(synchronize_session=False)
-        )
+        close_open_letters(session, ticket_id)
     return moved
 
 

@@ -33,6 +33,8 @@ class _Job:
     attempt: int
     age_seconds: float
     attempt_id: int
+    # The ticket generation the dispatch belongs to.
+    generation: int
 
 
 class SinksDone(Exception):
@@ -287,6 +289,7 @@ def _begin(
                     attempt=dispatch.delivery_attempts,
                     age_seconds=(now - dispatch.created_at).total_seconds(),
                     attempt_id=marker_id,
+                    generation=dispatch.generation,
                 )
             )
         order = {dispatch_id: i for i, dispatch_id in enumerate(dispatch_ids)}
@@ -329,4 +332,7 @@ def _failure(job: _Job) -> StageFailure:
         args={"dispatch_id": job.delivery.dispatch_id},
         dead_from=frozenset({S.ROUTED, S.NEEDS_REVIEW}),
         attempt_id=job.attempt_id,
+        # A dispatch of an earlier generation failing (its sink was slow, and the ticket was
+        # re-triaged and routed again meanwhile) must not dead-letter the new routing.
+        generation=job.generation,
     )

@@ -148,11 +148,16 @@ def transition_each(
     moves: Mapping[int, TicketState],
     *,
     only_from: frozenset[TicketState],
+    generations: Mapping[int, int],
     each: Mapping[str, Mapping[int, Any]],
     **fields: Any,
 ) -> set[int]:
     """Move each ticket in `moves` to its own state, in one UPDATE: `each` gives per-ticket
-    values by column, `fields` values shared by all. Returns the ids that moved."""
+    values by column, `fields` values shared by all. Returns the ids that moved.
+
+    A ticket moves only while it is still in the generation `generations` names for it: an
+    attempt that read an earlier text (the ticket was re-triaged or reprocessed meanwhile,
+    and may be `classifying` again under another worker) must not finish the new one."""
     if not moves:
         return set()
     for to in set(moves.values()):
@@ -170,11 +175,11 @@ def transition_each(
         (ticket_id,) = ids
         params.update({f"v_{name}": columns[name][ticket_id] for name in columns})
         stmt = _each_one(*shape)
-        return set(
-            connection.execute(stmt, {**params, "one_id": ticket_id, "now": utcnow()}).scalars()
-        )
+        one = {"one_id": ticket_id, "one_generation": generations[ticket_id], "now": utcnow()}
+        return set(connection.execute(stmt, {**params, **one}).scalars())
     if connection.dialect.name == "postgresql" and plain_fields:
         params.update({f"v_{name}": [columns[name][i] for i in ids] for name in columns})
+        params["generations"] = [generations[i] for i in ids]
         stmt = _each_by_arrays(*shape)
         return set(connection.execute(stmt, {**params, "ids": ids, "now": utcnow()}).scalars())
     per_ticket = {
@@ -182,9 +187,10 @@ def transition_each(
         for column, values in columns.items()
     }
     allowed = Ticket.state.in_([s.value for s in only_from])
+    current = Ticket.generation == case({i: generations[i] for i in ids}, value=Ticket.id)
     stmt = (
         update(Ticket)
-        .where(allowed, _locked_in_id_order(Ticket.id.in_(ids), allowed))
+        .where(allowed, current, _locked_in_id_order(Ticket.id.in_(ids), allowed))
         .values(state_changed_at=utcnow(), **per_ticket, **fields)
         .returning(Ticket.id)
     )
@@ -201,6 +207,7 @@ def _each_one(
         .where(
             Ticket.id == bindparam("one_id"),
             Ticket.state.in_(sorted(s.value for s in only_from)),
+            Ticket.generation == bindparam("one_generation"),
         )
         .values(
             state_changed_at=bindparam("now"),
@@ -225,12 +232,13 @@ def _each_by_arrays(
     values = (
         func.unnest(
             ids,
+            bindparam("generations", type_=postgresql.ARRAY(table.c["generation"].type)),
             *(
                 bindparam(f"v_{name}", type_=postgresql.ARRAY(table.c[name].type))
                 for name in columns
             ),
         )
-        .table_valued("id", *columns)
+        .table_valued("id", "expected_generation", *columns)
         .render_derived()
     )
     allowed = Ticket.state.in_(sorted(s.value for s in only_from))
@@ -239,6 +247,7 @@ def _each_by_arrays(
         .where(
             Ticket.id == values.c.id,
             allowed,
+            Ticket.generation == values.c.expected_generation,
             _locked_in_id_order(Ticket.id == func.any(ids), allowed),
         )
         .values(

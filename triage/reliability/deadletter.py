@@ -28,6 +28,9 @@ from triage.pipeline.states import transition
 
 S = TicketState
 
+# Attempt outcomes that are not failures.
+ANSWERED = ("ok", "reused", "superseded")
+
 
 def dead_letter(
     session: Session,
@@ -38,14 +41,18 @@ def dead_letter(
     attempts: int,
     payload: dict[str, Any],
     only_from: frozenset[TicketState] | None = None,
+    generation: int | None = None,
 ) -> tuple[DeadLetter, int] | None:
     """Record the failure, move the ticket to dead_lettered and announce it on triage.dead,
     all in the caller's transaction. Returns the letter and the announcement's outbox id to
     publish, or None when the ticket is already dead-lettered or finished (a redelivered copy
-    of the message lost the race): one letter per failure, never two."""
+    of the message lost the race), or has moved past `generation`: one letter per failure,
+    never two, and never one for work that is no longer current."""
     first_failed = session.scalar(
         select(func.min(Attempt.started_at)).where(
-            Attempt.ticket_id == ticket_id, Attempt.stage == stage, Attempt.outcome != "ok"
+            Attempt.ticket_id == ticket_id,
+            Attempt.stage == stage,
+            Attempt.outcome.not_in(ANSWERED),
         )
     )
     now = utcnow()
@@ -61,7 +68,12 @@ def dead_letter(
         payload=payload,
     )
     moved = transition(
-        session, ticket_id, S.DEAD_LETTERED, only_from=only_from, last_error=str(error)[:4000]
+        session,
+        ticket_id,
+        S.DEAD_LETTERED,
+        only_from=only_from,
+        where=[] if generation is None else [Ticket.generation == generation],
+        last_error=str(error)[:4000],
     )
     if not moved:
         return None
@@ -81,6 +93,18 @@ def dead_letter(
         },
     )
     return letter, notice_id
+
+
+def close_open_letters(session: Session, ticket_id: int) -> None:
+    """A dead-lettered ticket sent back to classification for another reason (new customer
+    text, reprocessing) is, in effect, replayed: its open letters must not stay in `dlq list`
+    as if it still needed an operator, nor be replayable later over the newer work."""
+    session.execute(
+        update(DeadLetter)
+        .where(DeadLetter.ticket_id == ticket_id, DeadLetter.replayed_at.is_(None))
+        .values(replayed_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +133,14 @@ def replay(session: Session, dead_letter_id: int) -> Replayed | None:
         return None
     ticket = session.get(Ticket, letter.ticket_id)
     if ticket is None or ticket.state != S.DEAD_LETTERED:
+        return None
+    newest = session.scalar(
+        select(func.max(DeadLetter.id)).where(DeadLetter.ticket_id == ticket.id)
+    )
+    if newest != letter.id:
+        # A letter from before the ticket's latest dead-lettering (it has been classified and
+        # failed again since) describes work that is over: replaying its stage could label
+        # or deliver the ticket twice. The newest letter is the one to replay.
         return None
     if letter.stage == "deliver" and ticket.current_classification_id is not None:
         return _replay_delivery(session, ticket, letter)

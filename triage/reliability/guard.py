@@ -40,6 +40,9 @@ class StageFailure:
     dead_from: frozenset[TicketState] | None = None
     # The stage's "started" Attempt row, finished here instead of adding another.
     attempt_id: int | None = None
+    # The ticket generation the attempt worked on. A ticket re-triaged or reprocessed since
+    # is another piece of work: this attempt's failure must not dead-letter it.
+    generation: int | None = None
 
 
 def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> str:
@@ -86,6 +89,7 @@ def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> st
                 error=error,
                 attempts=failure.attempt,
                 only_from=failure.dead_from,
+                generation=failure.generation,
                 payload={
                     "task": failure.task,
                     "queue": failure.queue,
