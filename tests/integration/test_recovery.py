@@ -11,13 +11,14 @@ import redis
 from sqlalchemy import select, update
 
 from tests.support.stack import make_runtime, queued_ids, stack_env, truncate, wait_until
-from triage.db.models import DeadLetter, OutboxMessage, Ticket, utcnow
+from triage.db.models import DeadLetter, Dispatch, OutboxMessage, Ticket, utcnow
 from triage.db.session import session_scope
 from triage.errors import PermanentError
+from triage.pipeline.classify_stage import classify_tickets_stage
 from triage.pipeline.publishing import PublishBatcher
 from triage.pipeline.relay import CLASSIFY_TASK, Publisher, classify_values, enqueue
 from triage.pipeline.routing import CLASSIFY_QUEUE
-from triage.reliability.deadletter import dead_letter
+from triage.reliability.deadletter import dead_letter, replay
 from triage.reliability.sweeper import sweep_once
 
 
@@ -178,3 +179,44 @@ def test_an_error_quoting_a_nul_from_a_remote_service_is_still_recorded(pg_url, 
         letter = s.scalars(select(DeadLetter).where(DeadLetter.ticket_id == tid)).one()
         assert letter.message.endswith("400: bad\ufffdbody")
         assert s.get(Ticket, tid).state == "dead_lettered"
+
+
+def test_sweeper_dead_letters_a_dispatch_to_a_department_no_longer_configured(pg_url, clean_redis):
+    truncate(pg_url)
+    rt = make_runtime(stack_env(pg_url, clean_redis, TRIAGE_STUCK_AFTER_SECONDS="60"))
+    kept, retired = _tickets(rt, 2, state="routed")
+    old = utcnow() - timedelta(seconds=600)
+    with session_scope(rt.sessions) as s:
+        s.add_all(
+            [
+                # A department the taxonomy still has: its queue is consumed, left alone.
+                Dispatch(
+                    ticket_id=kept, route="dept.billing", department="billing", created_at=old
+                ),
+                # One since removed from the taxonomy: nothing consumes dept.retired.
+                Dispatch(
+                    ticket_id=retired, route="dept.retired", department="retired", created_at=old
+                ),
+            ]
+        )
+    redis.Redis.from_url(clean_redis).rpush("dept.billing", *[b"{}"] * 5)
+    report = sweep_once(rt)
+    assert (report.stranded_deliveries, report.requeued_deliveries) == (1, 0)
+    with rt.sessions() as s:
+        states = dict(s.execute(select(Ticket.id, Ticket.state)).all())
+        (letter,) = s.scalars(select(DeadLetter)).all()
+    assert states == {kept: "routed", retired: "dead_lettered"}
+    assert letter.ticket_id == retired and letter.stage == "classify"
+    assert "dept.retired" in letter.message
+    # Visible once, not again on the next pass.
+    assert sweep_once(rt).stranded_deliveries == 0
+    # Replaying classifies it again, under the taxonomy as it is now.
+    with session_scope(rt.sessions) as s:
+        assert replay(s, letter.id) is not None
+    # ("review" here: the offline backend is not sure of a one-letter ticket.)
+    assert classify_tickets_stage(rt, [retired]) == {retired: "review"}
+    with rt.sessions() as s:
+        routes = s.scalars(
+            select(Dispatch.route).where(Dispatch.ticket_id == retired).order_by(Dispatch.id)
+        ).all()
+    assert routes == ["dept.retired", "triage.review"]

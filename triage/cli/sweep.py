@@ -17,8 +17,9 @@ def sweep(
     ),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Publish outbox messages left behind and re-enqueue stuck tickets and undelivered
-    dispatches, once (workers run this every TRIAGE_SWEEP_INTERVAL_SECONDS).
+    """Publish outbox messages left behind, re-enqueue stuck tickets and undelivered
+    dispatches, and dead-letter dispatches to departments no longer configured, once
+    (workers run this every TRIAGE_SWEEP_INTERVAL_SECONDS).
 
     Example: triage sweep --stuck-after 600 --json
     """
@@ -32,12 +33,14 @@ def sweep(
         "relayed": report.relayed,
         "requeued_tickets": report.requeued_tickets,
         "requeued_deliveries": report.requeued_deliveries,
+        "stranded_deliveries": report.stranded_deliveries,
     }
     if as_json:
         print_json(data)
     else:
         console.print(
             f"relayed {report.relayed} outbox messages; re-enqueued {report.requeued_tickets} "
-            f"tickets and {report.requeued_deliveries} deliveries",
+            f"tickets and {report.requeued_deliveries} deliveries; dead-lettered "
+            f"{report.stranded_deliveries} routed to a department that no longer exists",
             highlight=False,
         )

@@ -8,6 +8,11 @@ colliding; on every database a stuck ticket is taken with a compare-and-set on i
 re-sent when no delivery message for its ticket was enqueued within the deadline. A duplicate
 that still slips through costs a message, not an effect: every handler is idempotent.
 
+A dispatch to a queue no department owns any more (the department was removed from the
+taxonomy while tickets waited for it) would wait for ever: no worker consumes that queue. It
+is dead-lettered instead, visible in `dlq list`; replaying it classifies the ticket again,
+under the current taxonomy.
+
 Deadlines: `received`/`queued` tickets and undelivered dispatches after `stuck_after_seconds`
 with nothing waiting in the outbox (a retry delayed in the outbox is not stuck), and only when
 their queue holds fewer messages than there are such tickets: a backlog (workers down, the
@@ -26,16 +31,19 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, or_, select
+from sqlalchemy import Select, and_, exists, or_, select
 from sqlalchemy.orm import Session
 
 from triage.db.models import Dispatch, OutboxMessage, Ticket, TicketState, utcnow
 from triage.db.session import session_scope
+from triage.errors import PermanentError
 from triage.pipeline.broker import queue_depth
-from triage.pipeline.relay import DELIVER_TASK, enqueue_classify, enqueue_delivery
+from triage.pipeline.celery_app import all_queues
+from triage.pipeline.relay import CLASSIFY_TASK, DELIVER_TASK, enqueue_classify, enqueue_delivery
 from triage.pipeline.routing import CLASSIFY_QUEUE
 from triage.pipeline.runtime import Runtime
 from triage.pipeline.states import transition
+from triage.reliability.deadletter import dead_letter
 from triage.reliability.retry import classify_lease_seconds
 
 log = logging.getLogger(__name__)
@@ -48,6 +56,8 @@ class SweepReport:
     relayed: int
     requeued_tickets: int
     requeued_deliveries: int
+    # Dispatches to a queue no department owns any more, dead-lettered.
+    stranded_deliveries: int = 0
 
 
 def _no_pending_outbox(ticket_id_col: Any) -> Any:
@@ -96,11 +106,20 @@ def sweep_once(rt: Runtime, *, stuck_after: float | None = None, limit: int = 50
     with session_scope(rt.sessions) as session:
         tickets = _requeue_tickets(session, cutoff, lease_cutoff, limit, depth, outbox_ids)
     with session_scope(rt.sessions) as session:
+        stranded = _dead_letter_stranded(
+            session, cutoff, limit, set(all_queues(rt.config)), outbox_ids
+        )
+    with session_scope(rt.sessions) as session:
         deliveries = _requeue_deliveries(session, cutoff, limit, depth, outbox_ids)
     if outbox_ids:
         log.warning("sweeper re-enqueued %d tickets, %d deliveries", tickets, deliveries)
         rt.publisher.publish(outbox_ids)
-    return SweepReport(relayed=relayed, requeued_tickets=tickets, requeued_deliveries=deliveries)
+    return SweepReport(
+        relayed=relayed,
+        requeued_tickets=tickets,
+        requeued_deliveries=deliveries,
+        stranded_deliveries=stranded,
+    )
 
 
 def _requeue_tickets(
@@ -153,6 +172,56 @@ def _requeue_tickets(
     return requeued
 
 
+def _undelivered(cutoff: datetime) -> Select[int, int, str, int]:
+    """Dispatches of the tickets' current routing, undelivered since before `cutoff`."""
+    return (
+        select(Dispatch.id, Dispatch.ticket_id, Dispatch.route, Dispatch.generation)
+        .join(Ticket, Ticket.id == Dispatch.ticket_id)
+        .where(
+            Dispatch.delivered_at.is_(None),
+            Dispatch.created_at < cutoff,
+            Ticket.generation == Dispatch.generation,
+            Ticket.state.in_([S.ROUTED.value, S.NEEDS_REVIEW.value]),
+        )
+        .order_by(Dispatch.id)
+    )
+
+
+def _dead_letter_stranded(
+    session: Session, cutoff: datetime, limit: int, consumed: set[str], out: list[int]
+) -> int:
+    query = _undelivered(cutoff).where(Dispatch.route.not_in(sorted(consumed))).limit(limit)
+    if _postgres(session):
+        query = query.with_for_update(skip_locked=True, of=Dispatch)
+    stranded = 0
+    for _dispatch_id, ticket_id, route, generation in session.execute(query).all():
+        error = PermanentError(
+            f"routed to {route}, which no department owns any more (removed from the "
+            "taxonomy?): replaying classifies the ticket again under the current taxonomy",
+            ticket_id=ticket_id,
+        )
+        lettered = dead_letter(
+            session,
+            ticket_id=ticket_id,
+            stage="classify",
+            error=error,
+            attempts=0,
+            only_from=frozenset({S.ROUTED, S.NEEDS_REVIEW}),
+            generation=generation,
+            payload={
+                "task": CLASSIFY_TASK,
+                "queue": CLASSIFY_QUEUE,
+                "args": {"ticket_id": ticket_id},
+                "reason": f"no consumer for {route}",
+            },
+        )
+        if lettered is not None:
+            log.error("ticket %s dead-lettered: %s", ticket_id, error)
+            out.append(lettered[1])
+            stranded += 1
+    return stranded
+
+
 def _requeue_deliveries(
     session: Session,
     cutoff: datetime,
@@ -165,26 +234,14 @@ def _requeue_deliveries(
         OutboxMessage.task == DELIVER_TASK,
         or_(OutboxMessage.sent_at.is_(None), OutboxMessage.created_at >= cutoff),
     )
-    query = (
-        select(Dispatch.id, Dispatch.ticket_id, Dispatch.route)
-        .join(Ticket, Ticket.id == Dispatch.ticket_id)
-        .where(
-            Dispatch.delivered_at.is_(None),
-            Dispatch.created_at < cutoff,
-            Ticket.generation == Dispatch.generation,
-            Ticket.state.in_([S.ROUTED.value, S.NEEDS_REVIEW.value]),
-            ~recent_delivery_message,
-        )
-        .order_by(Dispatch.id)
-        .limit(limit)
-    )
+    query = _undelivered(cutoff).where(~recent_delivery_message).limit(limit)
     if _postgres(session):
         query = query.with_for_update(skip_locked=True, of=Dispatch)
     undelivered = session.execute(query).all()
-    per_route = Counter(route for _d, _t, route in undelivered)
+    per_route = Counter(route for _d, _t, route, _g in undelivered)
     lost = {route for route, n in per_route.items() if _not_all_on_broker(depth(route), n)}
     requeued = 0
-    for dispatch_id, ticket_id, route in undelivered:
+    for dispatch_id, ticket_id, route, _generation in undelivered:
         if route in lost:
             out.append(
                 enqueue_delivery(session, ticket_id=ticket_id, dispatch_id=dispatch_id, route=route)
