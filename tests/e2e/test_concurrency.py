@@ -9,9 +9,9 @@ from sqlalchemy import func, select
 from tests.fakeanthropic import FakeAnthropic
 from tests.support.stack import (
     WorkerProcess,
+    anthropic_env,
     make_runtime,
     post_ticket,
-    stack_env,
     ticket_payload,
     truncate,
     wait_until,
@@ -23,12 +23,10 @@ from triage.ingest.app import create_app
 def test_one_worker_process_holds_over_100_calls_in_flight(pg_url, clean_redis):
     truncate(pg_url)
     with FakeAnthropic(latency=6.0) as fake:
-        env = stack_env(
+        env = anthropic_env(
             pg_url,
             clean_redis,
-            TRIAGE_BACKEND="anthropic",
-            ANTHROPIC_API_KEY="sk-test",
-            ANTHROPIC_BASE_URL=fake.base_url,
+            fake.base_url,
             # Far above the fake's latency: a loaded machine must not turn waits into timeouts.
             TRIAGE_API_TIMEOUT_SECONDS="60",
         )

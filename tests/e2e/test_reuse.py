@@ -9,9 +9,9 @@ from sqlalchemy import select
 from tests.fakeanthropic import FakeAnthropic
 from tests.support.stack import (
     WorkerProcess,
+    anthropic_env,
     make_runtime,
     post_ticket,
-    stack_env,
     ticket_payload,
     truncate,
     wait_until,
@@ -24,13 +24,7 @@ from triage.ingest.app import create_app
 def setup(pg_url, clean_redis):
     truncate(pg_url)
     with FakeAnthropic() as fake:
-        env = stack_env(
-            pg_url,
-            clean_redis,
-            TRIAGE_BACKEND="anthropic",
-            ANTHROPIC_API_KEY="sk-test",
-            ANTHROPIC_BASE_URL=fake.base_url,
-        )
+        env = anthropic_env(pg_url, clean_redis, fake.base_url)
         with WorkerProcess(env, concurrency=8) as worker:
             rt = make_runtime(env)
             with TestClient(create_app(rt)) as client:

@@ -22,9 +22,9 @@ from tests.fakeanthropic.faults import Fault
 from tests.support.fakehttp import Reply, running_api
 from tests.support.stack import (
     SINK_SECRET,
+    anthropic_env,
     config_with_webhook_sink,
     make_runtime,
-    stack_env,
     truncate,
     wait_until,
 )
@@ -52,14 +52,8 @@ def runtime(pg_url: str, clean_redis: str, fake: FakeAnthropic) -> Callable[...,
     truncate(pg_url)
 
     def build(**overrides: str) -> Runtime:
-        env = stack_env(
-            pg_url,
-            clean_redis,
-            TRIAGE_BACKEND="anthropic",
-            ANTHROPIC_API_KEY="sk-test",
-            ANTHROPIC_BASE_URL=fake.base_url,
-            TRIAGE_UPDATE_POLICY="retriage",
-            **overrides,
+        env = anthropic_env(
+            pg_url, clean_redis, fake.base_url, TRIAGE_UPDATE_POLICY="retriage", **overrides
         )
         return make_runtime(env)
 

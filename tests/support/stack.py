@@ -57,6 +57,20 @@ def stack_env(database_url: str, redis_url: str, **overrides: str) -> dict[str, 
     return env
 
 
+def anthropic_env(
+    database_url: str, redis_url: str, base_url: str, **overrides: str
+) -> dict[str, str]:
+    """`stack_env` with the Anthropic backend, talking to the fake Messages API at `base_url`."""
+    return stack_env(
+        database_url,
+        redis_url,
+        TRIAGE_BACKEND="anthropic",
+        ANTHROPIC_API_KEY="sk-test",
+        ANTHROPIC_BASE_URL=base_url,
+        **overrides,
+    )
+
+
 def make_runtime(env: dict[str, str]) -> Runtime:
     """A runtime configured exactly as a process started with `env` would be."""
     saved = dict(os.environ)

@@ -255,14 +255,7 @@ def _defer(rt: Runtime, claim: _Claim, wait: float) -> str:
     """Back on the queue for later, without spending an attempt: waiting for our own budget
     or for the API to recover is not the ticket's failure."""
     with session_scope(rt.sessions) as session:
-        transition(
-            session,
-            claim.ticket_id,
-            S.QUEUED,
-            only_from=frozenset({S.CLASSIFYING}),
-            where=[Ticket.generation == claim.generation],
-            attempts=Ticket.attempts - 1,
-        )
+        _unclaim(session, claim, attempts=Ticket.attempts - 1)
         # Jitter, so tickets deferred together do not all come back in the same instant.
         jitter = random.uniform(0, min(wait, 5.0))
         outbox_id = enqueue_classify(session, claim.ticket_id, countdown=wait + jitter)
@@ -457,17 +450,22 @@ def _reuse(source: Classification) -> ClassificationResult:
     )
 
 
+def _unclaim(session: Session, claim: _Claim, **fields: Any) -> bool:
+    """Put a claimed ticket back to queued. Only this attempt's claim: if the ticket has new
+    text since, another worker may be classifying it now, and that claim is not ours."""
+    return transition(
+        session,
+        claim.ticket_id,
+        S.QUEUED,
+        only_from=frozenset({S.CLASSIFYING}),
+        where=[Ticket.generation == claim.generation],
+        **fields,
+    )
+
+
 def _failure(rt: Runtime, claim: _Claim, api_calls: int) -> StageFailure:
     def back_to_queued(session: Session) -> None:
-        # Only this attempt's claim: if the ticket has new text since, another worker may be
-        # classifying it now, and that claim is not ours to take away.
-        transition(
-            session,
-            claim.ticket_id,
-            S.QUEUED,
-            only_from=frozenset({S.CLASSIFYING}),
-            where=[Ticket.generation == claim.generation],
-        )
+        _unclaim(session, claim)
 
     return StageFailure(
         ticket_id=claim.ticket_id,
