@@ -164,3 +164,32 @@ def test_cascade_escalates_only_unsure_tickets(fake):
     unsure = cascade.classify(request("hmm [[intent:sales]] [[confidence:0.4]]"))
     assert unsure.calls == 2 and unsure.model == "claude-sonnet-5"
     assert [r.body["model"] for r in fake.requests[-2:]] == ["claude-haiku-4-5", "claude-sonnet-5"]
+
+
+@pytest.mark.parametrize(("kind", "error"), [("refusal", Refused), ("truncated", OutputTruncated)])
+def test_a_refused_or_cut_off_answer_still_counts_its_paid_call(fake, kind, error):
+    fake.add_fault(Fault(kind))
+    with pytest.raises(error) as info:
+        backend(fake).classify(request())
+    assert info.value.api_calls == 1
+
+
+def test_an_escalation_that_cannot_answer_sends_the_unsure_label_to_a_person(fake):
+    cfg = get_config()
+    # An escalation model the API refuses for good: this table entry offers it a
+    # temperature, which the model answers with a 400.
+    broken = AnthropicBackend(
+        taxonomy=cfg.taxonomy,
+        model="claude-sonnet-5",
+        spec=cfg.models.spec("claude-haiku-4-5"),
+        client=ThreadClients(api_key="sk-test", base_url=fake.base_url, timeout=5.0),
+    )
+    cascade = CascadeBackend(
+        backend(fake), broken, escalate_below=cfg.taxonomy.routing.escalate_below_confidence
+    )
+    result = cascade.classify(request("hmm [[intent:sales]] [[confidence:0.4]]"))
+    # The first label (paid for and valid, only unsure) stands, for a person to check.
+    assert result.label.intent == "sales" and result.model == "claude-haiku-4-5"
+    assert result.calls == 2 and result.review_reason is not None
+    assert "escalation model could not answer" in result.review_reason
+    assert [r.body["model"] for r in fake.requests[-2:]] == ["claude-haiku-4-5", "claude-sonnet-5"]

@@ -63,3 +63,13 @@ def test_override_with_several_conditions_needs_all(taxonomy):
     hot = label(intent="account", department="accounts", sentiment="negative", priority="high")
     assert decide_route(taxonomy, hot).department == "escalations"
     assert decide_route(taxonomy, label(intent="account", priority="high")).department == "accounts"
+
+
+def test_a_backend_review_reason_sends_even_a_sure_label_to_a_person(taxonomy):
+    route = decide_route(taxonomy, label(confidence=0.95), "the escalation model refused")
+    assert (route.queue, route.department, route.needs_review) == (
+        REVIEW_QUEUE,
+        "logistics",
+        True,
+    )
+    assert route.reason == "the escalation model refused"

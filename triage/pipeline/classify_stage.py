@@ -524,7 +524,10 @@ def _record(
         [_classification_values(rt, claim, result) for claim, result in done],
     )
     recorded = _Recorded(outcomes={}, label_ids={}, outbox=[])
-    routes = {claim.ticket_id: decide_route(rt.config.taxonomy, r.label) for claim, r in done}
+    routes = {
+        claim.ticket_id: decide_route(rt.config.taxonomy, r.label, r.review_reason)
+        for claim, r in done
+    }
     labels = {
         claim.ticket_id: label_id for (claim, _), label_id in zip(done, label_ids, strict=True)
     }

@@ -38,12 +38,23 @@ def _matches(cond: RuleCondition, label: TicketLabel) -> bool:
     )
 
 
-def decide_route(taxonomy: Taxonomy, label: TicketLabel) -> Route:
-    """Low confidence goes to a person; otherwise the first matching override, otherwise the
-    department that owns the intent. The model's own `department` guess is recorded but not
-    trusted for routing: the taxonomy owns that mapping."""
+def decide_route(
+    taxonomy: Taxonomy, label: TicketLabel, review_reason: str | None = None
+) -> Route:
+    """Low confidence, or a backend's `review_reason`, goes to a person; otherwise the first
+    matching override, otherwise the department that owns the intent. The model's own
+    `department` guess is recorded but not trusted for routing: the taxonomy owns that
+    mapping."""
     routing = taxonomy.routing
     owner = taxonomy.department_for(label.intent)
+    if review_reason is not None:
+        return Route(
+            queue=REVIEW_QUEUE,
+            department=owner,
+            rule="backend-review",
+            needs_review=True,
+            reason=review_reason,
+        )
     if label.confidence < routing.review_below_confidence:
         return Route(
             queue=REVIEW_QUEUE,

@@ -74,7 +74,11 @@ class AnthropicBackend:
             message, call_id = self._call(messages, request.ticket_id, calls)
             request_id = call_id or request_id
             usage = usage + usage_of(message, self._spec)
-            text = answer_text(message, request.ticket_id, request_id)
+            try:
+                text = answer_text(message, request.ticket_id, request_id)
+            except TriageError as exc:
+                # A refusal or a cut-off answer was still a paid call.
+                raise _with_calls(exc, calls) from None
             try:
                 label = validate_label(self._taxonomy, text)
                 break

@@ -50,6 +50,9 @@ class ClassificationResult:
     calls: int = 1
     # Set when an identical ticket's label was reused instead of a new call.
     reused_from_id: int | None = None
+    # Set when the backend wants a person to look whatever the label says (an escalation
+    # that could not be had): the ticket goes to review with this reason.
+    review_reason: str | None = None
 
 
 class ClassifierBackend(Protocol):

@@ -3,18 +3,24 @@
 Most tickets are clear and cost one Haiku call; the few below `escalate_below_confidence` get
 a second opinion from the escalation model, whose label wins. If that is still below the review
 threshold, routing sends the ticket to a person.
+
+If the escalation model cannot answer for good (it refuses, or its answer never validates),
+the ticket goes to a person with the first model's label: that label was paid for and is
+valid, only unsure. A transient failure is retried like any other (the first call is made
+again then; the attempt log counts both).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from triage.classify.backends.base import (
     ClassificationRequest,
     ClassificationResult,
     ClassifierBackend,
 )
-from triage.errors import TriageError
+from triage.errors import PermanentError, TriageError
 
 
 class CascadeBackend:
@@ -34,6 +40,16 @@ class CascadeBackend:
             return _as_cascade(first, first, started)
         try:
             second = self._escalation.classify(request)
+        except PermanentError as exc:
+            unsure = _as_cascade(first, first, started)
+            return replace(
+                unsure,
+                calls=unsure.calls + exc.api_calls,
+                review_reason=(
+                    f"confidence {first.label.confidence:.2f}, and the escalation model "
+                    f"could not answer: {exc.message[:200]}"
+                ),
+            )
         except TriageError as exc:
             # The primary's calls were paid for too: the attempt log must count them.
             exc.api_calls += first.calls
