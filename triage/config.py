@@ -192,6 +192,13 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: file not found") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        # A directory in the file's place, a permission denied: start-up must say which file.
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
 
 
 def _validation_message(path: Path, exc: ValidationError) -> str:

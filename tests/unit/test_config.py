@@ -75,3 +75,20 @@ def test_malformed_yaml_names_the_file(config_dir):
     (config_dir / "models.yaml").write_text("models: [unclosed")
     with pytest.raises(ConfigError, match=r"models\.yaml"):
         load_config(Settings(config_dir=config_dir, backend="local"))
+
+
+def test_taxonomy_not_in_utf8_names_the_file(config_dir):
+    path = config_dir / "taxonomy.yaml"
+    text = path.read_text(encoding="utf-8").replace(
+        "Anything else,", "Anything else (café, Ärger),"
+    )
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"taxonomy\.yaml: not UTF-8"):
+        load_config(Settings(config_dir=config_dir, backend="local"))
+
+
+def test_taxonomy_path_that_is_a_directory_names_the_file(config_dir):
+    (config_dir / "taxonomy.yaml").unlink()
+    (config_dir / "taxonomy.yaml").mkdir()
+    with pytest.raises(ConfigError, match=r"taxonomy\.yaml: cannot be read"):
+        load_config(Settings(config_dir=config_dir, backend="local"))
