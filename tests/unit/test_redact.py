@@ -45,3 +45,8 @@ def test_the_digits_of_a_requester_name_are_not_a_name():
     assert redactor("Store 4417 says order 4417 never arrived") == (
         "[NAME] says order 4417 never arrived"
     )
+
+
+def test_an_apostrophe_in_the_local_part_is_redacted_with_the_whole_address():
+    out = redact("Reply to o'brien@example.ie or o\u2019neill@example.ie, or 'ann@example.ie'")
+    assert out == "Reply to [EMAIL] or [EMAIL], or '[EMAIL]'"

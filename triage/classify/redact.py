@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+# An apostrophe is valid inside a local part (o'brien@example.ie), and phones and word
+# processors curl it; at either end it is a quote around the address, which stays.
+_EMAIL = re.compile(r"[\w.+-]+(?:['\u2019][\w.+-]+)*@[\w-]+(?:\.[\w-]+)+")
 _CARD = re.compile(r"\b(?:\d[ -]?){12,18}\d\b")
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b")
 # International or grouped local numbers: at least 7 digits with separators, optional +cc.
