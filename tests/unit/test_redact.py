@@ -50,3 +50,10 @@ def test_the_digits_of_a_requester_name_are_not_a_name():
 def test_an_apostrophe_in_the_local_part_is_redacted_with_the_whole_address():
     out = redact("Reply to o'brien@example.ie or o\u2019neill@example.ie, or 'ann@example.ie'")
     assert out == "Reply to [EMAIL] or [EMAIL], or '[EMAIL]'"
+
+
+def test_an_iban_in_lower_or_mixed_case_is_redacted_but_words_of_its_shape_are_not():
+    text = "IBAN de89370400440532013000, or De89 3704 0044 0532 0130 00 for refunds"
+    assert redact(text) == "IBAN [IBAN], or [IBAN] for refunds"
+    # Country code, two digits and groups of four, but no valid IBAN: ordinary words.
+    assert redact("error ab12 when save this form") == "error ab12 when save this form"

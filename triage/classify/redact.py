@@ -14,7 +14,12 @@ from collections.abc import Iterable
 # processors curl it; at either end it is a quote around the address, which stays.
 _EMAIL = re.compile(r"[\w.+-]+(?:['\u2019][\w.+-]+)*@[\w-]+(?:\.[\w-]+)+")
 _CARD = re.compile(r"\b(?:\d[ -]?){12,18}\d\b")
-_IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b")
+# Country code, two check digits, then groups of four. Typed in lower or mixed case the same
+# shape also fits ordinary words ("ab12 this that"), so only an all-capitals match is taken
+# on shape alone; any other must pass the IBAN check (mod 97), as a card must pass Luhn.
+_IBAN = re.compile(
+    r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b", re.IGNORECASE | re.ASCII
+)
 # International or grouped local numbers: at least 7 digits with separators, optional +cc.
 _PHONE = re.compile(r"(?<![\w/])(?:\+|00)?\d[\d ()./-]{6,}\d(?![\w/])")
 _IPV4 = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b")
@@ -35,6 +40,15 @@ def _luhn_ok(digits: str) -> bool:
 def _card(match: re.Match[str]) -> str:
     digits = re.sub(r"\D", "", match.group())
     return "[CARD]" if 13 <= len(digits) <= 19 and _luhn_ok(digits) else match.group()
+
+
+def _iban(match: re.Match[str]) -> str:
+    text = match.group()
+    if text.isupper():
+        return "[IBAN]"
+    iban = text.replace(" ", "").upper()
+    number = int("".join(str(int(ch, 36)) for ch in iban[4:] + iban[:4]))
+    return "[IBAN]" if number % 97 == 1 else text
 
 
 def _phone(match: re.Match[str]) -> str:
@@ -65,7 +79,7 @@ class Redactor:
     def __call__(self, text: str) -> str:
         out = _own(text, self._emails, "[EMAIL]", word=False)
         out = _EMAIL.sub("[EMAIL]", out)
-        out = _IBAN.sub("[IBAN]", out)
+        out = _IBAN.sub(_iban, out)
         out = _CARD.sub(_card, out)
         out = _IPV4.sub("[IP]", out)
         out = _PHONE.sub(_phone, out)
