@@ -8,9 +8,16 @@ from __future__ import annotations
 import hashlib
 import json
 from functools import cached_property
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 Priority = Literal["low", "normal", "high", "urgent"]
 Sentiment = Literal["negative", "neutral", "positive"]
@@ -52,6 +59,19 @@ class RoutingConfig(_Strict):
     overrides: tuple[RoutingOverride, ...] = ()
 
 
+def _is_label_language(code: str) -> bool:
+    """Whether a label's `language` can equal `code`: the label schema owns that rule."""
+    # Imported here: the schema module imports this one.
+    from triage.classify.schema import TicketLabel
+
+    constraints = TicketLabel.model_fields["language"].metadata
+    try:
+        TypeAdapter(Annotated[str, *constraints]).validate_python(code)
+    except ValidationError:
+        return False
+    return True
+
+
 class Taxonomy(_Strict):
     name: str
     departments: dict[str, Department]
@@ -68,13 +88,25 @@ class Taxonomy(_Strict):
                     f"intents.{name}.department: unknown department {intent.department!r}"
                 )
         for i, rule in enumerate(self.routing.overrides):
+            # A condition naming nothing a label can carry never matches; the rule would be
+            # dead without a word, so each reference must resolve.
+            where = f"routing.overrides[{i}]"
+            override = f"override {rule.name!r}"
+            when = rule.when
             if rule.department not in self.departments:
                 raise ValueError(
-                    f"routing.overrides[{i}].department: unknown department {rule.department!r}"
+                    f"{where}.department: {override}: unknown department {rule.department!r}"
                 )
-            if rule.when.intent is not None and rule.when.intent not in self.intents:
+            if when.intent is not None and when.intent not in self.intents:
+                raise ValueError(f"{where}.when.intent: {override}: unknown intent {when.intent!r}")
+            if when.department is not None and when.department not in self.departments:
                 raise ValueError(
-                    f"routing.overrides[{i}].when.intent: unknown intent {rule.when.intent!r}"
+                    f"{where}.when.department: {override}: unknown department {when.department!r}"
+                )
+            if when.language is not None and not _is_label_language(when.language):
+                raise ValueError(
+                    f"{where}.when.language: {override}: {when.language!r} is not a "
+                    "language a label can have (a lower-case ISO 639-1 code such as 'en')"
                 )
         return self
 

@@ -92,3 +92,34 @@ def test_taxonomy_path_that_is_a_directory_names_the_file(config_dir):
     (config_dir / "taxonomy.yaml").mkdir()
     with pytest.raises(ConfigError, match=r"taxonomy\.yaml: cannot be read"):
         load_config(Settings(config_dir=config_dir, backend="local"))
+
+
+def _add_override(config_dir: Path, when: dict) -> None:
+    edit(
+        config_dir / "taxonomy.yaml",
+        lambda d: d["routing"]["overrides"].append(
+            {"name": "billing-to-escalations", "when": when, "department": "escalations"}
+        ),
+    )
+
+
+def test_override_on_unknown_department_is_refused_naming_the_override(config_dir):
+    _add_override(config_dir, {"department": "billling"})
+    with pytest.raises(ConfigError) as info:
+        load_config(Settings(config_dir=config_dir, backend="local"))
+    message = str(info.value)
+    assert "taxonomy.yaml" in message and "when.department" in message
+    assert "billing-to-escalations" in message and "billling" in message
+
+
+@pytest.mark.parametrize("language", ["EN", "english", "en-US"])
+def test_override_on_a_language_no_label_can_have_is_refused(config_dir, language):
+    _add_override(config_dir, {"language": language})
+    with pytest.raises(ConfigError, match=r"when\.language.*billing-to-escalations"):
+        load_config(Settings(config_dir=config_dir, backend="local"))
+
+
+def test_override_on_known_department_and_language_loads(config_dir):
+    _add_override(config_dir, {"department": "billing", "language": "de"})
+    taxonomy = load_config(Settings(config_dir=config_dir, backend="local")).taxonomy
+    assert taxonomy.routing.overrides[-1].when.department == "billing"
