@@ -86,3 +86,68 @@ def test_malformed_training_file_names_the_line(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"extra.jsonl:2"):
         load_examples(get_config().taxonomy, tmp_path)
+
+
+def _training_file(tmp_path: Path, content: str | bytes) -> Path:
+    (tmp_path / "training").mkdir()
+    path = tmp_path / "training" / "extra.jsonl"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return path
+
+
+GOOD_ROW = '{"subject": "Refund", "body": "Please refund my order", "intent": "refund"}\n'
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("priority", "medium"), ("language", "en-US"), ("sentiment", "angry"), ("priority", 3)],
+)
+def test_training_value_no_label_can_carry_names_line_and_field(tmp_path, field, value):
+    """Trained on, the value would be predicted and every such ticket dead-lettered."""
+    row = {"subject": "Refund", "body": "Please refund my order", "intent": "refund", field: value}
+    _training_file(tmp_path, GOOD_ROW + json.dumps(row) + "\n")
+    with pytest.raises(ConfigError, match=rf"extra\.jsonl:2: {field}: .*{value!r}"):
+        load_examples(get_config().taxonomy, tmp_path)
+
+
+def test_training_values_are_normalised_as_a_label_would_be(tmp_path):
+    row = {"body": "Bitte erstatten", "intent": "refund", "language": "DE", "priority": "high"}
+    _training_file(tmp_path, json.dumps(row) + "\n")
+    extra = load_examples(get_config().taxonomy, tmp_path)[-1]
+    assert (extra.language, extra.priority, extra.sentiment) == ("de", "high", None)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"body": "x", "intent": ["refund", "billing"]}',
+        '{"body": "x", "intent": {"name": "refund"}}',
+        '{"body": 42, "intent": "refund"}',
+        '{"subject": ["a"], "body": "x", "intent": "refund"}',
+        '["body", "x", "intent", "refund"]',
+        '"just a string"',
+        "17",
+        "null",
+    ],
+)
+def test_training_row_of_the_wrong_shape_names_the_line(tmp_path, line):
+    _training_file(tmp_path, GOOD_ROW + line + "\n")
+    with pytest.raises(ConfigError, match=r"extra\.jsonl:2: not a labeled ticket"):
+        load_examples(get_config().taxonomy, tmp_path)
+
+
+def test_training_file_not_in_utf8_names_the_file(tmp_path):
+    row = '{"body": "Je voudrais être remboursé", "intent": "refund", "language": "fr"}\n'
+    _training_file(tmp_path, row.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"extra\.jsonl: not UTF-8"):
+        load_examples(get_config().taxonomy, tmp_path)
+
+
+def test_training_rows_for_removed_intents_are_still_skipped(tmp_path):
+    row = {"body": "x", "intent": "warranty", "priority": "medium"}
+    _training_file(tmp_path, GOOD_ROW + json.dumps(row) + "\n")
+    examples = load_examples(get_config().taxonomy, tmp_path)
+    assert not any(e.intent == "warranty" for e in examples)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import FeatureUnion
@@ -51,32 +52,22 @@ def example_text(subject: str, body: str) -> str:
 
 def load_examples(taxonomy: Taxonomy, config_dir: Path) -> list[Example]:
     """The taxonomy's own examples plus every `config/training/*.jsonl` row whose intent the
-    taxonomy knows (rows for intents that were removed are skipped, not an error)."""
+    taxonomy knows (rows for intents that were removed are skipped, not an error).
+
+    A row that is malformed, or whose priority, sentiment or language no label can carry, is
+    a ConfigError naming file:line: trained on, such a value would be predicted for tickets
+    and every one of them dead-lettered when its label failed validation."""
     examples = [
         Example(text=text, intent=name)
         for name, intent in taxonomy.intents.items()
         for text in intent.examples
     ]
     for path in sorted((config_dir / TRAINING_DIR).glob("*.jsonl")):
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row: dict[str, Any] = json.loads(line)
-                text = example_text(row.get("subject", ""), row["body"])
-                intent = row["intent"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ConfigError(f"{path}:{number}: not a labeled ticket ({exc})") from None
-            if intent in taxonomy.intents:
-                examples.append(
-                    Example(
-                        text=text,
-                        intent=intent,
-                        priority=row.get("priority"),
-                        sentiment=row.get("sentiment"),
-                        language=row.get("language"),
-                    )
-                )
+        for number, line in enumerate(_read_lines(path), 1):
+            if line.strip():
+                example = _training_example(taxonomy, line, f"{path}:{number}")
+                if example is not None:
+                    examples.append(example)
     missing = [name for name in taxonomy.intents if not any(e.intent == name for e in examples)]
     if missing:
         raise ConfigError(
@@ -84,6 +75,65 @@ def load_examples(taxonomy: Taxonomy, config_dir: Path) -> list[Example]:
             "classifier needs at least one per intent"
         )
     return examples
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+
+
+def _training_example(taxonomy: Taxonomy, line: str, where: str) -> Example | None:
+    """One JSONL row as an Example, None when its intent is not in the taxonomy."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where}: not a labeled ticket ({exc})") from None
+    if not isinstance(row, dict):
+        raise ConfigError(f"{where}: not a labeled ticket (a JSON object is expected)")
+    for field, required in (("body", True), ("intent", True), ("subject", False)):
+        value = row.get(field)
+        if value is None and not required:
+            continue
+        if not isinstance(value, str):
+            problem = "missing" if value is None else f"a string is expected, got {value!r}"
+            raise ConfigError(f"{where}: not a labeled ticket ({field}: {problem})")
+    intent: str = row["intent"]
+    if intent not in taxonomy.intents:
+        return None
+    fields = _label_fields(taxonomy, intent, row, where)
+    return Example(
+        text=example_text(row.get("subject") or "", row["body"]), intent=intent, **fields
+    )
+
+
+def _label_fields(
+    taxonomy: Taxonomy, intent: str, row: dict[str, Any], where: str
+) -> dict[str, str | None]:
+    """The row's priority, sentiment and language, checked by the label schema itself (the
+    values the model learns are the values it will answer) and normalised as a label is."""
+    given = {field: row[field] for field in _FIELDS if row.get(field) is not None}
+    try:
+        label = TicketLabel(
+            intent=intent,
+            department=taxonomy.department_for(intent),
+            confidence=1.0,
+            summary=intent,
+            **{**_DEFAULTS, **given},
+        )
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(part) for part in error["loc"])
+        raise ConfigError(
+            f"{where}: {field}: {error['msg']} (got {row.get(field, error['input'])!r}); "
+            "no label can carry this value"
+        ) from None
+    return {field: getattr(label, field) if field in given else None for field in _FIELDS}
 
 
 def _features() -> FeatureUnion:
