@@ -57,3 +57,14 @@ def test_an_iban_in_lower_or_mixed_case_is_redacted_but_words_of_its_shape_are_n
     assert redact(text) == "IBAN [IBAN], or [IBAN] for refunds"
     # Country code, two digits and groups of four, but no valid IBAN: ordinary words.
     assert redact("error ab12 when save this form") == "error ab12 when save this form"
+
+
+def test_an_email_and_a_token_in_a_link_are_redacted_and_its_other_parameters_stay():
+    text = (
+        "https://app.example.com/reset?token=9f8e7d6c5b4a&email=jo%40x.com "
+        "https://shop.example/o?order=A-99812&u=ann%2Bshop%2540x.example&X-Amz-Signature=ab12cd"
+    )
+    assert redact(text) == (
+        "https://app.example.com/reset?token=[SECRET]&email=[EMAIL] "
+        "https://shop.example/o?order=A-99812&u=[EMAIL]&X-Amz-Signature=[SECRET]"
+    )

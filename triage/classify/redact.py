@@ -1,7 +1,8 @@
 """Personal data the label does not need is replaced before any text leaves for the API.
 
 Intent, priority and language do not depend on who wrote the ticket or how to reach them, so
-emails, phone numbers, card numbers, IBANs and the requester's name become placeholders.
+emails, phone numbers, card numbers, IBANs and the requester's name become placeholders, and
+so do the values of credential-named link parameters (token=, password=...).
 Order numbers and product names stay: they are often what the ticket is about.
 """
 
@@ -14,6 +15,18 @@ from collections.abc import Iterable
 # curl it; before the address it is a quote, which stays. One class after the first character
 # keeps the pattern as cheap as one without apostrophes; a group per apostrophe was 3x slower.
 _EMAIL = re.compile(r"[\w.+-][\w.+'\u2019-]*@[\w-]+(?:\.[\w-]+)+")
+# An address percent-encoded in a link (?email=jo%40x.com, or %2540 when encoded twice); its
+# local part may hold encoded characters too (ann%2Bshop). Tried only where a local part can
+# start, with one character class, to keep it as cheap as _EMAIL.
+_EMAIL_IN_URL = re.compile(r"(?<![\w.+%-])[\w.+%-][\w.+'%-]*%(?:25)?40[\w-]+(?:\.[\w-]+)+")
+# A query or fragment value whose name says it is a credential (token=, api_key=, sig=,
+# X-Amz-Signature=, password=): a reset or login link lets whoever holds it in. Only these
+# names, so ids and other parameters the ticket may be about stay.
+_URL_SECRET = re.compile(
+    r"(?<=[?&;#])((?:[\w-]*[_-])?(?:token|key|secret|sig|signature|password|passwd|pwd|otp)=)"
+    r"[^&#\s\"'<>]+",
+    re.IGNORECASE,
+)
 _CARD = re.compile(r"\b(?:\d[ -]?){12,18}\d\b")
 # Country code, two check digits, then groups of four. Typed in lower or mixed case the same
 # shape also fits ordinary words ("ab12 this that"), so only an all-capitals match is taken
@@ -79,6 +92,11 @@ class Redactor:
 
     def __call__(self, text: str) -> str:
         out = _own(text, self._emails, "[EMAIL]", word=False)
+        # Most tickets hold no link; a substring test is far cheaper than either pattern.
+        if "=" in out:
+            out = _URL_SECRET.sub(r"\1[SECRET]", out)
+        if "%40" in out or "%2540" in out:
+            out = _EMAIL_IN_URL.sub("[EMAIL]", out)
         out = _EMAIL.sub("[EMAIL]", out)
         out = _IBAN.sub(_iban, out)
         out = _CARD.sub(_card, out)
