@@ -68,3 +68,12 @@ def test_an_email_and_a_token_in_a_link_are_redacted_and_its_other_parameters_st
         "https://app.example.com/reset?token=[SECRET]&email=[EMAIL] "
         "https://shop.example/o?order=A-99812&u=[EMAIL]&X-Amz-Signature=[SECRET]"
     )
+
+
+def test_a_name_is_redacted_whether_text_or_name_has_composed_or_decomposed_accents():
+    nfc, nfd = "Jos\u00e9 Garc\u00eda", "Jose\u0301 Garci\u0301a"
+    assert redact(f"Hola, soy {nfd}", names=[nfc]) == "Hola, soy [NAME]"
+    assert redact(f"Hola, soy {nfc}", names=[nfd]) == "Hola, soy [NAME]"
+    assert redact(f"Soy {nfd}: jose\u0301@example.es", emails=["jos\u00e9@example.es"]) == (
+        "Soy Jos\u00e9 Garc\u00eda: [EMAIL]"
+    )

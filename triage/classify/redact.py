@@ -9,6 +9,7 @@ Order numbers and product names stay: they are often what the ticket is about.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable
 
 # An apostrophe is valid in a local part (o'brien@example.ie), and phones and word processors
@@ -87,11 +88,20 @@ class Redactor:
     are new, and compiling them for every ticket was a visible share of a worker's CPU."""
 
     def __init__(self, *, names: Iterable[str] = (), emails: Iterable[str] = ()) -> None:
-        self._emails = [e for e in dict.fromkeys(emails) if e]
-        self._names = [part for name in names for part in _name_parts(name)]
+        self._emails = [unicodedata.normalize("NFC", e) for e in dict.fromkeys(emails) if e]
+        self._names = [
+            part for name in names for part in _name_parts(unicodedata.normalize("NFC", name))
+        ]
 
     def __call__(self, text: str) -> str:
-        out = _own(text, self._emails, "[EMAIL]", word=False)
+        # "José" arrives as é or as e + combining accent, in the text and in the stored name
+        # alike; compared as they are, one form hides the other (and a combining accent is no
+        # \w, so it also cut addresses short). The whole text leaves in NFC: canonically
+        # equivalent, it reads the same to the model, and it is far simpler and cheaper than
+        # mapping matches back into the original. Text already in NFC, most of it, is returned
+        # as it is after a quick check.
+        out = unicodedata.normalize("NFC", text)
+        out = _own(out, self._emails, "[EMAIL]", word=False)
         # Most tickets hold no link; a substring test is far cheaper than either pattern.
         if "=" in out:
             out = _URL_SECRET.sub(r"\1[SECRET]", out)
