@@ -8,6 +8,7 @@ Order numbers and product names stay: they are often what the ticket is about.
 
 from __future__ import annotations
 
+import bisect
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -28,6 +29,7 @@ _URL_SECRET = re.compile(
     r"[^&#\s\"'<>]+",
     re.IGNORECASE,
 )
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
 _CARD = re.compile(r"\b(?:\d[ -]?){12,18}\d\b")
 # Country code, two check digits, then groups of four. Typed in lower or mixed case the same
 # shape also fits ordinary words ("ab12 this that"), so only an all-capitals match is taken
@@ -116,17 +118,54 @@ class Redactor:
 
 
 def _own(text: str, literals: list[str], placeholder: str, *, word: bool) -> str:
-    """Replace the literals, case-insensitively, tried in the order given (a full name before
-    its parts), whole words only if `word`."""
+    """Replace the literals, ignoring case as casefold() does, tried in the order given (a full
+    name before its parts), whole words only if `word`."""
+    # Searched in the casefolded text, not with re.IGNORECASE, which does not fold ß to ss:
+    # "JÖRG WEISS" is Jörg Weiß.
     folded = text.casefold()
-    # casefold() folds at least as much as re.IGNORECASE, so nothing that would match is
-    # skipped here.
-    present = [lit for lit in dict.fromkeys(literals) if lit and lit.casefold() in folded]
+    present = [f for f in dict.fromkeys(lit.casefold() for lit in literals) if f and f in folded]
     if not present:
         return text
     body = "|".join(re.escape(lit) for lit in present)
     pattern = rf"\b(?:{body})\b" if word else f"(?:{body})"
-    return re.sub(pattern, placeholder, text, flags=re.IGNORECASE)
+    spans = [m.span() for m in re.finditer(pattern, folded)]
+    if len(folded) != len(text):
+        to_text = _FoldedPositions(text)
+        spans = [(to_text(start, end=False), to_text(end, end=True)) for start, end in spans]
+    parts, last = [], 0
+    for start, end in spans:
+        parts += [text[last:start], placeholder]
+        last = end
+    parts.append(text[last:])
+    return "".join(parts)
+
+
+class _FoldedPositions:
+    """Maps a position in `text.casefold()` back to `text`. casefold() makes a few characters
+    longer (ß -> ss, ﬁ -> fi), all of them outside ASCII, so only those are looked at."""
+
+    def __init__(self, text: str) -> None:
+        # For each lengthening character: where its fold starts and ends, and where it is.
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        self._at: list[int] = []
+        grown = 0
+        for m in _NON_ASCII.finditer(text):
+            size = len(m.group().casefold())
+            if size > 1:
+                self._starts.append(m.start() + grown)
+                self._ends.append(m.start() + grown + size)
+                self._at.append(m.start())
+                grown += size - 1
+
+    def __call__(self, pos: int, *, end: bool) -> int:
+        k = bisect.bisect_right(self._starts, pos) - 1
+        if k < 0:
+            return pos
+        if pos < self._ends[k]:
+            # Inside one character's fold: a match's start or end takes in the whole character.
+            return self._at[k] + (1 if end and pos > self._starts[k] else 0)
+        return pos - (self._ends[k] - self._at[k] - 1)
 
 
 def _name_parts(name: str) -> list[str]:
