@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,53 @@ def test_training_rows_for_removed_intents_are_still_skipped(tmp_path):
     _training_file(tmp_path, GOOD_ROW + json.dumps(row) + "\n")
     examples = load_examples(get_config().taxonomy, tmp_path)
     assert not any(e.intent == "warranty" for e in examples)
+
+
+FOREIGN_SCRIPT_TICKETS = [
+    ("ja", "返金してください", "注文した商品が届きましたが、壊れていました。返金をお願いします。"),
+    ("ja", "ﾛｸﾞｲﾝできません", "ﾊﾟｽﾜｰﾄﾞをﾘｾｯﾄしてもﾛｸﾞｲﾝできません。"),
+    ("zh", "退款", "我的订单还没有到，请给我退款。"),
+    ("ko", "환불 요청", "주문한 상품이 파손되어 도착했습니다. 환불해 주세요."),
+    ("ru", "Возврат денег", "Пожалуйста, верните деньги за заказ, товар пришёл сломанным."),
+    ("el", "Επιστροφή χρημάτων", "Παρακαλώ επιστρέψτε μου τα χρήματα για την παραγγελία."),
+    ("he", "החזר כספי", "ההזמנה הגיעה שבורה, אני מבקש החזר כספי."),
+    ("ar", "استرداد المبلغ", "وصل الطلب مكسورا، أرجو استرداد المبلغ."),
+    ("th", "ขอคืนเงิน", "สินค้าที่สั่งมาเสียหาย กรุณาคืนเงินให้ด้วย"),
+    ("hi", "धनवापसी", "मेरा ऑर्डर टूटा हुआ आया, कृपया पैसे वापस करें।"),
+]
+
+
+@pytest.mark.parametrize(
+    ("language", "subject", "body"),
+    FOREIGN_SCRIPT_TICKETS,
+    ids=[f"{t[0]}-{i}" for i, t in enumerate(FOREIGN_SCRIPT_TICKETS)],
+)
+def test_ticket_in_a_script_the_training_data_lacks_gets_that_language_and_review(
+    backend, language, subject, body
+):
+    from triage.pipeline.routing import decide_route
+
+    label = _classify(backend, {"subject": subject, "body": body}).label
+    taxonomy = get_config().taxonomy
+    assert label.language == language
+    assert label.confidence < taxonomy.routing.review_below_confidence
+    assert decide_route(taxonomy, label).needs_review
+
+
+def test_latin_ticket_with_a_few_foreign_words_keeps_the_model_language(backend):
+    row = {"subject": "Refund", "body": "Please refund order 注文 #123, I want my money back."}
+    label = _classify(backend, row).label
+    assert label.language == "en" and label.confidence >= 0.5
+
+
+def test_a_script_the_training_data_covers_is_left_to_the_model(tmp_path):
+    shutil.copytree(PROJECT_ROOT / "config", tmp_path / "config")
+    rows = [
+        {"body": "Верните деньги за заказ", "intent": "refund", "language": "bg"},
+        {"body": "Не могу войти в аккаунт", "intent": "account", "language": "bg"},
+    ]
+    with (tmp_path / "config" / "training" / "labeled.jsonl").open("a", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    backend = LocalBackend(get_config().taxonomy, config_dir=tmp_path / "config")
+    label = _classify(backend, {"subject": "Возврат", "body": "Верните деньги за заказ"}).label
+    assert label.language == "bg"

@@ -5,6 +5,13 @@ Character n-grams carry most of the signal across languages and typos; word n-gr
 phrases. One logistic regression per field (intent, priority, sentiment, language) gives
 calibrated-enough probabilities for the intent's confidence, so unsure tickets still go to a
 person. Training takes about a second for the shipped data and happens once per process.
+
+The language model only knows the languages of its training data, and would answer one of
+them for a Japanese or Russian ticket. So when a ticket's letters are mostly in a script none
+of those languages is written in, the script names the language (see `script_language`) and
+the confidence drops below the review threshold: the intent was guessed from text the model
+cannot read, and a person should look. Languages in a script the data does cover (Polish or
+Turkish among Latin-script training data) cannot be told apart this way and stay undetected.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import hashlib
 import json
 import re
 import time
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +204,11 @@ class LocalBackend:
         self._features = _features()
         matrix = self._features.fit_transform([e.text for e in examples])
         self._intent = _FieldModel(matrix, [e.intent for e in examples], c=INTENT_C)
+        # The scripts the language model has seen labeled (as the language each implies), and
+        # the languages it can answer: text in either is the model's to judge.
+        labeled = [e for e in examples if e.language]
+        self._readable: set[str | None] = {e.language for e in labeled}
+        self._readable |= {script_language(e.text) for e in labeled}
         self._fields: dict[str, _FieldModel] = {}
         for field in _FIELDS:
             rows = [i for i, e in enumerate(examples) if getattr(e, field)]
@@ -204,10 +217,16 @@ class LocalBackend:
 
     def classify(self, request: ClassificationRequest) -> ClassificationResult:
         started = time.perf_counter()
-        features = self._features.transform([example_text(request.subject, request.body)])
+        text = example_text(request.subject, request.body)
+        features = self._features.transform([text])
         intent, confidence = self._intent.predict(features)
         assert intent is not None  # load_examples guarantees every intent has examples
         values = {f: self._fields[f].predict(features)[0] or _DEFAULTS[f] for f in _FIELDS}
+        unread = script_language(text)
+        if unread is not None and unread not in self._readable:
+            values["language"] = unread
+            # Half the threshold: below it by a margin whatever the operator set it to.
+            confidence = min(confidence, self._taxonomy.routing.review_below_confidence / 2)
         label = TicketLabel(
             intent=intent,
             department=self._taxonomy.department_for(intent),
@@ -224,6 +243,48 @@ class LocalBackend:
             prompt_version=f"local-{self.data_version}",
             latency_ms=(time.perf_counter() - started) * 1000,
         )
+
+
+# The first word of a letter's Unicode name, for the scripts whose text the training data may
+# not cover, and the language that script implies. Kana means Japanese; Han without kana is
+# read as Chinese. Cyrillic as Russian and Devanagari as Hindi are guesses (the label schema
+# has no "unknown" language, only two-letter codes); the ticket goes to review either way.
+_SCRIPT_LANGUAGES = {
+    "HIRAGANA": "ja",
+    "KATAKANA": "ja",
+    "KATAKANA-HIRAGANA": "ja",
+    "CJK": "zh",
+    "HANGUL": "ko",
+    "CYRILLIC": "ru",
+    "GREEK": "el",
+    "HEBREW": "he",
+    "ARABIC": "ar",
+    "THAI": "th",
+    "DEVANAGARI": "hi",
+}
+
+
+def script_language(text: str) -> str | None:
+    """The language implied by the script of most of the text's letters, or None when most
+    letters are in another script (Latin, say) or there are none."""
+    letters = 0
+    languages: Counter[str] = Counter()
+    for char in text:
+        if not char.isalpha():
+            continue
+        letters += 1
+        words = unicodedata.name(char, "?").split()
+        # "HALFWIDTH KATAKANA LETTER A": the width is a legacy encoding's, the script follows.
+        script = words[1] if words[0] in ("HALFWIDTH", "FULLWIDTH") else words[0]
+        if script in _SCRIPT_LANGUAGES:
+            languages[_SCRIPT_LANGUAGES[script]] += 1
+    # Japanese mixes kana with Han characters: any kana makes the Han count Japanese too.
+    if languages["ja"] and languages["zh"]:
+        languages["ja"] += languages.pop("zh")
+    if not languages:
+        return None
+    language, count = languages.most_common(1)[0]
+    return language if count * 2 > letters else None
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
