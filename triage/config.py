@@ -236,6 +236,12 @@ def load_config(settings: Settings | None = None) -> AppConfig:
         models.spec(settings.model)
         if settings.escalation_model:
             models.spec(settings.escalation_model)
+    else:
+        # The offline backend trains on first use; a bad training row must stop start-up (and
+        # fail `config validate`), not the first ticket. Imported here: it brings scikit-learn.
+        from triage.classify.backends.local import load_examples
+
+        load_examples(taxonomy, config_dir)
     return AppConfig(settings=settings, taxonomy=taxonomy, models=models)
 
 

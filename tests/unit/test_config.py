@@ -123,3 +123,11 @@ def test_override_on_known_department_and_language_loads(config_dir):
     _add_override(config_dir, {"department": "billing", "language": "de"})
     taxonomy = load_config(Settings(config_dir=config_dir, backend="local")).taxonomy
     assert taxonomy.routing.overrides[-1].when.department == "billing"
+
+
+def test_training_row_no_label_can_carry_stops_loading_for_the_offline_backend(config_dir):
+    row = '{"body": "Please refund my order", "intent": "refund", "priority": "medium"}\n'
+    with (config_dir / "training" / "labeled.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write(row)
+    with pytest.raises(ConfigError, match=r"labeled\.jsonl:\d+: priority"):
+        load_config(Settings(config_dir=config_dir, backend="local"))
