@@ -1,6 +1,6 @@
 """Which earlier label a ticket with the same text reuses, on PostgreSQL and on SQLite (the
-embedded default): the newest first-hand label in the window, from this taxonomy and
-backend."""
+embedded default): the newest first-hand label in the window, from this taxonomy, backend and
+the models it is configured with."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ def database_url(request, pg_url, tmp_path):
 def test_the_newest_first_hand_label_in_the_window_is_reused(database_url, clean_redis):
     rt = make_runtime(stack_env(database_url, clean_redis))
     version, backend = rt.config.taxonomy.version, rt.backend.name
+    (model,) = rt.backend.models
     now = utcnow()
     sessions = get_sessionmaker(database_url, 4)
     with session_scope(sessions) as s:
@@ -58,7 +59,7 @@ def test_the_newest_first_hand_label_in_the_window_is_reused(database_url, clean
                 confidence=0.9,
                 summary=f"label of ticket {i}",
                 backend=fields.pop("backend", backend),
-                model="m",
+                model=fields.pop("model", model),
                 taxonomy_version=fields.pop("taxonomy_version", version),
                 prompt_version="p",
                 created_at=now - timedelta(minutes=minutes_ago),
@@ -73,6 +74,8 @@ def test_the_newest_first_hand_label_in_the_window_is_reused(database_url, clean
         label(2, 10, reused_from_id=wanted.id)  # second-hand: never a source
         label(3, 5, taxonomy_version="older")
         label(4, 5, backend="another")
+        # Newest of all, but from a model the backend is no longer configured with.
+        label(0, 2, model="retired-model")
         label(6, 1)  # other text
         ids = [t.id for t in tickets]
     with sessions() as s:

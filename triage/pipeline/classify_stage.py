@@ -384,7 +384,7 @@ def _find_reusable(
     rt: Runtime, session: Session, tickets: Sequence[Any]
 ) -> dict[int, Classification]:
     """For each ticket, the newest first-hand label of another ticket with the same text,
-    within the reuse window, from this taxonomy and backend."""
+    within the reuse window, from this taxonomy, backend and its configured models."""
     window = rt.settings.reuse_window_hours
     if window <= 0 or not tickets:
         return {}
@@ -395,6 +395,7 @@ def _find_reusable(
             "ids": [t.id for t in tickets],
             "taxonomy": rt.config.taxonomy.version,
             "backend": rt.backend.name,
+            "models": sorted(rt.backend.models),
             "since": utcnow() - timedelta(hours=window),
         },
     ).all()
@@ -413,6 +414,7 @@ _NEWEST_LABEL = (
         Classification.ticket_id == Ticket.id,
         Classification.taxonomy_version == bindparam("taxonomy"),
         Classification.backend == bindparam("backend"),
+        Classification.model.in_(bindparam("models", expanding=True)),
         Classification.reused_from_id.is_(None),
         Classification.created_at >= bindparam("since"),
     )

@@ -50,6 +50,7 @@ class AnthropicBackend:
         max_tokens: int = 256,
     ) -> None:
         self.model = model
+        self.models = frozenset({model})
         self._spec = spec
         self._client = client
         self._max_tokens = max_tokens

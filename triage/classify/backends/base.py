@@ -63,5 +63,8 @@ class ClassifierBackend(Protocol):
     """
 
     name: str
+    # The models whose labels this backend hands out as configured now: a label another
+    # ticket got from a model no longer configured is not reused for a new one.
+    models: frozenset[str]
 
     def classify(self, request: ClassificationRequest) -> ClassificationResult: ...

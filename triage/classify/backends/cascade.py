@@ -31,6 +31,7 @@ class CascadeBackend:
     ) -> None:
         self._primary = primary
         self._escalation = escalation
+        self.models = primary.models | escalation.models
         self._escalate_below = escalate_below
 
     def classify(self, request: ClassificationRequest) -> ClassificationResult:

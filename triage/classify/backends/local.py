@@ -199,6 +199,7 @@ class LocalBackend:
         # Recorded as the model and prompt version: retraining on new data is distinguishable.
         self.data_version = digest.hexdigest()[:10]
         self.model = f"local-tfidf-lr-{self.data_version}"
+        self.models = frozenset({self.model})
         self.training_size = len(examples)
         # Vectorised once and shared: every field reads the same text.
         self._features = _features()
