@@ -181,6 +181,11 @@ def test_an_error_quoting_a_nul_from_a_remote_service_is_still_recorded(pg_url, 
         assert s.get(Ticket, tid).state == "dead_lettered"
 
 
+def _states(rt):
+    with rt.sessions() as s:
+        return dict(s.execute(select(Ticket.id, Ticket.state)).all())
+
+
 def test_sweeper_dead_letters_a_dispatch_to_a_department_no_longer_configured(pg_url, clean_redis):
     truncate(pg_url)
     rt = make_runtime(stack_env(pg_url, clean_redis, TRIAGE_STUCK_AFTER_SECONDS="60"))
@@ -220,3 +225,6 @@ def test_sweeper_dead_letters_a_dispatch_to_a_department_no_longer_configured(pg
             select(Dispatch.route).where(Dispatch.ticket_id == retired).order_by(Dispatch.id)
         ).all()
     assert routes == ["dept.retired", "triage.review"]
+    # The replay made a new generation: the stranded dispatch is history, not stranded again.
+    assert sweep_once(rt).stranded_deliveries == 0
+    assert _states(rt)[retired] == "needs_review"

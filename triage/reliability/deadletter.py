@@ -144,7 +144,16 @@ def replay(session: Session, dead_letter_id: int) -> Replayed | None:
         return None
     if letter.stage == "deliver" and ticket.current_classification_id is not None:
         return _replay_delivery(session, ticket, letter)
-    transition(session, ticket.id, S.QUEUED, only_from=frozenset({S.DEAD_LETTERED}), attempts=0)
+    # A new generation, as for a reprocess: the dispatches of a routing before the failure
+    # (a department since removed, say) belong to the past, not to what the replay decides.
+    transition(
+        session,
+        ticket.id,
+        S.QUEUED,
+        only_from=frozenset({S.DEAD_LETTERED}),
+        attempts=0,
+        generation=ticket.generation + 1,
+    )
     outbox_id = enqueue_classify(session, ticket.id)
     return Replayed(ticket_id=ticket.id, stage="classify", outbox_id=outbox_id)
 
