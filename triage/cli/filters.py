@@ -25,7 +25,11 @@ def parse_moment(value: str | None, *, option: str) -> datetime | None:
     match = _RELATIVE.match(text)
     if match:
         amount, unit = int(match.group(1)), match.group(2)
-        return datetime.now(UTC) - timedelta(**{_UNITS[unit]: amount})
+        try:
+            return datetime.now(UTC) - timedelta(**{_UNITS[unit]: amount})
+        except OverflowError:
+            # timedelta and datetime stop at year 1; "that long ago" has no moment to stand for.
+            fail(f"{option} {value!r}: too far back (before the year 1)", EXIT_USAGE)
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:

@@ -1,0 +1,30 @@
+"""Operator mistakes get one line and exit 2 (usage) or 1 (not found), never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def _one_line_error(result, code: int) -> str:
+    assert result.exit_code == code, f"exit {result.exit_code}\n{result.output}"
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
+        result.exception
+    )
+    assert "Traceback" not in result.output
+    assert result.output.strip().count("\n") == 0, result.output
+    return result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("tickets", "list", "--since", "1000000d"),
+        ("tickets", "list", "--until", "99999999999999999999w"),
+        ("stats", "--since", "99999999999d"),
+        ("reprocess", "--since", "99999999999d", "--dry-run"),
+        ("dlq", "list", "--since", "99999999999999999999w"),
+    ],
+)
+def test_a_relative_moment_before_the_year_1_is_a_usage_error(cli, args):
+    output = _one_line_error(cli(*args, code=None), 2)
+    assert "too far back" in output
