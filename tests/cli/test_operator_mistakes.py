@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 
@@ -28,3 +30,21 @@ def _one_line_error(result, code: int) -> str:
 def test_a_relative_moment_before_the_year_1_is_a_usage_error(cli, args):
     output = _one_line_error(cli(*args, code=None), 2)
     assert "too far back" in output
+
+
+@pytest.mark.parametrize(
+    "args", [("tickets", "list"), ("tickets", "show", "1"), ("dlq", "list"), ("stats",)]
+)
+def test_a_malformed_database_url_is_one_line_naming_database_url(cli, args):
+    output = _one_line_error(cli(*args, code=None, DATABASE_URL="notaurl"), 2)
+    assert "DATABASE_URL" in output
+
+
+def test_doctor_reports_a_malformed_database_url_as_a_problem_with_what_to_do(cli):
+    result = cli("doctor", "--json", code=1, DATABASE_URL="notaurl")
+
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["database"]["status"] == "problem"
+    assert "not a database URL" in checks["database"]["detail"]
+    assert "DATABASE_URL" in checks["database"]["todo"]
+    assert checks["config"]["status"] == "ok"

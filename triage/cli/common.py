@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 from rich.console import Console
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from triage.errors import ConfigError, TriageError
 
@@ -24,7 +24,8 @@ EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 
 
 def fail(message: str, code: int = EXIT_PROBLEM) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    # soft_wrap: one line however narrow the terminal, so a log or `grep` sees it whole.
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -37,6 +38,9 @@ def clear_errors() -> Iterator[None]:
         fail(str(exc), EXIT_USAGE)
     except TriageError as exc:
         fail(str(exc))
+    except ArgumentError as exc:
+        # Raised while parsing DATABASE_URL or loading its dialect, before any connection.
+        fail(f"DATABASE_URL: {exc} (`triage doctor` diagnoses)", EXIT_USAGE)
     except DBAPIError as exc:
         # The driver's first line says what happened; the statement and parameters do not help.
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__

@@ -91,11 +91,20 @@ def _database(url: str, timeout: float) -> Check:
     from triage.db.migrate import current_revision, head_revision
     from triage.db.session import normalize_url
 
-    shown = make_url(normalize_url(url)).render_as_string(hide_password=True)
     is_pg = url.startswith(("postgres", "postgresql"))
-    engine = create_engine(
-        normalize_url(url), connect_args={"connect_timeout": int(max(1, timeout))} if is_pg else {}
-    )
+    try:
+        shown = make_url(normalize_url(url)).render_as_string(hide_password=True)
+        engine = create_engine(
+            normalize_url(url),
+            connect_args={"connect_timeout": int(max(1, timeout))} if is_pg else {},
+        )
+    except Exception as exc:  # noqa: BLE001 - an unparsable URL or unknown dialect is the finding
+        return Check(
+            "database",
+            "problem",
+            f"DATABASE_URL is not a database URL: {_one_line(exc)}",
+            "set DATABASE_URL like postgresql://user:password@host:5432/triage",
+        )
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
