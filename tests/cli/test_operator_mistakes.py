@@ -48,3 +48,44 @@ def test_doctor_reports_a_malformed_database_url_as_a_problem_with_what_to_do(cl
     assert "not a database URL" in checks["database"]["detail"]
     assert "DATABASE_URL" in checks["database"]["todo"]
     assert checks["config"]["status"] == "ok"
+
+
+BEYOND_BIGINT = str(2**63)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("tickets", "show", BEYOND_BIGINT), f"ticket {BEYOND_BIGINT} not found"),
+        (("dlq", "show", BEYOND_BIGINT), f"dead letter {BEYOND_BIGINT} not found"),
+        (("dlq", "replay", BEYOND_BIGINT, "--yes"), f"dead letter {BEYOND_BIGINT} not found"),
+        (("dlq", "replay", "5", "--yes"), "dead letter 5 not found"),
+    ],
+)
+def test_an_id_no_row_can_have_is_not_found(cli, args, message):
+    output = _one_line_error(cli(*args, code=None), 1)
+    assert message in output
+    assert "database error" not in output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("reprocess", BEYOND_BIGINT, "--yes"),
+        ("reprocess", BEYOND_BIGINT, "--dry-run"),
+        ("reprocess", "--resume", BEYOND_BIGINT, "--yes"),
+        ("backfill", BEYOND_BIGINT, "--yes"),
+    ],
+)
+def test_reprocess_refuses_an_id_no_row_can_have_as_a_usage_error(cli, args):
+    output = _one_line_error(cli(*args, code=None), 2)
+    assert "database error" not in output
+
+
+def test_an_id_file_with_an_id_beyond_bigint_is_a_usage_error(cli, tmp_path):
+    ids = tmp_path / "ids.txt"
+    ids.write_text(f"1\n{BEYOND_BIGINT}\n")
+
+    output = _one_line_error(cli("reprocess", "--from-file", str(ids), "--yes", code=None), 2)
+
+    assert f"ids.txt:2: '{BEYOND_BIGINT}' is not a ticket id" in output

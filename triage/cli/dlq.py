@@ -125,6 +125,8 @@ def show(
 
     Example: triage dlq show 7
     """
+    if not opt.is_row_id(letter_id):
+        fail(f"dead letter {letter_id} not found")
     rt = load_runtime()
     with rt.sessions() as session:
         dl = session.get(DeadLetter, letter_id)
@@ -170,7 +172,8 @@ def replay(
         fail("choose letters: ids, filters (--stage, --since, ...) or --all", EXIT_USAGE)
     rt = load_runtime()
     if letter_ids:
-        ids = list(letter_ids)
+        ids = list(dict.fromkeys(letter_ids))
+        _require_letters(rt, ids)
     else:
         stmt = _letters(
             stage=stage,
@@ -212,6 +215,18 @@ def replay(
             + ", ".join(map(str, skipped)),
             highlight=False,
         )
+
+
+def _require_letters(rt: Any, ids: list[int]) -> None:
+    """Named letters must exist: a mistyped id is an error before anything is replayed, not a
+    "skipped" line after the others were."""
+    valid = [i for i in ids if opt.is_row_id(i)]
+    with rt.sessions() as session:
+        found = set(session.scalars(select(DeadLetter.id).where(DeadLetter.id.in_(valid))))
+    missing = [i for i in ids if i not in found]
+    if missing:
+        noun = "dead letter" if len(missing) == 1 else "dead letters"
+        fail(f"{noun} {', '.join(map(str, missing))} not found")
 
 
 @app.command("purge")

@@ -13,6 +13,9 @@ from triage.cli.common import EXIT_USAGE, fail
 from triage.db.models import TicketState
 from triage.db.queries import TicketFilter
 
+# Row ids are PostgreSQL bigints: a number outside this range names no row, and sending it
+# would only get "bigint out of range" back from the database.
+MAX_ID = 2**63 - 1
 _RELATIVE = re.compile(r"^(\d+)\s*([mhdw])$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
@@ -95,6 +98,11 @@ def ticket_filter(
     )
 
 
+def is_row_id(number: int) -> bool:
+    """Whether `number` could be the id of a row (ticket, dead letter, run) at all."""
+    return 1 <= number <= MAX_ID
+
+
 def read_ids(path: Path) -> list[int]:
     """Ticket ids from a file: one per line (or separated by spaces/commas); # comments."""
     try:
@@ -106,7 +114,7 @@ def read_ids(path: Path) -> list[int]:
         for token in re.split(r"[\s,]+", line.split("#", 1)[0].strip()):
             if not token:
                 continue
-            if not token.isdigit():
+            if not token.isdigit() or not is_row_id(int(token)):
                 fail(f"{path}:{number}: {token!r} is not a ticket id", EXIT_USAGE)
             ids.append(int(token))
     return ids
@@ -123,6 +131,11 @@ def bulk_selection(
     filters. Refuses an empty selection unless a run is being resumed: "everything" must be
     asked for with a filter, never by forgetting one."""
     ids = list(ticket_ids or [])
+    for ticket_id in ids:
+        if not is_row_id(ticket_id):
+            fail(f"{ticket_id} is not a ticket id (1 to {MAX_ID})", EXIT_USAGE)
+    if resume is not None and not is_row_id(resume):
+        fail(f"--resume {resume}: no run with that id", EXIT_USAGE)
     if from_file is not None:
         ids += read_ids(from_file)
     selection = ticket_filter(ids=ids, **filters)

@@ -31,6 +31,8 @@ def show(
     from triage.db.repo import ticket_timeline, ticket_view
     from triage.db.session import get_sessionmaker
 
+    if not opt.is_row_id(ticket_id):
+        fail(f"ticket {ticket_id} not found")
     with get_sessionmaker(Settings().database_url)() as session:
         view = ticket_view(session, ticket_id)
         timeline = ticket_timeline(session, ticket_id)
