@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 from sqlalchemy import func, select
@@ -109,3 +110,46 @@ def test_a_transient_failure_goes_to_the_retry_path_and_is_not_redone(cli, rt, f
     assert again["run_id"] != summary["run_id"]
     # Still queued: the workers own it now, so a new selection leaves it out.
     assert again["total"] == 1 and again["outcomes"] == {"routed": 1}
+
+
+def _set_state(rt, ticket_id, state):
+    with rt.sessions.begin() as session:
+        session.get(Ticket, ticket_id).state = state
+
+
+def _runs(rt):
+    from triage.db.models import ReprocessRun
+
+    with rt.sessions() as session:
+        return session.scalar(select(func.count()).select_from(ReprocessRun))
+
+
+def test_reprocess_of_only_unfinished_or_missing_tickets_says_why_and_records_no_run(cli, rt, fake):
+    (queued,) = seed_routed(rt, ["Still being triaged"])
+    _set_state(rt, queued, "queued")
+
+    result = cli("reprocess", str(queued), "999", "--yes", code=2)
+
+    assert f"ticket {queued} is queued, not finished" in result.output
+    assert "ticket 999 not found" in result.output
+    assert _runs(rt) == 0 and fake.call_count() == 0
+    assert "nothing to reprocess" in cli("reprocess", "--intent", "nosuch", "--yes", code=2).output
+    assert _runs(rt) == 0
+
+
+def test_reprocess_names_the_tickets_it_skips_and_does_the_rest(cli, rt, fake):
+    done, queued = seed_routed(rt, ["Refund please [[intent:billing]]", "Still being triaged"])
+    _set_state(rt, queued, "queued")
+
+    result = cli("reprocess", str(done), str(queued), "999", "--json", "--yes")
+
+    assert f"skipping ticket {queued} is queued, not finished; ticket 999 not found" in (
+        result.stderr
+    )
+    summary = json.loads(result.stdout)
+    assert summary["total"] == 1 and summary["done"] == 1
+    assert summary["skipped"] == [
+        {"ticket_id": queued, "reason": "is queued, not finished"},
+        {"ticket_id": 999, "reason": "not found"},
+    ]
+    assert fake.call_count() == 1

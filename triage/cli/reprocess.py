@@ -12,9 +12,11 @@ from rich.table import Table
 from triage.cli import filters as opt
 from triage.cli.common import (
     EXIT_PROBLEM,
+    EXIT_USAGE,
     confirm_or_exit,
     console,
     err_console,
+    fail,
     guarded,
     load_runtime,
     print_json,
@@ -79,11 +81,12 @@ def reprocess(
         limit=limit,
     )
     rt = load_runtime()
+    skipped = _skipped_ids(rt, f, resume)
     if dry_run:
         est = rp.estimate(rt, rp.select_ids(rt, f))
         _print_estimate(est, as_json)
         return
-    run, resumed = rp.find_or_create_run(rt, "inline", f, run_id=resume)
+    run, resumed = rp.find_or_create_run(rt, "inline", f, run_id=resume, allow_empty=False)
     pending = rp.pending_items(rt, run.id)
     if resumed:
         err_console.print(
@@ -100,9 +103,28 @@ def reprocess(
         )
     interrupted = _work(rt, pending, concurrency)
     summary = rp.summarize(rt, run.id, finish=True)
-    _print_summary(summary, as_json, interrupted)
+    _print_summary(summary, as_json, interrupted, skipped)
     if interrupted:
         raise typer.Exit(EXIT_PROBLEM)
+
+
+def _skipped_ids(rt: Any, f: Any, resume: int | None) -> dict[int, str]:
+    """The named tickets this run leaves out, and why, said before anything starts. None when
+    resuming: a run's own tickets are mid-reprocess, not finished, until it is done."""
+    from triage.pipeline import reprocess as rp
+
+    if not f.ids or resume is not None or rp.running_run(rt, "inline", f) is not None:
+        return {}
+    skipped = rp.ineligible_ids(rt, f.ids)
+    reasons = "; ".join(f"ticket {i} {why}" for i, why in skipped.items())
+    if skipped and len(skipped) == len(f.ids):
+        fail(
+            f"nothing to reprocess: {reasons} (only finished tickets can be reprocessed)",
+            EXIT_USAGE,
+        )
+    if skipped:
+        err_console.print(f"skipping {reasons}", highlight=False)
+    return skipped
 
 
 def _ticket_ids_of(rt: Any, item_ids: list[int]) -> list[int]:
@@ -169,7 +191,9 @@ def _print_estimate(est: Any, as_json: bool) -> None:
     )
 
 
-def _print_summary(summary: Any, as_json: bool, interrupted: bool) -> None:
+def _print_summary(
+    summary: Any, as_json: bool, interrupted: bool, skipped: dict[int, str]
+) -> None:
     data = {
         "run_id": summary.run_id,
         "total": summary.total,
@@ -178,6 +202,7 @@ def _print_summary(summary: Any, as_json: bool, interrupted: bool) -> None:
         "labels_changed": summary.labels_changed,
         "cost_usd": str(summary.cost_usd),
         "interrupted": interrupted,
+        "skipped": [{"ticket_id": i, "reason": why} for i, why in skipped.items()],
     }
     if as_json:
         print_json(data)

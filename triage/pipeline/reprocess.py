@@ -128,31 +128,68 @@ def _chunks(ids: list[int], size: int) -> Iterator[list[int]]:
         yield ids[start : start + size]
 
 
+def ineligible_ids(rt: Runtime, ids: tuple[int, ...] | list[int]) -> dict[int, str]:
+    """Why each of the named tickets that cannot be reprocessed cannot: it does not exist, or
+    it is not finished (the workers still own it)."""
+    with rt.sessions() as session:
+        rows = session.execute(select(Ticket.id, Ticket.state).where(Ticket.id.in_(ids)))
+        states = {ticket_id: state for ticket_id, state in rows}
+    reasons: dict[int, str] = {}
+    for ticket_id in ids:
+        state = states.get(ticket_id)
+        if state is None:
+            reasons[ticket_id] = "not found"
+        elif S(state) not in REOPENABLE:
+            reasons[ticket_id] = f"is {state}, not finished"
+    return reasons
+
+
+def _running_run(session: Session, kind: str, f: TicketFilter) -> ReprocessRun | None:
+    return session.scalar(
+        select(ReprocessRun)
+        .where(
+            ReprocessRun.kind == kind,
+            ReprocessRun.selection_key == selection_key(kind, f),
+            ReprocessRun.status == "running",
+        )
+        .order_by(ReprocessRun.id.desc())
+        .limit(1)
+    )
+
+
+def running_run(rt: Runtime, kind: str, f: TicketFilter) -> ReprocessRun | None:
+    """The unfinished run a rerun of this selection would resume, without creating one."""
+    with rt.sessions() as session:
+        return _running_run(session, kind, f)
+
+
 def find_or_create_run(
-    rt: Runtime, kind: str, f: TicketFilter, *, run_id: int | None = None
+    rt: Runtime,
+    kind: str,
+    f: TicketFilter,
+    *,
+    run_id: int | None = None,
+    allow_empty: bool = True,
 ) -> tuple[ReprocessRun, bool]:
     """The unfinished run of this selection (resumed), or a new one with its items frozen.
-    Returns (run, resumed)."""
+    Returns (run, resumed). Without `allow_empty`, a selection with no finished ticket is a
+    ConfigError rather than a run of nothing."""
     with session_scope(rt.sessions) as session:
         if run_id is not None:
             run = session.get(ReprocessRun, run_id)
             if run is None or run.kind != kind:
                 raise ConfigError(f"--resume {run_id}: no {kind} run with that id")
             return run, True
-        key = selection_key(kind, f)
-        existing = session.scalar(
-            select(ReprocessRun)
-            .where(
-                ReprocessRun.kind == kind,
-                ReprocessRun.selection_key == key,
-                ReprocessRun.status == "running",
-            )
-            .order_by(ReprocessRun.id.desc())
-            .limit(1)
-        )
+        existing = _running_run(session, kind, f)
         if existing is not None:
             return existing, True
         ids = list(session.scalars(ticket_ids_select(eligible(f))))
+        if not ids and not allow_empty:
+            raise ConfigError(
+                "nothing to reprocess: no finished ticket matches "
+                f"(only {', '.join(sorted(s.value for s in REOPENABLE))} can be reprocessed)"
+            )
+        key = selection_key(kind, f)
         run = ReprocessRun(
             kind=kind,
             selection_key=key,
