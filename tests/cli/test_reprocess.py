@@ -153,3 +153,21 @@ def test_reprocess_names_the_tickets_it_skips_and_does_the_rest(cli, rt, fake):
         {"ticket_id": 999, "reason": "not found"},
     ]
     assert fake.call_count() == 1
+
+
+def test_dry_run_estimates_what_the_rerun_would_do_resuming_and_stopping(cli, rt, fake):
+    seed_routed(rt, [f"Pricing {n} [[intent:billing]]" for n in range(4)], intent="billing")
+    first = cli.json("reprocess", "--intent", "billing", "--stop-after", "2", "--yes")
+    assert first["done"] == 2
+    calls = fake.call_count()
+
+    resumed = cli.json("reprocess", "--intent", "billing", "--dry-run")
+    capped = cli.json("reprocess", "--intent", "billing", "--dry-run", "--stop-after", "1")
+    text = cli("reprocess", "--intent", "billing", "--dry-run").output
+
+    assert resumed["tickets"] == 2 and resumed["resuming_run"] == first["run_id"]
+    assert capped["tickets"] == 1
+    assert f"would resume run {first['run_id']} (2 of 4 already done)" in text
+    assert fake.call_count() == calls
+    fresh = cli.json("reprocess", "--intent", "billing", "--since", "1d", "--dry-run")
+    assert fresh["tickets"] == 4 and fresh["resuming_run"] is None

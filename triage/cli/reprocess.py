@@ -83,8 +83,7 @@ def reprocess(
     rt = load_runtime()
     skipped = _skipped_ids(rt, f, resume)
     if dry_run:
-        est = rp.estimate(rt, rp.select_ids(rt, f))
-        _print_estimate(est, as_json)
+        _dry_run(rt, f, resume, stop_after, as_json)
         return
     run, resumed = rp.find_or_create_run(rt, "inline", f, run_id=resume, allow_empty=False)
     pending = rp.pending_items(rt, run.id)
@@ -113,7 +112,7 @@ def _skipped_ids(rt: Any, f: Any, resume: int | None) -> dict[int, str]:
     resuming: a run's own tickets are mid-reprocess, not finished, until it is done."""
     from triage.pipeline import reprocess as rp
 
-    if not f.ids or resume is not None or rp.running_run(rt, "inline", f) is not None:
+    if not f.ids or resume is not None or rp.find_run(rt, "inline", f) is not None:
         return {}
     skipped = rp.ineligible_ids(rt, f.ids)
     reasons = "; ".join(f"ticket {i} {why}" for i, why in skipped.items())
@@ -125,6 +124,28 @@ def _skipped_ids(rt: Any, f: Any, resume: int | None) -> dict[int, str]:
     if skipped:
         err_console.print(f"skipping {reasons}", highlight=False)
     return skipped
+
+
+def _dry_run(rt: Any, f: Any, resume: int | None, stop_after: int | None, as_json: bool) -> None:
+    """Estimate what the same command without --dry-run would do: resume the run it would
+    resume (its pending tickets only), stop where --stop-after stops."""
+    from triage.pipeline import reprocess as rp
+
+    run = rp.find_run(rt, "inline", f, run_id=resume)
+    ticket_ids = rp.pending_ticket_ids(rt, run.id) if run else rp.select_ids(rt, f)
+    if stop_after is not None:
+        ticket_ids = ticket_ids[:stop_after]
+    est = rp.estimate(rt, ticket_ids)
+    if as_json:
+        print_json({**est.as_json(), "resuming_run": run.id if run else None})
+        return
+    if run is not None:
+        console.print(
+            f"would resume run {run.id} ({run.total - len(rp.pending_items(rt, run.id))} of "
+            f"{run.total} already done)",
+            highlight=False,
+        )
+    _print_estimate(est)
 
 
 def _ticket_ids_of(rt: Any, item_ids: list[int]) -> list[int]:
@@ -179,10 +200,7 @@ def _collect(done: set[Future[Any]], bar: Any, task: Any) -> None:
         bar.advance(task)
 
 
-def _print_estimate(est: Any, as_json: bool) -> None:
-    if as_json:
-        print_json(est.as_json())
-        return
+def _print_estimate(est: Any) -> None:
     console.print(
         f"{est.tickets} tickets would be reprocessed with {est.model}: about "
         f"{est.input_tokens:,} input and {est.output_tokens:,} output tokens, "

@@ -157,10 +157,22 @@ def _running_run(session: Session, kind: str, f: TicketFilter) -> ReprocessRun |
     )
 
 
-def running_run(rt: Runtime, kind: str, f: TicketFilter) -> ReprocessRun | None:
-    """The unfinished run a rerun of this selection would resume, without creating one."""
+def find_run(
+    rt: Runtime, kind: str, f: TicketFilter, *, run_id: int | None = None
+) -> ReprocessRun | None:
+    """The run `find_or_create_run` would resume, without creating one (what a dry run
+    estimates): run `run_id`, else the unfinished run of this selection."""
     with rt.sessions() as session:
+        if run_id is not None:
+            return _resumed(session, kind, run_id)
         return _running_run(session, kind, f)
+
+
+def _resumed(session: Session, kind: str, run_id: int) -> ReprocessRun:
+    run = session.get(ReprocessRun, run_id)
+    if run is None or run.kind != kind:
+        raise ConfigError(f"--resume {run_id}: no {kind} run with that id")
+    return run
 
 
 def find_or_create_run(
@@ -176,10 +188,7 @@ def find_or_create_run(
     ConfigError rather than a run of nothing."""
     with session_scope(rt.sessions) as session:
         if run_id is not None:
-            run = session.get(ReprocessRun, run_id)
-            if run is None or run.kind != kind:
-                raise ConfigError(f"--resume {run_id}: no {kind} run with that id")
-            return run, True
+            return _resumed(session, kind, run_id), True
         existing = _running_run(session, kind, f)
         if existing is not None:
             return existing, True
@@ -212,6 +221,18 @@ def pending_items(rt: Runtime, run_id: int) -> list[int]:
         return list(
             session.scalars(
                 select(ReprocessItem.id)
+                .where(ReprocessItem.run_id == run_id, ReprocessItem.done_at.is_(None))
+                .order_by(ReprocessItem.id)
+            )
+        )
+
+
+def pending_ticket_ids(rt: Runtime, run_id: int) -> list[int]:
+    """The tickets of `pending_items`, in the same order."""
+    with rt.sessions() as session:
+        return list(
+            session.scalars(
+                select(ReprocessItem.ticket_id)
                 .where(ReprocessItem.run_id == run_id, ReprocessItem.done_at.is_(None))
                 .order_by(ReprocessItem.id)
             )
