@@ -89,3 +89,10 @@ def test_an_id_file_with_an_id_beyond_bigint_is_a_usage_error(cli, tmp_path):
     output = _one_line_error(cli("reprocess", "--from-file", str(ids), "--yes", code=None), 2)
 
     assert f"ids.txt:2: '{BEYOND_BIGINT}' is not a ticket id" in output
+
+
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_dlq_list_limit_below_one_is_a_usage_error_as_for_tickets(cli, limit):
+    for command in (("dlq", "list"), ("tickets", "list")):
+        output = _one_line_error(cli(*command, "--limit", limit, code=None), 2)
+        assert "--limit must be at least 1" in output

@@ -86,6 +86,7 @@ def list_letters(
 
     Example: triage dlq list --stage classify --since 1d --json
     """
+    opt.check_limit(limit)
     rt = load_runtime()
     stmt = _letters(
         stage=stage,

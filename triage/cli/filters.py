@@ -60,6 +60,12 @@ TaxonomyVersion = Annotated[
 ]
 
 
+def check_limit(limit: int | None) -> None:
+    """`--limit` is a count of rows wanted; 0 or less is a mistake, not "no limit"."""
+    if limit is not None and limit < 1:
+        fail("--limit must be at least 1", EXIT_USAGE)
+
+
 def ticket_filter(
     *,
     state: list[str] | None = None,
@@ -79,8 +85,7 @@ def ticket_filter(
     for s in states:
         if s not in known:
             fail(f"--state {s!r}: one of {', '.join(sorted(known))}", EXIT_USAGE)
-    if limit is not None and limit < 1:
-        fail("--limit must be at least 1", EXIT_USAGE)
+    check_limit(limit)
     return TicketFilter(
         ids=tuple(ids or ()),
         states=states,
