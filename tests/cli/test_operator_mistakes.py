@@ -96,3 +96,31 @@ def test_dlq_list_limit_below_one_is_a_usage_error_as_for_tickets(cli, limit):
     for command in (("dlq", "list"), ("tickets", "list")):
         output = _one_line_error(cli(*command, "--limit", limit, code=None), 2)
         assert "--limit must be at least 1" in output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("serve", "--port", "70000"),
+        ("serve", "--port", "0"),
+        ("run", "--port", "70000"),
+        ("run", "--port", "-1"),
+    ],
+)
+def test_a_port_outside_the_tcp_range_is_a_usage_error_before_anything_starts(
+    cli, args, monkeypatch
+):
+    import uvicorn
+
+    import triage.cli.run
+
+    def started(*args, **kwargs):
+        raise AssertionError("started with an invalid port")
+
+    monkeypatch.setattr(uvicorn, "run", started)
+    monkeypatch.setattr(triage.cli.run, "_spawn", started)
+
+    result = cli(*args, code=None)
+
+    assert result.exit_code == 2, f"exit {result.exit_code}\n{result.output}"
+    assert "--port" in result.output and "Traceback" not in result.output

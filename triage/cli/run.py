@@ -37,7 +37,7 @@ def run(
     samples: Path = typer.Option(
         None, help="Folder of generic-webhook JSON tickets. Default: <config dir>/samples."
     ),
-    port: int = typer.Option(0, help="API port (0: a free one)."),
+    port: int = typer.Option(0, min=0, max=65535, help="API port (0: a free one)."),
     concurrency: int = typer.Option(50, help="Worker threads."),
     exit_when_done: bool = typer.Option(
         False, help="Stop once every sample is routed, in review or dead-lettered."

@@ -18,7 +18,7 @@ app = typer.Typer()
 @guarded
 def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to bind."),
-    port: int = typer.Option(8000, help="Port to listen on."),
+    port: int = typer.Option(8000, min=1, max=65535, help="Port to listen on."),
     workers: int = typer.Option(1, help="Uvicorn worker processes."),
 ) -> None:
     """Run the webhook API.
