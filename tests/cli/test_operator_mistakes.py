@@ -124,3 +124,22 @@ def test_a_port_outside_the_tcp_range_is_a_usage_error_before_anything_starts(
 
     assert result.exit_code == 2, f"exit {result.exit_code}\n{result.output}"
     assert "--port" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "args", [("list",), ("replay", "--yes"), ("purge", "--yes", "--include-open")]
+)
+def test_dlq_unknown_stage_is_a_usage_error(cli, args):
+    output = _one_line_error(cli("dlq", *args, "--stage", "nosuch", code=None), 2)
+    assert "--stage 'nosuch': one of classify, deliver" in output
+
+
+def test_dlq_replay_by_filter_that_matches_nothing_says_so(cli):
+    result = cli("dlq", "replay", "--stage", "classify", "--yes")
+    assert "no matching dead letters" in result.output
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1"])
+def test_doctor_timeout_must_be_positive(cli, timeout):
+    result = cli("doctor", "--timeout", timeout, code=2)
+    assert "--timeout" in result.output

@@ -28,6 +28,10 @@ app = typer.Typer(
 )
 
 
+# The stages that dead-letter a ticket (classify_stage, deliver_stage, the sweeper).
+STAGES = ("classify", "deliver")
+
+
 def _letters(
     *,
     stage: str | None,
@@ -37,6 +41,8 @@ def _letters(
     include_replayed: bool,
     limit: int | None,
 ) -> Select[DeadLetter]:
+    if stage is not None and stage not in STAGES:
+        fail(f"--stage {stage!r}: one of {', '.join(STAGES)}", EXIT_USAGE)
     stmt = select(DeadLetter)
     if not include_replayed:
         stmt = stmt.where(DeadLetter.replayed_at.is_(None))
@@ -186,6 +192,9 @@ def replay(
         )
         with rt.sessions() as session:
             ids = [dl.id for dl in session.scalars(stmt)]
+        if not ids and not as_json:
+            console.print("no matching dead letters")
+            return
         if len(ids) > 1:
             confirm_or_exit(f"Replay {len(ids)} dead letters?", yes=yes)
     replayed: list[dict[str, Any]] = []

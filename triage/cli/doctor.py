@@ -25,7 +25,7 @@ class Check:
 @guarded
 def doctor(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
-    timeout: float = typer.Option(5.0, help="Seconds to wait for each service."),
+    timeout: float = typer.Option(5.0, min=0.1, help="Seconds to wait for each service."),
 ) -> None:
     """Check config, database (reachable, migrations current), broker, the Anthropic API (one
     free call that validates the key) and queue depths. Exits 1 and says what to do when
