@@ -64,6 +64,28 @@ def test_sporadic_overloads_among_good_answers_do_not_open_the_breaker(clean_red
     assert breaker.wait_seconds() == 0 and breaker.open_seconds() == 0
 
 
+def test_an_outage_after_a_busy_spell_opens_the_breaker_after_threshold_overloads_in_a_row(
+    clean_redis,
+):
+    breaker = CircuitBreaker(redis.Redis.from_url(clean_redis), threshold=20, window=30)
+    # A busy spell: the window holds 1,000 good answers, so the ratio alone would need about
+    # 1,000 overloads before it opened.
+    breaker.record_success(1000)
+    opened = [breaker.record_overload() for _ in range(20)]
+    assert opened == [False] * 19 + [True]
+    assert breaker.open_seconds() > 0
+
+
+def test_a_good_answer_between_overloads_restarts_the_count_in_a_row(clean_redis):
+    breaker = CircuitBreaker(redis.Redis.from_url(clean_redis), threshold=5, window=30)
+    breaker.record_success(1000)
+    for _ in range(4):
+        for _ in range(4):
+            assert breaker.record_overload() is False
+        breaker.record_success()
+    assert breaker.open_seconds() == 0
+
+
 def test_after_the_cooldown_one_probe_goes_and_its_success_closes_the_breaker(clean_redis):
     client = redis.Redis.from_url(clean_redis)
     breaker = CircuitBreaker(client, threshold=2, window=10, cooldown=0.2, probe_interval=5)

@@ -100,8 +100,9 @@ local retry_after = tonumber(ARGV[7])
 local prefix = ARGV[8]
 redis.call('INCR', KEYS[1]); redis.call('EXPIRE', KEYS[1], window + 5)
 redis.call('INCR', KEYS[2]); redis.call('EXPIRE', KEYS[2], window + 5)
+local run = redis.call('INCR', KEYS[5]); redis.call('EXPIRE', KEYS[5], window + 5)
 if tonumber(redis.call('GET', KEYS[3]) or 0) > now then return 0 end
-local trip = redis.call('EXISTS', KEYS[4]) == 1
+local trip = redis.call('EXISTS', KEYS[4]) == 1 or run >= threshold
 if not trip then
   local calls, over = 0, 0
   for s = second - window + 1, second do
@@ -124,7 +125,10 @@ class CircuitBreaker:
 
     Opens when, within `window` seconds, at least `threshold` answers were 429/529 *and* they
     were at least `ratio` of all answers: sporadic overloads at high throughput are the retry
-    policy's business, sustained ones are the breaker's. Stays open for `cooldown` seconds (or
+    policy's business, sustained ones are the breaker's. Also when `threshold` answers in a
+    row were 429/529, with no good answer between: after a busy spell the window holds
+    hundreds of good answers, and an outage that began then took as many overloads (and the
+    tickets' attempts) to reach the ratio. Stays open for `cooldown` seconds (or
     the server's retry-after, if longer); then half-open: one probe call per `probe_interval`
     is let through. A good answer closes the circuit; another overload opens it again."""
 
@@ -149,6 +153,7 @@ class CircuitBreaker:
         self._open_until = f"{prefix}:open-until"
         self._half_open = f"{prefix}:half-open"
         self._probe = f"{prefix}:probe"
+        self._run = f"{prefix}:overloads-in-a-row"
         self._script: Any = client.register_script(_OVERLOAD)
 
     def open_seconds(self) -> float:
@@ -184,6 +189,7 @@ class CircuitBreaker:
                 f"{self._prefix}:over:{second}",
                 self._open_until,
                 self._half_open,
+                self._run,
             ],
             args=[
                 now,
@@ -205,9 +211,10 @@ class CircuitBreaker:
         pipe = self._client.pipeline(transaction=False)
         pipe.incrby(key, count)
         pipe.expire(key, self.window + 5)
+        pipe.delete(self._run)
         pipe.get(self._open_until)
         pipe.exists(self._half_open)
-        _, _, open_until, half_open = pipe.execute()
+        _, _, _, open_until, half_open = pipe.execute()
         if half_open and (open_until is None or float(open_until) <= time.time()):
             # An answer to a call sent before the circuit opened proves nothing; only one
             # after the cool-down (the probe's) closes it.
