@@ -184,14 +184,12 @@ class AppConfig:
     models: ModelTable
 
 
-def _read_yaml(path: Path) -> Any:
+def read_config_text(path: Path) -> str:
+    """A file of config/ as text; any reason it cannot be read is a ConfigError naming it."""
     try:
-        with path.open(encoding="utf-8") as fh:
-            return yaml.safe_load(fh)
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(
             f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
@@ -199,6 +197,14 @@ def _read_yaml(path: Path) -> Any:
     except OSError as exc:
         # A directory in the file's place, a permission denied: start-up must say which file.
         raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+
+
+def _read_yaml(path: Path) -> Any:
+    text = read_config_text(path)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
 
 
 def _validation_message(path: Path, exc: ValidationError) -> str:

@@ -33,6 +33,7 @@ from sklearn.pipeline import FeatureUnion
 
 from triage.classify.backends.base import ClassificationRequest, ClassificationResult
 from triage.classify.schema import TicketLabel
+from triage.config import read_config_text
 from triage.errors import ConfigError
 from triage.taxonomy import Taxonomy
 
@@ -86,14 +87,7 @@ def load_examples(taxonomy: Taxonomy, config_dir: Path) -> list[Example]:
 
 
 def _read_lines(path: Path) -> list[str]:
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
-        ) from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    return read_config_text(path).splitlines()
 
 
 def _training_example(taxonomy: Taxonomy, line: str, where: str) -> Example | None:
