@@ -69,11 +69,15 @@ class _Claim:
     received_at: datetime
     request: ClassificationRequest
     reuse: Classification | None
+    content_hash: str
 
 
 # Waits up to this long are slept through on the worker thread; longer ones put the ticket
 # back on the queue so the thread can serve tickets that may go now.
 MAX_INLINE_WAIT = 1.0
+# A ticket with the same text as another of its batch comes back after this long (plus
+# jitter), by when the other's label is usually recorded for it to reuse.
+SAME_TEXT_WAIT = 3.0
 
 
 def classify_ticket_stage(
@@ -158,6 +162,8 @@ def _classify_chunk(
             outcomes[claim.ticket_id] = handle_failure(rt, _failure(rt, claim, 0), lost)
         else:
             going.append(claim)
+    if reuse:
+        going = _one_call_per_text(rt, going, outcomes)
     waits = _admission_waits(rt, [c for c in going if c.reuse is None], max_inline_wait)
     calling: list[_Claim] = []
     for claim in going:
@@ -174,6 +180,27 @@ def _classify_chunk(
         held.give(len(wave))
         outcomes.update(_settle(rt, [(calling[i], result) for i, result in wave]))
     return outcomes
+
+
+def _one_call_per_text(
+    rt: Runtime, claims: list[_Claim], outcomes: dict[int, str]
+) -> list[_Claim]:
+    """One call per text in a batch: the others with the same text are deferred (no attempt
+    spent) and reuse that label when they come back. An outage brings bursts of identical
+    tickets, often into one batch, where the reuse lookup (recorded labels only) found none
+    and each paid for the same answer. If the first call fails, the others call themselves."""
+    if rt.settings.reuse_window_hours <= 0:
+        return claims
+    calling: set[str] = set()
+    kept: list[_Claim] = []
+    for claim in claims:
+        if claim.reuse is None:
+            if claim.content_hash in calling:
+                outcomes[claim.ticket_id] = _defer(rt, claim, SAME_TEXT_WAIT)
+                continue
+            calling.add(claim.content_hash)
+        kept.append(claim)
+    return kept
 
 
 def _settle(
@@ -288,6 +315,7 @@ def _begin(
                 received_at=ticket.received_at,
                 request=build_request(rt, ticket),
                 reuse=reusable.get(ticket.id),
+                content_hash=ticket.content_hash,
             )
             for ticket in sorted(claimed, key=lambda t: ticket_ids.index(t.id))
         ]
@@ -662,6 +690,7 @@ def record_label(
         received_at=ticket.received_at,
         request=build_request(rt, ticket),
         reuse=None,
+        content_hash=ticket.content_hash,
     )
     recorded = _record(rt, session, [(claim, result)])
     if ticket.id not in recorded.label_ids:
