@@ -19,7 +19,7 @@ from triage.cli.common import (
     load_runtime,
     print_json,
 )
-from triage.db.models import DeadLetter, Ticket
+from triage.db.models import DeadLetter, Ticket, is_row_id
 
 app = typer.Typer(
     help="Dead letters: tickets that could not complete a stage.\n\n"
@@ -132,7 +132,7 @@ def show(
 
     Example: triage dlq show 7
     """
-    if not opt.is_row_id(letter_id):
+    if not is_row_id(letter_id):
         fail(f"dead letter {letter_id} not found")
     rt = load_runtime()
     with rt.sessions() as session:
@@ -230,7 +230,7 @@ def replay(
 def _require_letters(rt: Any, ids: list[int]) -> None:
     """Named letters must exist: a mistyped id is an error before anything is replayed, not a
     "skipped" line after the others were."""
-    valid = [i for i in ids if opt.is_row_id(i)]
+    valid = [i for i in ids if is_row_id(i)]
     with rt.sessions() as session:
         found = set(session.scalars(select(DeadLetter.id).where(DeadLetter.id.in_(valid))))
     missing = [i for i in ids if i not in found]

@@ -10,12 +10,9 @@ from typing import Annotated, Any
 import typer
 
 from triage.cli.common import EXIT_USAGE, fail
-from triage.db.models import TicketState
+from triage.db.models import MAX_ROW_ID, TicketState, is_row_id
 from triage.db.queries import TicketFilter
 
-# Row ids are PostgreSQL bigints: a number outside this range names no row, and sending it
-# would only get "bigint out of range" back from the database.
-MAX_ID = 2**63 - 1
 _RELATIVE = re.compile(r"^(\d+)\s*([mhdw])$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
@@ -103,11 +100,6 @@ def ticket_filter(
     )
 
 
-def is_row_id(number: int) -> bool:
-    """Whether `number` could be the id of a row (ticket, dead letter, run) at all."""
-    return 1 <= number <= MAX_ID
-
-
 def read_ids(path: Path) -> list[int]:
     """Ticket ids from a file: one per line (or separated by spaces/commas); # comments."""
     try:
@@ -138,7 +130,7 @@ def bulk_selection(
     ids = list(ticket_ids or [])
     for ticket_id in ids:
         if not is_row_id(ticket_id):
-            fail(f"{ticket_id} is not a ticket id (1 to {MAX_ID})", EXIT_USAGE)
+            fail(f"{ticket_id} is not a ticket id (1 to {MAX_ROW_ID})", EXIT_USAGE)
     if resume is not None and not is_row_id(resume):
         fail(f"--resume {resume}: no run with that id", EXIT_USAGE)
     if from_file is not None:

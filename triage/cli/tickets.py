@@ -28,10 +28,11 @@ def show(
     Example: triage tickets show 42 --json | jq '.timeline[] | select(.event=="attempt")'
     """
     from triage.config import Settings
+    from triage.db.models import is_row_id
     from triage.db.repo import ticket_timeline, ticket_view
     from triage.db.session import get_sessionmaker
 
-    if not opt.is_row_id(ticket_id):
+    if not is_row_id(ticket_id):
         fail(f"ticket {ticket_id} not found")
     with get_sessionmaker(Settings().database_url)() as session:
         view = ticket_view(session, ticket_id)

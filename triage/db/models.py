@@ -29,6 +29,14 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
 BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
+# Row ids are PostgreSQL bigints: a number outside this range names no row, and sending it
+# would only get "bigint out of range" back from the database.
+MAX_ROW_ID = 2**63 - 1
+
+
+def is_row_id(number: int) -> bool:
+    """Whether `number` could be the id of a row (ticket, dead letter, run) at all."""
+    return 1 <= number <= MAX_ROW_ID
 
 
 def utcnow() -> datetime:

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
+from triage.db.models import is_row_id
 from triage.db.repo import Accepted, accept_ticket, ticket_view
 from triage.db.session import session_scope
 from triage.errors import IngestError
@@ -32,9 +33,6 @@ from triage.reliability.sweeper import Periodic
 from triage.telemetry import any_provider_installed
 
 log = logging.getLogger(__name__)
-
-# The largest value of tickets.id (a PostgreSQL bigint).
-BIGINT_MAX = 2**63 - 1
 
 
 async def read_body_limited(request: Request, limit: int) -> bytes:
@@ -147,7 +145,7 @@ def create_app(rt: Runtime | None = None, *, relay_interval: float = 2.0) -> Fas
     def get_ticket(ticket_id: int) -> dict[str, Any]:
         view = None
         # Beyond bigint PostgreSQL refuses the query itself (a 500); no ticket has such an id.
-        if 0 < ticket_id <= BIGINT_MAX:
+        if is_row_id(ticket_id):
             with runtime.sessions() as session:
                 view = ticket_view(session, ticket_id)
         if view is None:

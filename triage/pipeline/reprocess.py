@@ -26,7 +26,7 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import func, insert, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from triage.classify.prompt import estimate_input_tokens
 from triage.db.models import (
@@ -217,22 +217,19 @@ def find_or_create_run(
 
 
 def pending_items(rt: Runtime, run_id: int) -> list[int]:
-    with rt.sessions() as session:
-        return list(
-            session.scalars(
-                select(ReprocessItem.id)
-                .where(ReprocessItem.run_id == run_id, ReprocessItem.done_at.is_(None))
-                .order_by(ReprocessItem.id)
-            )
-        )
+    return _pending(rt, run_id, ReprocessItem.id)
 
 
 def pending_ticket_ids(rt: Runtime, run_id: int) -> list[int]:
     """The tickets of `pending_items`, in the same order."""
+    return _pending(rt, run_id, ReprocessItem.ticket_id)
+
+
+def _pending(rt: Runtime, run_id: int, column: InstrumentedAttribute[int]) -> list[int]:
     with rt.sessions() as session:
         return list(
             session.scalars(
-                select(ReprocessItem.ticket_id)
+                select(column)
                 .where(ReprocessItem.run_id == run_id, ReprocessItem.done_at.is_(None))
                 .order_by(ReprocessItem.id)
             )
