@@ -13,6 +13,11 @@ TriageError
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from triage.classify.backends.base import Usage
+
 
 class TriageError(Exception):
     """Base class. `ticket_id` and `stage` say where it happened when known."""
@@ -33,8 +38,10 @@ class TriageError(Exception):
         self.ticket_id = ticket_id
         self.stage = stage
         self.request_id = request_id
-        # Paid API calls the failed attempt made, for the attempt log and the call budget.
+        # Paid API calls the failed attempt made, and their tokens and cost (a refused or
+        # cut-off answer is billed like any other), for the attempt log and the call budget.
         self.api_calls = 0
+        self.usage: Usage | None = None
 
     def __str__(self) -> str:
         where = []

@@ -6,7 +6,15 @@ from sqlalchemy import select
 
 from tests.cli.conftest import seed_routed
 from tests.fakeanthropic import Fault
-from triage.db.models import Classification, MessageBatch, OutboxMessage, ReprocessItem, Ticket
+from triage.db.models import (
+    Attempt,
+    Classification,
+    MessageBatch,
+    OutboxMessage,
+    ReprocessItem,
+    Ticket,
+)
+from triage.db.stats import Window, compute
 
 
 def test_backfill_survives_a_restart_mid_batch(cli, rt, fake):
@@ -107,3 +115,21 @@ def test_ctrl_c_while_polling_then_rerun_imports_without_new_batches(cli, rt, fa
         fake.batch_delay = 0.2
     assert finished["batches_created_now"] == 0 and fake.stats()["batches"] == before + 1
     assert finished["outcomes"] == {"routed": 3} and finished["labels_changed"] == 3
+
+
+def test_a_refused_batch_answer_is_requeued_and_its_cost_kept(cli, rt, fake):
+    refused = seed_routed(rt, ["Parcel lost [[intent:shipping]] refuse-me"])[0]
+    fake.add_fault(Fault("batch_refusal", match="refuse-me"))
+    args = ("backfill", "--batch", "--intent", "other", "--yes", "--poll-interval", "0.05")
+    assert cli.json(*args)["outcomes"] == {"requeued": 1}
+    spec = rt.config.models.spec("claude-haiku-4-5")
+    with rt.sessions() as session:
+        attempt = session.scalars(
+            select(Attempt).where(Attempt.ticket_id == refused, Attempt.outcome == "unusable")
+        ).one()
+        stats = compute(session, Window(None, None))
+    assert (attempt.stage, attempt.api_calls, attempt.error_type) == ("classify", 1, "Refused")
+    # Billed at the batch price, like a label from the same batch.
+    assert attempt.cost_usd == spec.cost(attempt.input_tokens, attempt.output_tokens, batch=True)
+    assert attempt.cost_usd > 0
+    assert stats["usage"]["unused_answers"]["api_calls"] == 1

@@ -24,6 +24,7 @@ KINDS = frozenset(
         "schema_violation",  # 200, valid JSON that breaks the schema
         "batch_errored",  # a batch item that ends `errored`
         "batch_expired",  # a batch item that ends `expired`
+        "batch_refusal",  # a batch item that succeeds with stop_reason refusal (billed)
     }
 )
 

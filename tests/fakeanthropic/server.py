@@ -26,7 +26,7 @@ from tests.fakeanthropic.labeler import answer_text, departments_from_system, la
 # Models released after Opus 4.6 answer 400 to any sampling parameter.
 NO_SAMPLING_MODELS = frozenset({"claude-haiku-5-5", "claude-sonnet-5", "claude-opus-5"})
 SAMPLING_PARAMS = ("temperature", "top_p", "top_k")
-BATCH_KINDS = frozenset({"batch_errored", "batch_expired"})
+BATCH_KINDS = frozenset({"batch_errored", "batch_expired", "batch_refusal"})
 MAX_BATCH_REQUESTS = 100_000
 
 _ERROR_TYPES = {
@@ -296,6 +296,9 @@ class FakeAnthropic:
         fault = self.faults.pick(text, BATCH_KINDS)
         if fault is not None and fault.kind == "batch_expired":
             return {"custom_id": custom_id, "result": {"type": "expired"}}
+        if fault is not None and fault.kind == "batch_refusal":
+            refused = self._envelope(params, "I can't help with classifying this.", "refusal")
+            return {"custom_id": custom_id, "result": {"type": "succeeded", "message": refused}}
         if fault is not None:
             return {
                 "custom_id": custom_id,

@@ -110,3 +110,25 @@ def test_an_overload_during_the_probe_opens_the_breaker_again(clean_redis):
     assert breaker.wait_seconds() == 0
     assert breaker.record_overload() is True
     assert breaker.open_seconds() > 0
+
+
+def test_calls_made_without_asking_are_charged_and_later_calls_wait_for_them(clean_redis):
+    limiter = ApiLimiter(redis.Redis.from_url(clean_redis), Limits(calls_per_minute=60))
+    assert [limiter.acquire(1) for _ in range(50)] == [0.0] * 50
+    # A repair call and escalations that went without admission use up the rest.
+    limiter.charge(10, 5_000)
+    assert 0.5 < limiter.acquire(1) <= 1.01
+
+
+def test_input_beyond_the_estimate_is_charged_to_the_token_budget(clean_redis):
+    limiter = ApiLimiter(redis.Redis.from_url(clean_redis), Limits(input_tokens_per_minute=1000))
+    assert limiter.acquire(500) == 0
+    limiter.charge(0, 400)
+    assert limiter.acquire(200) > 0  # 1,100 > 1,000 in the window
+    assert limiter.acquire(100) == 0
+
+
+def test_charging_an_unlimited_budget_does_nothing(clean_redis):
+    client = redis.Redis.from_url(clean_redis)
+    ApiLimiter(client, Limits()).charge(5, 5_000)
+    assert client.keys("triage:limit:*") == []

@@ -76,6 +76,8 @@ def _detail(event: dict[str, Any]) -> str:
         text = f"{d['stage']} #{d['number']} {d['outcome']}"
         if d["latency_ms"] is not None:
             text += f" {d['latency_ms']:.0f} ms"
+        if d["api_calls"]:
+            text += f", {d['api_calls']} API calls ${d['cost_usd']}"
         if d["error"]:
             text += f" — {d['error_type']}: {d['error']}"
         return text

@@ -254,6 +254,16 @@ class Attempt(Base):
     error: Mapped[str | None] = mapped_column(Text)
     request_id: Mapped[str | None] = mapped_column(String(128))
     api_calls: Mapped[int] = mapped_column(Integer, default=0)
+    # What the attempt's calls cost, an answer that was not kept too (refused, cut off,
+    # invalid, or superseded by another worker's label): the spend on record is every paid
+    # call, not only the labels'.
+    input_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    cache_read_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    cache_write_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    cost_usd: Mapped[Decimal] = mapped_column(
+        Numeric(12, 6), default=Decimal("0"), server_default="0"
+    )
     latency_ms: Mapped[float | None]
 
 

@@ -262,6 +262,9 @@ def ticket_timeline(session: Session, ticket_id: int) -> list[dict[str, Any]]:
                     "error_type": a.error_type,
                     "error": a.error,
                     "api_calls": a.api_calls,
+                    "input_tokens": a.input_tokens,
+                    "output_tokens": a.output_tokens,
+                    "cost_usd": str(a.cost_usd),
                     "latency_ms": None if a.latency_ms is None else round(a.latency_ms, 1),
                 },
             }

@@ -27,6 +27,8 @@ from triage.db.models import (
 )
 
 BATCH_BACKEND = "anthropic-batch"
+# Attempt outcomes whose answer became the label on record (its cost is on that label's row).
+KEPT_OUTCOMES = ("ok", "reused")
 
 
 def percentile(sorted_values: Sequence[float], p: float) -> float | None:
@@ -151,7 +153,26 @@ def _usage(session: Session, in_window: Any, total: int) -> dict[str, Any]:
         ).where(Classification.ticket_id.in_(in_window))
     ).one()
     labels, tokens_in, tokens_out, cache_read, cost, calls = row
-    cost = Decimal(str(cost))
+    # Answers no label was kept from (refused, cut off, invalid, superseded) were paid too;
+    # their tokens and cost are on the attempt. A kept label's are on its row, counted above.
+    unused = session.execute(
+        select(
+            func.coalesce(func.sum(Attempt.api_calls), 0),
+            func.coalesce(func.sum(Attempt.input_tokens), 0),
+            func.coalesce(func.sum(Attempt.output_tokens), 0),
+            func.coalesce(func.sum(Attempt.cache_read_tokens), 0),
+            func.coalesce(func.sum(Attempt.cost_usd), 0),
+        ).where(
+            Attempt.ticket_id.in_(in_window),
+            Attempt.stage == "classify",
+            Attempt.outcome.not_in(KEPT_OUTCOMES),
+        )
+    ).one()
+    unused_calls, unused_in, unused_out, unused_cache, unused_cost = unused
+    unused_cost = Decimal(str(unused_cost))
+    calls, tokens_in = int(calls) + int(unused_calls), int(tokens_in) + int(unused_in)
+    tokens_out, cache_read = int(tokens_out) + int(unused_out), int(cache_read) + int(unused_cache)
+    cost = Decimal(str(cost)) + unused_cost
     per = Decimal(1000) / total if total else Decimal(0)
     return {
         "labels": int(labels),
@@ -160,6 +181,10 @@ def _usage(session: Session, in_window: Any, total: int) -> dict[str, Any]:
         "output_tokens": int(tokens_out),
         "cache_read_tokens": int(cache_read),
         "cost_usd": str(cost.quantize(Decimal("0.000001"))),
+        "unused_answers": {
+            "api_calls": int(unused_calls),
+            "cost_usd": str(unused_cost.quantize(Decimal("0.000001"))),
+        },
         "per_1000_tickets": {
             "input_tokens": round(int(tokens_in) * float(per)),
             "output_tokens": round(int(tokens_out) * float(per)),

@@ -34,6 +34,7 @@ from triage.classify.backends.base import ClassificationResult
 from triage.classify.backends.messages import Answer, LabelRequest, answer_text, usage_of
 from triage.classify.schema import validate_label
 from triage.db.models import (
+    Attempt,
     MessageBatch,
     ReprocessItem,
     ReprocessRun,
@@ -46,6 +47,7 @@ from triage.pipeline.classify_stage import REOPENABLE, build_request, record_lab
 from triage.pipeline.relay import enqueue_classify
 from triage.pipeline.reprocess import label_changed
 from triage.pipeline.runtime import Runtime
+from triage.reliability.guard import usage_values
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +307,21 @@ class BatchBackfill:
                     label = self._label(ticket.id, message)
                 except (ValidationError, PermanentError) as exc:
                     why = f"unusable batch answer: {exc}"
+                    # Billed all the same: on record as an attempt whose answer was not kept.
+                    session.add(
+                        Attempt(
+                            ticket_id=ticket.id,
+                            stage="classify",
+                            number=0,
+                            finished_at=utcnow(),
+                            outcome="unusable",
+                            error_type=exc.__class__.__name__,
+                            error=why[:4000],
+                            request_id=message.id,
+                            api_calls=1,
+                            **usage_values(usage_of(Answer.of(message), self.spec, batch=True)),
+                        )
+                    )
             if label is not None:
                 recorded = record_label(self.rt, session, ticket, label)
                 if recorded is None:

@@ -52,7 +52,7 @@ from triage.pipeline.routing import CLASSIFY_QUEUE, Route, decide_route
 from triage.pipeline.runtime import Runtime
 from triage.pipeline.states import claim_for_classification, transition, transition_each
 from triage.reliability.deadletter import close_open_letters
-from triage.reliability.guard import StageFailure, handle_failure
+from triage.reliability.guard import StageFailure, handle_failure, usage_values
 from triage.reliability.limits import Admission
 from triage.reliability.retry import classify_lease_seconds, policy_for
 
@@ -159,7 +159,7 @@ def _classify_chunk(
                 f"{claim.attempt - 1} attempts started, none finished with an outcome "
                 "(worker lost mid-attempt?)"
             )
-            outcomes[claim.ticket_id] = handle_failure(rt, _failure(rt, claim, 0), lost)
+            outcomes[claim.ticket_id] = handle_failure(rt, _failure(rt, claim), lost)
         else:
             going.append(claim)
     if reuse:
@@ -215,16 +215,50 @@ def _settle(
         if isinstance(result, Exception):
             if isinstance(result, RateLimited) and rt.admission is not None:
                 _record_overload(rt.admission, result)
-            calls = result.api_calls if isinstance(result, TriageError) else 0
-            outcomes[claim.ticket_id] = handle_failure(rt, _failure(rt, claim, calls), result)
+            paid = result if isinstance(result, TriageError) else None
+            outcomes[claim.ticket_id] = handle_failure(rt, _failure(rt, claim, paid), result)
             continue
         answered += 1 if result.calls else 0
         _observe(result)
         done.append((claim, result))
     if answered and rt.admission is not None:
         _record_success(rt.admission, answered)
+    if rt.admission is not None and rt.admission.limiter.enabled:
+        _charge_unadmitted(rt, rt.admission, answers)
     outcomes.update(_finish(rt, done))
     return outcomes
+
+
+def _charge_unadmitted(
+    rt: Runtime,
+    admission: Admission,
+    answers: list[tuple[_Claim, ClassificationResult | Exception]],
+) -> None:
+    """Charge the shared budget for what went without asking it: each ticket was admitted for
+    one call of its estimated size, but a repair call or an escalation makes more, and a
+    ticket may read more tokens than estimated. Later calls then wait for the account's real
+    spend instead of drawing 429s. One Redis call for the whole wave."""
+    calls = tokens = 0
+    for claim, result in answers:
+        usage: Usage | None
+        if isinstance(result, ClassificationResult):
+            made, usage = result.calls, result.usage
+        elif isinstance(result, TriageError):
+            made, usage = result.api_calls, result.usage
+        else:
+            continue
+        if made == 0:
+            continue  # a reused label: nothing was admitted or spent
+        calls += made - 1
+        if usage is not None:
+            # Cache reads do not count against the input-token rate limit; cache writes do.
+            spent = usage.input_tokens + usage.cache_write_tokens
+            tokens += max(0, spent - estimate_input_tokens(rt.config.taxonomy, claim.request))
+    if calls or tokens:
+        try:
+            admission.limiter.charge(calls, tokens)
+        except Exception as exc:  # noqa: BLE001 - the labels are good; a lost charge must not undo them
+            log.warning("API budget not charged for %s calls, %s tokens: %s", calls, tokens, exc)
 
 
 def _call_for(rt: Runtime, claim: _Claim) -> Any:
@@ -493,7 +527,9 @@ def _unclaim(session: Session, claim: _Claim, **fields: Any) -> bool:
     )
 
 
-def _failure(rt: Runtime, claim: _Claim, api_calls: int) -> StageFailure:
+def _failure(rt: Runtime, claim: _Claim, paid: TriageError | None = None) -> StageFailure:
+    """`paid`: the error the attempt's calls ended with, which counts them and their cost."""
+
     def back_to_queued(session: Session) -> None:
         _unclaim(session, claim)
 
@@ -506,7 +542,8 @@ def _failure(rt: Runtime, claim: _Claim, api_calls: int) -> StageFailure:
         queue=CLASSIFY_QUEUE,
         args={"ticket_id": claim.ticket_id},
         on_retry=back_to_queued,
-        api_calls=api_calls,
+        api_calls=paid.api_calls if paid else 0,
+        usage=paid.usage if paid else None,
         dead_from=CLAIMABLE,
         generation=claim.generation,
     )
@@ -610,6 +647,7 @@ def _record(
                 "request_id": result.request_id,
                 "api_calls": result.calls,
                 "latency_ms": result.latency_ms,
+                **usage_values(result.usage),
             }
             for claim, result in done
         ],

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from triage.classify.backends.base import Usage
 from triage.db.models import Attempt, TicketState, utcnow
 from triage.db.session import session_scope
 from triage.errors import TriageError
@@ -35,6 +36,8 @@ class StageFailure:
     # Runs in the failure transaction before a retry is scheduled (e.g. state back to queued).
     on_retry: Callable[[Any], None] | None = None
     api_calls: int = 0
+    # What those calls cost (answers the attempt could not use are billed too).
+    usage: Usage | None = None
     # The states this stage may dead-letter the ticket from. A stale attempt (its claim was
     # taken over and the ticket finished meanwhile) must not dead-letter a routed ticket.
     dead_from: frozenset[TicketState] | None = None
@@ -115,6 +118,7 @@ def _record_attempt(
         "error": error.message[:4000],
         "request_id": error.request_id,
         "api_calls": failure.api_calls,
+        **usage_values(failure.usage or Usage()),
     }
     if failure.attempt_id is not None:
         session.execute(
@@ -127,3 +131,14 @@ def _record_attempt(
     session.add(
         Attempt(ticket_id=failure.ticket_id, stage=failure.stage, number=failure.attempt, **fields)
     )
+
+
+def usage_values(usage: Usage) -> dict[str, Any]:
+    """An attempt row's token and cost columns."""
+    return {
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cache_read_tokens": usage.cache_read_tokens,
+        "cache_write_tokens": usage.cache_write_tokens,
+        "cost_usd": usage.cost_usd,
+    }

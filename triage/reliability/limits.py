@@ -44,6 +44,22 @@ end
 return 0
 """
 
+# The same buckets, charged without asking: for calls that went without admission (a repair
+# call, an escalation) and input beyond what was estimated. Later calls wait for them.
+# KEYS and ARGV as _GCRA's (burst unused).
+_CHARGE = """
+local now = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  local interval = tonumber(ARGV[2 + (i - 1) * 3])
+  local qty = tonumber(ARGV[4 + (i - 1) * 3])
+  local tat = tonumber(redis.call('GET', key) or now)
+  if tat < now then tat = now end
+  local new_tat = tat + interval * qty
+  redis.call('SET', key, new_tat, 'PX', math.ceil(new_tat - now) + 1000)
+end
+return 0
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -63,26 +79,42 @@ class ApiLimiter:
         self._limits = limits
         self._prefix = prefix
         self._script: Any = client.register_script(_GCRA)
+        self._charge: Any = client.register_script(_CHARGE)
+
+    @property
+    def enabled(self) -> bool:
+        return self._limits.enabled
 
     def acquire(self, input_tokens: int) -> float:
         """0.0 when the call may go now (and is counted); otherwise seconds to wait."""
+        keys, args = self._buckets(1, max(1, input_tokens))
+        if not keys:
+            return 0.0
+        wait_ms = float(self._script(keys=keys, args=args))
+        return wait_ms / 1000
+
+    def charge(self, calls: int, input_tokens: int) -> None:
+        """Count calls and input tokens already spent without `acquire` (a repair call, an
+        escalation, input beyond the estimate): the budget is the account's, whatever asked."""
+        keys, args = self._buckets(calls, input_tokens)
+        if keys:
+            self._charge(keys=keys, args=args)
+
+    def _buckets(self, calls: int, input_tokens: int) -> tuple[list[str], list[float]]:
         keys: list[str] = []
         args: list[float] = [time.time() * 1000]
         for name, per_minute, qty in (
-            ("calls", self._limits.calls_per_minute, 1),
-            ("tokens", self._limits.input_tokens_per_minute, max(1, input_tokens)),
+            ("calls", self._limits.calls_per_minute, calls),
+            ("tokens", self._limits.input_tokens_per_minute, input_tokens),
         ):
-            if per_minute <= 0:
+            if per_minute <= 0 or qty <= 0:
                 continue
             interval = 60_000 / per_minute
             # A single request larger than the whole minute's budget must still get through.
             burst = max(60_000.0, interval * qty)
             keys.append(f"{self._prefix}:{name}")
             args += [interval, burst, qty]
-        if not keys:
-            return 0.0
-        wait_ms = float(self._script(keys=keys, args=args))
-        return wait_ms / 1000
+        return keys, args
 
 
 # KEYS: calls bucket, overload bucket of this second, open-until key, half-open key.

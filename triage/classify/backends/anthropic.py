@@ -72,20 +72,20 @@ class AnthropicBackend:
         label: TicketLabel | None = None
         for repair in (False, True):
             calls += 1
-            message, call_id = self._call(messages, request.ticket_id, calls)
+            message, call_id = self._call(messages, request.ticket_id, calls, usage)
             request_id = call_id or request_id
             usage = usage + usage_of(message, self._spec)
             try:
                 text = answer_text(message, request.ticket_id, request_id)
             except TriageError as exc:
                 # A refusal or a cut-off answer was still a paid call.
-                raise _with_calls(exc, calls) from None
+                raise _paid(exc, calls, usage) from None
             try:
                 label = validate_label(self._taxonomy, text)
                 break
             except ValidationError as exc:
                 if repair:
-                    raise _with_calls(
+                    raise _paid(
                         InvalidOutput(
                             f"model output failed validation after a repair attempt: "
                             f"{_errors(exc)}",
@@ -93,6 +93,7 @@ class AnthropicBackend:
                             request_id=request_id,
                         ),
                         calls,
+                        usage,
                     ) from exc
                 messages += [
                     {"role": "assistant", "content": text or "(empty)"},
@@ -114,9 +115,13 @@ class AnthropicBackend:
             calls=calls,
         )
 
-    def _call(self, messages: list[Any], ticket_id: int, calls: int) -> tuple[Answer, str | None]:
+    def _call(
+        self, messages: list[Any], ticket_id: int, calls: int, paid: Usage
+    ) -> tuple[Answer, str | None]:
         """One call; the answer and the API's request id. The raw response is read by
-        `read_answer` instead of the SDK's `Message` parse (see `Answer`)."""
+        `read_answer` instead of the SDK's `Message` parse (see `Answer`). A failure carries
+        the calls made so far and what the answered ones cost (`paid`): a repair call that
+        fails does not make the first answer free."""
         try:
             raw = self._client.get().messages.with_raw_response.create(
                 model=self.model,
@@ -128,9 +133,10 @@ class AnthropicBackend:
             )
             return read_answer(raw.read(), ticket_id, raw.request_id), raw.request_id
         except anthropic.APIError as exc:
-            raise _with_calls(translate_api_error(exc, ticket_id), calls) from exc
+            # A call the API failed is not billed, but it counts against the attempt's bound.
+            raise _paid(translate_api_error(exc, ticket_id), calls, paid) from exc
         except TriageError as exc:
-            raise _with_calls(exc, calls) from exc
+            raise _paid(exc, calls, paid) from exc
 
 
 def translate_api_error(exc: anthropic.APIError, ticket_id: int | None = None) -> TriageError:
@@ -174,8 +180,9 @@ def _errors(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _with_calls(error: TriageError, calls: int) -> TriageError:
+def _paid(error: TriageError, calls: int, usage: Usage) -> TriageError:
     error.api_calls = calls
+    error.usage = usage
     return error
 
 

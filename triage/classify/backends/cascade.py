@@ -19,6 +19,7 @@ from triage.classify.backends.base import (
     ClassificationRequest,
     ClassificationResult,
     ClassifierBackend,
+    Usage,
 )
 from triage.errors import PermanentError, TriageError
 
@@ -46,6 +47,7 @@ class CascadeBackend:
             return replace(
                 unsure,
                 calls=unsure.calls + exc.api_calls,
+                usage=unsure.usage + (exc.usage or Usage()),
                 review_reason=(
                     f"confidence {first.label.confidence:.2f}, and the escalation model "
                     f"could not answer: {exc.message[:200]}"
@@ -54,6 +56,7 @@ class CascadeBackend:
         except TriageError as exc:
             # The primary's calls were paid for too: the attempt log must count them.
             exc.api_calls += first.calls
+            exc.usage = first.usage + (exc.usage or Usage())
             raise
         return _as_cascade(second, first, started)
 
