@@ -105,6 +105,10 @@ class Settings(BaseSettings):
     sweep_interval_seconds: float = Field(10.0, gt=0)
     # Tickets stuck in a non-terminal state longer than this are re-enqueued by the sweeper.
     stuck_after_seconds: float = Field(300.0, gt=0)
+    # Outbox rows sent longer ago than this are deleted by the sweeper (two per ticket would
+    # otherwise pile up for ever). The ticket's own history (attempts, labels, dispatches,
+    # dead letters) is kept; a sent message's row is only needed while it may be in flight.
+    outbox_retention_hours: float = Field(24.0, gt=0)
 
     def effective_backend(self) -> Literal["anthropic", "local", "cascade"]:
         if self.backend != "auto":

@@ -18,7 +18,8 @@ def sweep(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Publish outbox messages left behind, re-enqueue stuck tickets and undelivered
-    dispatches, and dead-letter dispatches to departments no longer configured, once
+    dispatches, dead-letter dispatches to departments no longer configured, and delete outbox
+    rows sent longer ago than TRIAGE_OUTBOX_RETENTION_HOURS, once
     (workers run this every TRIAGE_SWEEP_INTERVAL_SECONDS).
 
     Example: triage sweep --stuck-after 600 --json
@@ -34,6 +35,7 @@ def sweep(
         "requeued_tickets": report.requeued_tickets,
         "requeued_deliveries": report.requeued_deliveries,
         "stranded_deliveries": report.stranded_deliveries,
+        "pruned_outbox": report.pruned_outbox,
     }
     if as_json:
         print_json(data)
@@ -41,6 +43,8 @@ def sweep(
         console.print(
             f"relayed {report.relayed} outbox messages; re-enqueued {report.requeued_tickets} "
             f"tickets and {report.requeued_deliveries} deliveries; dead-lettered "
-            f"{report.stranded_deliveries} routed to a department that no longer exists",
+            f"{report.stranded_deliveries} routed to a department that no longer exists; "
+            f"deleted {report.pruned_outbox} outbox rows sent over "
+            f"{rt.settings.outbox_retention_hours:g} h ago",
             highlight=False,
         )

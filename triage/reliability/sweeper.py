@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, exists, or_, select
+from sqlalchemy import Select, and_, delete, exists, or_, select
 from sqlalchemy.orm import Session
 
 from triage.db.models import Dispatch, OutboxMessage, Ticket, TicketState, utcnow
@@ -58,6 +58,8 @@ class SweepReport:
     requeued_deliveries: int
     # Dispatches to a queue no department owns any more, dead-lettered.
     stranded_deliveries: int = 0
+    # Sent outbox rows past TRIAGE_OUTBOX_RETENTION_HOURS, deleted.
+    pruned_outbox: int = 0
 
 
 def _no_pending_outbox(ticket_id_col: Any) -> Any:
@@ -114,12 +116,43 @@ def sweep_once(rt: Runtime, *, stuck_after: float | None = None, limit: int = 50
     if outbox_ids:
         log.warning("sweeper re-enqueued %d tickets, %d deliveries", tickets, deliveries)
         rt.publisher.publish(outbox_ids)
+    # Never sooner than the deadlines above look back: "a delivery message sent lately"
+    # must still find the row.
+    keep = max(rt.settings.outbox_retention_hours * 3600, 2 * deadline)
+    with session_scope(rt.sessions) as session:
+        pruned = prune_outbox(session, now - timedelta(seconds=keep), PRUNE_BATCH)
     return SweepReport(
         relayed=relayed,
         requeued_tickets=tickets,
         requeued_deliveries=deliveries,
         stranded_deliveries=stranded,
+        pruned_outbox=pruned,
     )
+
+
+# Rows deleted per pass, at most: every worker sweeps every few seconds, so this keeps up with
+# thousands of tickets a second while each pass stays short.
+PRUNE_BATCH = 5000
+
+
+def prune_outbox(session: Session, sent_before: datetime, limit: int) -> int:
+    """Delete up to `limit` outbox rows sent before `sent_before` (found through the pending
+    index, whose first column is sent_at). Rows not yet sent are never touched."""
+    chosen = (
+        select(OutboxMessage.id)
+        .where(OutboxMessage.sent_at < sent_before)
+        .order_by(OutboxMessage.sent_at)
+        .limit(limit)
+    )
+    if _postgres(session):
+        # Concurrent sweepers take different rows instead of waiting on each other's.
+        chosen = chosen.with_for_update(skip_locked=True)
+    result = session.execute(
+        delete(OutboxMessage)
+        .where(OutboxMessage.id.in_(chosen.scalar_subquery()))
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def _requeue_tickets(
