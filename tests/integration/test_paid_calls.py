@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import pytest
 import redis
+from prometheus_client import REGISTRY
 from sqlalchemy import select
 
 from tests.fakeanthropic import FakeAnthropic, Fault
@@ -169,3 +170,32 @@ def test_a_repair_call_is_charged_to_the_shared_budget(pg_url, clean_redis, fake
     (key,) = client.keys("triage:limit:calls")
     ahead_ms = float(client.get(key) or 0) - time.time() * 1000
     assert 1_500 < ahead_ms <= 2_050
+
+
+def _spent(model: str) -> float:
+    return REGISTRY.get_sample_value("triage_cost_usd_total", {"model": model}) or 0.0
+
+
+def test_spend_metrics_count_every_answer_under_the_model_that_gave_it(fake):
+    haiku, sonnet = "claude-haiku-4-5", "claude-sonnet-5"
+    before = _spent(haiku), _spent(sonnet)
+    fake.add_fault(Fault("refusal"))
+    with pytest.raises(Refused) as info:
+        backend(fake).classify(request())
+    assert info.value.usage is not None
+    refused_cost = float(info.value.usage.cost_usd)
+    assert _spent(haiku) == pytest.approx(before[0] + refused_cost)
+
+    cfg = get_config()
+    primary, escalation = backend(fake), backend(fake, model=sonnet)
+    cascade = CascadeBackend(
+        primary, escalation, escalate_below=cfg.taxonomy.routing.escalate_below_confidence
+    )
+    mid = _spent(haiku), _spent(sonnet)
+    result = cascade.classify(request(UNSURE))
+    assert result.model == sonnet and result.calls == 2
+    # The cheap model's answer is billed at its price, the escalation's at its own.
+    assert _spent(haiku) > mid[0] and _spent(sonnet) > mid[1]
+    assert _spent(haiku) - mid[0] + _spent(sonnet) - mid[1] == pytest.approx(
+        float(result.usage.cost_usd)
+    )

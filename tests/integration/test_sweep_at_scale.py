@@ -99,7 +99,7 @@ def test_every_statement_of_a_sweep_pass_is_served_by_an_index(pg_url, clean_red
         _outbox(s, routed, sent_ago=3 * 24 * 3600.0, task=DELIVER_TASK)
     statements: list[tuple[str, Any]] = []
 
-    def capture(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
+    def capture(conn, cursor, statement, parameters, context, executemany):
         if not executemany and statement.lstrip().upper().startswith(("SELECT", "DELETE")):
             statements.append((statement, parameters))
 

@@ -30,7 +30,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from triage.classify.backends.anthropic import make_client, translate_api_error
-from triage.classify.backends.base import ClassificationResult
+from triage.classify.backends.base import ClassificationResult, Usage
 from triage.classify.backends.messages import Answer, LabelRequest, answer_text, usage_of
 from triage.classify.schema import validate_label
 from triage.db.models import (
@@ -303,8 +303,10 @@ class BatchBackfill:
                 return
             label: ClassificationResult | None = None
             if message is not None:
+                answer = Answer.of(message)
+                usage = usage_of(answer, self.spec, message.model or self.model, batch=True)
                 try:
-                    label = self._label(ticket.id, message)
+                    label = self._label(ticket.id, message, answer, usage)
                 except (ValidationError, PermanentError) as exc:
                     why = f"unusable batch answer: {exc}"
                     # Billed all the same: on record as an attempt whose answer was not kept.
@@ -319,7 +321,7 @@ class BatchBackfill:
                             error=why[:4000],
                             request_id=message.id,
                             api_calls=1,
-                            **usage_values(usage_of(Answer.of(message), self.spec, batch=True)),
+                            **usage_values(usage),
                         )
                     )
             if label is not None:
@@ -341,8 +343,9 @@ class BatchBackfill:
         if outbox_id is not None:
             self.rt.publisher.publish([outbox_id])
 
-    def _label(self, ticket_id: int, message: Message) -> ClassificationResult:
-        answer = Answer.of(message)
+    def _label(
+        self, ticket_id: int, message: Message, answer: Answer, usage: Usage
+    ) -> ClassificationResult:
         text = answer_text(answer, ticket_id, message.id)
         return ClassificationResult(
             label=validate_label(self.rt.config.taxonomy, text),
@@ -351,7 +354,7 @@ class BatchBackfill:
             prompt_version=self.request.prompt_version,
             # A batch has no per-request latency worth recording (it is hours of queueing).
             latency_ms=0.0,
-            usage=usage_of(answer, self.spec, batch=True),
+            usage=usage,
             request_id=message.id,
             calls=1,
         )

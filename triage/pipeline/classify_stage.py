@@ -39,7 +39,7 @@ from triage.db.models import (
 )
 from triage.db.session import insert_rows, session_scope
 from triage.errors import RateLimited, TransientError, TriageError
-from triage.metrics import CLASSIFICATIONS, CLASSIFY_COST, CLASSIFY_LATENCY, CLASSIFY_TOKENS
+from triage.metrics import CLASSIFICATIONS, CLASSIFY_LATENCY
 from triage.pipeline.fanout import SLOT_PATIENCE_SECONDS, HeldSlots
 from triage.pipeline.relay import (
     CLASSIFY_TASK,
@@ -768,7 +768,5 @@ def _observe(result: ClassificationResult) -> None:
     CLASSIFICATIONS.labels(backend=result.backend, outcome=outcome).inc()
     if result.reused_from_id:
         return
+    # Tokens and spend are counted per answer, as each arrives (messages.usage_of).
     CLASSIFY_LATENCY.labels(backend=result.backend).observe(result.latency_ms / 1000)
-    CLASSIFY_TOKENS.labels(model=result.model, kind="input").inc(result.usage.input_tokens)
-    CLASSIFY_TOKENS.labels(model=result.model, kind="output").inc(result.usage.output_tokens)
-    CLASSIFY_COST.labels(model=result.model).inc(float(result.usage.cost_usd))

@@ -74,7 +74,7 @@ class AnthropicBackend:
             calls += 1
             message, call_id = self._call(messages, request.ticket_id, calls, usage)
             request_id = call_id or request_id
-            usage = usage + usage_of(message, self._spec)
+            usage = usage + usage_of(message, self._spec, self.model)
             try:
                 text = answer_text(message, request.ticket_id, request_id)
             except TriageError as exc:

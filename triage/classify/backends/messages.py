@@ -16,6 +16,7 @@ from triage.classify.prompt import prompt_version, system_prompt, user_message
 from triage.classify.schema import output_schema
 from triage.config import ModelSpec
 from triage.errors import OutputTruncated, Refused, TransientError
+from triage.metrics import CLASSIFY_COST, CLASSIFY_TOKENS
 from triage.taxonomy import Taxonomy
 
 
@@ -122,15 +123,21 @@ def answer_text(message: Answer, ticket_id: int, request_id: str | None) -> str:
     return text
 
 
-def usage_of(message: Answer, spec: ModelSpec, *, batch: bool = False) -> Usage:
-    """Tokens and cost of one Message; batch results cost the model's batch price."""
+def usage_of(message: Answer, spec: ModelSpec, model: str, *, batch: bool = False) -> Usage:
+    """Tokens and cost of one Message; batch results cost the model's batch price. Counted in
+    the spend metrics here, once per answer and under the model that gave it: an answer that
+    is refused, cut off or invalid, or a cheap model's before an escalation, is paid for too."""
     u = message.usage
     cache_read = u.cache_read_input_tokens or 0
     cache_write = u.cache_creation_input_tokens or 0
-    return Usage(
+    usage = Usage(
         input_tokens=u.input_tokens,
         output_tokens=u.output_tokens,
         cache_read_tokens=cache_read,
         cache_write_tokens=cache_write,
         cost_usd=spec.cost(u.input_tokens, u.output_tokens, cache_read, cache_write, batch=batch),
     )
+    CLASSIFY_TOKENS.labels(model=model, kind="input").inc(usage.input_tokens)
+    CLASSIFY_TOKENS.labels(model=model, kind="output").inc(usage.output_tokens)
+    CLASSIFY_COST.labels(model=model).inc(float(usage.cost_usd))
+    return usage
