@@ -16,25 +16,38 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+_UNDELIVERED = sa.text('delivered_at IS NULL')
+# (name, table, columns, extra keyword arguments)
+_INDEXES = (
+    (
+        'ix_dispatches_undelivered',
+        'dispatches',
+        ['id'],
+        {'postgresql_where': _UNDELIVERED, 'sqlite_where': _UNDELIVERED},
+    ),
+    ('ix_outbox_ticket', 'outbox', ['ticket_id'], {}),
+    ('ix_tickets_received', 'tickets', ['received_at'], {}),
+)
+
+
 def upgrade() -> None:
-    with op.batch_alter_table('dispatches', schema=None) as batch_op:
-        batch_op.create_index(
-            'ix_dispatches_undelivered',
-            ['id'],
-            unique=False,
-            postgresql_where=sa.text('delivered_at IS NULL'),
-            sqlite_where=sa.text('delivered_at IS NULL'),
-        )
-    with op.batch_alter_table('outbox', schema=None) as batch_op:
-        batch_op.create_index('ix_outbox_ticket', ['ticket_id'], unique=False)
-    with op.batch_alter_table('tickets', schema=None) as batch_op:
-        batch_op.create_index('ix_tickets_received', ['received_at'], unique=False)
+    if op.get_bind().dialect.name == 'postgresql':
+        # On a live installation these tables are large: a plain CREATE INDEX would hold up
+        # every webhook and worker write until it is built. CONCURRENTLY cannot run inside a
+        # transaction, hence the autocommit block.
+        with op.get_context().autocommit_block():
+            for name, table, columns, kw in _INDEXES:
+                op.create_index(
+                    name, table, columns, unique=False, postgresql_concurrently=True,
+                    if_not_exists=True, **kw,
+                )
+        return
+    for name, table, columns, kw in _INDEXES:
+        with op.batch_alter_table(table, schema=None) as batch_op:
+            batch_op.create_index(name, columns, unique=False, **kw)
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('tickets', schema=None) as batch_op:
-        batch_op.drop_index('ix_tickets_received')
-    with op.batch_alter_table('outbox', schema=None) as batch_op:
-        batch_op.drop_index('ix_outbox_ticket')
-    with op.batch_alter_table('dispatches', schema=None) as batch_op:
-        batch_op.drop_index('ix_dispatches_undelivered')
+    for name, table, _columns, _kw in reversed(_INDEXES):
+        with op.batch_alter_table(table, schema=None) as batch_op:
+            batch_op.drop_index(name)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from tests.cli.conftest import seed_routed
 from tests.fakeanthropic import Fault
@@ -14,6 +14,7 @@ from triage.db.models import (
     ReprocessItem,
     Ticket,
 )
+from triage.db.session import session_scope
 from triage.db.stats import Window, compute
 
 
@@ -132,4 +133,24 @@ def test_a_refused_batch_answer_is_requeued_and_its_cost_kept(cli, rt, fake):
     # Billed at the batch price, like a label from the same batch.
     assert attempt.cost_usd == spec.cost(attempt.input_tokens, attempt.output_tokens, batch=True)
     assert attempt.cost_usd > 0
-    assert stats["usage"]["unused_answers"]["api_calls"] == 1
+    assert stats["usage"]["without_label"]["api_calls"] == 1
+
+
+def test_an_answer_for_a_ticket_that_changed_during_the_batch_is_superseded_but_its_cost_kept(
+    cli, rt, fake
+):
+    changed = seed_routed(rt, ["Parcel lost [[intent:shipping]] changes-meanwhile"])[0]
+    args = ("backfill", "--batch", "--intent", "other", "--yes")
+    cli.json(*args, "--submit-only")
+    # Re-triaged (new text from the helpdesk) while the batch ran: a newer generation.
+    with session_scope(rt.sessions) as session:
+        session.execute(
+            update(Ticket).where(Ticket.id == changed).values(generation=Ticket.generation + 1)
+        )
+    done = cli.json(*args, "--poll-interval", "0.05")
+    assert done["outcomes"] == {"superseded": 1}
+    with rt.sessions() as session:
+        attempt = session.scalars(
+            select(Attempt).where(Attempt.ticket_id == changed, Attempt.outcome == "superseded")
+        ).one()
+    assert attempt.api_calls == 1 and attempt.cost_usd > 0

@@ -149,7 +149,7 @@ def test_a_dead_lettered_tickets_paid_call_is_in_its_attempt_and_in_stats(
     assert usage["api_calls"] == 2
     assert usage["input_tokens"] == attempt.input_tokens + label.input_tokens
     assert Decimal(usage["cost_usd"]) == attempt.cost_usd + label.cost_usd
-    assert usage["unused_answers"] == {"api_calls": 1, "cost_usd": str(attempt.cost_usd)}
+    assert usage["without_label"] == {"api_calls": 1, "cost_usd": str(attempt.cost_usd)}
 
 
 def test_a_repair_call_is_charged_to_the_shared_budget(pg_url, clean_redis, fake):

@@ -74,8 +74,8 @@ def _print(data: dict[str, Any]) -> None:
     console.print(
         f"usage: {u['labels']} labels, {u['api_calls']} API calls, {u['input_tokens']:,} in / "
         f"{u['output_tokens']:,} out tokens, ${u['cost_usd']} (of which "
-        f"{u['unused_answers']['api_calls']} calls, ${u['unused_answers']['cost_usd']}, on "
-        "answers no label was kept from)\n"
+        f"{u['without_label']['api_calls']} calls, ${u['without_label']['cost_usd']}, gave no "
+        "label: refused, invalid or superseded answers, failed requests)\n"
         f"per 1,000 tickets: {per['input_tokens']:,} in / {per['output_tokens']:,} out tokens, "
         f"${per['cost_usd']}\n"
         f"dead-lettered now {r['dead_lettered_now']} ({_pct(r['dead_letter_rate'])}), ever "

@@ -153,8 +153,9 @@ def _usage(session: Session, in_window: Any, total: int) -> dict[str, Any]:
         ).where(Classification.ticket_id.in_(in_window))
     ).one()
     labels, tokens_in, tokens_out, cache_read, cost, calls = row
-    # Answers no label was kept from (refused, cut off, invalid, superseded) were paid too;
-    # their tokens and cost are on the attempt. A kept label's are on its row, counted above.
+    # Attempts no label was kept from: answers refused, cut off, invalid or superseded, which
+    # were paid for (their tokens and cost are on the attempt), and requests that failed (429,
+    # 5xx, timeouts: calls made, not billed). A kept label's usage is on its row, counted above.
     unused = session.execute(
         select(
             func.coalesce(func.sum(Attempt.api_calls), 0),
@@ -181,7 +182,7 @@ def _usage(session: Session, in_window: Any, total: int) -> dict[str, Any]:
         "output_tokens": int(tokens_out),
         "cache_read_tokens": int(cache_read),
         "cost_usd": str(cost.quantize(Decimal("0.000001"))),
-        "unused_answers": {
+        "without_label": {
             "api_calls": int(unused_calls),
             "cost_usd": str(unused_cost.quantize(Decimal("0.000001"))),
         },

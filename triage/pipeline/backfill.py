@@ -296,35 +296,34 @@ class BatchBackfill:
             if item.done_at is not None:
                 return
             ticket = session.get(Ticket, item.ticket_id)
+            answer: Answer | None = None
+            usage = Usage()
+            if message is not None:
+                try:
+                    answer = Answer.of(message)
+                except ValidationError as exc:
+                    why = f"unreadable batch answer: {exc}"
+                else:
+                    usage = usage_of(answer, self.spec, message.model or self.model, batch=True)
             expected = (item.generation or 1) - 1
             if ticket is None or ticket.generation != expected or ticket.state not in REOPENABLE:
                 item.outcome, item.done_at = "superseded", utcnow()
                 item.error = "the ticket changed while the batch ran; its newer label stands"
+                if ticket is not None and message is not None:
+                    session.add(unkept_answer(ticket.id, message.id, usage, "superseded"))
                 return
             label: ClassificationResult | None = None
-            if message is not None:
-                answer = Answer.of(message)
-                usage = usage_of(answer, self.spec, message.model or self.model, batch=True)
+            if message is not None and answer is not None:
                 try:
                     label = self._label(ticket.id, message, answer, usage)
                 except (ValidationError, PermanentError) as exc:
                     why = f"unusable batch answer: {exc}"
                     # Billed all the same: on record as an attempt whose answer was not kept.
                     session.add(
-                        Attempt(
-                            ticket_id=ticket.id,
-                            stage="classify",
-                            number=0,
-                            finished_at=utcnow(),
-                            outcome="unusable",
-                            error_type=exc.__class__.__name__,
-                            error=why[:4000],
-                            request_id=message.id,
-                            api_calls=1,
-                            **usage_values(usage),
-                        )
+                        unkept_answer(ticket.id, message.id, usage, "unusable", error=exc, why=why)
                     )
             if label is not None:
+                # None: the ticket changed meanwhile; the answer's cost is on record either way.
                 recorded = record_label(self.rt, session, ticket, label)
                 if recorded is None:
                     item.outcome, item.done_at = "superseded", utcnow()
@@ -384,6 +383,30 @@ class BatchBackfill:
             processed_in_batches=processed,
             batches_open=len(open_rows),
         )
+
+
+def unkept_answer(
+    ticket_id: int,
+    request_id: str,
+    usage: Usage,
+    outcome: str,
+    *,
+    error: Exception | None = None,
+    why: str | None = None,
+) -> Attempt:
+    """The attempt row of a batch answer no label came of: it was billed all the same."""
+    return Attempt(
+        ticket_id=ticket_id,
+        stage="classify",
+        number=0,
+        finished_at=utcnow(),
+        outcome=outcome,
+        error_type=None if error is None else error.__class__.__name__,
+        error=None if why is None else why[:4000],
+        request_id=request_id,
+        api_calls=1,
+        **usage_values(usage),
+    )
 
 
 def open_batches(rt: Runtime, run_id: int) -> list[dict[str, Any]]:

@@ -713,6 +713,25 @@ def record_label(
     commit), or None when the ticket is not in a finished state any more."""
     generation = ticket.generation
     if not reopen(session, ticket.id, generation):
+        # The answer was paid for: on record, as a label recorded too late is (see _record).
+        insert_rows(
+            session,
+            Attempt,
+            [
+                {
+                    "ticket_id": ticket.id,
+                    "stage": "classify",
+                    "number": 0,
+                    "finished_at": utcnow(),
+                    "outcome": "superseded",
+                    "request_id": result.request_id,
+                    "api_calls": result.calls,
+                    "latency_ms": result.latency_ms,
+                    **usage_values(result.usage),
+                }
+            ],
+            returning=None,
+        )
         return None
     transition(
         session,
