@@ -86,3 +86,19 @@ def test_a_name_matches_as_casefold_does_so_capitals_with_ss_hide_a_sharp_s():
     assert redact("Grüße aus der Straße, Jörg Weiß. Weiß.", names=["JORG WEISS", "Weiss"]) == (
         "Grüße aus der Straße, Jörg [NAME]. [NAME]."
     )
+
+
+def test_codes_and_session_ids_in_links_are_redacted_but_look_alike_names_are_not():
+    text = (
+        "https://id.example/verify?code=493021&user=88 "
+        "https://app.example/cb?state=xyz&auth_code=abc#access_token=t0k "
+        "https://shop.example/cart;jsessionid=0AB1C2?PHPSESSID=9z&sid=s1&apikey=k1 "
+        "https://zoo.example/?monkey=3&barcode=5012345678900&sessions=4"
+    )
+    assert redact(text) == (
+        "https://id.example/verify?code=[SECRET]&user=88 "
+        "https://app.example/cb?state=xyz&auth_code=[SECRET]#access_token=[SECRET] "
+        "https://shop.example/cart;jsessionid=[SECRET]?PHPSESSID=[SECRET]&sid=[SECRET]"
+        "&apikey=[SECRET] "
+        "https://zoo.example/?monkey=3&barcode=5012345678900&sessions=4"
+    )

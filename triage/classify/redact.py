@@ -22,11 +22,15 @@ _EMAIL = re.compile(r"[\w.+-][\w.+'\u2019-]*@[\w-]+(?:\.[\w-]+)+")
 # start, with one character class, to keep it as cheap as _EMAIL.
 _EMAIL_IN_URL = re.compile(r"(?<![\w.+%-])[\w.+%-][\w.+'%-]*%(?:25)?40[\w-]+(?:\.[\w-]+)+")
 # A query or fragment value whose name says it is a credential (token=, api_key=, sig=,
-# X-Amz-Signature=, password=): a reset or login link lets whoever holds it in. Only these
-# names, so ids and other parameters the ticket may be about stay.
+# X-Amz-Signature=, password=, a verification or OAuth code=, a session id): a reset, login
+# or confirmation link lets whoever holds it in. Only these names, so ids and other
+# parameters the ticket may be about stay. Written as one word (apikey, sessionid) a name
+# counts only in full: "monkey=" is not a key. A value ends where the next parameter can
+# start (a path parameter's at ? or ;).
 _URL_SECRET = re.compile(
-    r"(?<=[?&;#])((?:[\w-]*[_-])?(?:token|key|secret|sig|signature|password|passwd|pwd|otp)=)"
-    r"[^&#\s\"'<>]+",
+    r"(?<=[?&;#])((?:(?:[\w-]*[_-])?(?:token|key|secret|sig|signature|password|passwd|pwd|otp"
+    r"|code|auth|session|sid|jwt)|apikey|accesstoken|authtoken|sessionid|sessid|jsessionid"
+    r"|phpsessid)=)[^&#;?\s\"'<>]+",
     re.IGNORECASE,
 )
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
