@@ -80,35 +80,29 @@ def test_a_repair_call_that_fails_keeps_the_first_answers_cost(fake):
     assert usage is not None and usage.input_tokens > 0 and usage.cost_usd > 0
 
 
+def cascade(primary: FakeAnthropic, escalation: FakeAnthropic) -> CascadeBackend:
+    return CascadeBackend(
+        backend(primary),
+        backend(escalation, model="claude-sonnet-5"),
+        escalate_below=get_config().taxonomy.routing.escalate_below_confidence,
+    )
+
+
 def test_a_failed_escalation_carries_the_primarys_cost(fake):
+    first = backend(fake).classify(request(UNSURE)).usage
     with FakeAnthropic() as other:
         other.add_fault(Fault("server_error"))
-        cfg = get_config()
-        primary = backend(fake)
-        cascade = CascadeBackend(
-            primary,
-            backend(other, model="claude-sonnet-5"),
-            escalate_below=cfg.taxonomy.routing.escalate_below_confidence,
-        )
-        first = primary.classify(request(UNSURE)).usage
         with pytest.raises(TransientError) as info:
-            cascade.classify(request(UNSURE))
+            cascade(fake, other).classify(request(UNSURE))
     assert info.value.api_calls == 2
     assert info.value.usage == first
 
 
 def test_an_escalation_refused_for_good_adds_its_cost_to_the_label_sent_to_review(fake):
+    first = backend(fake).classify(request(UNSURE)).usage
     with FakeAnthropic() as other:
         other.add_fault(Fault("refusal"))
-        cfg = get_config()
-        primary = backend(fake)
-        cascade = CascadeBackend(
-            primary,
-            backend(other, model="claude-sonnet-5"),
-            escalate_below=cfg.taxonomy.routing.escalate_below_confidence,
-        )
-        first = primary.classify(request(UNSURE)).usage
-        result = cascade.classify(request(UNSURE))
+        result = cascade(fake, other).classify(request(UNSURE))
     assert result.review_reason is not None and result.calls == 2
     assert result.usage.input_tokens > first.input_tokens
     assert result.usage.cost_usd > first.cost_usd
@@ -186,13 +180,8 @@ def test_spend_metrics_count_every_answer_under_the_model_that_gave_it(fake):
     refused_cost = float(info.value.usage.cost_usd)
     assert _spent(haiku) == pytest.approx(before[0] + refused_cost)
 
-    cfg = get_config()
-    primary, escalation = backend(fake), backend(fake, model=sonnet)
-    cascade = CascadeBackend(
-        primary, escalation, escalate_below=cfg.taxonomy.routing.escalate_below_confidence
-    )
     mid = _spent(haiku), _spent(sonnet)
-    result = cascade.classify(request(UNSURE))
+    result = cascade(fake, fake).classify(request(UNSURE))
     assert result.model == sonnet and result.calls == 2
     # The cheap model's answer is billed at its price, the escalation's at its own.
     assert _spent(haiku) > mid[0] and _spent(sonnet) > mid[1]
