@@ -202,3 +202,14 @@ def test_a_script_the_training_data_covers_is_left_to_the_model(tmp_path):
     backend = LocalBackend(get_config().taxonomy, config_dir=tmp_path / "config")
     label = _classify(backend, {"subject": "Возврат", "body": "Верните деньги за заказ"}).label
     assert label.language == "bg"
+
+
+def test_every_language_of_the_held_out_set_is_recognised(backend, heldout):
+    """Each language on its own, so that a small one (Polish, Turkish) cannot hide in the
+    overall rate."""
+    languages = sorted({r["language"] for r in heldout})
+    assert {"pl", "tr"} <= set(languages)
+    for language in languages:
+        rows = [r for r in heldout if r["language"] == language]
+        right = sum(_classify(backend, r).label.language == language for r in rows)
+        assert right / len(rows) >= 0.8, f"{language}: {right}/{len(rows)}"

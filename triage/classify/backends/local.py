@@ -10,8 +10,9 @@ The language model only knows the languages of its training data, and would answ
 them for a Japanese or Russian ticket. So when a ticket's letters are mostly in a script none
 of those languages is written in, the script names the language (see `script_language`) and
 the confidence drops below the review threshold: the intent was guessed from text the model
-cannot read, and a person should look. Languages in a script the data does cover (Polish or
-Turkish among Latin-script training data) cannot be told apart this way and stay undetected.
+cannot read, and a person should look. A language in a script the data does cover, but with
+no rows of its own (Swedish, say, among the Latin-script data), cannot be told apart this way
+and is answered as the nearest language the data has: add rows for it to config/training/.
 """
 
 from __future__ import annotations
