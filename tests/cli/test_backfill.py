@@ -154,3 +154,14 @@ def test_an_answer_for_a_ticket_that_changed_during_the_batch_is_superseded_but_
             select(Attempt).where(Attempt.ticket_id == changed, Attempt.outcome == "superseded")
         ).one()
     assert attempt.api_calls == 1 and attempt.cost_usd > 0
+
+
+def test_backfill_dry_run_estimates_only_what_the_run_it_would_resume_has_not_sent(cli, rt, fake):
+    seed_routed(rt, [f"Invoice copy {n} [[intent:billing]]" for n in range(3)])
+    args = ("backfill", "--batch", "--intent", "other", "--yes")
+    fresh = cli.json(*args, "--dry-run")
+    assert fresh["tickets"] == 3 and fresh["resuming_run"] is None
+    submitted = cli.json(*args, "--submit-only")
+    # Everything is in a batch already: running the command again would only poll.
+    again = cli.json(*args, "--dry-run")
+    assert again["resuming_run"] == submitted["run_id"] and again["tickets"] == 0

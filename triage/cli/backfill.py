@@ -85,15 +85,21 @@ def backfill(
     )
     rt = load_runtime()
     if dry_run:
-        est = rp.estimate(rt, rp.select_ids(rt, f), batch=True)
+        # What the same command would do now: resume the run it would resume, sending only
+        # what that run has not put in a batch yet.
+        found = rp.find_run(rt, "batch", f, run_id=resume)
+        ids = _unsent_tickets(rt, found.id) if found else rp.select_ids(rt, f)
+        est = rp.estimate(rt, ids, batch=True)
         if as_json:
-            print_json(est.as_json())
-        else:
-            console.print(
-                f"{est.tickets} tickets would be sent in batches to {est.model}: estimated "
-                f"${est.cost_usd} at the batch price",
-                highlight=False,
-            )
+            print_json({**est.as_json(), "resuming_run": found.id if found else None})
+            return
+        if found is not None:
+            console.print(f"would resume backfill run {found.id}", highlight=False)
+        console.print(
+            f"{est.tickets} tickets would be sent in batches to {est.model}: estimated "
+            f"${est.cost_usd} at the batch price",
+            highlight=False,
+        )
         return
     run, resumed = rp.find_or_create_run(rt, "batch", f, run_id=resume)
     job = BatchBackfill(rt, run.id, chunk_size=chunk_size)
