@@ -34,7 +34,6 @@ from triage.classify.backends.base import ClassificationResult, Usage
 from triage.classify.backends.messages import Answer, LabelRequest, answer_text, usage_of
 from triage.classify.schema import validate_label
 from triage.db.models import (
-    Attempt,
     MessageBatch,
     ReprocessItem,
     ReprocessRun,
@@ -43,11 +42,16 @@ from triage.db.models import (
 )
 from triage.db.session import session_scope
 from triage.errors import ConfigError, PermanentError, TransientError
-from triage.pipeline.classify_stage import REOPENABLE, build_request, record_label, reopen
+from triage.pipeline.classify_stage import (
+    REOPENABLE,
+    build_request,
+    record_label,
+    reopen,
+    unkept_answer,
+)
 from triage.pipeline.relay import enqueue_classify
 from triage.pipeline.reprocess import label_changed
 from triage.pipeline.runtime import Runtime
-from triage.reliability.guard import usage_values
 
 log = logging.getLogger(__name__)
 
@@ -383,30 +387,6 @@ class BatchBackfill:
             processed_in_batches=processed,
             batches_open=len(open_rows),
         )
-
-
-def unkept_answer(
-    ticket_id: int,
-    request_id: str,
-    usage: Usage,
-    outcome: str,
-    *,
-    error: Exception | None = None,
-    why: str | None = None,
-) -> Attempt:
-    """The attempt row of a batch answer no label came of: it was billed all the same."""
-    return Attempt(
-        ticket_id=ticket_id,
-        stage="classify",
-        number=0,
-        finished_at=utcnow(),
-        outcome=outcome,
-        error_type=None if error is None else error.__class__.__name__,
-        error=None if why is None else why[:4000],
-        request_id=request_id,
-        api_calls=1,
-        **usage_values(usage),
-    )
 
 
 def open_batches(rt: Runtime, run_id: int) -> list[dict[str, Any]]:

@@ -714,24 +714,7 @@ def record_label(
     generation = ticket.generation
     if not reopen(session, ticket.id, generation):
         # The answer was paid for: on record, as a label recorded too late is (see _record).
-        insert_rows(
-            session,
-            Attempt,
-            [
-                {
-                    "ticket_id": ticket.id,
-                    "stage": "classify",
-                    "number": 0,
-                    "finished_at": utcnow(),
-                    "outcome": "superseded",
-                    "request_id": result.request_id,
-                    "api_calls": result.calls,
-                    "latency_ms": result.latency_ms,
-                    **usage_values(result.usage),
-                }
-            ],
-            returning=None,
-        )
+        session.add(unkept_answer(ticket.id, result.request_id, result.usage, "superseded"))
         return None
     transition(
         session,
@@ -754,6 +737,31 @@ def record_label(
         return None
     outbox = recorded.outbox[0].id
     return recorded.outcomes[ticket.id], recorded.label_ids[ticket.id], outbox
+
+
+def unkept_answer(
+    ticket_id: int,
+    request_id: str | None,
+    usage: Usage,
+    outcome: str,
+    *,
+    error: Exception | None = None,
+    why: str | None = None,
+) -> Attempt:
+    """The attempt row of an answer from outside the queue (a Message Batches result) that no
+    label came of: it was billed all the same."""
+    return Attempt(
+        ticket_id=ticket_id,
+        stage="classify",
+        number=0,
+        finished_at=utcnow(),
+        outcome=outcome,
+        error_type=None if error is None else error.__class__.__name__,
+        error=None if why is None else why[:4000],
+        request_id=request_id,
+        api_calls=1,
+        **usage_values(usage),
+    )
 
 
 def _classification_values(
