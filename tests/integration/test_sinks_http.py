@@ -1,0 +1,67 @@
+"""How a sink's HTTP exchange becomes a typed error, against a real local HTTP server: redirects,
+Retry-After in both of its forms, and what an error stored in the database may show."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import pytest
+
+from tests.integration.test_sinks import WEBHOOK_SECRET, delivery, zendesk
+from tests.support.fakehttp import FakeApi, Reply, running_api
+from triage.errors import PermanentError, RateLimited, TransientError
+from triage.sinks.webhook import WebhookSink
+
+
+@pytest.fixture()
+def api() -> Iterator[FakeApi]:
+    with running_api() as fake:
+        yield fake
+
+
+def test_redirect_is_a_permanent_error_not_a_delivery_and_is_not_followed(api):
+    moved = Reply(status=301, headers={"Location": api.url + "/elsewhere.json"})
+    api.script("PUT", "/api/v2/tickets/101.json", moved)
+    with pytest.raises(PermanentError, match="301") as err:
+        zendesk(api).deliver(delivery())
+    assert "/elsewhere.json" in str(err.value)
+    assert api.calls() == [("PUT", "/api/v2/tickets/101.json")]
+
+
+def test_429_with_http_date_retry_after_waits_until_that_date(api):
+    later = format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
+    api.script("PUT", "/api/v2/tickets/101.json", Reply(status=429, headers={"Retry-After": later}))
+    with pytest.raises(RateLimited) as err:
+        zendesk(api).deliver(delivery())
+    assert err.value.retry_after is not None
+    assert 100 <= err.value.retry_after <= 121
+
+
+def test_503_with_http_date_retry_after_is_rate_limited(api):
+    later = format_datetime(datetime.now(UTC) + timedelta(seconds=60), usegmt=True)
+    api.script("PUT", "/api/v2/tickets/101.json", Reply(status=503, headers={"Retry-After": later}))
+    with pytest.raises(RateLimited) as err:
+        zendesk(api).deliver(delivery())
+    assert err.value.retry_after is not None and 40 <= err.value.retry_after <= 61
+
+
+def test_webhook_error_does_not_show_the_urls_credentials_or_token(api):
+    host = api.url.removeprefix("http://")
+    url = f"http://hookuser:hookpass@{host}/hooks/T0/B0?token=s3cr3t-query-token"
+    sink = WebhookSink("crm", url, secret=WEBHOOK_SECRET, timeout_seconds=2)
+    api.script("POST", "/hooks/T0/B0?token=s3cr3t-query-token", Reply(status=500))
+    with pytest.raises(TransientError) as err:
+        sink.deliver(delivery())
+    text = str(err.value)
+    assert "/hooks/T0/B0" in text and "500" in text
+    assert "hookpass" not in text and "s3cr3t-query-token" not in text
+
+
+def test_unreachable_webhook_error_does_not_show_the_urls_token():
+    url = "http://127.0.0.1:9/hooks?token=s3cr3t-query-token"
+    sink = WebhookSink("crm", url, secret=WEBHOOK_SECRET, timeout_seconds=1)
+    with pytest.raises(TransientError) as err:
+        sink.deliver(delivery())
+    assert "s3cr3t-query-token" not in str(err.value)
