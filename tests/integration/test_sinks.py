@@ -100,14 +100,16 @@ def test_zendesk_writes_group_priority_tags_and_private_comment_in_one_put(api):
 
 
 def test_freshdesk_updates_ticket_then_adds_private_note(api):
+    api.script("GET", "/api/v2/tickets/202", Reply(body={"id": 202, "tags": ["vip"]}))
     writer = FreshdeskWriter(api.url, api_key="fd-key", groups={"billing": 43}, timeout_seconds=2)
     writer.deliver(delivery("freshdesk", "202"))
     assert api.calls() == [
+        ("GET", "/api/v2/tickets/202"),
         ("PUT", "/api/v2/tickets/202"),
         ("GET", "/api/v2/tickets/202/conversations?page=1&per_page=100"),
         ("POST", "/api/v2/tickets/202/notes"),
     ]
-    update, _get, note = api.requests
+    _ticket, update, _notes, note = api.requests
     assert update.headers["authorization"] == basic("fd-key", "X")
     assert update.json() == {
         "tags": ["vip", "triage_refund", "triage_billing"],
@@ -326,3 +328,13 @@ def test_freshdesk_retried_delivery_does_not_post_the_note_twice(api):
     writer.deliver(delivery("freshdesk", "202"))
     assert ("POST", "/api/v2/tickets/202/notes") not in api.calls()
     assert ("PUT", "/api/v2/tickets/202") in api.calls()
+
+
+def test_freshdesk_keeps_the_tags_an_agent_set_after_the_webhook(api):
+    # The webhook carried ["vip"]; since then an agent removed it and added "escalated".
+    now = {"id": 202, "tags": ["escalated", "triage_refund"]}
+    api.script("GET", "/api/v2/tickets/202", Reply(body=now))
+    writer = FreshdeskWriter(api.url, api_key="k", groups={}, timeout_seconds=2)
+    writer.deliver(delivery("freshdesk", "202"))
+    put = next(r for r in api.requests if r.method == "PUT")
+    assert put.json()["tags"] == ["escalated", "triage_refund", "triage_billing"]

@@ -1,11 +1,12 @@
 """Freshdesk write-back: group, priority and tags, then a private note.
 
 PUT /api/v2/tickets/{id} and POST /api/v2/tickets/{id}/notes, API-key basic auth (`key:X`).
-Freshdesk's `tags` replaces the ticket's tags, so triage sends the tags it received with the
-ticket plus its own. The update is the same however often it is made, but each POST adds a
-note: a retried delivery (a timeout that in fact succeeded, or a later sink of the department
-failing) first looks through the ticket's conversations for its own note (by dispatch id in the
-title) and does not post it again.
+Freshdesk's `tags` replaces the ticket's tags and there is no "add tags" update, so triage reads
+the ticket's tags as they are now (an agent may have changed them since the webhook, and a
+re-triage can come days later) and sends them plus its own. The update is the same however
+often it is made, but each POST adds a note: a retried delivery (a timeout that in fact
+succeeded, or a later sink of the department failing) first looks through the ticket's
+conversations for its own note (by dispatch id in the title) and does not post it again.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from triage.sinks.helpdesk import note_text, note_title, triage_tags
 from triage.sinks.http import make_client, send
 
 # Freshdesk: 1 low, 2 medium, 3 high, 4 urgent.
+PRIORITIES = {"low": 1, "normal": 2, "high": 3, "urgent": 4}
 # Conversations come oldest first, at most 100 a page. The search for a note stops after this
 # many pages (1,000 conversations): a bound on the calls one delivery makes.
 CONVERSATION_PAGE = 100
 MAX_CONVERSATION_PAGES = 10
-PRIORITIES = {"low": 1, "normal": 2, "high": 3, "urgent": 4}
 
 
 class FreshdeskWriter:
@@ -38,17 +39,16 @@ class FreshdeskWriter:
 
     def deliver(self, delivery: Delivery) -> None:
         what = f"freshdesk write-back for ticket {delivery.ticket_id}"
-        received = [str(t) for t in delivery.metadata.get("tags") or []]
-        update: dict[str, Any] = {
-            "tags": list(dict.fromkeys([*received, *triage_tags(delivery)])),
-        }
+        path = f"/api/v2/tickets/{delivery.external_id}"
+        current = send(self.client, "GET", path, what=what).json()
+        tags = [str(t) for t in (current.get("tags") if isinstance(current, dict) else None) or []]
+        update: dict[str, Any] = {"tags": list(dict.fromkeys([*tags, *triage_tags(delivery)]))}
         group = self.groups.get(delivery.department or "")
         if group is not None:
             update["group_id"] = group
         priority = PRIORITIES.get(str(delivery.label.get("priority")))
         if priority:
             update["priority"] = priority
-        path = f"/api/v2/tickets/{delivery.external_id}"
         send(self.client, "PUT", path, what=what, json=update)
         if self._noted(path, delivery, what):
             return
