@@ -99,17 +99,20 @@ def test_zendesk_writes_group_priority_tags_and_private_comment_in_one_put(api):
     }
 
 
+FD_TICKET = "/api/v2/tickets/202?include=conversations"
+
+
 def test_freshdesk_updates_ticket_then_adds_private_note(api):
-    api.script("GET", "/api/v2/tickets/202", Reply(body={"id": 202, "tags": ["vip"]}))
+    ticket = {"id": 202, "tags": ["vip"], "conversations": []}
+    api.script("GET", FD_TICKET, Reply(body=ticket))
     writer = FreshdeskWriter(api.url, api_key="fd-key", groups={"billing": 43}, timeout_seconds=2)
     writer.deliver(delivery("freshdesk", "202"))
     assert api.calls() == [
-        ("GET", "/api/v2/tickets/202"),
+        ("GET", FD_TICKET),
         ("PUT", "/api/v2/tickets/202"),
-        ("GET", "/api/v2/tickets/202/conversations?page=1&per_page=100"),
         ("POST", "/api/v2/tickets/202/notes"),
     ]
-    _ticket, update, _notes, note = api.requests
+    _ticket, update, note = api.requests
     assert update.headers["authorization"] == basic("fd-key", "X")
     assert update.json() == {
         "tags": ["vip", "triage_refund", "triage_billing"],
@@ -319,9 +322,18 @@ def test_zendesk_comment_of_another_dispatch_does_not_count(api):
 
 
 def test_freshdesk_retried_delivery_does_not_post_the_note_twice(api):
+    ours = {"id": 900, "body_text": NOTE, "private": True}
+    api.script("GET", FD_TICKET, Reply(body={"id": 202, "tags": [], "conversations": [ours]}))
+    writer = FreshdeskWriter(api.url, api_key="k", groups={}, timeout_seconds=2)
+    writer.deliver(delivery("freshdesk", "202"))
+    assert api.calls() == [("GET", FD_TICKET), ("PUT", "/api/v2/tickets/202")]
+
+
+def test_freshdesk_looks_past_the_first_ten_conversations_for_its_note(api):
     page = "/api/v2/tickets/202/conversations?page={}&per_page=100"
     filler = [{"id": i, "body_text": f"reply {i}", "private": False} for i in range(100)]
     ours = {"id": 900, "body_text": NOTE, "private": True}
+    api.script("GET", FD_TICKET, Reply(body={"id": 202, "tags": [], "conversations": filler[:10]}))
     api.script("GET", page.format(1), Reply(body=filler))
     api.script("GET", page.format(2), Reply(body=[ours]))
     writer = FreshdeskWriter(api.url, api_key="k", groups={}, timeout_seconds=2)
@@ -332,8 +344,8 @@ def test_freshdesk_retried_delivery_does_not_post_the_note_twice(api):
 
 def test_freshdesk_keeps_the_tags_an_agent_set_after_the_webhook(api):
     # The webhook carried ["vip"]; since then an agent removed it and added "escalated".
-    now = {"id": 202, "tags": ["escalated", "triage_refund"]}
-    api.script("GET", "/api/v2/tickets/202", Reply(body=now))
+    now = {"id": 202, "tags": ["escalated", "triage_refund"], "conversations": []}
+    api.script("GET", FD_TICKET, Reply(body=now))
     writer = FreshdeskWriter(api.url, api_key="k", groups={}, timeout_seconds=2)
     writer.deliver(delivery("freshdesk", "202"))
     put = next(r for r in api.requests if r.method == "PUT")

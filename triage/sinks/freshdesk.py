@@ -1,6 +1,7 @@
 """Freshdesk write-back: group, priority and tags, then a private note.
 
-PUT /api/v2/tickets/{id} and POST /api/v2/tickets/{id}/notes, API-key basic auth (`key:X`).
+GET /api/v2/tickets/{id}?include=conversations, PUT /api/v2/tickets/{id} and
+POST /api/v2/tickets/{id}/notes, API-key basic auth (`key:X`).
 Freshdesk's `tags` replaces the ticket's tags and there is no "add tags" update, so triage reads
 the ticket's tags as they are now (an agent may have changed them since the webhook, and a
 re-triage can come days later) and sends them plus its own. The update is the same however
@@ -24,6 +25,8 @@ PRIORITIES = {"low": 1, "normal": 2, "high": 3, "urgent": 4}
 # many pages (1,000 conversations): a bound on the calls one delivery makes.
 CONVERSATION_PAGE = 100
 MAX_CONVERSATION_PAGES = 10
+# GET /tickets/{id}?include=conversations embeds the first ten.
+INCLUDED_CONVERSATIONS = 10
 
 
 class FreshdeskWriter:
@@ -40,8 +43,14 @@ class FreshdeskWriter:
     def deliver(self, delivery: Delivery) -> None:
         what = f"freshdesk write-back for ticket {delivery.ticket_id}"
         path = f"/api/v2/tickets/{delivery.external_id}"
-        current = send(self.client, "GET", path, what=what).json()
-        tags = [str(t) for t in (current.get("tags") if isinstance(current, dict) else None) or []]
+        # One read for both: the tags as they are now, and (most tickets have fewer than ten)
+        # all of the ticket's conversations, so a write-back is three requests as a rule.
+        current = send(
+            self.client, "GET", path, what=what, params={"include": "conversations"}
+        ).json()
+        if not isinstance(current, dict):
+            current = {}
+        tags = [str(t) for t in current.get("tags") or []]
         update: dict[str, Any] = {"tags": list(dict.fromkeys([*tags, *triage_tags(delivery)]))}
         group = self.groups.get(delivery.department or "")
         if group is not None:
@@ -49,8 +58,9 @@ class FreshdeskWriter:
         priority = PRIORITIES.get(str(delivery.label.get("priority")))
         if priority:
             update["priority"] = priority
+        noted = self._noted(path, delivery, what, current.get("conversations"))
         send(self.client, "PUT", path, what=what, json=update)
-        if self._noted(path, delivery, what):
+        if noted:
             return
         send(
             self.client,
@@ -60,9 +70,23 @@ class FreshdeskWriter:
             json={"body": note_text(delivery), "private": True},
         )
 
-    def _noted(self, path: str, delivery: Delivery, what: str) -> bool:
-        """Whether this dispatch's note is already among the ticket's conversations."""
+    def _noted(self, path: str, delivery: Delivery, what: str, included: Any) -> bool:
+        """Whether this dispatch's note is already among the ticket's conversations: those
+        the ticket read included, and only if that was a full ten, the paged list."""
         title = note_title(delivery)
+
+        def has_note(conversations: list[Any]) -> bool:
+            return any(
+                title in str(c.get("body_text") or c.get("body") or "")
+                for c in conversations
+                if isinstance(c, dict)
+            )
+
+        if isinstance(included, list):
+            if has_note(included):
+                return True
+            if len(included) < INCLUDED_CONVERSATIONS:
+                return False
         for page in range(1, MAX_CONVERSATION_PAGES + 1):
             conversations = send(
                 self.client,
@@ -73,9 +97,7 @@ class FreshdeskWriter:
             ).json()
             if not isinstance(conversations, list):
                 return False
-            if any(
-                title in str(c.get("body_text") or c.get("body") or "") for c in conversations
-            ):
+            if has_note(conversations):
                 return True
             if len(conversations) < CONVERSATION_PAGE:
                 return False
