@@ -350,3 +350,18 @@ def test_freshdesk_keeps_the_tags_an_agent_set_after_the_webhook(api):
     writer.deliver(delivery("freshdesk", "202"))
     put = next(r for r in api.requests if r.method == "PUT")
     assert put.json()["tags"] == ["escalated", "triage_refund", "triage_billing"]
+
+
+# --- the ticket id goes into a URL path ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["zendesk", "freshdesk", "django-helpdesk"])
+def test_a_non_numeric_external_id_is_permanent_and_nothing_is_sent(api, source):
+    writers = {
+        "zendesk": zendesk(api),
+        "freshdesk": FreshdeskWriter(api.url, api_key="k", groups={}, timeout_seconds=2),
+        "django-helpdesk": dh_writer(api),
+    }
+    with pytest.raises(PermanentError, match=r"not a .* ticket number"):
+        writers[source].deliver(delivery(source, "1/../../users/me"))
+    assert api.calls() == []

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from triage.sinks.base import Delivery
-from triage.sinks.helpdesk import note_text, note_title
+from triage.sinks.helpdesk import note_text, note_title, ticket_number
 from triage.sinks.http import make_client, send
 
 # django-helpdesk: 1 critical, 2 high, 3 normal, 4 low, 5 very low.
@@ -46,7 +46,8 @@ class DjangoHelpdeskWriter:
 
     def deliver(self, delivery: Delivery) -> None:
         what = f"django-helpdesk write-back for ticket {delivery.ticket_id}"
-        ticket_path = f"/api/tickets/{delivery.external_id}/"
+        number = ticket_number(delivery)
+        ticket_path = f"/api/tickets/{number}/"
         change: dict[str, Any] = {}
         queue = self.queue_id(delivery.department)
         if queue is not None:
@@ -66,7 +67,7 @@ class DjangoHelpdeskWriter:
             "/api/followups/",
             what=what,
             json={
-                "ticket": int(delivery.external_id),
+                "ticket": int(number),
                 "title": title,
                 "comment": note_text(delivery),
                 "public": False,

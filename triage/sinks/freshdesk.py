@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from triage.sinks.base import Delivery
-from triage.sinks.helpdesk import note_text, note_title, triage_tags
+from triage.sinks.helpdesk import note_text, note_title, ticket_number, triage_tags
 from triage.sinks.http import make_client, send
 
 # Freshdesk: 1 low, 2 medium, 3 high, 4 urgent.
@@ -42,7 +42,7 @@ class FreshdeskWriter:
 
     def deliver(self, delivery: Delivery) -> None:
         what = f"freshdesk write-back for ticket {delivery.ticket_id}"
-        path = f"/api/v2/tickets/{delivery.external_id}"
+        path = f"/api/v2/tickets/{ticket_number(delivery)}"
         # One read for both: the tags as they are now, and (most tickets have fewer than ten)
         # all of the ticket's conversations, so a write-back is three requests as a rule.
         current = send(

@@ -10,10 +10,27 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
+from triage.errors import PermanentError
 from triage.ingest.models import TRIAGE_NOTE_MARKER
 from triage.sinks.base import Delivery, Sink
 
 log = logging.getLogger(__name__)
+
+
+def ticket_number(delivery: Delivery) -> str:
+    """The helpdesk's ticket id, checked before it goes into a URL path: Zendesk, Freshdesk and
+    django-helpdesk number their tickets, and the sources accept any string as an id, so one
+    like `1/../../users/me` would otherwise send the write-back, with its credentials, to
+    another endpoint."""
+    number = delivery.external_id
+    if not (number.isascii() and number.isdigit()):
+        raise PermanentError(
+            f"{delivery.source} write-back for ticket {delivery.ticket_id}: "
+            f"external id {number[:40]!r} is not a {delivery.source} ticket number",
+            ticket_id=delivery.ticket_id,
+            stage="deliver",
+        )
+    return number
 
 
 def note_title(delivery: Delivery) -> str:

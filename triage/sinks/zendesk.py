@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from triage.sinks.base import Delivery
-from triage.sinks.helpdesk import note_text, note_title, triage_tags
+from triage.sinks.helpdesk import note_text, note_title, ticket_number, triage_tags
 from triage.sinks.http import make_client, send
 
 # Triage's priorities are Zendesk's.
@@ -40,7 +40,7 @@ class ZendeskWriter:
 
     def deliver(self, delivery: Delivery) -> None:
         what = f"zendesk write-back for ticket {delivery.ticket_id}"
-        path = f"/api/v2/tickets/{delivery.external_id}"
+        path = f"/api/v2/tickets/{ticket_number(delivery)}"
         ticket: dict[str, Any] = {"additional_tags": triage_tags(delivery)}
         if not self._commented(path, delivery, what):
             ticket["comment"] = {"body": note_text(delivery), "public": False}
