@@ -3,15 +3,19 @@ Retry-After in both of its forms, and what an error stored in the database may s
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from tests.integration.test_sinks import WEBHOOK_SECRET, delivery, zendesk
 from tests.support.fakehttp import FakeApi, Reply, running_api
 from triage.errors import PermanentError, RateLimited, TransientError
+from triage.sinks.django_helpdesk import DjangoHelpdeskWriter
+from triage.sinks.http import MAX_BODY_BYTES
 from triage.sinks.webhook import WebhookSink
 
 
@@ -66,3 +70,64 @@ def test_unreachable_webhook_error_does_not_show_the_urls_token():
     with pytest.raises(TransientError) as err:
         sink.deliver(delivery())
     assert "s3cr3t-query-token" not in str(err.value)
+
+
+# --- what is read of an answer ------------------------------------------------------------------
+
+
+class _HtmlLoginPage(BaseHTTPRequestHandler):
+    """A helpdesk behind an SSO proxy: every request answers 200 with an HTML page."""
+
+    def _answer(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        page = b"<html><body>Please sign in</body></html>"
+        self.send_response(200)
+        self.send_header("content-type", "text/html")
+        self.send_header("content-length", str(len(page)))
+        self.end_headers()
+        self.wfile.write(page)
+
+    do_GET = do_PATCH = do_POST = _answer  # noqa: N815 - http.server names
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture()
+def login_page() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _HtmlLoginPage)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_html_where_json_was_expected_is_a_permanent_error_naming_the_write_back(login_page):
+    writer = DjangoHelpdeskWriter(
+        login_page, username="u", password="p", queues={}, queue_ids={}, timeout_seconds=2
+    )
+    with pytest.raises(PermanentError, match="not JSON") as err:
+        writer.deliver(delivery("django-helpdesk", "303"))
+    assert "django-helpdesk write-back for ticket 42" in str(err.value)
+
+
+def test_an_oversized_answer_is_not_read_whole(api):
+    huge = "x" * (MAX_BODY_BYTES + 1024)
+    api.script("GET", "/api/tickets/303/", Reply(body={"id": 303, "followup_set": [], "x": huge}))
+    writer = DjangoHelpdeskWriter(
+        api.url, username="u", password="p", queues={}, queue_ids={}, timeout_seconds=2
+    )
+    with pytest.raises(PermanentError, match="too large"):
+        writer.deliver(delivery("django-helpdesk", "303"))
+    assert ("POST", "/api/followups/") not in api.calls()
+
+
+def test_an_oversized_answer_to_a_webhook_is_still_a_delivery(api):
+    api.script("POST", "/hooks", Reply(body={"echo": "x" * (MAX_BODY_BYTES + 1024)}))
+    WebhookSink("crm", api.url + "/hooks", secret=WEBHOOK_SECRET, timeout_seconds=2).deliver(
+        delivery()
+    )
+    assert api.calls() == [("POST", "/hooks")]

@@ -9,6 +9,9 @@ nothing was written. Sinks do not retry.
 
 from __future__ import annotations
 
+import json
+import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -19,6 +22,34 @@ from triage.errors import PermanentError, RateLimited, TransientError
 
 # 409: Zendesk answers it to concurrent updates of one ticket; 425: "too early".
 TRANSIENT_STATUSES = frozenset({408, 409, 425, 429})
+# What is read of an answer's body. Enough for a page of 100 Zendesk comments; the rest of a
+# larger (or endlessly trickling) body is left unread rather than held in a worker's memory.
+MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A successful answer, its body read up to MAX_BODY_BYTES (and the client's read timeout
+    once more, for a body that trickles in)."""
+
+    status: int
+    body: bytes
+    complete: bool
+    what: str
+
+    def json(self) -> Any:
+        if not self.complete:
+            raise PermanentError(
+                f"{self.what}: answered {self.status} with a body too large "
+                f"or too slow to read (over {len(self.body)} bytes)"
+            )
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            raise PermanentError(
+                f"{self.what}: answered {self.status} with a body that is not JSON "
+                f"(a login page or a wrong base_url?): {self.body[:100]!r}"
+            ) from None
 
 
 def make_client(timeout_seconds: float, **kwargs: Any) -> httpx.Client:
@@ -27,13 +58,16 @@ def make_client(timeout_seconds: float, **kwargs: Any) -> httpx.Client:
     return httpx.Client(timeout=timeout, **kwargs)
 
 
-def send(
-    client: httpx.Client, method: str, url: str, *, what: str, **kwargs: Any
-) -> httpx.Response:
-    """Make one request; return the response if it is a success, else raise by meaning."""
+def send(client: httpx.Client, method: str, url: str, *, what: str, **kwargs: Any) -> Answer:
+    """Make one request; return the answer if it is a success, else raise by meaning."""
     where = shown_url(url)
     try:
-        response = client.request(method, url, **kwargs)
+        request = client.build_request(method, url, **kwargs)
+        response = client.send(request, stream=True)
+        try:
+            body, complete = _read_bounded(response, client.timeout.read)
+        finally:
+            response.close()
     except httpx.TimeoutException as exc:
         raise TransientError(
             f"{what}: {method} {where} timed out ({exc.__class__.__name__})"
@@ -44,20 +78,34 @@ def send(
         ) from exc
     status = response.status_code
     if status < 300:
-        return response
+        return Answer(status, body, complete, f"{what}: {method} {where}")
     if status < 400:
         location = shown_url(response.headers.get("location", ""))
         raise PermanentError(
             f"{what}: {method} {where} answered {status} redirecting to {location or '?'}; "
             "redirects are not followed: configure the final URL"
         )
-    detail = f"{what}: {method} {where} answered {status}: {response.text[:300]}"
+    text = body[:300].decode("utf-8", errors="replace")
+    detail = f"{what}: {method} {where} answered {status}: {text}"
     retry_after = _retry_after(response)
     if status == 429 or (status == 503 and retry_after is not None):
         raise RateLimited(detail, retry_after=retry_after)
     if status >= 500 or status in TRANSIENT_STATUSES:
         raise TransientError(detail)
     raise PermanentError(detail)
+
+
+def _read_bounded(response: httpx.Response, read_timeout: float | None) -> tuple[bytes, bool]:
+    """The body up to MAX_BODY_BYTES, within one more read timeout; whether that was all."""
+    deadline = time.monotonic() + (read_timeout or 60.0)
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_BODY_BYTES or time.monotonic() > deadline:
+            return b"".join(chunks)[:MAX_BODY_BYTES], False
+    return b"".join(chunks), True
 
 
 def shown_url(url: str) -> str:
