@@ -365,3 +365,32 @@ def test_a_non_numeric_external_id_is_permanent_and_nothing_is_sent(api, source)
     with pytest.raises(PermanentError, match=r"not a .* ticket number"):
         writers[source].deliver(delivery(source, "1/../../users/me"))
     assert api.calls() == []
+
+
+def test_a_group_for_a_misspelt_department_is_a_config_error(tmp_path, app_config, monkeypatch):
+    monkeypatch.setenv("T_ZD_TOKEN", "tok")
+    text = (
+        "helpdesks:\n  zendesk: {base_url: 'https://acme.zendesk.com', email: b,"
+        " api_token_env: T_ZD_TOKEN, groups: {biling: 1}}\n"
+    )
+    with pytest.raises(ConfigError, match=r"helpdesks\.zendesk\.groups\.biling: not a department"):
+        build_sink_table(write_yaml(tmp_path, text), app_config)
+
+
+def test_a_django_helpdesk_queue_slug_without_an_id_is_a_config_error(
+    tmp_path, app_config, monkeypatch
+):
+    monkeypatch.setenv("T_DH_PW", "pw")
+    text = (
+        "helpdesks:\n  django-helpdesk: {base_url: 'http://hd.internal', username: t,"
+        " password_env: T_DH_PW, queue_ids: {billing: 1}, queues: {tech_support: suport}}\n"
+    )
+    with pytest.raises(ConfigError, match=r"queues\.tech_support: queue 'suport'"):
+        build_sink_table(write_yaml(tmp_path, text), app_config)
+
+
+@pytest.mark.parametrize("url", ["hooks.example.com/triage", "ftp://hooks.example.com/", "https://"])
+def test_a_webhook_url_that_is_not_http_is_a_config_error(tmp_path, url):
+    text = f"webhooks:\n  crm: {{url: '{url}', secret_env: T_HOOK_SECRET}}\n"
+    with pytest.raises(ConfigError, match=r"webhooks\.crm\.url"):
+        load_sinks_file(write_yaml(tmp_path, text))

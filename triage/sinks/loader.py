@@ -9,10 +9,13 @@ Sink names in `departments` / `default`: `helpdesk` (write back to the ticket's 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Annotated
 
+import httpx
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from triage.config import AppConfig
 from triage.errors import ConfigError
@@ -25,25 +28,40 @@ from triage.sinks.webhook import WebhookSink
 from triage.sinks.zendesk import ZendeskWriter
 
 
+def _http_url(value: str) -> str:
+    # Checked here, not at the first delivery: httpx refuses a URL without a scheme as a
+    # transport error, which would be retried as transient until the ticket dead-letters.
+    try:
+        url = httpx.URL(value)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"not a URL: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    return value
+
+
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ZendeskSinkConfig(_Strict):
-    base_url: str
+    base_url: HttpUrl
     email: str
     api_token_env: str
     groups: dict[str, int] = Field(default_factory=dict)  # department -> group id
 
 
 class FreshdeskSinkConfig(_Strict):
-    base_url: str
+    base_url: HttpUrl
     api_key_env: str
     groups: dict[str, int] = Field(default_factory=dict)  # department -> group id
 
 
 class DjangoHelpdeskSinkConfig(_Strict):
-    base_url: str
+    base_url: HttpUrl
     username: str
     password_env: str
     queue_ids: dict[str, int] = Field(default_factory=dict)  # queue slug -> queue id
@@ -57,7 +75,7 @@ class HelpdesksConfig(_Strict):
 
 
 class WebhookSinkConfig(_Strict):
-    url: str
+    url: HttpUrl
     secret_env: str
 
 
@@ -151,17 +169,38 @@ def load_sinks_file(path: Path) -> SinksFile:
         raise ConfigError(f"{path}: {problems}") from None
 
 
+def _check_departments(path: Path, field: str, names: Iterable[str], known: set[str]) -> None:
+    # A misspelt department would otherwise be ignored without a word: its tickets would
+    # simply never get their group or queue.
+    for name in names:
+        if name not in known:
+            raise ConfigError(
+                f"{path}: {field}.{name}: not a department in the taxonomy "
+                f"(known: {', '.join(sorted(known))})"
+            )
+
+
 def build_sink_table(path: Path, config: AppConfig) -> SinkTable:
     """Read, validate and build every configured sink once; raise ConfigError naming the
     file, field and problem."""
     spec = load_sinks_file(path)
     departments = set(config.taxonomy.department_names)
-    for department in spec.departments:
-        if department not in departments:
-            raise ConfigError(
-                f"{path}: departments.{department}: not a department in the taxonomy "
-                f"(known: {', '.join(sorted(departments))})"
-            )
+    _check_departments(path, "departments", spec.departments, departments)
+    helpdesks = spec.helpdesks
+    if helpdesks.zendesk:
+        _check_departments(path, "helpdesks.zendesk.groups", helpdesks.zendesk.groups, departments)
+    if helpdesks.freshdesk:
+        fd_groups = helpdesks.freshdesk.groups
+        _check_departments(path, "helpdesks.freshdesk.groups", fd_groups, departments)
+    if helpdesks.django_helpdesk:
+        dh = helpdesks.django_helpdesk
+        _check_departments(path, "helpdesks.django-helpdesk.queues", dh.queues, departments)
+        for department, slug in dh.queues.items():
+            if slug not in dh.queue_ids:
+                raise ConfigError(
+                    f"{path}: helpdesks.django-helpdesk.queues.{department}: queue {slug!r} "
+                    f"is not in queue_ids (known: {', '.join(sorted(dh.queue_ids)) or 'none'})"
+                )
     sinks = _named_sinks(path, spec)
     return SinkTable(
         by_department={
