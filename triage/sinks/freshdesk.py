@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from triage.sinks.base import Delivery
-from triage.sinks.helpdesk import note_text, note_title, ticket_number, triage_tags
+from triage.sinks.helpdesk import has_note, note_text, note_title, ticket_number, triage_tags
 from triage.sinks.http import make_client, send
 
 # Freshdesk: 1 low, 2 medium, 3 high, 4 urgent.
@@ -74,16 +74,8 @@ class FreshdeskWriter:
         """Whether this dispatch's note is already among the ticket's conversations: those
         the ticket read included, and only if that was a full ten, the paged list."""
         title = note_title(delivery)
-
-        def has_note(conversations: list[Any]) -> bool:
-            return any(
-                title in str(c.get("body_text") or c.get("body") or "")
-                for c in conversations
-                if isinstance(c, dict)
-            )
-
         if isinstance(included, list):
-            if has_note(included):
+            if has_note(included, title, "body_text", "body"):
                 return True
             if len(included) < INCLUDED_CONVERSATIONS:
                 return False
@@ -97,7 +89,7 @@ class FreshdeskWriter:
             ).json()
             if not isinstance(conversations, list):
                 return False
-            if has_note(conversations):
+            if has_note(conversations, title, "body_text", "body"):
                 return True
             if len(conversations) < CONVERSATION_PAGE:
                 return False

@@ -33,6 +33,18 @@ def ticket_number(delivery: Delivery) -> str:
     return number
 
 
+def has_note(items: object, title: str, *fields: str) -> bool:
+    """Whether a helpdesk's comments or conversations (a list of objects, as its API answers)
+    include one whose text carries `title`, read from the first of `fields` it has."""
+    if not isinstance(items, list):
+        return False
+    return any(
+        title in str(next((item[f] for f in fields if item.get(f)), ""))
+        for item in items
+        if isinstance(item, dict)
+    )
+
+
 def note_title(delivery: Delivery) -> str:
     # The marker lets the source drop the webhook the helpdesk sends for this very note;
     # the dispatch id lets a writer see that a retried delivery already wrote it.

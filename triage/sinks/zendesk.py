@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from triage.sinks.base import Delivery
-from triage.sinks.helpdesk import note_text, note_title, ticket_number, triage_tags
+from triage.sinks.helpdesk import has_note, note_text, note_title, ticket_number, triage_tags
 from triage.sinks.http import make_client, send
 
 # Triage's priorities are Zendesk's.
@@ -62,8 +62,5 @@ class ZendeskWriter:
             what=what,
             params={"sort_order": "desc", "per_page": 100},
         ).json()
-        title = note_title(delivery)
-        return any(
-            title in str(c.get("body") or c.get("plain_body") or "")
-            for c in listing.get("comments") or []
-        )
+        comments = listing.get("comments") if isinstance(listing, dict) else None
+        return has_note(comments, note_title(delivery), "body", "plain_body")
