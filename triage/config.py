@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     sweep_interval_seconds: float = Field(10.0, gt=0)
     # Tickets stuck in a non-terminal state longer than this are re-enqueued by the sweeper.
     stuck_after_seconds: float = Field(300.0, gt=0)
+    # How long past its requests' timeouts a claim (a classify attempt's, a delivery's) still
+    # belongs to the worker that made it: admission wait, database work under load. After
+    # that the worker is presumed dead and the work may be taken over. Lower recovers from
+    # crashed workers sooner, at the risk of doing twice what a slow worker was still doing.
+    claim_grace_seconds: float = Field(31.0, ge=5)
     # Outbox rows sent longer ago than this are deleted by the sweeper (two per ticket would
     # otherwise pile up for ever). The ticket's own history (attempts, labels, dispatches,
     # dead letters) is kept; a sent message's row is only needed while it may be in flight.

@@ -76,6 +76,9 @@ def fault_env(
         # Faults make calls wait for the client timeout; keep it short so the suite is too.
         TRIAGE_API_TIMEOUT_SECONDS="2",
         TRIAGE_STUCK_AFTER_SECONDS="15",
+        # A killed worker's claims are taken over 10 s past their requests' timeouts instead
+        # of 31 s (classify: 4 x 2 + 10 s); two scenarios wait for that.
+        TRIAGE_CLAIM_GRACE_SECONDS="10",
         TRIAGE_SWEEP_INTERVAL_SECONDS="2",
     )
 

@@ -148,7 +148,7 @@ def test_kill9_workers_mid_classification_repeatedly(stack, fault_env, fake, rec
             target = TICKETS * (round_ + 1) // 6
             wait_until(lambda t=target: terminal_count(rt, ids) >= t, 120, what="progress")
             # What is left may all be held by the worker killed last round: no call goes out
-            # until its claims' lease (39 s here) is over and they are taken over.
+            # until its claims' lease (18 s here) is over and they are taken over.
             seen = wait_until(
                 lambda: (
                     "calling"

@@ -300,7 +300,7 @@ def _in_flight(rt: Runtime, session: Session, dispatches: Sequence[Dispatch]) ->
     """The tickets among these dispatches' that a live delivery attempt holds."""
     leases = {
         d.ticket_id: deliver_lease_seconds(
-            len(rt.sinks_for(d.department)), rt.sinks.timeout_seconds
+            len(rt.sinks_for(d.department)), rt.sinks.timeout_seconds, rt.settings
         )
         for d in dispatches
     }

@@ -119,14 +119,14 @@ def classify_lease_seconds(settings: Settings) -> float:
     `classifying` belongs to the worker that claimed it: every call of the attempt timing out,
     plus the admission wait (at most 1 s inline) and the database work. After it the holder is
     presumed dead; the ticket may be taken over, and the sweeper re-enqueues it."""
-    return MAX_CALLS_PER_ATTEMPT * settings.api_timeout_seconds + 31.0
+    return MAX_CALLS_PER_ATTEMPT * settings.api_timeout_seconds + settings.claim_grace_seconds
 
 
-def deliver_lease_seconds(sinks: int, sink_timeout_seconds: float) -> float:
+def deliver_lease_seconds(sinks: int, sink_timeout_seconds: float, settings: Settings) -> float:
     """The longest a healthy delivery can take: each sink's request timing out (a write-back
     makes up to three requests), plus the database work. While a delivery is this fresh, a
     second copy of its message leaves it alone instead of sending it again."""
-    return max(1, sinks) * 3 * sink_timeout_seconds + 30.0
+    return max(1, sinks) * 3 * sink_timeout_seconds + settings.claim_grace_seconds
 
 
 def policy_for(stage: str, settings: Settings) -> RetryPolicy:
