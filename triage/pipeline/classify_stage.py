@@ -7,6 +7,8 @@ model calls:
   call    reuse, or redact and ask the backend; the chunk's calls run side by side
   finish  store the Classifications, route, write the Dispatches and their outbox messages
 Failures are per ticket: each goes to the guard on its own, and the rest of the chunk goes on.
+Answers that arrive while the database is unreachable were paid for: they go back on the
+broker with the task's retry (`AnswersNotRecorded`) and are recorded when it comes back.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, Protocol
 
+from pydantic import TypeAdapter
 from sqlalchemy import bindparam, delete, func, select
 from sqlalchemy.orm import Session
 
@@ -54,11 +57,29 @@ from triage.pipeline.states import claim_for_classification, transition, transit
 from triage.reliability.deadletter import close_open_letters
 from triage.reliability.guard import StageFailure, handle_failure, usage_values
 from triage.reliability.limits import Admission
-from triage.reliability.retry import classify_lease_seconds, policy_for
+from triage.reliability.retry import classify_lease_seconds, is_database_outage, policy_for
 
 log = logging.getLogger(__name__)
 S = TicketState
 CLAIMABLE = frozenset({S.RECEIVED, S.QUEUED, S.CLASSIFYING})
+
+
+class _Holder(Protocol):
+    """Whose answer a label is: the ticket, and the generation and attempt of its claim."""
+
+    @property
+    def ticket_id(self) -> int: ...
+    @property
+    def attempt(self) -> int: ...
+    @property
+    def generation(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Carried:
+    ticket_id: int
+    attempt: int
+    generation: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +91,41 @@ class _Claim:
     request: ClassificationRequest
     reuse: Classification | None
     content_hash: str
+
+
+_RESULT: TypeAdapter[ClassificationResult] = TypeAdapter(ClassificationResult)
+
+
+class AnswersNotRecorded(Exception):
+    """Answers the model gave, and was paid for, that the database could not take. `carried`
+    is them in JSON, for the task's retry message: asked again, each would be paid twice, and
+    would wait for its claim's lease to run out first."""
+
+    def __init__(self, carried: list[dict[str, Any]]) -> None:
+        super().__init__(f"{len(carried)} answers not yet recorded (database unavailable)")
+        self.carried = carried
+
+
+def _carry(answers: Sequence[tuple[_Holder, ClassificationResult]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "ticket_id": holder.ticket_id,
+            "attempt": holder.attempt,
+            "generation": holder.generation,
+            "result": _RESULT.dump_python(result, mode="json"),
+        }
+        for holder, result in answers
+    ]
+
+
+def _uncarry(carried: list[dict[str, Any]]) -> list[tuple[_Holder, ClassificationResult]]:
+    return [
+        (
+            _Carried(int(c["ticket_id"]), int(c["attempt"]), int(c["generation"])),
+            _RESULT.validate_python(c["result"]),
+        )
+        for c in carried
+    ]
 
 
 # Waits up to this long are slept through on the worker thread; longer ones put the ticket
@@ -101,17 +157,22 @@ def classify_tickets_stage(
     *,
     reuse: bool = True,
     max_inline_wait: float = MAX_INLINE_WAIT,
+    carried: list[dict[str, Any]] | None = None,
 ) -> dict[int, str]:
-    """`classify_ticket_stage` for a batch; returns each ticket's outcome.
+    """`classify_ticket_stage` for a batch; returns each ticket's outcome. `carried` are
+    answers an earlier run of the message could not record (`AnswersNotRecorded.carried`):
+    they are recorded first, with no call.
 
     A batch larger than the free call slots goes in parts, each claiming only the tickets it
     has slots for. A part that leaves tickets behind runs beside the next ones, which start
     as slots come back, so one slow call does not hold up the tickets after it. Every part
-    has finished before this returns (or raises the first part's failure): the message is
-    acknowledged only then."""
+    has finished before this returns (or raises): the message is acknowledged only then."""
     outcomes: dict[int, str] = {}
-    pending = list(dict.fromkeys(ticket_ids))
+    if carried:
+        outcomes.update(_record_carried(rt, carried))
+    pending = [i for i in dict.fromkeys(ticket_ids) if i not in outcomes]
     beside: list[Future[dict[int, str]]] = []
+    errors: list[Exception] = []
     slots = rt.calls.slots
     # Until they have slots, these tickets count against what the consumer fetches next.
     slots.expect(len(pending))
@@ -125,13 +186,49 @@ def classify_tickets_stage(
                 part = partial(_run_chunk, rt, chunk, reuse, max_inline_wait, held)
                 beside.append(rt.calls.beside(part))
             else:
-                outcomes.update(_run_chunk(rt, chunk, reuse, max_inline_wait, held))
+                try:
+                    outcomes.update(_run_chunk(rt, chunk, reuse, max_inline_wait, held))
+                except Exception as exc:  # noqa: BLE001 - raised below, once every part is done
+                    errors.append(exc)
     finally:
         slots.expect(-len(pending))
         wait(beside)
     for finished in beside:
-        outcomes.update(finished.result())
+        try:
+            outcomes.update(finished.result())
+        except Exception as exc:  # noqa: BLE001 - raised below
+            errors.append(exc)
+    if errors:
+        raise _first_or_carried(errors)
     return outcomes
+
+
+def _first_or_carried(errors: list[Exception]) -> Exception:
+    """The error to fail the message with: every part's unrecorded answers together, so
+    the retry carries them all; otherwise the first failure."""
+    unrecorded = [e for e in errors if isinstance(e, AnswersNotRecorded)]
+    if not unrecorded:
+        return errors[0]
+    for other in errors:
+        if not isinstance(other, AnswersNotRecorded):
+            log.error("classify: a part of the batch failed", exc_info=other)
+    merged = AnswersNotRecorded([answer for e in unrecorded for answer in e.carried])
+    merged.__cause__ = unrecorded[0].__cause__
+    return merged
+
+
+def _record_carried(rt: Runtime, carried: list[dict[str, Any]]) -> dict[int, str]:
+    """Record answers brought back by a retried message. A ticket still being classified
+    in the generation they answered takes its label as if it had just arrived. One that has
+    moved on keeps its own course, and the answer is kept as superseded: new text, another
+    worker's label, or a claim the database lost with its last commits (a failover to a
+    lagging replica), after which the ticket is asked again."""
+    try:
+        return _finish(rt, _uncarry(carried))
+    except Exception as exc:
+        if is_database_outage(exc):
+            raise AnswersNotRecorded(carried) from exc
+        raise
 
 
 def _run_chunk(
@@ -176,9 +273,16 @@ def _classify_chunk(
     # free theirs now, and each call's slot is freed when its answer is in, so another task's
     # tickets can start while this batch's slowest calls are still out.
     held.give(held.count - len(calling))
+    unrecorded: list[AnswersNotRecorded] = []
     for wave in rt.calls.waves([_call_for(rt, claim) for claim in calling]):
         held.give(len(wave))
-        outcomes.update(_settle(rt, [(calling[i], result) for i, result in wave]))
+        try:
+            outcomes.update(_settle(rt, [(calling[i], result) for i, result in wave]))
+        except AnswersNotRecorded as exc:
+            # The later waves' answers are paid for too: take them all before failing.
+            unrecorded.append(exc)
+    if unrecorded:
+        raise _first_or_carried(list(unrecorded))
     return outcomes
 
 
@@ -206,17 +310,18 @@ def _one_call_per_text(
 def _settle(
     rt: Runtime, answers: list[tuple[_Claim, ClassificationResult | Exception]]
 ) -> dict[int, str]:
-    """Outcomes for the calls that have finished: failures to the guard one by one, labels
-    recorded together."""
+    """Outcomes for the calls that have finished: labels recorded together, failures to the
+    guard one by one. Labels go first: if the database is gone, they are what was paid for
+    (`AnswersNotRecorded`); an unrecorded failure is retried once its claim's lease is over."""
     outcomes: dict[int, str] = {}
     done: list[tuple[_Claim, ClassificationResult]] = []
+    failed: list[tuple[_Claim, Exception]] = []
     answered = 0
     for claim, result in answers:
         if isinstance(result, Exception):
             if isinstance(result, RateLimited) and rt.admission is not None:
                 _record_overload(rt.admission, result)
-            paid = result if isinstance(result, TriageError) else None
-            outcomes[claim.ticket_id] = handle_failure(rt, _failure(rt, claim, paid), result)
+            failed.append((claim, result))
             continue
         answered += 1 if result.calls else 0
         _observe(result)
@@ -225,7 +330,15 @@ def _settle(
         _record_success(rt.admission, answered)
     if rt.admission is not None and rt.admission.limiter.enabled:
         _charge_unadmitted(rt, rt.admission, answers)
-    outcomes.update(_finish(rt, done))
+    try:
+        outcomes.update(_finish(rt, done))
+    except Exception as exc:
+        if is_database_outage(exc):
+            raise AnswersNotRecorded(_carry(done)) from exc
+        raise
+    for claim, error in failed:
+        paid = error if isinstance(error, TriageError) else None
+        outcomes[claim.ticket_id] = handle_failure(rt, _failure(rt, claim, paid), error)
     return outcomes
 
 
@@ -549,7 +662,7 @@ def _failure(rt: Runtime, claim: _Claim, paid: TriageError | None = None) -> Sta
     )
 
 
-def _finish(rt: Runtime, done: list[tuple[_Claim, ClassificationResult]]) -> dict[int, str]:
+def _finish(rt: Runtime, done: Sequence[tuple[_Holder, ClassificationResult]]) -> dict[int, str]:
     if not done:
         return {}
     with session_scope(rt.sessions) as session:
@@ -574,7 +687,7 @@ class _Recorded:
 def _record(
     rt: Runtime,
     session: Session,
-    done: list[tuple[_Claim, ClassificationResult]],
+    done: Sequence[tuple[_Holder, ClassificationResult]],
     *,
     write: Callable[[Session, list[dict[str, Any]]], list[Pending]] = _unclaimed,
 ) -> _Recorded:
@@ -610,7 +723,7 @@ def _record(
         },
         last_error=None,
     )
-    kept: list[tuple[_Claim, ClassificationResult, Route, int]] = []
+    kept: list[tuple[_Holder, ClassificationResult, Route, int]] = []
     dropped: list[int] = []
     for claim, result in done:
         ticket_id, route = claim.ticket_id, routes[claim.ticket_id]
@@ -765,7 +878,7 @@ def unkept_answer(
 
 
 def _classification_values(
-    rt: Runtime, claim: _Claim, result: ClassificationResult
+    rt: Runtime, claim: _Holder, result: ClassificationResult
 ) -> dict[str, Any]:
     label, usage = result.label, result.usage
     return {

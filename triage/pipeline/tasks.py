@@ -5,6 +5,8 @@ Each task is a thin shell: the stage functions in this package do the work, and
 exception is a database that cannot be reached at all: the guard cannot record an attempt or
 write the outbox without it, so the message itself goes back on the broker for a short,
 jittered while (`retry.infrastructure_delay`) instead of being acked and left to the sweeper.
+What was done but not recorded rides with it, so the retry records it instead of doing it
+again: a classify message carries the model's answers, a delivery message says the sinks took it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 from celery import shared_task
 
 from triage.metrics import BATCH_SIZE
-from triage.pipeline.classify_stage import classify_tickets_stage
+from triage.pipeline.classify_stage import AnswersNotRecorded, classify_tickets_stage
 from triage.pipeline.deliver_stage import SinksDone, deliver_many_stage
 from triage.pipeline.runtime import get_runtime
 from triage.reliability.retry import (
@@ -41,14 +43,32 @@ def _retry_on_database_outage(task: Any, exc: Exception) -> None:
 
 @shared_task(bind=True, name="triage.classify_ticket", ignore_result=True)  # type: ignore[untyped-decorator]
 def classify_ticket(
-    self: Any, ticket_id: int | None = None, ticket_ids: list[int] | None = None
+    self: Any,
+    ticket_id: int | None = None,
+    ticket_ids: list[int] | None = None,
+    carried: list[dict[str, Any]] | None = None,
 ) -> dict[int, str]:
     """Label tickets and dispatch each to its department (or to review). A message carries
-    one ticket (`ticket_id`) or a batch the publisher grouped (`ticket_ids`)."""
+    one ticket (`ticket_id`) or a batch the publisher grouped (`ticket_ids`); a retried one
+    may carry answers it could not record (`carried`)."""
     ids = _ids(ticket_id, ticket_ids)
     BATCH_SIZE.labels(stage="classify").observe(len(ids))
     try:
-        return classify_tickets_stage(get_runtime(), ids)
+        return classify_tickets_stage(get_runtime(), ids, carried=carried)
+    except AnswersNotRecorded as unrecorded:
+        retries = int(self.request.retries or 0)
+        if retries >= INFRASTRUCTURE_RETRIES:
+            # Past this the sweeper recovers the tickets, and they are asked again.
+            log.error("classify: %s; giving up on them", unrecorded)
+            raise
+        delay = infrastructure_delay(retries)
+        log.warning("classify: %s; back on the broker in %.1fs", unrecorded, delay)
+        raise self.retry(
+            exc=unrecorded,
+            countdown=delay,
+            kwargs={"ticket_ids": ids, "carried": unrecorded.carried},
+            max_retries=INFRASTRUCTURE_RETRIES,
+        ) from unrecorded
     except Exception as exc:
         _retry_on_database_outage(self, exc)
         raise

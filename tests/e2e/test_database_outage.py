@@ -1,0 +1,130 @@
+"""A database that goes away while the model is answering: the answers were paid for, so the
+worker keeps them on the broker until the database is back and records them then. Nothing is
+asked twice, and nothing waits for the claim's lease to run out.
+
+The outage is PostgreSQL's own: the test database stops taking connections and its sessions
+are terminated, as a failover or a restart would do to them."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, select, text
+
+from tests.fakeanthropic import FakeAnthropic
+from tests.support.services import PG_ADMIN_URL
+from tests.support.stack import (
+    WorkerProcess,
+    anthropic_env,
+    make_runtime,
+    post_ticket,
+    ticket_payload,
+    wait_until,
+)
+from triage.db.models import Attempt, Ticket
+from triage.db.session import get_engine, get_sessionmaker
+from triage.ingest.app import create_app
+from triage.reliability.retry import classify_lease_seconds
+
+LATENCY = 2.0
+TICKETS = 3
+
+
+@pytest.fixture()
+def own_db() -> Iterator[tuple[str, str]]:
+    """A database of this test's own, so taking it away touches nothing else."""
+    from triage.db.migrate import upgrade
+
+    name = f"triage_outage_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    upgrade(url)
+    try:
+        yield url, name
+    finally:
+        get_engine.cache_clear()
+        get_sessionmaker.cache_clear()
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _take_away(name: str) -> None:
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+        conn.execute(
+            text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
+            {"n": name},
+        )
+    admin.dispose()
+
+
+def _bring_back(name: str) -> None:
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+    admin.dispose()
+
+
+def test_answers_that_arrive_during_an_outage_are_recorded_after_it_without_a_second_call(
+    own_db: tuple[str, str], clean_redis: str
+) -> None:
+    url, name = own_db
+    with FakeAnthropic(latency=LATENCY) as fake:
+        env = anthropic_env(url, clean_redis, fake.base_url)
+        rt = make_runtime(env)
+        lease = classify_lease_seconds(rt.settings)
+        with TestClient(create_app(rt, relay_interval=0.5)) as client:
+            ids = [
+                post_ticket(
+                    client, ticket_payload(f"outage-{i}", body=f"My invoice {i} charged me twice")
+                ).json()["ticket_id"]
+                for i in range(TICKETS)
+            ]
+        with WorkerProcess(env, concurrency=10) as worker:
+            wait_until(lambda: fake.in_flight() == TICKETS, 30, what="every call in flight")
+            _take_away(name)
+            # The answers arrive meanwhile, with no database to record them in.
+            wait_until(lambda: fake.in_flight() == 0, 10, what="the answers")
+            time.sleep(2)
+            _bring_back(name)
+            back = time.monotonic()
+            try:
+                wait_until(
+                    lambda: _terminal(rt, ids) == TICKETS, lease / 2, what="labels recorded"
+                )
+            except AssertionError:
+                raise AssertionError(worker.log()[-6000:]) from None
+            recorded_after = time.monotonic() - back
+            # A late second call would come with the lease; give nothing a chance to hide it.
+            assert fake.call_count() == TICKETS, worker.log()[-6000:]
+    with rt.sessions() as s:
+        attempts = s.execute(
+            select(Attempt.ticket_id, Attempt.outcome, Attempt.api_calls).where(
+                Attempt.stage == "classify"
+            )
+        ).all()
+    assert sorted(attempts) == [(i, "ok", 1) for i in sorted(ids)]
+    assert recorded_after < lease / 2
+
+
+def _terminal(rt, ids: list[int]) -> int:
+    try:
+        with rt.sessions() as s:
+            return len(
+                s.scalars(
+                    select(Ticket.id).where(
+                        Ticket.id.in_(ids), Ticket.state.in_(["routed", "needs_review"])
+                    )
+                ).all()
+            )
+    except Exception:  # noqa: BLE001 - the database may still be coming back
+        return -1
