@@ -29,6 +29,7 @@ from triage.ingest.models import Ignored, InboundTicket
 from triage.ingest.sources.registry import SOURCES
 from triage.metrics import INGEST_LATENCY, WEBHOOKS
 from triage.pipeline.runtime import Runtime, get_runtime
+from triage.reliability.retry import is_database_outage
 from triage.reliability.sweeper import Periodic
 from triage.telemetry import any_provider_installed
 
@@ -136,6 +137,11 @@ def create_app(rt: Runtime | None = None, *, relay_interval: float = 2.0) -> Fas
             )
         except IngestError as exc:
             status = exc.status
+            raise
+        except Exception as exc:
+            # Answered 503 by problems.install: counted as what the helpdesk was told.
+            if is_database_outage(exc):
+                status = 503
             raise
         finally:
             WEBHOOKS.labels(source=source if source in SOURCES else "unknown", status=status).inc()
