@@ -417,6 +417,27 @@ def test_django_helpdesk_ticket_is_stored_with_mapped_fields(client, runtime):
     assert ticket.extra["priority"] == 2
 
 
+# A helpdesk renders a field with no value as an empty string: Zendesk's and Freshdesk's
+# description placeholders for a message that is only an attachment, django-helpdesk's title
+# for an e-mail whose subject is empty or only "Re: " (it strips the prefix).
+WITHOUT_TEXT = {
+    "zendesk": {"subject": "", "description": ""},
+    "freshdesk": {"ticket_subject": "", "ticket_description": ""},
+    "django-helpdesk": {"title": "", "description": ""},
+}
+
+
+@by_name
+def test_a_ticket_without_subject_or_text_is_stored_not_refused(client, runtime, desk):
+    # It was a 422, and no helpdesk resends a refused ticket (django-helpdesk resends nothing):
+    # the ticket never reached triage. Stored, it is classified like any other ticket.
+    resp = desk.post(client, desk.payload(404, **WITHOUT_TEXT[desk.name]))
+    assert resp.status_code == 202, resp.text
+    ticket = stored(runtime, resp.json()["ticket_id"])
+    assert (ticket.external_id, ticket.subject, ticket.body) == ("404", "", "")
+    assert count(runtime, OutboxMessage) == 1
+
+
 @by_name
 def test_duplicate_delivery_returns_same_ticket_and_one_outbox_row(client, runtime, desk):
     first = desk.post(client, desk.payload()).json()

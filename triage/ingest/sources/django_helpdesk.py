@@ -45,7 +45,8 @@ class HelpdeskTicket(BaseModel):
 
     id: IntId
     queue: int | None = None
-    title: str = Field(min_length=1, max_length=1000)
+    # Empty for an e-mail whose subject was empty or only a stripped "Re: " (email.py).
+    title: str = Field(max_length=1000)
     description: str | None
     submitter_email: str | None = Field(None, max_length=320)
     status: int | None = None

@@ -70,7 +70,10 @@ class ZendeskTicket(BaseModel):
 
     id: ExternalId
     subject: str = Field("", max_length=1000)
-    description: str = Field(min_length=1)
+    # {{ticket.description}}: Zendesk renders a placeholder with no value as blank (a first
+    # comment that is only an attachment). Required all the same: a trigger body without it
+    # is misconfigured.
+    description: str
     priority: str | None = None
     tags: list[str] = Field(default_factory=list)
     group_id: int | str | None = None
