@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from fastapi.testclient import TestClient
@@ -287,12 +288,36 @@ def test_freshdesk_non_ascii_basic_auth_is_401_not_a_500(client, runtime, author
     assert count(runtime) == 0
 
 
-def test_django_helpdesk_token_in_query_string_is_accepted(client, runtime):
-    resp = DJANGO_HELPDESK.post(
-        client, helpdesk_ticket(), url=f"/webhooks/django-helpdesk?token={HELPDESK_TOKEN}"
-    )
+@pytest.mark.parametrize("path", ["/webhooks/django-helpdesk", "/webhooks/django-helpdesk/"])
+def test_django_helpdesk_token_in_query_string_is_accepted(client, runtime, path):
+    resp = DJANGO_HELPDESK.post(client, helpdesk_ticket(), url=f"{path}?token={HELPDESK_TOKEN}")
     assert resp.status_code == 202, resp.text
     assert count(runtime) == 1
+
+
+# What `openssl rand -base64 32` gives about every other time: a "/" and a "+".
+BASE64_TOKEN = "q3Rv/8kP+Zx1mN0b7Ew2cYt5Lh9Ua4Gd6Ff3Jo1Si8A="
+
+
+@pytest.mark.parametrize(
+    "path", [BASE64_TOKEN, quote(BASE64_TOKEN, safe="")], ids=["as is", "percent-encoded"]
+)
+def test_django_helpdesk_base64_token_with_a_slash_is_accepted_in_the_path(
+    pg_url, clean_redis, path
+):
+    # The route took one path segment: a token with "/" was a 404 that django-helpdesk
+    # ignores (it only logs timeouts), so every ticket was silently never triaged.
+    truncate(pg_url)
+    env = source_env(pg_url, clean_redis)
+    env["TRIAGE_WEBHOOK_SECRET_DJANGO_HELPDESK"] = BASE64_TOKEN
+    rt = make_runtime(env)
+    with TestClient(create_app(rt, relay_interval=3600)) as client:
+        url = f"/webhooks/django-helpdesk/{path}"
+        resp = DJANGO_HELPDESK.post(client, helpdesk_ticket(305), url=url)
+        assert resp.status_code == 202, resp.text
+        wrong = DJANGO_HELPDESK.post(client, helpdesk_ticket(306), url=url.replace("q3Rv", "q3Rw"))
+        assert_problem(wrong, 401)
+    assert count(rt) == 1
 
 
 @by_name
