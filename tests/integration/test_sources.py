@@ -544,3 +544,24 @@ def test_zendesk_public_comment_under_retriage_policy_bumps_generation(
     ticket = stored(retriage_runtime, first["ticket_id"])
     assert ticket.generation == 1 and "three times" in ticket.body
     assert count(retriage_runtime, OutboxMessage) == 2
+
+
+def test_zendesk_comments_whose_id_renders_blank_are_each_applied_once(
+    retriage_client, retriage_runtime
+):
+    # A placeholder with no value (or a misspelt one: Liquid renders it as nothing) sends
+    # "id": "". Every comment of the ticket then had the key "comment:", so each after the
+    # first was taken for a redelivery: answered as a duplicate, its text never stored.
+    rt = retriage_runtime
+    first = ZENDESK.post(retriage_client, zendesk_ticket(107)).json()
+    for text in ("Still charged twice.", "Now three times!", "Now three times!"):
+        payload = {
+            **zendesk_ticket(107),
+            "event": "updated",
+            "comment": {"id": "", "body": text, "public": True},
+        }
+        assert ZENDESK.post(retriage_client, payload).status_code == 202
+    ticket = stored(rt, first["ticket_id"])
+    assert ticket.generation == 2
+    assert ticket.body.count("Still charged twice.") == 1
+    assert ticket.body.count("Now three times!") == 1

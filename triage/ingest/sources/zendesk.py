@@ -149,7 +149,9 @@ class ZendeskSource:
             comment = payload.comment
             if not comment.public or comment.body.lstrip().startswith(TRIAGE_NOTE_MARKER):
                 return Ignored(reason="private or triage-written comment")
-            comment_id = comment.id if comment.id is not None else text_key(comment.body)
+            # A blank id (a placeholder with no value renders as "") names no comment: keyed
+            # by it, every comment of the ticket would be taken for a redelivery of the first.
+            comment_id = comment.id if comment.id not in (None, "") else text_key(comment.body)
             update_key = f"comment:{comment_id}"
             update_text = comment.body
         return InboundTicket(
