@@ -474,6 +474,25 @@ def test_duplicate_delivery_returns_same_ticket_and_one_outbox_row(client, runti
     assert count(runtime, OutboxMessage) == 1
 
 
+def test_django_helpdesk_with_a_uuid_user_model_is_accepted(retriage_client, retriage_runtime):
+    # Follow-ups name their author by the user model's primary key: a UUID string in projects
+    # whose user model has one. Every ticket with a follow-up by a signed-in user (any a staff
+    # member opened or answered) was refused 422, and django-helpdesk resends nothing.
+    author = {"user": "3f2c1a9e-8b7d-4c6e-9f10-2a3b4c5d6e7f"}
+    opened = {**helpdesk_followup(910, title="Ticket Opened", comment="Cannot log in"), **author}
+    new_ticket = helpdesk_ticket(307, followup_set=[opened])
+    first = DJANGO_HELPDESK.post(retriage_client, new_ticket)
+    assert first.status_code == 202, first.text
+
+    reply = {**helpdesk_followup(911, title="Re: Cannot log in", comment="Still broken."), **author}
+    update = helpdesk_ticket(307, followup=reply)
+    update["ticket"]["followup_set"].insert(0, opened)
+    again = DJANGO_HELPDESK.post(retriage_client, update)
+    assert again.status_code == 202, again.text
+    assert again.json()["ticket_id"] == first.json()["ticket_id"]
+    assert stored(retriage_runtime, first.json()["ticket_id"]).body.endswith("Still broken.")
+
+
 def test_triage_own_django_helpdesk_followup_is_ignored_and_stores_nothing(client, runtime):
     note = helpdesk_followup(
         900, title="[triage] routed to accounts", comment="[triage] intent account", public=False

@@ -37,7 +37,8 @@ class HelpdeskFollowUp(BaseModel):
     title: str | None = None
     comment: str | None = None
     public: bool = False
-    user: int | None = None
+    # `user` (the author) is not modelled: it is the user model's primary key, a UUID string
+    # in projects whose user model has one, and triage does not need it.
 
 
 class HelpdeskTicket(BaseModel):
