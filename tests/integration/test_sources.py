@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from fastapi.testclient import TestClient
@@ -287,12 +288,36 @@ def test_freshdesk_non_ascii_basic_auth_is_401_not_a_500(client, runtime, author
     assert count(runtime) == 0
 
 
-def test_django_helpdesk_token_in_query_string_is_accepted(client, runtime):
-    resp = DJANGO_HELPDESK.post(
-        client, helpdesk_ticket(), url=f"/webhooks/django-helpdesk?token={HELPDESK_TOKEN}"
-    )
+@pytest.mark.parametrize("path", ["/webhooks/django-helpdesk", "/webhooks/django-helpdesk/"])
+def test_django_helpdesk_token_in_query_string_is_accepted(client, runtime, path):
+    resp = DJANGO_HELPDESK.post(client, helpdesk_ticket(), url=f"{path}?token={HELPDESK_TOKEN}")
     assert resp.status_code == 202, resp.text
     assert count(runtime) == 1
+
+
+# What `openssl rand -base64 32` gives about every other time: a "/" and a "+".
+BASE64_TOKEN = "q3Rv/8kP+Zx1mN0b7Ew2cYt5Lh9Ua4Gd6Ff3Jo1Si8A="
+
+
+@pytest.mark.parametrize(
+    "path", [BASE64_TOKEN, quote(BASE64_TOKEN, safe="")], ids=["as is", "percent-encoded"]
+)
+def test_django_helpdesk_base64_token_with_a_slash_is_accepted_in_the_path(
+    pg_url, clean_redis, path
+):
+    # The route took one path segment: a token with "/" was a 404 that django-helpdesk
+    # ignores (it only logs timeouts), so every ticket was silently never triaged.
+    truncate(pg_url)
+    env = source_env(pg_url, clean_redis)
+    env["TRIAGE_WEBHOOK_SECRET_DJANGO_HELPDESK"] = BASE64_TOKEN
+    rt = make_runtime(env)
+    with TestClient(create_app(rt, relay_interval=3600)) as client:
+        url = f"/webhooks/django-helpdesk/{path}"
+        resp = DJANGO_HELPDESK.post(client, helpdesk_ticket(305), url=url)
+        assert resp.status_code == 202, resp.text
+        wrong = DJANGO_HELPDESK.post(client, helpdesk_ticket(306), url=url.replace("q3Rv", "q3Rw"))
+        assert_problem(wrong, 401)
+    assert count(rt) == 1
 
 
 @by_name
@@ -417,6 +442,27 @@ def test_django_helpdesk_ticket_is_stored_with_mapped_fields(client, runtime):
     assert ticket.extra["priority"] == 2
 
 
+# A helpdesk renders a field with no value as an empty string: Zendesk's and Freshdesk's
+# description placeholders for a message that is only an attachment, django-helpdesk's title
+# for an e-mail whose subject is empty or only "Re: " (it strips the prefix).
+WITHOUT_TEXT = {
+    "zendesk": {"subject": "", "description": ""},
+    "freshdesk": {"ticket_subject": "", "ticket_description": ""},
+    "django-helpdesk": {"title": "", "description": ""},
+}
+
+
+@by_name
+def test_a_ticket_without_subject_or_text_is_stored_not_refused(client, runtime, desk):
+    # It was a 422, and no helpdesk resends a refused ticket (django-helpdesk resends nothing):
+    # the ticket never reached triage. Stored, it is classified like any other ticket.
+    resp = desk.post(client, desk.payload(404, **WITHOUT_TEXT[desk.name]))
+    assert resp.status_code == 202, resp.text
+    ticket = stored(runtime, resp.json()["ticket_id"])
+    assert (ticket.external_id, ticket.subject, ticket.body) == ("404", "", "")
+    assert count(runtime, OutboxMessage) == 1
+
+
 @by_name
 def test_duplicate_delivery_returns_same_ticket_and_one_outbox_row(client, runtime, desk):
     first = desk.post(client, desk.payload()).json()
@@ -426,6 +472,25 @@ def test_duplicate_delivery_returns_same_ticket_and_one_outbox_row(client, runti
     assert second.json()["duplicate"] is True and first["duplicate"] is False
     assert count(runtime) == 1
     assert count(runtime, OutboxMessage) == 1
+
+
+def test_django_helpdesk_with_a_uuid_user_model_is_accepted(retriage_client, retriage_runtime):
+    # Follow-ups name their author by the user model's primary key: a UUID string in projects
+    # whose user model has one. Every ticket with a follow-up by a signed-in user (any a staff
+    # member opened or answered) was refused 422, and django-helpdesk resends nothing.
+    author = {"user": "3f2c1a9e-8b7d-4c6e-9f10-2a3b4c5d6e7f"}
+    opened = {**helpdesk_followup(910, title="Ticket Opened", comment="Cannot log in"), **author}
+    new_ticket = helpdesk_ticket(307, followup_set=[opened])
+    first = DJANGO_HELPDESK.post(retriage_client, new_ticket)
+    assert first.status_code == 202, first.text
+
+    reply = {**helpdesk_followup(911, title="Re: Cannot log in", comment="Still broken."), **author}
+    update = helpdesk_ticket(307, followup=reply)
+    update["ticket"]["followup_set"].insert(0, opened)
+    again = DJANGO_HELPDESK.post(retriage_client, update)
+    assert again.status_code == 202, again.text
+    assert again.json()["ticket_id"] == first.json()["ticket_id"]
+    assert stored(retriage_runtime, first.json()["ticket_id"]).body.endswith("Still broken.")
 
 
 def test_triage_own_django_helpdesk_followup_is_ignored_and_stores_nothing(client, runtime):
@@ -498,3 +563,24 @@ def test_zendesk_public_comment_under_retriage_policy_bumps_generation(
     ticket = stored(retriage_runtime, first["ticket_id"])
     assert ticket.generation == 1 and "three times" in ticket.body
     assert count(retriage_runtime, OutboxMessage) == 2
+
+
+def test_zendesk_comments_whose_id_renders_blank_are_each_applied_once(
+    retriage_client, retriage_runtime
+):
+    # A placeholder with no value (or a misspelt one: Liquid renders it as nothing) sends
+    # "id": "". Every comment of the ticket then had the key "comment:", so each after the
+    # first was taken for a redelivery: answered as a duplicate, its text never stored.
+    rt = retriage_runtime
+    first = ZENDESK.post(retriage_client, zendesk_ticket(107)).json()
+    for text in ("Still charged twice.", "Now three times!", "Now three times!"):
+        payload = {
+            **zendesk_ticket(107),
+            "event": "updated",
+            "comment": {"id": "", "body": text, "public": True},
+        }
+        assert ZENDESK.post(retriage_client, payload).status_code == 202
+    ticket = stored(rt, first["ticket_id"])
+    assert ticket.generation == 2
+    assert ticket.body.count("Still charged twice.") == 1
+    assert ticket.body.count("Now three times!") == 1

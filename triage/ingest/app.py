@@ -29,6 +29,7 @@ from triage.ingest.models import Ignored, InboundTicket
 from triage.ingest.sources.registry import SOURCES
 from triage.metrics import INGEST_LATENCY, WEBHOOKS
 from triage.pipeline.runtime import Runtime, get_runtime
+from triage.reliability.retry import is_database_outage
 from triage.reliability.sweeper import Periodic
 from triage.telemetry import any_provider_installed
 
@@ -96,11 +97,14 @@ def create_app(rt: Runtime | None = None, *, relay_interval: float = 2.0) -> Fas
     async def receive_webhook(source: str, request: Request) -> JSONResponse:
         return await _receive(source, request, request.query_params.get("token"))
 
-    # For helpdesks that can only be given a URL (django-helpdesk): the secret is its last
-    # segment. It shows in access logs like any URL; keep those private.
-    @app.post("/webhooks/{source}/{token}", status_code=202)
+    # For helpdesks that can only be given a URL (django-helpdesk): the secret is the rest of
+    # the path, "/" included, as a base64 secret often has one. It shows in access logs like
+    # any URL; keep those private.
+    @app.post("/webhooks/{source}/{token:path}", status_code=202)
     async def receive_webhook_with_token(source: str, token: str, request: Request) -> JSONResponse:
-        return await _receive(source, request, token)
+        # "/webhooks/django-helpdesk/?token=..." (a URL written the Django way) has an empty
+        # path token: the query's counts.
+        return await _receive(source, request, token or request.query_params.get("token"))
 
     async def _receive(source: str, request: Request, token: str | None) -> JSONResponse:
         started = time.perf_counter()
@@ -136,6 +140,11 @@ def create_app(rt: Runtime | None = None, *, relay_interval: float = 2.0) -> Fas
             )
         except IngestError as exc:
             status = exc.status
+            raise
+        except Exception as exc:
+            # Answered 503 by problems.install: counted as what the helpdesk was told.
+            if is_database_outage(exc):
+                status = 503
             raise
         finally:
             WEBHOOKS.labels(source=source if source in SOURCES else "unknown", status=status).inc()

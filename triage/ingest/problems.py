@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from triage.errors import IngestError
+from triage.reliability.retry import is_database_outage
 
 PROBLEM_JSON = "application/problem+json"
+# Zendesk retries a webhook answered 503 only when Retry-After is under a minute (a 500 it
+# never retries), and a database restart is over within seconds.
+OUTAGE_RETRY_AFTER_SECONDS = 10
+
+log = logging.getLogger(__name__)
 
 
 def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
@@ -34,6 +43,26 @@ def install(app: FastAPI) -> None:
             {"field": ".".join(str(p) for p in e["loc"]), "problem": e["msg"]} for e in exc.errors()
         ]
         return problem(422, "Invalid request", "request parameters are invalid", errors=errors)
+
+    @app.exception_handler(DBAPIError)
+    @app.exception_handler(PoolTimeout)
+    async def _database(request: Request, exc: Exception) -> JSONResponse:
+        if not is_database_outage(exc):
+            raise exc  # a bug, not an outage: the 500 below, with its traceback logged
+        log.warning("%s %s: database unavailable: %r", request.method, request.url.path, exc)
+        response = problem(
+            503,
+            "Service unavailable",
+            "the database is unavailable; the request was not completed, send it again",
+        )
+        response.headers["Retry-After"] = str(OUTAGE_RETRY_AFTER_SECONDS)
+        return response
+
+    # Starlette answers anything else with a text/plain 500 (and logs the traceback either
+    # way); the body names no internals.
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        return problem(500, "Internal Server Error", "an unexpected error; see the service's log")
 
 
 def _title(status: int) -> str:

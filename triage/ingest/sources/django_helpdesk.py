@@ -37,7 +37,8 @@ class HelpdeskFollowUp(BaseModel):
     title: str | None = None
     comment: str | None = None
     public: bool = False
-    user: int | None = None
+    # `user` (the author) is not modelled: it is the user model's primary key, a UUID string
+    # in projects whose user model has one, and triage does not need it.
 
 
 class HelpdeskTicket(BaseModel):
@@ -45,7 +46,8 @@ class HelpdeskTicket(BaseModel):
 
     id: IntId
     queue: int | None = None
-    title: str = Field(min_length=1, max_length=1000)
+    # Empty for an e-mail whose subject was empty or only a stripped "Re: " (email.py).
+    title: str = Field(max_length=1000)
     description: str | None
     submitter_email: str | None = Field(None, max_length=320)
     status: int | None = None

@@ -64,7 +64,9 @@ class FreshdeskTicket(BaseModel):
 
     ticket_id: ExternalId
     ticket_subject: str = Field("", max_length=1000)
-    ticket_description: str = Field(min_length=1)
+    # Empty when the ticket has no text (an e-mail that is only an attachment). Required all
+    # the same: a rule whose webhook leaves it out is misconfigured.
+    ticket_description: str
     ticket_priority: int | str | None = None
     ticket_tags: list[str] = Field(default_factory=list)
     ticket_group_name: str | None = None

@@ -70,7 +70,10 @@ class ZendeskTicket(BaseModel):
 
     id: ExternalId
     subject: str = Field("", max_length=1000)
-    description: str = Field(min_length=1)
+    # {{ticket.description}}: Zendesk renders a placeholder with no value as blank (a first
+    # comment that is only an attachment). Required all the same: a trigger body without it
+    # is misconfigured.
+    description: str
     priority: str | None = None
     tags: list[str] = Field(default_factory=list)
     group_id: int | str | None = None
@@ -146,7 +149,9 @@ class ZendeskSource:
             comment = payload.comment
             if not comment.public or comment.body.lstrip().startswith(TRIAGE_NOTE_MARKER):
                 return Ignored(reason="private or triage-written comment")
-            comment_id = comment.id if comment.id is not None else text_key(comment.body)
+            # A blank id (a placeholder with no value renders as "") names no comment: keyed
+            # by it, every comment of the ticket would be taken for a redelivery of the first.
+            comment_id = comment.id if comment.id not in (None, "") else text_key(comment.body)
             update_key = f"comment:{comment_id}"
             update_text = comment.body
         return InboundTicket(
