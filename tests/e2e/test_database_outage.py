@@ -98,9 +98,7 @@ def test_answers_that_arrive_during_an_outage_are_recorded_after_it_without_a_se
             _bring_back(name)
             back = time.monotonic()
             try:
-                wait_until(
-                    lambda: _terminal(rt, ids) == TICKETS, lease / 2, what="labels recorded"
-                )
+                wait_until(lambda: _terminal(rt, ids) == TICKETS, lease / 2, what="labels recorded")
             except AssertionError:
                 raise AssertionError(worker.log()[-6000:]) from None
             recorded_after = time.monotonic() - back
@@ -126,5 +124,5 @@ def _terminal(rt, ids: list[int]) -> int:
                     )
                 ).all()
             )
-    except Exception:  # noqa: BLE001 - the database may still be coming back
+    except Exception:  # the database may still be coming back
         return -1

@@ -210,7 +210,7 @@ def _first_or_carried(errors: list[Exception]) -> Exception:
     if not unrecorded:
         return errors[0]
     for other in errors:
-        if not isinstance(other, AnswersNotRecorded):
+        if not isinstance(other, AnswersNotRecorded) and not is_database_outage(other):
             log.error("classify: a part of the batch failed", exc_info=other)
     merged = AnswersNotRecorded([answer for e in unrecorded for answer in e.carried])
     merged.__cause__ = unrecorded[0].__cause__
@@ -273,22 +273,23 @@ def _classify_chunk(
     # free theirs now, and each call's slot is freed when its answer is in, so another task's
     # tickets can start while this batch's slowest calls are still out.
     held.give(held.count - len(calling))
-    unrecorded: list[AnswersNotRecorded] = []
+    # With the database gone, the later waves' answers are paid for too: take them all
+    # before failing, so the retry carries every one.
+    outages: list[Exception] = []
     for wave in rt.calls.waves([_call_for(rt, claim) for claim in calling]):
         held.give(len(wave))
         try:
             outcomes.update(_settle(rt, [(calling[i], result) for i, result in wave]))
-        except AnswersNotRecorded as exc:
-            # The later waves' answers are paid for too: take them all before failing.
-            unrecorded.append(exc)
-    if unrecorded:
-        raise _first_or_carried(list(unrecorded))
+        except Exception as exc:
+            if not (isinstance(exc, AnswersNotRecorded) or is_database_outage(exc)):
+                raise
+            outages.append(exc)
+    if outages:
+        raise _first_or_carried(outages)
     return outcomes
 
 
-def _one_call_per_text(
-    rt: Runtime, claims: list[_Claim], outcomes: dict[int, str]
-) -> list[_Claim]:
+def _one_call_per_text(rt: Runtime, claims: list[_Claim], outcomes: dict[int, str]) -> list[_Claim]:
     """One call per text in a batch: the others with the same text are deferred (no attempt
     spent) and reuse that label when they come back. An outage brings bursts of identical
     tickets, often into one batch, where the reuse lookup (recorded labels only) found none
