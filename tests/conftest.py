@@ -8,17 +8,16 @@ parts, and a silent skip would report green for work that was never checked.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 
 import pytest
 import redis
-from sqlalchemy import create_engine, text
 
 from tests.support.services import (
     PG_ADMIN_URL,
     REDIS_ADMIN_URL,
     RedisDbLease,
+    fresh_database,
     require_service,
 )
 
@@ -29,21 +28,8 @@ os.environ.setdefault("TRIAGE_ENV", "test")
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this test session, migrated to head."""
     require_service("PostgreSQL", PG_ADMIN_URL)
-    name = f"triage_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    from triage.db.migrate import upgrade
-
-    upgrade(url)
-    yield url
-    from triage.db.session import get_engine
-
-    get_engine.cache_clear()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_database() as (url, _name):
+        yield url
 
 
 @pytest.fixture(scope="session")

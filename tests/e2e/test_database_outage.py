@@ -8,7 +8,6 @@ are terminated, as a failover or a restart would do to them."""
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -16,7 +15,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, select, text
 
 from tests.fakeanthropic import FakeAnthropic
-from tests.support.services import PG_ADMIN_URL
+from tests.support.services import PG_ADMIN_URL, fresh_database
 from tests.support.stack import (
     WorkerProcess,
     anthropic_env,
@@ -26,7 +25,6 @@ from tests.support.stack import (
     wait_until,
 )
 from triage.db.models import Attempt, Ticket
-from triage.db.session import get_engine, get_sessionmaker
 from triage.ingest.app import create_app
 from triage.reliability.retry import classify_lease_seconds
 
@@ -37,23 +35,8 @@ TICKETS = 3
 @pytest.fixture()
 def own_db() -> Iterator[tuple[str, str]]:
     """A database of this test's own, so taking it away touches nothing else."""
-    from triage.db.migrate import upgrade
-
-    name = f"triage_outage_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    upgrade(url)
-    try:
-        yield url, name
-    finally:
-        get_engine.cache_clear()
-        get_sessionmaker.cache_clear()
-        with admin.connect() as conn:
-            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_database("triage_outage") as db:
+        yield db
 
 
 def _take_away(name: str) -> None:

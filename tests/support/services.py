@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import uuid
+from collections.abc import Iterator
 from types import TracebackType
 from urllib.parse import urlparse
 
@@ -26,6 +29,32 @@ def require_service(name: str, url: str) -> None:
         socket.create_connection((host, port), timeout=3).close()
     except OSError as exc:
         pytest.fail(f"{name} is not reachable at {host}:{port} ({exc}); the suite needs it")
+
+
+@contextlib.contextmanager
+def fresh_database(prefix: str = "triage_test") -> Iterator[tuple[str, str]]:
+    """A new PostgreSQL database, migrated to head, dropped afterwards: its URL and name."""
+    from sqlalchemy import create_engine, text
+
+    from triage.db.migrate import upgrade
+    from triage.db.session import get_engine, get_sessionmaker
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        upgrade(url)
+        yield url, name
+    finally:
+        get_engine.cache_clear()
+        get_sessionmaker.cache_clear()
+        with admin.connect() as conn:
+            # A test may have closed it to connections (an outage it played out).
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 class RedisDbLease:
