@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     webhook_secret_zendesk: SecretStr | None = None
     webhook_secret_freshdesk: SecretStr | None = None
     webhook_secret_django_helpdesk: SecretStr | None = None
+    # GET /tickets/{id} shows labels, summaries and errors for sequential ids, on the port
+    # helpdesks must reach. Set, it asks for `Authorization: Bearer <token>`.
+    api_read_token: SecretStr | None = None
     webhook_tolerance_seconds: int = Field(300, ge=1)
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     # Freshdesk does not sign: its automation sends the shared secret in this header (or as the

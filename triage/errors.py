@@ -61,10 +61,20 @@ class ConfigError(TriageError):
 class IngestError(TriageError):
     """A webhook request that is refused; `status` is the HTTP status to answer with."""
 
-    def __init__(self, message: str, *, status: int, title: str, **kwargs: object) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        title: str,
+        headers: dict[str, str] | None = None,
+        **kwargs: object,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.title = title
+        # Response headers (WWW-Authenticate, say); `kwargs` go into the problem body.
+        self.headers = headers or {}
         self.extra = kwargs
 
 

@@ -112,6 +112,23 @@ def test_ticket_view_shows_state(client):
     assert_problem(client.get("/tickets/999999"), 404, "not found")
 
 
+def test_ticket_view_asks_for_the_read_token_when_one_is_set(pg_url, clean_redis):
+    truncate(pg_url)
+    token = "read-token-0123456789"
+    rt = make_runtime(stack_env(pg_url, clean_redis, TRIAGE_API_READ_TOKEN=token))
+    with TestClient(create_app(rt, relay_interval=3600)) as c:
+        # Webhooks keep their own authentication: the read token is not asked of them.
+        tid = post_ticket(c, ticket_payload("read-token-1")).json()["ticket_id"]
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": token}):
+            answer = c.get(f"/tickets/{tid}", headers=headers)
+            assert_problem(answer, 401, "bearer token")
+            assert answer.headers["www-authenticate"] == "Bearer"
+        # An unknown id says no more than a known one without the token.
+        assert_problem(c.get("/tickets/999999"), 401, "bearer token")
+        view = c.get(f"/tickets/{tid}", headers={"Authorization": f"Bearer {token}"})
+        assert view.status_code == 200 and view.json()["ticket_id"] == tid
+
+
 @pytest.mark.parametrize("ticket_id", [2**63, 99999999999999999999, -(2**63) - 1, 0])
 def test_ticket_id_no_ticket_can_have_is_404_not_a_500(client, ticket_id):
     # Beyond bigint PostgreSQL refused the query with NumericValueOutOfRange (a 500).

@@ -6,6 +6,7 @@ No model or outbound call happens inside a request: helpdesks wait on us synchro
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import time
@@ -17,6 +18,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.telemetry import TelemetryConfig
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import SecretStr
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
@@ -55,6 +57,20 @@ async def read_body_limited(request: Request, limit: int) -> bytes:
             )
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _require_read_token(token: SecretStr | None, request: Request) -> None:
+    if token is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    expected = token.get_secret_value().encode()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+        raise IngestError(
+            "a bearer token is required (TRIAGE_API_READ_TOKEN)",
+            status=401,
+            title="Unauthorized",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 def _require_json(request: Request) -> None:
@@ -151,7 +167,8 @@ def create_app(rt: Runtime | None = None, *, relay_interval: float = 2.0) -> Fas
             INGEST_LATENCY.observe(time.perf_counter() - started)
 
     @app.get("/tickets/{ticket_id}")
-    def get_ticket(ticket_id: int) -> dict[str, Any]:
+    def get_ticket(ticket_id: int, request: Request) -> dict[str, Any]:
+        _require_read_token(settings.api_read_token, request)
         view = None
         # Beyond bigint PostgreSQL refuses the query itself (a 500); no ticket has such an id.
         if is_row_id(ticket_id):

@@ -31,7 +31,9 @@ def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
 def install(app: FastAPI) -> None:
     @app.exception_handler(IngestError)
     async def _ingest(_: Request, exc: IngestError) -> JSONResponse:
-        return problem(exc.status, exc.title, exc.message, **exc.extra)
+        response = problem(exc.status, exc.title, exc.message, **exc.extra)
+        response.headers.update(exc.headers)
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
