@@ -124,6 +124,9 @@ class Ticket(Base):
     # The label routing used. No foreign key: tickets and classifications reference each other,
     # and a cycle would need ALTER TABLE on SQLite.
     current_classification_id: Mapped[int | None] = mapped_column(BigInteger)
+    # Set when the ticket's personal data was erased (db.erasure): its text is gone, so it is
+    # never classified again.
+    erased_at: Mapped[datetime | None]
 
     classifications: Mapped[list[Classification]] = relationship(
         back_populates="ticket", order_by="Classification.id"

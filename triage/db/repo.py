@@ -141,6 +141,9 @@ def _retriage(
     applied = list((ticket.extra or {}).get(APPLIED_UPDATES, []))
     if inbound.update_key in applied or inbound.update_text is None:
         return None
+    if ticket.erased_at is not None:
+        # Its personal data was erased on request: storing new text would bring it back.
+        return None
     body = _appended(ticket.body, inbound.update_key, inbound.update_text)
     clean = clean_ticket_text(body)
     moved = transition(

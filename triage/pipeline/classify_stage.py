@@ -801,13 +801,14 @@ REOPENABLE = frozenset({S.ROUTED, S.NEEDS_REVIEW, S.DEAD_LETTERED})
 def reopen(session: Session, ticket_id: int, generation: int) -> bool:
     """Send a finished ticket back to classification as generation `generation + 1` (for
     reprocessing). Earlier labels and dispatches stay as history. Compare-and-set on the
-    generation, so two reprocessors cannot both reopen it. The caller enqueues or classifies."""
+    generation, so two reprocessors cannot both reopen it. The caller enqueues or classifies.
+    A ticket whose personal data was erased has no text to classify: it stays as it is."""
     moved = transition(
         session,
         ticket_id,
         S.QUEUED,
         only_from=REOPENABLE,
-        where=[Ticket.generation == generation],
+        where=[Ticket.generation == generation, Ticket.erased_at.is_(None)],
         generation=generation + 1,
         attempts=0,
         department=None,

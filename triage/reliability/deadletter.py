@@ -117,12 +117,16 @@ class Replayed:
 def replay(session: Session, dead_letter_id: int) -> Replayed | None:
     """Put a dead-lettered ticket back through the stage that failed, history kept.
 
-    Returns None when the letter was already replayed or the ticket has moved on; the caller
-    publishes `outbox_id` after commit.
+    Returns None when the letter was already replayed, the ticket has moved on, or it would
+    be classified again and its text was erased; the caller publishes `outbox_id` after
+    commit.
     """
     letter = session.get(DeadLetter, dead_letter_id)
     if letter is None or letter.replayed_at is not None:
         return None
+    erased = session.get(Ticket, letter.ticket_id)
+    if erased is not None and erased.erased_at is not None and not _delivery_replay(letter, erased):
+        return None  # its text was erased: there is nothing to classify again
     claimed = session.execute(
         update(DeadLetter)
         .where(DeadLetter.id == dead_letter_id, DeadLetter.replayed_at.is_(None))
@@ -142,7 +146,7 @@ def replay(session: Session, dead_letter_id: int) -> Replayed | None:
         # failed again since) describes work that is over: replaying its stage could label
         # or deliver the ticket twice. The newest letter is the one to replay.
         return None
-    if letter.stage == "deliver" and ticket.current_classification_id is not None:
+    if _delivery_replay(letter, ticket):
         return _replay_delivery(session, ticket, letter)
     # A new generation, as for a reprocess: the dispatches of a routing before the failure
     # (a department since removed, say) belong to the past, not to what the replay decides.
@@ -156,6 +160,11 @@ def replay(session: Session, dead_letter_id: int) -> Replayed | None:
     )
     outbox_id = enqueue_classify(session, ticket.id)
     return Replayed(ticket_id=ticket.id, stage="classify", outbox_id=outbox_id)
+
+
+def _delivery_replay(letter: DeadLetter, ticket: Ticket) -> bool:
+    """Replaying this letter delivers the ticket's label again (rather than classifying it)."""
+    return letter.stage == "deliver" and ticket.current_classification_id is not None
 
 
 def _replay_delivery(session: Session, ticket: Ticket, letter: DeadLetter) -> Replayed | None:
