@@ -8,7 +8,15 @@ import typer
 from rich.table import Table
 
 from triage.cli import filters as opt
-from triage.cli.common import console, fail, fmt_time, guarded, print_json
+from triage.cli.common import (
+    EXIT_USAGE,
+    confirm_or_exit,
+    console,
+    fail,
+    fmt_time,
+    guarded,
+    print_json,
+)
 
 app = typer.Typer(
     help="Inspect tickets.\n\nExample: triage tickets list --since 1d --json", no_args_is_help=True
@@ -176,3 +184,72 @@ def list_tickets(
         )
     console.print(table)
     console.print(f"{len(data)} tickets", style="dim")
+
+
+@app.command("erase")
+@guarded
+def erase(
+    ticket_ids: list[int] = typer.Argument(None, help="Ticket ids.", show_default=False),
+    email: str | None = typer.Option(
+        None, "--email", help="Every ticket of this requester (case-insensitive)."
+    ),
+    yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Erase tickets' personal data, for a data subject's request: subject, text, requester,
+    helpdesk metadata, the model's summaries and error text. Labels, routing and cost stay,
+    and the tickets are never classified again. It cannot be undone; the helpdesk keeps its
+    own copy of the ticket.
+
+    Tickets still being classified keep their text and are listed as in flight: run the
+    command again once they have an outcome (it exits 1 until then, and for unknown ids).
+
+    Example: triage tickets erase --email jane@example.com --yes --json
+    """
+    from triage.config import Settings
+    from triage.db.erasure import Erasure, erase_tickets, requester_ticket_ids
+    from triage.db.models import is_row_id
+    from triage.db.session import get_sessionmaker, session_scope
+
+    if bool(ticket_ids) == bool(email):
+        fail("give ticket ids or --email (one of them)", EXIT_USAGE)
+    sessions = get_sessionmaker(Settings().database_url)
+    if email:
+        with sessions() as session:
+            ids = requester_ticket_ids(session, email)
+    else:
+        ids = list(dict.fromkeys(ticket_ids))
+    # An id beyond the column's range names no ticket (PostgreSQL would refuse the query).
+    unknown = [i for i in ids if not is_row_id(i)]
+    ids = [i for i in ids if is_row_id(i)]
+    report = Erasure()
+    if ids:
+        confirm_or_exit(
+            f"Erase the personal data of {len(ids)} tickets? This cannot be undone", yes=yes
+        )
+        with session_scope(sessions) as session:
+            report = erase_tickets(session, ids)
+    report.missing.extend(unknown)
+    data = {
+        "erased": report.erased,
+        "already": report.already,
+        "in_flight": report.in_flight,
+        "missing": report.missing,
+    }
+    if as_json:
+        print_json(data)
+    else:
+        console.print(
+            f"{len(report.erased)} tickets erased, {len(report.already)} erased before",
+            highlight=False,
+        )
+        if report.in_flight:
+            console.print(
+                f"still being classified, not erased (run again later): {report.in_flight}",
+                style="yellow",
+                highlight=False,
+            )
+        if report.missing:
+            console.print(f"no such tickets: {report.missing}", style="red", highlight=False)
+    if report.in_flight or report.missing:
+        raise typer.Exit(1)

@@ -30,16 +30,23 @@ class TicketFilter:
     taxonomy_version: str | None = None
     limit: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Leave out tickets whose personal data was erased: set by the commands that classify
+    # what they select, and implied by them, so not part of `describe()`.
+    classifiable: bool = False
 
     @property
     def is_empty(self) -> bool:
-        return not any(v not in (None, (), {}) for k, v in asdict(self).items() if k != "limit")
+        return not any(
+            v not in (None, (), {})
+            for k, v in asdict(self).items()
+            if k not in ("limit", "classifiable")
+        )
 
     def describe(self) -> dict[str, Any]:
         """The set fields, JSON-ready (stored with a reprocess run, shown to the operator)."""
         out: dict[str, Any] = {}
         for key, value in asdict(self).items():
-            if value in (None, (), {}):
+            if value in (None, (), {}) or key == "classifiable":
                 continue
             out[key] = value.isoformat() if isinstance(value, datetime) else value
         if "ids" in out:
@@ -98,4 +105,6 @@ def _conditions(f: TicketFilter) -> Sequence[Any]:
         conds.append(Classification.model == f.model)
     if f.taxonomy_version:
         conds.append(Classification.taxonomy_version == f.taxonomy_version)
+    if f.classifiable:
+        conds.append(Ticket.erased_at.is_(None))
     return conds

@@ -63,7 +63,8 @@ def selection_key(kind: str, f: TicketFilter) -> str:
 
 
 def eligible(f: TicketFilter) -> TicketFilter:
-    """Only finished tickets can be reprocessed: in-flight ones are the workers'."""
+    """Only finished tickets can be reprocessed: in-flight ones are the workers'. Erased ones
+    have no text left to classify."""
     allowed = {s.value for s in REOPENABLE}
     if f.states:
         bad = sorted(set(f.states) - allowed)
@@ -72,8 +73,8 @@ def eligible(f: TicketFilter) -> TicketFilter:
                 f"--state {', '.join(bad)}: only finished tickets can be reprocessed "
                 f"({', '.join(sorted(allowed))})"
             )
-        return f
-    return dataclasses.replace(f, states=tuple(sorted(allowed)))
+        return dataclasses.replace(f, classifiable=True)
+    return dataclasses.replace(f, states=tuple(sorted(allowed)), classifiable=True)
 
 
 def select_ids(rt: Runtime, f: TicketFilter) -> list[int]:
@@ -130,17 +131,21 @@ def _chunks(ids: list[int], size: int) -> Iterator[list[int]]:
 
 def ineligible_ids(rt: Runtime, ids: tuple[int, ...] | list[int]) -> dict[int, str]:
     """Why each of the named tickets that cannot be reprocessed cannot: it does not exist, or
-    it is not finished (the workers still own it)."""
+    it is not finished (the workers still own it), or its personal data was erased."""
     with rt.sessions() as session:
-        rows = session.execute(select(Ticket.id, Ticket.state).where(Ticket.id.in_(ids)))
-        states = {ticket_id: state for ticket_id, state in rows}
+        rows = session.execute(
+            select(Ticket.id, Ticket.state, Ticket.erased_at).where(Ticket.id.in_(ids))
+        )
+        found = {row.id: row for row in rows}
     reasons: dict[int, str] = {}
     for ticket_id in ids:
-        state = states.get(ticket_id)
-        if state is None:
+        row = found.get(ticket_id)
+        if row is None:
             reasons[ticket_id] = "not found"
-        elif S(state) not in REOPENABLE:
-            reasons[ticket_id] = f"is {state}, not finished"
+        elif S(row.state) not in REOPENABLE:
+            reasons[ticket_id] = f"is {row.state}, not finished"
+        elif row.erased_at is not None:
+            reasons[ticket_id] = "was erased: no text to classify"
     return reasons
 
 
