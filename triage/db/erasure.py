@@ -80,9 +80,7 @@ def erase_tickets(session: Session, ticket_ids: Sequence[int]) -> Erasure:
             .values(error=ERASED)
         )
         session.execute(
-            update(DeadLetter)
-            .where(DeadLetter.ticket_id.in_(ids))
-            .values(message=ERASED)
+            update(DeadLetter).where(DeadLetter.ticket_id.in_(ids)).values(message=ERASED)
         )
     return report
 
