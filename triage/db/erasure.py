@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from triage.db.models import Attempt, Classification, DeadLetter, Ticket, TicketState, utcnow
+from triage.db.models import (
+    Attempt,
+    Classification,
+    DeadLetter,
+    ReprocessItem,
+    Ticket,
+    TicketState,
+    utcnow,
+)
 
 ERASED = "(erased)"
 # Still to be classified: its text is needed. Erase it once it has an outcome.
@@ -81,6 +89,11 @@ def erase_tickets(session: Session, ticket_ids: Sequence[int]) -> Erasure:
         )
         session.execute(
             update(DeadLetter).where(DeadLetter.ticket_id.in_(ids)).values(message=ERASED)
+        )
+        session.execute(
+            update(ReprocessItem)
+            .where(ReprocessItem.ticket_id.in_(ids), ReprocessItem.error.is_not(None))
+            .values(error=ERASED)
         )
     return report
 
