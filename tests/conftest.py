@@ -7,7 +7,6 @@ parts, and a silent skip would report green for work that was never checked.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -20,8 +19,6 @@ from tests.support.services import (
     fresh_database,
     require_service,
 )
-
-os.environ.setdefault("TRIAGE_ENV", "test")
 
 
 @pytest.fixture(scope="session")

@@ -77,7 +77,6 @@ class Cli:
             if k.startswith(("TRIAGE_", "ANTHROPIC_")) or k in ("DATABASE_URL", "REDIS_URL")
         }
         self.env.update(env)
-        self.env.pop("TRIAGE_ENV", None)
         self.runner = CliRunner()
 
     def __call__(
