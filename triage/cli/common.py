@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from triage.errors import ConfigError, TriageError
@@ -25,8 +27,15 @@ EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 
 def fail(message: str, code: int = EXIT_PROBLEM) -> NoReturn:
     # soft_wrap: one line however narrow the terminal, so a log or `grep` sees it whole.
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def plain(value: object) -> Text:
+    """Text shown as it is. Subjects, external ids, error messages and model summaries are
+    data, not Rich markup: "[urgent] refund" would lose its "[urgent]", and a "[/]" would
+    raise instead of printing."""
+    return Text(str(value))
 
 
 @contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import Select, delete, select
 
@@ -17,6 +18,7 @@ from triage.cli.common import (
     fmt_time,
     guarded,
     load_runtime,
+    plain,
     print_json,
 )
 from triage.db.models import DeadLetter, Ticket, is_row_id
@@ -113,7 +115,7 @@ def list_letters(
             str(r["id"]),
             str(r["ticket_id"]),
             r["stage"],
-            f"{r['error_type']}: {r['message'][:80]}",
+            plain(f"{r['error_type']}: {r['message'][:80]}"),
             str(r["attempts"]),
             fmt_time(r["last_failed_at"]),
             fmt_time(r["replayed_at"]),
@@ -152,7 +154,7 @@ def show(
         return
     for key, value in data.items():
         shown = fmt_time(value) if key.endswith("_at") else value
-        console.print(f"[bold]{key}[/]: {shown}", highlight=False)
+        console.print(f"[bold]{key}[/]: {escape(str(shown))}", highlight=False)
 
 
 @app.command("replay")

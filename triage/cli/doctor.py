@@ -8,7 +8,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from triage.cli.common import EXIT_PROBLEM, console, guarded, print_json
+from triage.cli.common import EXIT_PROBLEM, console, guarded, plain, print_json
 
 app = typer.Typer()
 
@@ -69,7 +69,7 @@ def doctor(
         table = Table("check", "status", "detail")
         styles = {"ok": "green", "problem": "bold red", "skipped": "yellow"}
         for c in checks:
-            table.add_row(c.name, f"[{styles[c.status]}]{c.status}[/]", c.detail)
+            table.add_row(c.name, f"[{styles[c.status]}]{c.status}[/]", plain(c.detail))
         console.print(table)
         for c in problems:
             console.print(f"[bold red]{c.name}:[/] what to do: {c.todo}", highlight=False)

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from triage.cli import filters as opt
-from triage.cli.common import console, guarded, load_runtime, print_json
+from triage.cli.common import console, guarded, load_runtime, plain, print_json
 
 app = typer.Typer()
 
@@ -43,7 +43,7 @@ def stats(
 def _counts(title: str, counts: dict[str, int], total: int) -> Table:
     table = Table(title, "tickets", "share", title_justify="left")
     for key, n in counts.items():
-        table.add_row(key, str(n), f"{n / total:.1%}" if total else "-")
+        table.add_row(plain(key), str(n), f"{n / total:.1%}" if total else "-")
     return table
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from triage.cli import filters as opt
-from triage.cli.common import console, fail, fmt_time, guarded, print_json
+from triage.cli.common import console, fail, fmt_time, guarded, plain, print_json
 
 app = typer.Typer(
     help="Inspect tickets.\n\nExample: triage tickets list --since 1d --json", no_args_is_help=True
@@ -45,28 +46,31 @@ def show(
     _print_view(view)
     table = Table("at", "event", "detail", title=f"ticket {ticket_id}: timeline")
     for event in timeline:
-        table.add_row(event["at"][:23].replace("T", " "), event["event"], _detail(event))
+        table.add_row(event["at"][:23].replace("T", " "), event["event"], plain(_detail(event)))
     console.print(table)
 
 
 def _print_view(view: dict[str, Any]) -> None:
     label = view["labels"] or {}
     console.print(
-        f"[bold]ticket {view['ticket_id']}[/] {view['source']}/{view['external_id']}  "
-        f"state [bold]{view['state']}[/]  department {view['department'] or '-'}  "
-        f"generation {view['generation']}",
+        f"[bold]ticket {view['ticket_id']}[/] {escape(view['source'])}/"
+        f"{escape(view['external_id'])}  state [bold]{view['state']}[/]  department "
+        f"{escape(view['department'] or '-')}  generation {view['generation']}",
         highlight=False,
     )
     if label:
         console.print(
-            f"label: {label['intent']} ({label['confidence']:.2f}) priority {label['priority']} "
-            f"language {label['language']} sentiment {label['sentiment']} — {label['summary']}",
+            plain(
+                f"label: {label['intent']} ({label['confidence']:.2f}) priority "
+                f"{label['priority']} language {label['language']} sentiment "
+                f"{label['sentiment']} — {label['summary']}"
+            ),
             highlight=False,
         )
     if view["review_reason"]:
-        console.print(f"review: {view['review_reason']}", highlight=False)
+        console.print(plain(f"review: {view['review_reason']}"), highlight=False)
     if view["last_error"]:
-        console.print(f"[red]last error:[/] {view['last_error']}", highlight=False)
+        console.print(f"[red]last error:[/] {escape(view['last_error'])}", highlight=False)
 
 
 def _detail(event: dict[str, Any]) -> str:
@@ -166,11 +170,11 @@ def list_tickets(
     for row in data:
         table.add_row(
             str(row["ticket_id"]),
-            row["source"],
-            row["external_id"],
+            plain(row["source"]),
+            plain(row["external_id"]),
             row["state"],
-            row["intent"] or "-",
-            row["department"] or "-",
+            plain(row["intent"] or "-"),
+            plain(row["department"] or "-"),
             f"{row['confidence']:.2f}" if row["confidence"] is not None else "-",
             fmt_time(row["received_at"]),
         )
