@@ -143,3 +143,13 @@ def test_dlq_replay_by_filter_that_matches_nothing_says_so(cli):
 def test_doctor_timeout_must_be_positive(cli, timeout):
     result = cli("doctor", "--timeout", timeout, code=2)
     assert "--timeout" in result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("tickets", "list"), ("tickets", "show", "1"), ("db", "current"), ("dlq", "list")],
+)
+def test_an_invalid_setting_in_the_environment_is_one_line_naming_it(cli, args):
+    output = _one_line_error(cli(*args, code=None, TRIAGE_MAX_TOKENS="2"), 2)
+
+    assert "environment: max_tokens: Input should be greater than or equal to 64" in output

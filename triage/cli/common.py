@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
@@ -45,6 +46,14 @@ def clear_errors() -> Iterator[None]:
         yield
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE)
+    except ValidationError as exc:
+        # Settings() read straight from the environment (commands that need only the
+        # database URL): a mistyped TRIAGE_* value is a usage error like any other.
+        if exc.title != "Settings":
+            raise
+        from triage.config import settings_problems
+
+        fail(settings_problems(exc), EXIT_USAGE)
     except TriageError as exc:
         fail(str(exc))
     except ArgumentError as exc:
