@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from sqlalchemy import func, select
 
 from tests.fakeanthropic import Fault
@@ -86,3 +88,17 @@ def test_reprocessing_a_dead_lettered_ticket_resolves_its_letter(cli, rt, fake):
     assert summary["outcomes"] == {"routed": 1}
     assert cli.json("dlq", "list") == []
     assert cli.json("dlq", "list", "--all")[0]["replayed_at"] is not None
+
+
+def test_the_confirmation_question_stays_out_of_the_json_on_stdout(cli, rt, fake):
+    _dead_lettered(rt, fake, "bad-json-one")
+    _dead_lettered(rt, fake, "bad-json-two")
+
+    replayed = cli("dlq", "replay", "--all", "--json", input="y\n")
+    purged = cli("dlq", "purge", "--json", input="y\n")
+
+    # CliRunner echoes the typed answer onto stdout; in a shell the terminal echoes it.
+    assert len(json.loads(replayed.stdout.removeprefix(" y\n"))["replayed"]) == 2
+    assert json.loads(purged.stdout.removeprefix(" y\n")) == {"purged": 2}
+    assert "Replay 2 dead letters?" in replayed.stderr
+    assert "Delete 2 replayed dead letters?" in purged.stderr

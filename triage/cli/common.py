@@ -87,7 +87,8 @@ def confirm_or_exit(question: str, *, yes: bool) -> None:
         return
     if not sys.stdin.isatty() and not _under_test_runner():
         fail(f"{question} — not confirmed (no terminal); pass --yes to proceed", EXIT_USAGE)
-    if not typer.confirm(question, default=False):
+    # On stderr: stdout may be a --json document headed for jq or a file.
+    if not typer.confirm(question, default=False, err=True):
         fail("cancelled", EXIT_PROBLEM)
 
 
