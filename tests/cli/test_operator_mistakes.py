@@ -153,3 +153,12 @@ def test_an_invalid_setting_in_the_environment_is_one_line_naming_it(cli, args):
     output = _one_line_error(cli(*args, code=None, TRIAGE_MAX_TOKENS="2"), 2)
 
     assert "environment: max_tokens: Input should be greater than or equal to 64" in output
+
+
+@pytest.mark.parametrize("command", ["list", "replay", "purge"])
+def test_dlq_time_options_say_they_go_by_when_the_letter_was_written(cli, command):
+    result = cli("dlq", command, "--help", COLUMNS="200")
+
+    assert "Dead-lettered at or after" in result.output
+    assert "Dead-lettered before" in result.output
+    assert "Received" not in result.output

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -76,6 +76,13 @@ def _row(dl: DeadLetter) -> dict[str, Any]:
 
 
 Stage = typer.Option(None, help="Only this stage (classify, deliver).")
+# The letter's time, not its ticket's: `purge --until 30d` goes by when tickets failed.
+Since = Annotated[
+    str | None, typer.Option(help="Dead-lettered at or after: 7d, 12h or an ISO date/time.")
+]
+Until = Annotated[
+    str | None, typer.Option(help="Dead-lettered before: 7d, 12h or an ISO date/time.")
+]
 ErrorType = typer.Option(None, help="Only this error type (e.g. InvalidOutput).")
 
 
@@ -84,8 +91,8 @@ ErrorType = typer.Option(None, help="Only this error type (e.g. InvalidOutput)."
 def list_letters(
     stage: str | None = Stage,
     error_type: str | None = ErrorType,
-    since: opt.Since = None,
-    until: opt.Until = None,
+    since: Since = None,
+    until: Until = None,
     include_replayed: bool = typer.Option(False, "--all", help="Include replayed letters."),
     limit: int = typer.Option(50, help="At most this many, newest first."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
@@ -164,8 +171,8 @@ def replay(
     replay_all: bool = typer.Option(False, "--all", help="Every open dead letter."),
     stage: str | None = Stage,
     error_type: str | None = ErrorType,
-    since: opt.Since = None,
-    until: opt.Until = None,
+    since: Since = None,
+    until: Until = None,
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
@@ -249,8 +256,8 @@ def purge(
     ),
     stage: str | None = Stage,
     error_type: str | None = ErrorType,
-    since: opt.Since = None,
-    until: opt.Until = None,
+    since: Since = None,
+    until: Until = None,
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
