@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from tests.cli.conftest import seed_routed
+
 
 def _one_line_error(result, code: int) -> str:
     assert result.exit_code == code, f"exit {result.exit_code}\n{result.output}"
@@ -162,3 +164,21 @@ def test_dlq_time_options_say_they_go_by_when_the_letter_was_written(cli, comman
     assert "Dead-lettered at or after" in result.output
     assert "Dead-lettered before" in result.output
     assert "Received" not in result.output
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("tickets", "list"), ("reprocess", "--dry-run"), ("backfill", "--batch", "--dry-run")],
+)
+def test_a_mistyped_source_department_or_intent_is_a_usage_error_not_no_match(cli, command):
+    for option, typo in (("--source", "zendsk"), ("--department", "billng"), ("--intent", "refnd")):
+        output = _one_line_error(cli(*command, option, typo, code=None), 2)
+        assert f"{option} '{typo}'" in output
+
+
+def test_a_department_and_intent_only_older_tickets_have_still_select_them(cli, rt):
+    (old,) = seed_routed(rt, ["From before the reorganisation"], intent="gone", department="gone")
+
+    listed = cli.json("tickets", "list", "--department", "gone", "--intent", "gone")
+
+    assert [t["ticket_id"] for t in listed] == [old]

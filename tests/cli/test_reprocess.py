@@ -133,7 +133,7 @@ def test_reprocess_of_only_unfinished_or_missing_tickets_says_why_and_records_no
     assert f"ticket {queued} is queued, not finished" in result.output
     assert "ticket 999 not found" in result.output
     assert _runs(rt) == 0 and fake.call_count() == 0
-    assert "nothing to reprocess" in cli("reprocess", "--intent", "nosuch", "--yes", code=2).output
+    assert "nothing to reprocess" in cli("reprocess", "--intent", "sales", "--yes", code=2).output
     assert _runs(rt) == 0
 
 

@@ -5,13 +5,19 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from sqlalchemy import select
 
 from triage.cli.common import EXIT_USAGE, fail
-from triage.db.models import MAX_ROW_ID, TicketState, is_row_id
+from triage.db.models import MAX_ROW_ID, Classification, Ticket, TicketState, is_row_id
 from triage.db.queries import TicketFilter
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from triage.taxonomy import Taxonomy
 
 _RELATIVE = re.compile(r"^(\d+)\s*([mhdw])$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -63,6 +69,32 @@ def check_limit(limit: int | None) -> None:
         fail("--limit must be at least 1", EXIT_USAGE)
 
 
+def check_source(source: str | None) -> None:
+    from triage.ingest.sources.registry import SOURCES
+
+    if source is not None and source not in SOURCES:
+        fail(f"--source {source!r}: one of {', '.join(sorted(SOURCES))}", EXIT_USAGE)
+
+
+def check_label_names(session: Session, f: TicketFilter, taxonomy: Taxonomy) -> None:
+    """--department and --intent name one of the taxonomy's, or one that tickets had under an
+    older taxonomy. Anything else is a typo, which would match nothing and say so only as
+    "0 tickets", exit 0."""
+    checks = (
+        ("--department", f.department, taxonomy.department_names, Ticket.department),
+        ("--intent", f.intent, taxonomy.intent_names, Classification.intent),
+    )
+    for option, name, current, column in checks:
+        if name is None or name in current:
+            continue
+        if session.scalar(select(column).where(column == name).limit(1)) is None:
+            fail(
+                f"{option} {name!r}: not in the taxonomy and no ticket has had it "
+                f"(one of {', '.join(sorted(current))})",
+                EXIT_USAGE,
+            )
+
+
 def ticket_filter(
     *,
     state: list[str] | None = None,
@@ -82,6 +114,7 @@ def ticket_filter(
     for s in states:
         if s not in known:
             fail(f"--state {s!r}: one of {', '.join(sorted(known))}", EXIT_USAGE)
+    check_source(source)
     check_limit(limit)
     return TicketFilter(
         ids=tuple(ids or ()),

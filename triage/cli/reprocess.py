@@ -81,6 +81,8 @@ def reprocess(
         limit=limit,
     )
     rt = load_runtime()
+    with rt.sessions() as session:
+        opt.check_label_names(session, f, rt.config.taxonomy)
     skipped = _skipped_ids(rt, f, resume)
     if dry_run:
         _dry_run(rt, f, resume, stop_after, as_json)

@@ -144,7 +144,13 @@ def list_tickets(
         taxonomy_version=taxonomy_version,
         limit=limit,
     )
-    with get_sessionmaker(Settings().database_url)() as session:
+    settings = Settings()
+    with get_sessionmaker(settings.database_url)() as session:
+        if f.department is not None or f.intent is not None:
+            from triage.config import load_taxonomy
+
+            taxonomy = load_taxonomy(settings.config_dir / "taxonomy.yaml")
+            opt.check_label_names(session, f, taxonomy)
         rows = session.execute(ticket_select(f)).all()
     data: list[dict[str, Any]] = [
         {
