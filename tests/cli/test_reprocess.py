@@ -171,3 +171,13 @@ def test_dry_run_estimates_what_the_rerun_would_do_resuming_and_stopping(cli, rt
     assert fake.call_count() == calls
     fresh = cli.json("reprocess", "--intent", "billing", "--since", "1d", "--dry-run")
     assert fresh["tickets"] == 4 and fresh["resuming_run"] is None
+
+
+def test_a_ticket_dead_lettered_by_reprocessing_makes_the_run_exit_1(cli, rt, fake):
+    ids = seed_routed(rt, ["Refund [[intent:billing]] refuse-me", "Fine [[intent:billing]]"])
+    fake.add_fault(Fault("bad_request", match="refuse-me"))
+
+    result = cli("reprocess", *map(str, ids), "--json", "--yes", code=1)
+
+    assert json.loads(result.stdout)["outcomes"] == {"dead": 1, "routed": 1}
+    assert "1 tickets dead-lettered: `triage dlq list` shows why" in result.stderr

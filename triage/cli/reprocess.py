@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -102,10 +103,18 @@ def reprocess(
             f"Reprocess {len(pending)} tickets with {est.model} (estimated ${est.cost_usd})?",
             yes=yes,
         )
-    interrupted = _work(rt, pending, concurrency)
+    outcomes: Counter[str] = Counter()
+    interrupted = _work(rt, pending, concurrency, outcomes)
     summary = rp.summarize(rt, run.id, finish=True)
     _print_summary(summary, as_json, interrupted, skipped)
-    if interrupted:
+    if outcomes["dead"]:
+        # A permanent API error (a revoked key, say) dead-letters every ticket it meets: a
+        # script must not read that run as a success.
+        err_console.print(
+            f"{outcomes['dead']} tickets dead-lettered: `triage dlq list` shows why",
+            highlight=False,
+        )
+    if interrupted or outcomes["dead"]:
         raise typer.Exit(EXIT_PROBLEM)
 
 
@@ -161,9 +170,10 @@ def _ticket_ids_of(rt: Any, item_ids: list[int]) -> list[int]:
         )
 
 
-def _work(rt: Any, item_ids: list[int], concurrency: int) -> bool:
-    """Run the items on a thread pool with a progress bar. Returns True when interrupted
-    (Ctrl-C): no new items start, the ones in flight finish and are marked done."""
+def _work(rt: Any, item_ids: list[int], concurrency: int, outcomes: Counter[str]) -> bool:
+    """Run the items on a thread pool with a progress bar, counting their outcomes. Returns
+    True when interrupted (Ctrl-C): no new items start, the ones in flight finish and are
+    marked done."""
     from triage.pipeline.reprocess import reprocess_item
 
     if not item_ids:
@@ -177,28 +187,31 @@ def _work(rt: Any, item_ids: list[int], concurrency: int) -> bool:
             for item_id in queue:
                 in_flight.add(pool.submit(reprocess_item, rt, item_id))
                 if len(in_flight) >= concurrency * 2:
-                    in_flight = _drain(in_flight, bar, task)
+                    in_flight = _drain(in_flight, bar, task, outcomes)
             while in_flight:
-                in_flight = _drain(in_flight, bar, task)
+                in_flight = _drain(in_flight, bar, task, outcomes)
         except KeyboardInterrupt:
             interrupted = True
             err_console.print("interrupted: finishing the tickets in flight…")
             wait(in_flight)
-            _collect(in_flight, bar, task)
+            _collect(in_flight, bar, task, outcomes)
     if interrupted:
         err_console.print("run the same command again to continue where this one stopped")
     return interrupted
 
 
-def _drain(in_flight: set[Future[Any]], bar: Any, task: Any) -> set[Future[Any]]:
+def _drain(
+    in_flight: set[Future[Any]], bar: Any, task: Any, outcomes: Counter[str]
+) -> set[Future[Any]]:
     done, rest = wait(in_flight, return_when=FIRST_COMPLETED)
-    _collect(done, bar, task)
+    _collect(done, bar, task, outcomes)
     return rest
 
 
-def _collect(done: set[Future[Any]], bar: Any, task: Any) -> None:
+def _collect(done: set[Future[Any]], bar: Any, task: Any, outcomes: Counter[str]) -> None:
     for future in done:
-        future.result()  # an unexpected error stops the run with its message
+        # An unexpected error stops the run with its message.
+        outcomes[future.result().outcome] += 1
         bar.advance(task)
 
 
