@@ -102,3 +102,15 @@ def test_the_confirmation_question_stays_out_of_the_json_on_stdout(cli, rt, fake
     assert json.loads(purged.stdout.removeprefix(" y\n")) == {"purged": 2}
     assert "Replay 2 dead letters?" in replayed.stderr
     assert "Delete 2 replayed dead letters?" in purged.stderr
+
+
+def test_replay_refuses_ids_and_filters_together_rather_than_ignore_the_filters(cli, rt, fake):
+    ticket_id = _dead_lettered(rt, fake, "classify-only")
+    (letter,) = cli.json("dlq", "list")
+
+    for extra in (("--stage", "deliver"), ("--all",)):
+        result = cli("dlq", "replay", str(letter["id"]), *extra, "--yes", code=2)
+        assert "not both" in result.output
+
+    with rt.sessions() as session:
+        assert session.get(Ticket, ticket_id).state == "dead_lettered"

@@ -186,6 +186,10 @@ def replay(
     by_filter = replay_all or any((stage, error_type, since, until))
     if not letter_ids and not by_filter:
         fail("choose letters: ids, filters (--stage, --since, ...) or --all", EXIT_USAGE)
+    if letter_ids and by_filter:
+        # Named letters were replayed whatever the filters said: `replay 7 --stage deliver`
+        # replayed letter 7 at classify.
+        fail("choose letters by ids or by filters/--all, not both", EXIT_USAGE)
     rt = load_runtime()
     if letter_ids:
         ids = list(dict.fromkeys(letter_ids))
