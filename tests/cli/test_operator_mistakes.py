@@ -182,3 +182,19 @@ def test_a_department_and_intent_only_older_tickets_have_still_select_them(cli, 
     listed = cli.json("tickets", "list", "--department", "gone", "--intent", "gone")
 
     assert [t["ticket_id"] for t in listed] == [old]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("tickets", "list"),
+        ("reprocess", "--dry-run"),
+        ("dlq", "list"),
+        ("dlq", "purge"),
+        ("stats",),
+    ],
+)
+def test_a_window_that_ends_before_it_starts_is_a_usage_error_not_no_match(cli, command):
+    for since, until in (("7d", "30d"), ("2026-11-02", "2026-11-01")):
+        output = _one_line_error(cli(*command, "--since", since, "--until", until, code=None), 2)
+        assert f"--since '{since}' is not before --until '{until}'" in output

@@ -52,10 +52,11 @@ def _letters(
         stmt = stmt.where(DeadLetter.stage == stage)
     if error_type:
         stmt = stmt.where(DeadLetter.error_type == error_type)
-    if since:
-        stmt = stmt.where(DeadLetter.created_at >= opt.parse_moment(since, option="--since"))
-    if until:
-        stmt = stmt.where(DeadLetter.created_at < opt.parse_moment(until, option="--until"))
+    start, end = opt.parse_window(since, until)
+    if start is not None:
+        stmt = stmt.where(DeadLetter.created_at >= start)
+    if end is not None:
+        stmt = stmt.where(DeadLetter.created_at < end)
     stmt = stmt.order_by(DeadLetter.id.desc())
     return stmt.limit(limit) if limit else stmt
 

@@ -43,6 +43,19 @@ def parse_moment(value: str | None, *, option: str) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def parse_window(since: str | None, until: str | None) -> tuple[datetime | None, datetime | None]:
+    """`--since` and `--until` together, which must leave some time between them: `--since 7d
+    --until 30d` (written backwards for "from 30 to 7 days ago") would match nothing."""
+    start = parse_moment(since, option="--since")
+    end = parse_moment(until, option="--until")
+    if start is not None and end is not None and start >= end:
+        fail(
+            f"--since {since!r} is not before --until {until!r}: nothing is in that window",
+            EXIT_USAGE,
+        )
+    return start, end
+
+
 State = Annotated[
     list[str] | None,
     typer.Option("--state", help="Only tickets in this state (repeatable)."),
@@ -116,14 +129,15 @@ def ticket_filter(
             fail(f"--state {s!r}: one of {', '.join(sorted(known))}", EXIT_USAGE)
     check_source(source)
     check_limit(limit)
+    start, end = parse_window(since, until)
     return TicketFilter(
         ids=tuple(ids or ()),
         states=states,
         intent=intent,
         department=department,
         source=source,
-        since=parse_moment(since, option="--since"),
-        until=parse_moment(until, option="--until"),
+        since=start,
+        until=end,
         confidence_below=confidence_below,
         model=model,
         taxonomy_version=taxonomy_version,
