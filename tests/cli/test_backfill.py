@@ -165,3 +165,13 @@ def test_backfill_dry_run_estimates_only_what_the_run_it_would_resume_has_not_se
     # Everything is in a batch already: running the command again would only poll.
     again = cli.json(*args, "--dry-run")
     assert again["resuming_run"] == submitted["run_id"] and again["tickets"] == 0
+
+
+def test_a_negative_poll_interval_is_refused_before_any_batch_is_paid_for(cli, rt, fake):
+    seed_routed(rt, ["Parcel lost [[intent:shipping]]"])
+    before = fake.stats()["batches"]
+
+    result = cli("backfill", "--batch", "--since", "1h", "--yes", "--poll-interval", "-1", code=2)
+
+    assert "--poll-interval" in result.output and "Traceback" not in result.output
+    assert fake.stats()["batches"] == before

@@ -46,7 +46,7 @@ def backfill(
     chunk_size: int = typer.Option(
         1000, help="Requests per batch (the API allows up to 100,000 and 256 MB)."
     ),
-    poll_interval: float = typer.Option(30.0, help="Seconds between status polls."),
+    poll_interval: float = typer.Option(30.0, min=0, help="Seconds between status polls."),
     submit_only: bool = typer.Option(
         False, "--submit-only", help="Create the batches and exit; run again to poll and import."
     ),
