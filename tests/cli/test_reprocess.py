@@ -181,3 +181,19 @@ def test_a_ticket_dead_lettered_by_reprocessing_makes_the_run_exit_1(cli, rt, fa
 
     assert json.loads(result.stdout)["outcomes"] == {"dead": 1, "routed": 1}
     assert "1 tickets dead-lettered: `triage dlq list` shows why" in result.stderr
+
+
+def test_resume_with_a_different_selection_is_refused_not_ignored(cli, rt, fake):
+    seed_routed(rt, [f"Invoice {n} [[intent:billing]]" for n in range(3)], intent="billing")
+    seed_routed(rt, [f"Thanks {n} [[intent:other]]" for n in range(2)])
+    first = cli.json("reprocess", "--intent", "billing", "--stop-after", "1", "--yes")
+    run = str(first["run_id"])
+
+    refused = cli("reprocess", "--resume", run, "--intent", "other", "--yes", code=2)
+    refused_dry = cli("reprocess", "--resume", run, "--intent", "other", "--dry-run", code=2)
+
+    assert f"--resume {run}: that run chose" in refused.output
+    assert "not these tickets" in refused_dry.output
+    assert fake.call_count() == 1
+    same = cli.json("reprocess", "--resume", run, "--intent", "billing", "--yes")
+    assert same["run_id"] == first["run_id"] and same["done"] == 3
