@@ -198,3 +198,12 @@ def test_a_window_that_ends_before_it_starts_is_a_usage_error_not_no_match(cli, 
     for since, until in (("7d", "30d"), ("2026-11-02", "2026-11-01")):
         output = _one_line_error(cli(*command, "--since", since, "--until", until, code=None), 2)
         assert f"--since '{since}' is not before --until '{until}'" in output
+
+
+@pytest.mark.parametrize("args", [("list",), ("replay", "--yes"), ("purge", "--yes")])
+def test_dlq_mistyped_error_type_is_a_usage_error_not_no_match(cli, args):
+    output = _one_line_error(cli("dlq", *args, "--error-type", "PermanentEror", code=None), 2)
+
+    assert "--error-type 'PermanentEror': no dead letter has it" in output
+    assert "PermanentError" in output
+    assert cli.json("dlq", "list", "--error-type", "Refused") == []

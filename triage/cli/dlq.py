@@ -22,6 +22,7 @@ from triage.cli.common import (
     print_json,
 )
 from triage.db.models import DeadLetter, Ticket, is_row_id
+from triage.errors import TriageError
 
 app = typer.Typer(
     help="Dead letters: tickets that could not complete a stage.\n\n"
@@ -59,6 +60,28 @@ def _letters(
         stmt = stmt.where(DeadLetter.created_at < end)
     stmt = stmt.order_by(DeadLetter.id.desc())
     return stmt.limit(limit) if limit else stmt
+
+
+def _check_error_type(rt: Any, error_type: str | None) -> None:
+    """An --error-type that no letter has and triage never raises is a typo: it would match
+    nothing, and `replay` would answer "no matching dead letters" with exit 0."""
+    if error_type is None or error_type in _error_names(TriageError):
+        return
+    with rt.sessions() as session:
+        seen = session.scalar(
+            select(DeadLetter.id).where(DeadLetter.error_type == error_type).limit(1)
+        )
+    if seen is None:
+        known = ", ".join(sorted(_error_names(TriageError)))
+        fail(f"--error-type {error_type!r}: no dead letter has it (one of {known})", EXIT_USAGE)
+
+
+def _error_names(error: type[TriageError]) -> set[str]:
+    """The error types a letter can record: TriageError and everything below it."""
+    names = {error.__name__}
+    for sub in error.__subclasses__():
+        names |= _error_names(sub)
+    return names
 
 
 def _row(dl: DeadLetter) -> dict[str, Any]:
@@ -104,6 +127,7 @@ def list_letters(
     """
     opt.check_limit(limit)
     rt = load_runtime()
+    _check_error_type(rt, error_type)
     stmt = _letters(
         stage=stage,
         error_type=error_type,
@@ -196,6 +220,7 @@ def replay(
         ids = list(dict.fromkeys(letter_ids))
         _require_letters(rt, ids)
     else:
+        _check_error_type(rt, error_type)
         stmt = _letters(
             stage=stage,
             error_type=error_type,
@@ -272,6 +297,7 @@ def purge(
     Example: triage dlq purge --until 30d --yes
     """
     rt = load_runtime()
+    _check_error_type(rt, error_type)
     stmt = _letters(
         stage=stage,
         error_type=error_type,
