@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 from sqlalchemy import func, select
 
@@ -11,8 +12,10 @@ from tests.support.stack import WorkerProcess, wait_until
 from triage.db.models import DeadLetter, Ticket
 from triage.db.repo import accept_ticket
 from triage.db.session import session_scope
+from triage.errors import PermanentError
 from triage.ingest.models import InboundTicket
 from triage.pipeline.classify_stage import classify_ticket_stage
+from triage.reliability.deadletter import dead_letter
 
 
 def _dead_lettered(rt, fake, marker: str) -> int:
@@ -114,3 +117,47 @@ def test_replay_refuses_ids_and_filters_together_rather_than_ignore_the_filters(
 
     with rt.sessions() as session:
         assert session.get(Ticket, ticket_id).state == "dead_lettered"
+
+
+def _many_dead_letters(rt, n: int) -> None:
+    with session_scope(rt.sessions) as session:
+        for i in range(n):
+            inbound = InboundTicket(
+                source="generic", external_id=f"many-{i}", subject="s", body="b"
+            )
+            ticket_id = accept_ticket(session, inbound).ticket_id
+            dead_letter(
+                session,
+                ticket_id=ticket_id,
+                stage="classify",
+                error=PermanentError("HTTP 400"),
+                attempts=1,
+                payload={"ticket_id": ticket_id},
+            )
+
+
+def _replayed_count(rt) -> int:
+    with rt.sessions() as session:
+        return session.scalar(
+            select(func.count()).select_from(DeadLetter).where(DeadLetter.replayed_at.is_not(None))
+        )
+
+
+def test_ctrl_c_during_replay_reports_what_was_replayed_and_the_rerun_does_the_rest(
+    cli, rt, ctrl_c
+):
+    _many_dead_letters(rt, 300)
+
+    def interrupt_after_the_first_replay():
+        wait_until(lambda: _replayed_count(rt) >= 1, 30, what="a replay", every=0.005)
+        ctrl_c()
+
+    threading.Thread(target=interrupt_after_the_first_replay, daemon=True).start()
+    stopped = cli("dlq", "replay", "--all", "--yes", "--json", code=1)
+
+    reported = json.loads(stopped.stdout)["replayed"]
+    assert "run the same command again" in stopped.stderr
+    assert 1 <= len(reported) <= _replayed_count(rt) <= len(reported) + 1 < 300
+    rest = cli.json("dlq", "replay", "--all", "--yes")["replayed"]
+    assert _replayed_count(rt) == 300
+    assert not {r["dead_letter_id"] for r in reported} & {r["dead_letter_id"] for r in rest}

@@ -11,9 +11,11 @@ from sqlalchemy import Select, delete, select
 
 from triage.cli import filters as opt
 from triage.cli.common import (
+    EXIT_PROBLEM,
     EXIT_USAGE,
     confirm_or_exit,
     console,
+    err_console,
     fail,
     fmt_time,
     guarded,
@@ -206,8 +208,6 @@ def replay(
 
     Example: triage dlq replay --stage classify --error-type TransientError --yes
     """
-    from triage.reliability.deadletter import replay as replay_letter
-
     by_filter = replay_all or any((stage, error_type, since, until))
     if not letter_ids and not by_filter:
         fail("choose letters: ids, filters (--stage, --since, ...) or --all", EXIT_USAGE)
@@ -238,20 +238,46 @@ def replay(
             confirm_or_exit(f"Replay {len(ids)} dead letters?", yes=yes)
     replayed: list[dict[str, Any]] = []
     skipped: list[int] = []
-    for letter_id in ids:
-        # One transaction per letter: one bad letter must not hold back the others.
-        with rt.sessions.begin() as session:
-            result = replay_letter(session, letter_id)
-        if result is None:
-            skipped.append(letter_id)
-            continue
-        rt.publisher.publish([result.outbox_id])
-        replayed.append(
-            {"dead_letter_id": letter_id, "ticket_id": result.ticket_id, "stage": result.stage}
-        )
+    interrupted = _replay_each(rt, ids, replayed, skipped)
     if as_json:
         print_json({"replayed": replayed, "skipped": skipped})
-        return
+    else:
+        _print_replayed(replayed, skipped)
+    if interrupted:
+        err_console.print(
+            f"interrupted after {len(replayed) + len(skipped)} of {len(ids)} letters; run the "
+            "same command again to replay the rest",
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_PROBLEM)
+
+
+def _replay_each(
+    rt: Any, ids: list[int], replayed: list[dict[str, Any]], skipped: list[int]
+) -> bool:
+    """Replay the letters, one transaction each: one bad letter must not hold back the
+    others. Returns True when Ctrl-C stopped it. The letters replayed so far stay replayed (a
+    message not yet published waits in the outbox for the sweeper) and are reported; the
+    rest stay open for the same command to pick up."""
+    from triage.reliability.deadletter import replay as replay_letter
+
+    try:
+        for letter_id in ids:
+            with rt.sessions.begin() as session:
+                result = replay_letter(session, letter_id)
+            if result is None:
+                skipped.append(letter_id)
+                continue
+            replayed.append(
+                {"dead_letter_id": letter_id, "ticket_id": result.ticket_id, "stage": result.stage}
+            )
+            rt.publisher.publish([result.outbox_id])
+    except KeyboardInterrupt:
+        return True
+    return False
+
+
+def _print_replayed(replayed: list[dict[str, Any]], skipped: list[int]) -> None:
     for r in replayed:
         console.print(
             f"replayed dead letter {r['dead_letter_id']}: ticket {r['ticket_id']} back to "
