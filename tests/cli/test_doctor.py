@@ -68,3 +68,14 @@ def test_doctor_reports_a_database_behind_on_migrations(cli, tmp_path):
     report = cli("doctor", "--json", code=1, DATABASE_URL=url)
     database = _by_name(json.loads(report.stdout))["database"]
     assert database["todo"] == "run `triage db upgrade`"
+
+
+def test_doctor_reports_a_missing_sqlite_file_without_creating_it(cli, tmp_path):
+    typo = tmp_path / "tirage.sqlite3"
+
+    report = cli("doctor", "--json", code=1, DATABASE_URL=f"sqlite:///{typo}")
+
+    database = _by_name(json.loads(report.stdout))["database"]
+    assert f"the file {typo} does not exist" in database["detail"]
+    assert "fix the path in DATABASE_URL" in database["todo"]
+    assert not typo.exists()

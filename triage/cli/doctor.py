@@ -105,6 +105,17 @@ def _database(url: str, timeout: float) -> Check:
             f"DATABASE_URL is not a database URL: {_one_line(exc)}",
             "set DATABASE_URL like postgresql://user:password@host:5432/triage",
         )
+    missing = _missing_sqlite_file(engine.url)
+    if missing is not None:
+        engine.dispose()
+        # Connecting would create it: a typo in the path would become a new, empty database
+        # that `triage db upgrade` then makes look healthy.
+        return Check(
+            "database",
+            "problem",
+            f"{shown}: the file {missing} does not exist",
+            "fix the path in DATABASE_URL (for a new install, `triage db upgrade` creates it)",
+        )
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
@@ -126,6 +137,19 @@ def _database(url: str, timeout: float) -> Check:
             "run `triage db upgrade`",
         )
     return Check("database", "ok", f"{shown}, migrations at head ({head})")
+
+
+def _missing_sqlite_file(url: Any) -> str | None:
+    """The SQLite file `url` names when it does not exist (None for other databases, memory
+    databases and files that exist)."""
+    from pathlib import Path
+
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    if url.database.startswith("file:"):
+        return None  # a URI filename: its own query decides whether it may be created
+    path = Path(url.database)
+    return None if path.exists() else str(path)
 
 
 def _broker(url: str | None, timeout: float) -> Check:
