@@ -161,3 +161,14 @@ def test_ctrl_c_during_replay_reports_what_was_replayed_and_the_rerun_does_the_r
     rest = cli.json("dlq", "replay", "--all", "--yes")["replayed"]
     assert _replayed_count(rt) == 300
     assert not {r["dead_letter_id"] for r in reported} & {r["dead_letter_id"] for r in rest}
+
+
+def test_a_listing_cut_short_by_limit_says_more_match(cli, rt):
+    _many_dead_letters(rt, 3)
+
+    for command, noun in ((("tickets", "list"), "tickets"), (("dlq", "list"), "dead letters")):
+        cut = cli(*command, "--limit", "2").stdout
+        whole = cli(*command, "--limit", "3").stdout
+        assert f"2 {noun} shown, the newest; more match (raise --limit" in cut
+        assert f"3 {noun}\n" in whole and "more match" not in whole
+        assert len(cli.json(*command, "--limit", "2")) == 2

@@ -118,5 +118,13 @@ def load_runtime() -> Runtime:
     return rt
 
 
+def shown_count(shown: int, noun: str, *, more: bool) -> str:
+    """The line under a listing. When --limit cut it short, it says so: "50 tickets" alone
+    reads as all there are."""
+    if more:
+        return f"{shown} {noun} shown, the newest; more match (raise --limit to see them)"
+    return f"{shown} {noun}"
+
+
 def fmt_time(moment: Any) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S") if moment is not None else "-"

@@ -22,6 +22,7 @@ from triage.cli.common import (
     load_runtime,
     plain,
     print_json,
+    shown_count,
 )
 from triage.db.models import DeadLetter, Ticket, is_row_id
 from triage.errors import TriageError
@@ -136,10 +137,12 @@ def list_letters(
         since=since,
         until=until,
         include_replayed=include_replayed,
-        limit=limit,
+        # One past the limit tells whether the listing is all there is.
+        limit=limit + 1,
     )
     with rt.sessions() as session:
         rows = [_row(dl) for dl in session.scalars(stmt)]
+    more, rows = len(rows) > limit, rows[:limit]
     if as_json:
         print_json(rows)
         return
@@ -155,7 +158,7 @@ def list_letters(
             fmt_time(r["replayed_at"]),
         )
     console.print(table)
-    console.print(f"{len(rows)} dead letters", style="dim")
+    console.print(shown_count(len(rows), "dead letters", more=more), style="dim")
 
 
 @app.command("show")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import typer
@@ -9,7 +10,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from triage.cli import filters as opt
-from triage.cli.common import console, fail, fmt_time, guarded, plain, print_json
+from triage.cli.common import (
+    console,
+    fail,
+    fmt_time,
+    guarded,
+    plain,
+    print_json,
+    shown_count,
+)
 
 app = typer.Typer(
     help="Inspect tickets.\n\nExample: triage tickets list --since 1d --json", no_args_is_help=True
@@ -151,7 +160,9 @@ def list_tickets(
 
             taxonomy = load_taxonomy(settings.config_dir / "taxonomy.yaml")
             opt.check_label_names(session, f, taxonomy)
-        rows = session.execute(ticket_select(f)).all()
+        # One row past the limit tells whether the listing is all there is.
+        rows = session.execute(ticket_select(dataclasses.replace(f, limit=limit + 1))).all()
+    more, rows = len(rows) > limit, rows[:limit]
     data: list[dict[str, Any]] = [
         {
             "ticket_id": t.id,
@@ -185,4 +196,4 @@ def list_tickets(
             fmt_time(row["received_at"]),
         )
     console.print(table)
-    console.print(f"{len(data)} tickets", style="dim")
+    console.print(shown_count(len(data), "tickets", more=more), style="dim")
