@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 
 from sqlalchemy import func, select
@@ -172,3 +174,21 @@ def test_a_listing_cut_short_by_limit_says_more_match(cli, rt):
         assert f"2 {noun} shown, the newest; more match (raise --limit" in cut
         assert f"3 {noun}\n" in whole and "more match" not in whole
         assert len(cli.json(*command, "--limit", "2")) == 2
+
+
+def test_purge_with_stdin_closed_refuses_in_one_line_and_deletes_nothing(env, rt, fake):
+    _dead_lettered(rt, fake, "closed-stdin")
+
+    result = subprocess.run(
+        ["sh", "-c", f'exec "{sys.executable}" -m triage.cli.main dlq purge --include-open <&-'],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 2, result.stderr
+    assert "not confirmed (no terminal); pass --yes" in result.stderr
+    assert "Traceback" not in result.stderr
+    with rt.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(DeadLetter)) == 1

@@ -85,7 +85,8 @@ def confirm_or_exit(question: str, *, yes: bool) -> None:
     terminal to ask on, refuse rather than guess (exit 2: say --yes)."""
     if yes:
         return
-    if not sys.stdin.isatty() and not _under_test_runner():
+    # No stdin at all (started with it closed, `<&-`): Python sets sys.stdin to None.
+    if sys.stdin is None or (not sys.stdin.isatty() and not _under_test_runner()):
         fail(f"{question} — not confirmed (no terminal); pass --yes to proceed", EXIT_USAGE)
     # On stderr: stdout may be a --json document headed for jq or a file.
     if not typer.confirm(question, default=False, err=True):
