@@ -3,6 +3,8 @@ subject, an external id or an error message are data, not Rich markup."""
 
 from __future__ import annotations
 
+import re
+
 from triage.db.repo import accept_ticket
 from triage.db.session import session_scope
 from triage.errors import PermanentError
@@ -51,3 +53,14 @@ def test_an_error_quoting_what_the_operator_typed_keeps_its_brackets(cli):
 
     assert "--since '[/]x': use 7d" in result.output
     assert "Traceback" not in result.output
+
+
+def test_printed_times_and_the_time_options_say_they_are_utc(cli, rt):
+    _dead_lettered_with_brackets(rt)
+    (letter,) = cli.json("dlq", "list")
+
+    shown = cli("dlq", "show", str(letter["id"])).stdout
+
+    assert re.search(r"last_failed_at: \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", shown)
+    for command in (("tickets", "list"), ("dlq", "list"), ("reprocess",), ("stats",)):
+        assert "(UTC" in cli(*command, "--help", COLUMNS="200").stdout

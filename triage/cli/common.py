@@ -6,6 +6,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
@@ -128,4 +129,5 @@ def shown_count(shown: int, noun: str, *, more: bool) -> str:
 
 
 def fmt_time(moment: Any) -> str:
-    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment is not None else "-"
+    # Stored times are UTC; said so, since an operator reads an unmarked time as local.
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if moment is not None else "-"

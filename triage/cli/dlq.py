@@ -105,10 +105,10 @@ def _row(dl: DeadLetter) -> dict[str, Any]:
 Stage = typer.Option(None, help="Only this stage (classify, deliver).")
 # The letter's time, not its ticket's: `purge --until 30d` goes by when tickets failed.
 Since = Annotated[
-    str | None, typer.Option(help="Dead-lettered at or after: 7d, 12h or an ISO date/time.")
+    str | None, typer.Option(help="Dead-lettered at or after: 7d, 12h or an ISO date/time (UTC).")
 ]
 Until = Annotated[
-    str | None, typer.Option(help="Dead-lettered before: 7d, 12h or an ISO date/time.")
+    str | None, typer.Option(help="Dead-lettered before: 7d, 12h or an ISO date/time (UTC).")
 ]
 ErrorType = typer.Option(None, help="Only this error type (e.g. InvalidOutput).")
 

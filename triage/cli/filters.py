@@ -63,10 +63,13 @@ State = Annotated[
 Intent = Annotated[str | None, typer.Option(help="Only this current intent.")]
 Department = Annotated[str | None, typer.Option(help="Only this department.")]
 Source = Annotated[str | None, typer.Option(help="Only this source (generic, zendesk, ...).")]
+# A date/time without an offset is UTC, as every time the CLI prints is.
 Since = Annotated[
-    str | None, typer.Option(help="Received at or after: 7d, 12h or an ISO date/time.")
+    str | None, typer.Option(help="Received at or after: 7d, 12h or an ISO date/time (UTC).")
 ]
-Until = Annotated[str | None, typer.Option(help="Received before: 7d, 12h or an ISO date/time.")]
+Until = Annotated[
+    str | None, typer.Option(help="Received before: 7d, 12h or an ISO date/time (UTC).")
+]
 ConfidenceBelow = Annotated[
     float | None, typer.Option(help="Only current labels with confidence below this.")
 ]

@@ -17,7 +17,7 @@ app = typer.Typer()
 DEFAULT_SINCE = "7d"
 Since = Annotated[
     str | None,
-    typer.Option(help="Received at or after: 7d, 12h or an ISO date/time (default: 7d)."),
+    typer.Option(help="Received at or after: 7d, 12h or an ISO date/time (UTC; default: 7d)."),
 ]
 
 
@@ -61,7 +61,7 @@ def _print(data: dict[str, Any]) -> None:
     total = data["tickets"]
     console.print(
         f"[bold]{total} tickets[/] received {('since ' + w['since'][:19]) if w['since'] else ''}"
-        f"{(' until ' + w['until'][:19]) if w['until'] else ''}",
+        f"{(' until ' + w['until'][:19]) if w['until'] else ''} (UTC)",
         highlight=False,
     )
     grid = Table.grid(padding=(0, 2))

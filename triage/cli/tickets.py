@@ -53,7 +53,7 @@ def show(
         print_json({**view, "timeline": timeline})
         return
     _print_view(view)
-    table = Table("at", "event", "detail", title=f"ticket {ticket_id}: timeline")
+    table = Table("at (UTC)", "event", "detail", title=f"ticket {ticket_id}: timeline")
     for event in timeline:
         table.add_row(event["at"][:23].replace("T", " "), event["event"], plain(_detail(event)))
     console.print(table)
