@@ -207,3 +207,13 @@ def test_dlq_mistyped_error_type_is_a_usage_error_not_no_match(cli, args):
     assert "--error-type 'PermanentEror': no dead letter has it" in output
     assert "PermanentError" in output
     assert cli.json("dlq", "list", "--error-type", "Refused") == []
+
+
+@pytest.mark.parametrize("value", ["50", "0", "-0.1", "1.5"])
+def test_a_confidence_outside_0_to_1_is_a_usage_error_not_every_ticket(cli, rt, fake, value):
+    seed_routed(rt, ["Sure of this one"], confidence=0.99)
+
+    for command in (("tickets", "list"), ("reprocess", "--yes")):
+        output = _one_line_error(cli(*command, "--confidence-below", value, code=None), 2)
+        assert "a confidence is between 0 and 1" in output
+    assert fake.call_count() == 0

@@ -71,7 +71,7 @@ Until = Annotated[
     str | None, typer.Option(help="Received before: 7d, 12h or an ISO date/time (UTC).")
 ]
 ConfidenceBelow = Annotated[
-    float | None, typer.Option(help="Only current labels with confidence below this.")
+    float | None, typer.Option(help="Only current labels with confidence below this (0 to 1).")
 ]
 Model = Annotated[str | None, typer.Option(help="Only labels from this model.")]
 TaxonomyVersion = Annotated[
@@ -132,6 +132,13 @@ def ticket_filter(
             fail(f"--state {s!r}: one of {', '.join(sorted(known))}", EXIT_USAGE)
     check_source(source)
     check_limit(limit)
+    # Confidences run from 0 to 1: `--confidence-below 50` (meant as 0.5) would choose every
+    # labelled ticket, and a reprocess would pay for all of them.
+    if confidence_below is not None and not 0 < confidence_below <= 1:
+        fail(
+            f"--confidence-below {confidence_below:g}: a confidence is between 0 and 1 (e.g. 0.5)",
+            EXIT_USAGE,
+        )
     start, end = parse_window(since, until)
     return TicketFilter(
         ids=tuple(ids or ()),
