@@ -171,17 +171,30 @@ def test_dlq_time_options_say_they_go_by_when_the_letter_was_written(cli, comman
     [("tickets", "list"), ("reprocess", "--dry-run"), ("backfill", "--batch", "--dry-run")],
 )
 def test_a_mistyped_source_department_or_intent_is_a_usage_error_not_no_match(cli, command):
-    for option, typo in (("--source", "zendsk"), ("--department", "billng"), ("--intent", "refnd")):
+    typos = (
+        ("--source", "zendsk"),
+        ("--department", "billng"),
+        ("--intent", "refnd"),
+        ("--model", "claude-haiku-4.5"),
+        ("--taxonomy-version", "3f2a9d"),
+    )
+    for option, typo in typos:
         output = _one_line_error(cli(*command, option, typo, code=None), 2)
         assert f"{option} '{typo}'" in output
 
 
-def test_a_department_and_intent_only_older_tickets_have_still_select_them(cli, rt):
-    (old,) = seed_routed(rt, ["From before the reorganisation"], intent="gone", department="gone")
+def test_label_names_only_older_tickets_have_still_select_them(cli, rt):
+    (old,) = seed_routed(
+        rt, ["From before the reorganisation"], intent="gone", department="gone", model="retired"
+    )
 
     listed = cli.json("tickets", "list", "--department", "gone", "--intent", "gone")
+    by_label = cli.json(
+        "tickets", "list", "--model", "retired", "--taxonomy-version", "old-taxonomy"
+    )
 
     assert [t["ticket_id"] for t in listed] == [old]
+    assert [t["ticket_id"] for t in by_label] == [old]
 
 
 @pytest.mark.parametrize(

@@ -85,7 +85,7 @@ def backfill(
     )
     rt = load_runtime()
     with rt.sessions() as session:
-        opt.check_label_names(session, f, rt.config.taxonomy)
+        opt.check_label_names(session, f, rt.config.taxonomy, rt.config.models.models)
     if dry_run:
         # What the same command would do now: resume the run it would resume, sending only
         # what that run has not put in a batch yet.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -92,20 +93,34 @@ def check_source(source: str | None) -> None:
         fail(f"--source {source!r}: one of {', '.join(sorted(SOURCES))}", EXIT_USAGE)
 
 
-def check_label_names(session: Session, f: TicketFilter, taxonomy: Taxonomy) -> None:
-    """--department and --intent name one of the taxonomy's, or one that tickets had under an
-    older taxonomy. Anything else is a typo, which would match nothing and say so only as
-    "0 tickets", exit 0."""
+def names_label_fields(f: TicketFilter) -> bool:
+    return any(v is not None for v in (f.department, f.intent, f.model, f.taxonomy_version))
+
+
+def check_label_names(
+    session: Session, f: TicketFilter, taxonomy: Taxonomy, models: Collection[str]
+) -> None:
+    """--department, --intent, --model and --taxonomy-version name one the config knows now
+    (the taxonomy, the model table), or one that tickets had before it changed. Anything else
+    is a typo, which would match nothing and say so only as "0 tickets", exit 0 (or, for a
+    backfill, as an empty run)."""
     checks = (
         ("--department", f.department, taxonomy.department_names, Ticket.department),
         ("--intent", f.intent, taxonomy.intent_names, Classification.intent),
+        ("--model", f.model, tuple(models), Classification.model),
+        (
+            "--taxonomy-version",
+            f.taxonomy_version,
+            (taxonomy.version,),
+            Classification.taxonomy_version,
+        ),
     )
     for option, name, current, column in checks:
         if name is None or name in current:
             continue
         if session.scalar(select(column).where(column == name).limit(1)) is None:
             fail(
-                f"{option} {name!r}: not in the taxonomy and no ticket has had it "
+                f"{option} {name!r}: not in the config and no ticket has had it "
                 f"(one of {', '.join(sorted(current))})",
                 EXIT_USAGE,
             )

@@ -83,7 +83,7 @@ def reprocess(
     )
     rt = load_runtime()
     with rt.sessions() as session:
-        opt.check_label_names(session, f, rt.config.taxonomy)
+        opt.check_label_names(session, f, rt.config.taxonomy, rt.config.models.models)
     skipped = _skipped_ids(rt, f, resume)
     if dry_run:
         _dry_run(rt, f, resume, stop_after, as_json)

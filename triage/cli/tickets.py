@@ -155,11 +155,12 @@ def list_tickets(
     )
     settings = Settings()
     with get_sessionmaker(settings.database_url)() as session:
-        if f.department is not None or f.intent is not None:
-            from triage.config import load_taxonomy
+        if opt.names_label_fields(f):
+            from triage.config import load_models, load_taxonomy
 
             taxonomy = load_taxonomy(settings.config_dir / "taxonomy.yaml")
-            opt.check_label_names(session, f, taxonomy)
+            models = load_models(settings.config_dir / "models.yaml").models
+            opt.check_label_names(session, f, taxonomy, models)
         # One row past the limit tells whether the listing is all there is.
         rows = session.execute(ticket_select(dataclasses.replace(f, limit=limit + 1))).all()
     more, rows = len(rows) > limit, rows[:limit]
