@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import func, select
 
 from triage.db.models import OutboxMessage
@@ -39,3 +40,15 @@ def test_sweep_with_the_broker_up_reports_its_pass(cli):
         "stranded_deliveries": 0,
         "pruned_outbox": 0,
     }
+
+
+@pytest.mark.parametrize("seconds", ["0", "-600"])
+def test_a_stuck_after_below_one_second_is_a_usage_error(cli, rt, seconds):
+    inbound = InboundTicket(source="generic", external_id="just-in", subject="s", body="b")
+    with session_scope(rt.sessions) as session:
+        accept_ticket(session, inbound)
+
+    result = cli("sweep", "--stuck-after", seconds, code=2)
+
+    assert "--stuck-after" in result.output
+    assert _unsent(rt) == 1

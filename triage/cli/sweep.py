@@ -17,8 +17,12 @@ app = typer.Typer()
 @app.command()
 @guarded
 def sweep(
+    # At least a second: 0 read as "not given" (the setting), and a negative deadline would
+    # count tickets received a moment ago as stuck and send them again.
     stuck_after: float | None = typer.Option(
-        None, help="Seconds in a non-final state that count as stuck (default: the setting)."
+        None,
+        min=1,
+        help="Seconds in a non-final state that count as stuck (default: the setting).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
