@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select, update
+import pytest
+from sqlalchemy import func, select, update
 
 from tests.cli.conftest import seed_routed
 from tests.fakeanthropic import Fault
@@ -12,6 +13,7 @@ from triage.db.models import (
     MessageBatch,
     OutboxMessage,
     ReprocessItem,
+    ReprocessRun,
     Ticket,
 )
 from triage.db.session import session_scope
@@ -175,3 +177,16 @@ def test_a_negative_poll_interval_is_refused_before_any_batch_is_paid_for(cli, r
 
     assert "--poll-interval" in result.output and "Traceback" not in result.output
     assert fake.stats()["batches"] == before
+
+
+@pytest.mark.parametrize("size", ["0", "100001"])
+def test_a_chunk_size_the_api_refuses_is_a_usage_error_before_a_run_is_recorded(
+    cli, rt, fake, size
+):
+    seed_routed(rt, ["Parcel lost [[intent:shipping]]"])
+
+    result = cli("backfill", "--batch", "--since", "1h", "--yes", "--chunk-size", size, code=2)
+
+    assert "--chunk-size must be between 1 and 100" in result.output
+    with rt.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(ReprocessRun)) == 0

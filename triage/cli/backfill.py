@@ -10,6 +10,7 @@ import typer
 from triage.cli import filters as opt
 from triage.cli.common import (
     EXIT_PROBLEM,
+    EXIT_USAGE,
     confirm_or_exit,
     console,
     err_console,
@@ -64,10 +65,13 @@ def backfill(
     Example: triage backfill --batch --since 30d --taxonomy-version 3f2a9c --yes
     """
     from triage.pipeline import reprocess as rp
-    from triage.pipeline.backfill import BatchBackfill
+    from triage.pipeline.backfill import MAX_BATCH_REQUESTS, BatchBackfill
 
     if not batch:
         fail("backfill needs --batch (for real-time reclassification use triage reprocess)", 2)
+    # Checked before the run is recorded (BatchBackfill checks it too, but only after).
+    if not 1 <= chunk_size <= MAX_BATCH_REQUESTS:
+        fail(f"--chunk-size must be between 1 and {MAX_BATCH_REQUESTS}", EXIT_USAGE)
     f = opt.bulk_selection(
         ticket_ids,
         from_file,
