@@ -190,3 +190,17 @@ def test_a_chunk_size_the_api_refuses_is_a_usage_error_before_a_run_is_recorded(
     assert "--chunk-size must be between 1 and 100" in result.output
     with rt.sessions() as session:
         assert session.scalar(select(func.count()).select_from(ReprocessRun)) == 0
+
+
+def test_a_declined_backfill_records_no_run_for_a_later_one_to_resume(cli, rt, fake):
+    seed_routed(rt, [f"Order {n} late [[intent:shipping]]" for n in range(3)])
+    before = fake.stats()["batches"]
+
+    declined = cli(
+        "backfill", "--batch", "--since", "7d", "--confirm-above", "1", code=1, input="n\n"
+    )
+
+    assert "Send 3 tickets" in declined.stderr and "cancelled" in declined.output
+    assert fake.stats()["batches"] == before
+    with rt.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(ReprocessRun)) == 0

@@ -197,3 +197,13 @@ def test_resume_with_a_different_selection_is_refused_not_ignored(cli, rt, fake)
     assert fake.call_count() == 1
     same = cli.json("reprocess", "--resume", run, "--intent", "billing", "--yes")
     assert same["run_id"] == first["run_id"] and same["done"] == 3
+
+
+def test_a_declined_reprocess_records_no_run_for_a_later_one_to_resume(cli, rt, fake):
+    seed_routed(rt, [f"Order {n} late [[intent:shipping]]" for n in range(3)])
+
+    declined = cli("reprocess", "--since", "7d", "--confirm-above", "1", code=1, input="n\n")
+
+    assert "Reprocess 3 tickets" in declined.stderr and "cancelled" in declined.output
+    assert _runs(rt) == 0 and fake.call_count() == 0
+    assert cli.json("reprocess", "--since", "7d", "--dry-run")["resuming_run"] is None

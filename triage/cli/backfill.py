@@ -107,6 +107,16 @@ def backfill(
             highlight=False,
         )
         return
+    # Asked before the run is recorded: after a "no", a later backfill of the same selection
+    # must start afresh, not resume the one that was turned down.
+    earlier = rp.find_run(rt, "batch", f, run_id=resume)
+    unsent = _unsent_tickets(rt, earlier.id) if earlier else rp.select_ids(rt, f)
+    if len(unsent) > confirm_above:
+        est = rp.estimate(rt, unsent, batch=True)
+        confirm_or_exit(
+            f"Send {len(unsent)} tickets to {est.model} in batches (estimated ${est.cost_usd})?",
+            yes=yes,
+        )
     run, resumed = rp.find_or_create_run(rt, "batch", f, run_id=resume)
     job = BatchBackfill(rt, run.id, chunk_size=chunk_size)
     before = job.progress()
@@ -115,13 +125,6 @@ def backfill(
             f"resuming backfill run {run.id}: {before.batches_open} batches open, "
             f"{before.done} of {before.total} tickets done",
             highlight=False,
-        )
-    unsent = before.total - before.done - before.in_batches
-    if unsent > confirm_above:
-        est = rp.estimate(rt, _unsent_tickets(rt, run.id), batch=True)
-        confirm_or_exit(
-            f"Send {unsent} tickets to {est.model} in batches (estimated ${est.cost_usd})?",
-            yes=yes,
         )
     created = 0
     interrupted = False

@@ -88,6 +88,17 @@ def reprocess(
     if dry_run:
         _dry_run(rt, f, resume, stop_after, as_json)
         return
+    # Asked before the run is recorded: after a "no", a later run of the same command must
+    # start afresh, not resume the selection that was turned down.
+    earlier, planned = _would_reprocess(rt, f, resume, stop_after)
+    if len(planned) > confirm_above:
+        est = rp.estimate(rt, planned)
+        where = f" (resuming run {earlier.id})" if earlier else ""
+        confirm_or_exit(
+            f"Reprocess {len(planned)} tickets with {est.model}{where} "
+            f"(estimated ${est.cost_usd})?",
+            yes=yes,
+        )
     run, resumed = rp.find_or_create_run(rt, "inline", f, run_id=resume, allow_empty=False)
     pending = rp.pending_items(rt, run.id)
     if resumed:
@@ -97,12 +108,6 @@ def reprocess(
         )
     if stop_after is not None:
         pending = pending[:stop_after]
-    if len(pending) > confirm_above:
-        est = rp.estimate(rt, _ticket_ids_of(rt, pending))
-        confirm_or_exit(
-            f"Reprocess {len(pending)} tickets with {est.model} (estimated ${est.cost_usd})?",
-            yes=yes,
-        )
     outcomes: Counter[str] = Counter()
     interrupted = _work(rt, pending, concurrency, outcomes)
     summary = rp.summarize(rt, run.id, finish=True)
@@ -142,10 +147,7 @@ def _dry_run(rt: Any, f: Any, resume: int | None, stop_after: int | None, as_jso
     resume (its pending tickets only), stop where --stop-after stops."""
     from triage.pipeline import reprocess as rp
 
-    run = rp.find_run(rt, "inline", f, run_id=resume)
-    ticket_ids = rp.pending_ticket_ids(rt, run.id) if run else rp.select_ids(rt, f)
-    if stop_after is not None:
-        ticket_ids = ticket_ids[:stop_after]
+    run, ticket_ids = _would_reprocess(rt, f, resume, stop_after)
     est = rp.estimate(rt, ticket_ids)
     if as_json:
         print_json({**est.as_json(), "resuming_run": run.id if run else None})
@@ -159,15 +161,18 @@ def _dry_run(rt: Any, f: Any, resume: int | None, stop_after: int | None, as_jso
     _print_estimate(est)
 
 
-def _ticket_ids_of(rt: Any, item_ids: list[int]) -> list[int]:
-    from sqlalchemy import select
+def _would_reprocess(
+    rt: Any, f: Any, resume: int | None, stop_after: int | None
+) -> tuple[Any, list[int]]:
+    """The run the command would resume (None: it would start one) and the tickets it would
+    classify now: that run's pending ones, or the selection; at most --stop-after."""
+    from triage.pipeline import reprocess as rp
 
-    from triage.db.models import ReprocessItem
-
-    with rt.sessions() as session:
-        return list(
-            session.scalars(select(ReprocessItem.ticket_id).where(ReprocessItem.id.in_(item_ids)))
-        )
+    run = rp.find_run(rt, "inline", f, run_id=resume)
+    ticket_ids = rp.pending_ticket_ids(rt, run.id) if run else rp.select_ids(rt, f)
+    if stop_after is not None:
+        ticket_ids = ticket_ids[:stop_after]
+    return run, ticket_ids
 
 
 def _work(rt: Any, item_ids: list[int], concurrency: int, outcomes: Counter[str]) -> bool:
