@@ -204,3 +204,13 @@ def test_a_declined_backfill_records_no_run_for_a_later_one_to_resume(cli, rt, f
     assert fake.stats()["batches"] == before
     with rt.sessions() as session:
         assert session.scalar(select(func.count()).select_from(ReprocessRun)) == 0
+
+
+def test_a_backfill_without_the_anthropic_backend_records_no_run(cli, rt, fake):
+    seed_routed(rt, ["Parcel lost [[intent:shipping]]"])
+
+    result = cli("backfill", "--batch", "--since", "1h", "--yes", code=2, TRIAGE_BACKEND="local")
+
+    assert "backfill --batch needs ANTHROPIC_API_KEY and an Anthropic backend" in result.output
+    with rt.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(ReprocessRun)) == 0

@@ -10,7 +10,6 @@ import typer
 from triage.cli import filters as opt
 from triage.cli.common import (
     EXIT_PROBLEM,
-    EXIT_USAGE,
     confirm_or_exit,
     console,
     err_console,
@@ -65,13 +64,10 @@ def backfill(
     Example: triage backfill --batch --since 30d --taxonomy-version 3f2a9c --yes
     """
     from triage.pipeline import reprocess as rp
-    from triage.pipeline.backfill import MAX_BATCH_REQUESTS, BatchBackfill
+    from triage.pipeline.backfill import BatchBackfill, check_batch_settings
 
     if not batch:
         fail("backfill needs --batch (for real-time reclassification use triage reprocess)", 2)
-    # Checked before the run is recorded (BatchBackfill checks it too, but only after).
-    if not 1 <= chunk_size <= MAX_BATCH_REQUESTS:
-        fail(f"--chunk-size must be between 1 and {MAX_BATCH_REQUESTS}", EXIT_USAGE)
     f = opt.bulk_selection(
         ticket_ids,
         from_file,
@@ -88,6 +84,8 @@ def backfill(
         limit=limit,
     )
     rt = load_runtime()
+    # Before anything is recorded, and before a dry run estimates what could not be sent.
+    check_batch_settings(rt.settings, chunk_size)
     with rt.sessions() as session:
         opt.check_label_names(session, f, rt.config.taxonomy, rt.config.models.models)
     if dry_run:
