@@ -181,6 +181,7 @@ def test_a_ticket_dead_lettered_by_reprocessing_makes_the_run_exit_1(cli, rt, fa
 
     assert json.loads(result.stdout)["outcomes"] == {"dead": 1, "routed": 1}
     assert "1 tickets dead-lettered: `triage dlq list` shows why" in result.stderr
+    assert "running this command again would start a new run" in result.stderr
 
 
 def test_resume_with_a_different_selection_is_refused_not_ignored(cli, rt, fake):

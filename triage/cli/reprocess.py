@@ -114,10 +114,18 @@ def reprocess(
     _print_summary(summary, as_json, interrupted, skipped)
     if outcomes["dead"]:
         # A permanent API error (a revoked key, say) dead-letters every ticket it meets: a
-        # script must not read that run as a success.
+        # script must not read that run as a success. Nor retry it blindly: a finished run is
+        # not resumed, the same command starts a new one and pays for every ticket again.
+        again = (
+            "; running this command again would start a new run over every ticket"
+            if summary.done >= summary.total
+            else ""
+        )
         err_console.print(
-            f"{outcomes['dead']} tickets dead-lettered: `triage dlq list` shows why",
+            f"{outcomes['dead']} tickets dead-lettered: `triage dlq list` shows why, "
+            f"`triage dlq replay` retries them{again}",
             highlight=False,
+            soft_wrap=True,
         )
     if interrupted or outcomes["dead"]:
         raise typer.Exit(EXIT_PROBLEM)
