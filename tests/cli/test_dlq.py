@@ -11,12 +11,13 @@ from sqlalchemy import func, select
 
 from tests.fakeanthropic import Fault
 from tests.support.stack import WorkerProcess, wait_until
-from triage.db.models import DeadLetter, Ticket
+from triage.db.models import DeadLetter, OutboxMessage, Ticket
 from triage.db.repo import accept_ticket
 from triage.db.session import session_scope
 from triage.errors import PermanentError
 from triage.ingest.models import InboundTicket
 from triage.pipeline.classify_stage import classify_ticket_stage
+from triage.pipeline.relay import CLASSIFY_TASK
 from triage.reliability.deadletter import dead_letter
 
 
@@ -192,3 +193,25 @@ def test_purge_with_stdin_closed_refuses_in_one_line_and_deletes_nothing(env, rt
     assert "Traceback" not in result.stderr
     with rt.sessions() as session:
         assert session.scalar(select(func.count()).select_from(DeadLetter)) == 1
+
+
+def _waiting_classify_messages(rt) -> int:
+    with rt.sessions() as session:
+        return session.scalar(
+            select(func.count())
+            .select_from(OutboxMessage)
+            .where(OutboxMessage.sent_at.is_(None), OutboxMessage.task == CLASSIFY_TASK)
+        )
+
+
+def test_replay_with_the_broker_down_leaves_the_rest_in_the_outbox_and_exits_1(cli, rt):
+    _many_dead_letters(rt, 3)
+    before = _waiting_classify_messages(rt)
+
+    result = cli(
+        "dlq", "replay", "--all", "--yes", "--json", code=1, REDIS_URL="redis://127.0.0.1:1/0"
+    )
+
+    assert len(json.loads(result.stdout)["replayed"]) == 3
+    assert "the broker did not take the messages of 3 replayed tickets" in result.stderr
+    assert _waiting_classify_messages(rt) == before + 3

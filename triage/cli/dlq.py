@@ -241,29 +241,46 @@ def replay(
             confirm_or_exit(f"Replay {len(ids)} dead letters?", yes=yes)
     replayed: list[dict[str, Any]] = []
     skipped: list[int] = []
-    interrupted = _replay_each(rt, ids, replayed, skipped)
+    unsent: list[int] = []
+    interrupted = _replay_each(rt, ids, replayed, skipped, unsent)
     if as_json:
         print_json({"replayed": replayed, "skipped": skipped})
     else:
         _print_replayed(replayed, skipped)
+    if unsent:
+        err_console.print(
+            f"the broker did not take the messages of {len(unsent)} replayed tickets: they "
+            "wait in the outbox until a worker's sweeper (or `triage sweep`) sends them once "
+            "the broker is back",
+            highlight=False,
+            soft_wrap=True,
+        )
     if interrupted:
         err_console.print(
             f"interrupted after {len(replayed) + len(skipped)} of {len(ids)} letters; run the "
             "same command again to replay the rest",
             highlight=False,
         )
+    if interrupted or unsent:
         raise typer.Exit(EXIT_PROBLEM)
 
 
 def _replay_each(
-    rt: Any, ids: list[int], replayed: list[dict[str, Any]], skipped: list[int]
+    rt: Any,
+    ids: list[int],
+    replayed: list[dict[str, Any]],
+    skipped: list[int],
+    unsent: list[int],
 ) -> bool:
     """Replay the letters, one transaction each: one bad letter must not hold back the
     others. Returns True when Ctrl-C stopped it. The letters replayed so far stay replayed (a
     message not yet published waits in the outbox for the sweeper) and are reported; the
-    rest stay open for the same command to pick up."""
+    rest stay open for the same command to pick up. `unsent` gets the tickets whose message
+    a configured broker did not take."""
     from triage.reliability.deadletter import replay as replay_letter
 
+    # Without a broker configured (beside `triage run`) the outbox is the way, not a failure.
+    configured = publishing = rt.settings.effective_broker_url() is not None
     try:
         for letter_id in ids:
             with rt.sessions.begin() as session:
@@ -274,7 +291,12 @@ def _replay_each(
             replayed.append(
                 {"dead_letter_id": letter_id, "ticket_id": result.ticket_id, "stage": result.stage}
             )
-            rt.publisher.publish([result.outbox_id])
+            if publishing and rt.publisher.publish([result.outbox_id]) == 0:
+                # The broker is down: leave the rest in the outbox as well, for the sweeper,
+                # rather than wait out a failed connection for every letter.
+                publishing = False
+            if not publishing and configured:
+                unsent.append(result.ticket_id)
     except KeyboardInterrupt:
         return True
     return False
