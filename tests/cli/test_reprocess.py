@@ -208,3 +208,14 @@ def test_a_declined_reprocess_records_no_run_for_a_later_one_to_resume(cli, rt, 
     assert "Reprocess 3 tickets" in declined.stderr and "cancelled" in declined.output
     assert _runs(rt) == 0 and fake.call_count() == 0
     assert cli.json("reprocess", "--since", "7d", "--dry-run")["resuming_run"] is None
+
+
+def test_reprocess_with_the_broker_down_stops_before_reopening_any_ticket(cli, rt, fake):
+    (ticket_id,) = seed_routed(rt, ["Where is my parcel? [[intent:shipping]]"])
+
+    result = cli("reprocess", str(ticket_id), "--yes", code=1, REDIS_URL="redis://127.0.0.1:1/0")
+
+    assert "broker unreachable" in result.output and "Traceback" not in result.output
+    assert _runs(rt) == 0 and fake.call_count() == 0
+    with rt.sessions() as session:
+        assert session.get(Ticket, ticket_id).state == "routed"

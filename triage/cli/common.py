@@ -128,6 +128,21 @@ def shown_count(shown: int, noun: str, *, more: bool) -> str:
     return f"{shown} {noun}"
 
 
+def broker_unreachable(rt: Runtime) -> str | None:
+    """Why the configured broker cannot be reached, or None. For the commands that would
+    otherwise find out message by message: each failed publish waits out a connection, and
+    whatever cannot be sent is left in the outbox, reported as a success."""
+    conn = rt.celery.connection_for_write()
+    try:
+        conn.ensure_connection(max_retries=1)
+    except Exception as exc:  # noqa: BLE001 - any failure to connect is the finding
+        lines = str(exc).strip().splitlines()
+        return lines[0] if lines else type(exc).__name__
+    finally:
+        conn.release()
+    return None
+
+
 def fmt_time(moment: Any) -> str:
     # Stored times are UTC; said so, since an operator reads an unmarked time as local.
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if moment is not None else "-"

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import typer
 
-from triage.cli.common import console, fail, guarded, load_runtime, print_json
-
-if TYPE_CHECKING:
-    from triage.pipeline.runtime import Runtime
+from triage.cli.common import (
+    broker_unreachable,
+    console,
+    fail,
+    guarded,
+    load_runtime,
+    print_json,
+)
 
 app = typer.Typer()
 
@@ -38,7 +40,7 @@ def sweep(
     rt = load_runtime()
     if not rt.settings.effective_broker_url():
         fail("no broker configured: set REDIS_URL or TRIAGE_BROKER_URL")
-    unreachable = _broker_unreachable(rt)
+    unreachable = broker_unreachable(rt)
     if unreachable:
         fail(
             f"broker unreachable ({unreachable}): a pass now would publish and re-enqueue "
@@ -63,18 +65,3 @@ def sweep(
             f"{rt.settings.outbox_retention_hours:g} h ago",
             highlight=False,
         )
-
-
-def _broker_unreachable(rt: Runtime) -> str | None:
-    """Why the broker cannot be reached, or None. Asked first because with the broker down a
-    pass only logs warnings (outbox rows wait, stuck tickets are left for a broker that can
-    say it lost them) and would then report its zeros as a success."""
-    conn = rt.celery.connection_for_write()
-    try:
-        conn.ensure_connection(max_retries=1)
-    except Exception as exc:  # noqa: BLE001 - any failure to connect is the finding
-        lines = str(exc).strip().splitlines()
-        return lines[0] if lines else type(exc).__name__
-    finally:
-        conn.release()
-    return None
