@@ -38,26 +38,30 @@ def doctor(
 
     checks: list[Check] = []
     config: Any = None
+    settings: Any = None
     try:
         settings = Settings()
-        from triage.config import load_config
-
-        config = load_config(settings)
-        checks.append(
-            Check(
-                "config",
-                "ok",
-                f"{config.settings.config_dir} (taxonomy {config.taxonomy.version}, "
-                f"backend {settings.effective_backend()}, model {settings.model})",
-            )
-        )
-    except ConfigError as exc:
-        checks.append(Check("config", "problem", str(exc), "fix it, then `triage config validate`"))
-        settings = None
     except Exception as exc:  # noqa: BLE001 - settings from the environment may be invalid
         checks.append(Check("config", "problem", str(exc), "fix the TRIAGE_* environment"))
-        settings = None
     if settings is not None:
+        from triage.config import load_config
+
+        try:
+            config = load_config(settings)
+            checks.append(
+                Check(
+                    "config",
+                    "ok",
+                    f"{config.settings.config_dir} (taxonomy {config.taxonomy.version}, "
+                    f"backend {settings.effective_backend()}, model {settings.model})",
+                )
+            )
+        except ConfigError as exc:
+            # The services are checked all the same: a broken config/ file must not hide a
+            # database that is down too, to be found only on the next run of doctor.
+            checks.append(
+                Check("config", "problem", str(exc), "fix it, then `triage config validate`")
+            )
         checks.append(_database(settings.database_url, timeout))
         checks.append(_broker(settings.effective_broker_url(), timeout))
         checks.append(_api(config, settings, timeout))
@@ -233,8 +237,10 @@ def _api(config: Any, settings: Any, timeout: float) -> Check:
 
 
 def _queues(config: Any, url: str | None, timeout: float) -> Check:
-    if config is None or not url:
+    if not url:
         return Check("queues", "skipped", "no broker configured")
+    if config is None:
+        return Check("queues", "skipped", "the taxonomy, which names the queues, did not load")
     from triage.pipeline.celery_app import all_queues
     from triage.pipeline.routing import DEAD_QUEUE
 
