@@ -219,3 +219,23 @@ def test_reprocess_with_the_broker_down_stops_before_reopening_any_ticket(cli, r
     assert _runs(rt) == 0 and fake.call_count() == 0
     with rt.sessions() as session:
         assert session.get(Ticket, ticket_id).state == "routed"
+
+
+def test_ctrl_c_does_not_start_the_tickets_still_queued_behind_the_running_one(
+    cli, rt, fake, ctrl_c
+):
+    ids = seed_routed(rt, [f"Cannot log in {n} [[intent:account]]" for n in range(4)])
+    fake.latency = 0.5
+
+    def interrupt_during_the_first_call():
+        wait_until(lambda: fake.call_count() >= 1, 30, what="the first call", every=0.01)
+        ctrl_c()
+
+    try:
+        threading.Thread(target=interrupt_during_the_first_call, daemon=True).start()
+        cli("reprocess", *map(str, ids), "--yes", "-c", "1", code=1)
+    finally:
+        fake.latency = 0.0
+    with rt.sessions() as session:
+        done = session.scalar(select(func.count()).where(ReprocessItem.done_at.is_not(None)))
+    assert fake.call_count() == 1 and done == 1

@@ -195,8 +195,8 @@ def _would_reprocess(
 
 def _work(rt: Any, item_ids: list[int], concurrency: int, outcomes: Counter[str]) -> bool:
     """Run the items on a thread pool with a progress bar, counting their outcomes. Returns
-    True when interrupted (Ctrl-C): no new items start, the ones in flight finish and are
-    marked done."""
+    True when interrupted (Ctrl-C): no new items start, the ones already running finish and
+    are marked done."""
     from triage.pipeline.reprocess import reprocess_item
 
     if not item_ids:
@@ -216,8 +216,11 @@ def _work(rt: Any, item_ids: list[int], concurrency: int, outcomes: Counter[str]
         except KeyboardInterrupt:
             interrupted = True
             err_console.print("interrupted: finishing the tickets in flight…")
-            wait(in_flight)
-            _collect(in_flight, bar, task, outcomes)
+            # Up to twice the concurrency is submitted; the queued ones have not called the
+            # API yet and stay pending for the rerun instead of being paid for after Ctrl-C.
+            started = {future for future in in_flight if not future.cancel()}
+            wait(started)
+            _collect(started, bar, task, outcomes)
     if interrupted:
         err_console.print("run the same command again to continue where this one stopped")
     return interrupted
