@@ -230,3 +230,12 @@ def test_a_confidence_outside_0_to_1_is_a_usage_error_not_every_ticket(cli, rt, 
         output = _one_line_error(cli(*command, "--confidence-below", value, code=None), 2)
         assert "a confidence is between 0 and 1" in output
     assert fake.call_count() == 0
+
+
+def test_an_id_file_too_long_for_one_query_is_a_usage_error_not_a_database_error(cli, tmp_path):
+    ids = tmp_path / "ids.txt"
+    ids.write_text("\n".join(str(n) for n in range(1, 70_001)))
+
+    for command in (("reprocess", "--dry-run"), ("backfill", "--batch", "--dry-run")):
+        output = _one_line_error(cli(*command, "--from-file", str(ids), code=None), 2)
+        assert "70,000 ticket ids: at most 30,000 per run" in output

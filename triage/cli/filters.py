@@ -189,6 +189,12 @@ def read_ids(path: Path) -> list[int]:
     return ids
 
 
+# The ids go to the database as one IN list, a bind parameter each: PostgreSQL refuses a
+# statement with more than 65,535 (with the other filters', and SQLite builds before 3.32 stop
+# at 999, newer ones at 32,766), and said so as a "database error" that blamed DATABASE_URL.
+MAX_NAMED_IDS = 30_000
+
+
 def bulk_selection(
     ticket_ids: list[int] | None,
     from_file: Path | None,
@@ -207,6 +213,13 @@ def bulk_selection(
         fail(f"--resume {resume}: no run with that id", EXIT_USAGE)
     if from_file is not None:
         ids += read_ids(from_file)
+    ids = list(dict.fromkeys(ids))
+    if len(ids) > MAX_NAMED_IDS:
+        fail(
+            f"{len(ids):,} ticket ids: at most {MAX_NAMED_IDS:,} per run; split the list and "
+            "run once per part",
+            EXIT_USAGE,
+        )
     selection = ticket_filter(ids=ids, **filters)
     if selection.is_empty and resume is None:
         fail(
