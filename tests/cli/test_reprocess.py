@@ -239,3 +239,15 @@ def test_ctrl_c_does_not_start_the_tickets_still_queued_behind_the_running_one(
     with rt.sessions() as session:
         done = session.scalar(select(func.count()).where(ReprocessItem.done_at.is_not(None)))
     assert fake.call_count() == 1 and done == 1
+
+
+def test_many_skipped_ids_are_summed_up_not_listed_one_by_one(cli, rt, fake, tmp_path):
+    (done,) = seed_routed(rt, ["Refund please [[intent:billing]]"])
+    ids = tmp_path / "ids.txt"
+    ids.write_text("\n".join(map(str, [done, *range(1000, 1025)])))
+
+    result = cli("reprocess", "--from-file", str(ids), "--json", "--yes")
+
+    assert "ticket 1009 not found; and 15 more" in result.stderr
+    assert "ticket 1010 " not in result.stderr
+    assert len(json.loads(result.stdout)["skipped"]) == 25

@@ -149,14 +149,18 @@ def _skipped_ids(rt: Any, f: Any, resume: int | None) -> dict[int, str]:
     if not f.ids or resume is not None or rp.find_run(rt, "inline", f) is not None:
         return {}
     skipped = rp.ineligible_ids(rt, f.ids)
-    reasons = "; ".join(f"ticket {i} {why}" for i, why in skipped.items())
+    # The first few, then a count: a file of stale ids would otherwise make one line of
+    # thousands of reasons (--json lists every one).
+    reasons = "; ".join(f"ticket {i} {why}" for i, why in list(skipped.items())[:10])
+    if len(skipped) > 10:
+        reasons += f"; and {len(skipped) - 10:,} more"
     if skipped and len(skipped) == len(f.ids):
         fail(
             f"nothing to reprocess: {reasons} (only finished tickets can be reprocessed)",
             EXIT_USAGE,
         )
     if skipped:
-        err_console.print(f"skipping {reasons}", highlight=False)
+        err_console.print(f"skipping {reasons}", highlight=False, soft_wrap=True)
     return skipped
 
 
