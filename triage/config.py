@@ -241,12 +241,17 @@ def load_models(path: Path) -> ModelTable:
         raise ConfigError(_validation_message(path, exc)) from None
 
 
+def settings_problems(exc: ValidationError) -> str:
+    """What is wrong with the settings read from the environment, on one line."""
+    return _validation_message(Path("environment"), exc)
+
+
 def load_config(settings: Settings | None = None) -> AppConfig:
     """Read and validate everything; raise ConfigError naming the file, field and problem."""
     try:
         settings = settings or Settings()
     except ValidationError as exc:
-        raise ConfigError(_validation_message(Path("environment"), exc)) from None
+        raise ConfigError(settings_problems(exc)) from None
     config_dir = settings.config_dir
     taxonomy = load_taxonomy(config_dir / "taxonomy.yaml")
     models = load_models(config_dir / "models.yaml")

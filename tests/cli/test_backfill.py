@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select, update
+import pytest
+from sqlalchemy import func, select, update
 
 from tests.cli.conftest import seed_routed
 from tests.fakeanthropic import Fault
@@ -12,6 +13,7 @@ from triage.db.models import (
     MessageBatch,
     OutboxMessage,
     ReprocessItem,
+    ReprocessRun,
     Ticket,
 )
 from triage.db.session import session_scope
@@ -165,3 +167,50 @@ def test_backfill_dry_run_estimates_only_what_the_run_it_would_resume_has_not_se
     # Everything is in a batch already: running the command again would only poll.
     again = cli.json(*args, "--dry-run")
     assert again["resuming_run"] == submitted["run_id"] and again["tickets"] == 0
+
+
+def test_a_negative_poll_interval_is_refused_before_any_batch_is_paid_for(cli, rt, fake):
+    seed_routed(rt, ["Parcel lost [[intent:shipping]]"])
+    before = fake.stats()["batches"]
+
+    result = cli("backfill", "--batch", "--since", "1h", "--yes", "--poll-interval", "-1", code=2)
+
+    assert "--poll-interval" in result.output and "Traceback" not in result.output
+    assert fake.stats()["batches"] == before
+
+
+@pytest.mark.parametrize("size", ["0", "100001"])
+def test_a_chunk_size_the_api_refuses_is_a_usage_error_before_a_run_is_recorded(
+    cli, rt, fake, size
+):
+    seed_routed(rt, ["Parcel lost [[intent:shipping]]"])
+
+    result = cli("backfill", "--batch", "--since", "1h", "--yes", "--chunk-size", size, code=2)
+
+    assert "--chunk-size must be between 1 and 100" in result.output
+    with rt.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(ReprocessRun)) == 0
+
+
+def test_a_declined_backfill_records_no_run_for_a_later_one_to_resume(cli, rt, fake):
+    seed_routed(rt, [f"Order {n} late [[intent:shipping]]" for n in range(3)])
+    before = fake.stats()["batches"]
+
+    declined = cli(
+        "backfill", "--batch", "--since", "7d", "--confirm-above", "1", code=1, input="n\n"
+    )
+
+    assert "Send 3 tickets" in declined.stderr and "cancelled" in declined.output
+    assert fake.stats()["batches"] == before
+    with rt.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(ReprocessRun)) == 0
+
+
+def test_a_backfill_without_the_anthropic_backend_records_no_run(cli, rt, fake):
+    seed_routed(rt, ["Parcel lost [[intent:shipping]]"])
+
+    result = cli("backfill", "--batch", "--since", "1h", "--yes", code=2, TRIAGE_BACKEND="local")
+
+    assert "backfill --batch needs ANTHROPIC_API_KEY and an Anthropic backend" in result.output
+    with rt.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(ReprocessRun)) == 0

@@ -68,3 +68,28 @@ def test_doctor_reports_a_database_behind_on_migrations(cli, tmp_path):
     report = cli("doctor", "--json", code=1, DATABASE_URL=url)
     database = _by_name(json.loads(report.stdout))["database"]
     assert database["todo"] == "run `triage db upgrade`"
+
+
+def test_doctor_reports_a_missing_sqlite_file_without_creating_it(cli, tmp_path):
+    typo = tmp_path / "tirage.sqlite3"
+
+    report = cli("doctor", "--json", code=1, DATABASE_URL=f"sqlite:///{typo}")
+
+    database = _by_name(json.loads(report.stdout))["database"]
+    assert f"the file {typo} does not exist" in database["detail"]
+    assert "fix the path in DATABASE_URL" in database["todo"]
+    assert not typo.exists()
+
+
+def test_a_broken_config_does_not_hide_a_stopped_database(cli, tmp_path):
+    url = f"postgresql://postgres@127.0.0.1:{_closed_port()}/triage"
+
+    report = cli("doctor", "--json", code=1, DATABASE_URL=url, TRIAGE_CONFIG_DIR=str(tmp_path))
+
+    checks = _by_name(json.loads(report.stdout))
+    assert checks["config"]["status"] == "problem"
+    assert (
+        checks["database"]["status"] == "problem" and "unreachable" in checks["database"]["detail"]
+    )
+    assert checks["broker"]["status"] == "ok"
+    assert "did not load" in checks["queues"]["detail"]

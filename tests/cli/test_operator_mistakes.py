@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from tests.cli.conftest import seed_routed
+
 
 def _one_line_error(result, code: int) -> str:
     assert result.exit_code == code, f"exit {result.exit_code}\n{result.output}"
@@ -143,3 +145,97 @@ def test_dlq_replay_by_filter_that_matches_nothing_says_so(cli):
 def test_doctor_timeout_must_be_positive(cli, timeout):
     result = cli("doctor", "--timeout", timeout, code=2)
     assert "--timeout" in result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("tickets", "list"), ("tickets", "show", "1"), ("db", "current"), ("dlq", "list")],
+)
+def test_an_invalid_setting_in_the_environment_is_one_line_naming_it(cli, args):
+    output = _one_line_error(cli(*args, code=None, TRIAGE_MAX_TOKENS="2"), 2)
+
+    assert "environment: max_tokens: Input should be greater than or equal to 64" in output
+
+
+@pytest.mark.parametrize("command", ["list", "replay", "purge"])
+def test_dlq_time_options_say_they_go_by_when_the_letter_was_written(cli, command):
+    result = cli("dlq", command, "--help", COLUMNS="200")
+
+    assert "Dead-lettered at or after" in result.output
+    assert "Dead-lettered before" in result.output
+    assert "Received" not in result.output
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("tickets", "list"), ("reprocess", "--dry-run"), ("backfill", "--batch", "--dry-run")],
+)
+def test_a_mistyped_source_department_or_intent_is_a_usage_error_not_no_match(cli, command):
+    typos = (
+        ("--source", "zendsk"),
+        ("--department", "billng"),
+        ("--intent", "refnd"),
+        ("--model", "claude-haiku-4.5"),
+        ("--taxonomy-version", "3f2a9d"),
+    )
+    for option, typo in typos:
+        output = _one_line_error(cli(*command, option, typo, code=None), 2)
+        assert f"{option} '{typo}'" in output
+
+
+def test_label_names_only_older_tickets_have_still_select_them(cli, rt):
+    (old,) = seed_routed(
+        rt, ["From before the reorganisation"], intent="gone", department="gone", model="retired"
+    )
+
+    listed = cli.json("tickets", "list", "--department", "gone", "--intent", "gone")
+    by_label = cli.json(
+        "tickets", "list", "--model", "retired", "--taxonomy-version", "old-taxonomy"
+    )
+
+    assert [t["ticket_id"] for t in listed] == [old]
+    assert [t["ticket_id"] for t in by_label] == [old]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("tickets", "list"),
+        ("reprocess", "--dry-run"),
+        ("dlq", "list"),
+        ("dlq", "purge"),
+        ("stats",),
+    ],
+)
+def test_a_window_that_ends_before_it_starts_is_a_usage_error_not_no_match(cli, command):
+    for since, until in (("7d", "30d"), ("2026-11-02", "2026-11-01")):
+        output = _one_line_error(cli(*command, "--since", since, "--until", until, code=None), 2)
+        assert f"--since '{since}' is not before --until '{until}'" in output
+
+
+@pytest.mark.parametrize("args", [("list",), ("replay", "--yes"), ("purge", "--yes")])
+def test_dlq_mistyped_error_type_is_a_usage_error_not_no_match(cli, args):
+    output = _one_line_error(cli("dlq", *args, "--error-type", "PermanentEror", code=None), 2)
+
+    assert "--error-type 'PermanentEror': no dead letter has it" in output
+    assert "PermanentError" in output
+    assert cli.json("dlq", "list", "--error-type", "Refused") == []
+
+
+@pytest.mark.parametrize("value", ["50", "0", "-0.1", "1.5"])
+def test_a_confidence_outside_0_to_1_is_a_usage_error_not_every_ticket(cli, rt, fake, value):
+    seed_routed(rt, ["Sure of this one"], confidence=0.99)
+
+    for command in (("tickets", "list"), ("reprocess", "--yes")):
+        output = _one_line_error(cli(*command, "--confidence-below", value, code=None), 2)
+        assert "a confidence is between 0 and 1" in output
+    assert fake.call_count() == 0
+
+
+def test_an_id_file_too_long_for_one_query_is_a_usage_error_not_a_database_error(cli, tmp_path):
+    ids = tmp_path / "ids.txt"
+    ids.write_text("\n".join(str(n) for n in range(1, 70_001)))
+
+    for command in (("reprocess", "--dry-run"), ("backfill", "--batch", "--dry-run")):
+        output = _one_line_error(cli(*command, "--from-file", str(ids), code=None), 2)
+        assert "70,000 ticket ids: at most 30,000 per run" in output

@@ -133,7 +133,7 @@ def test_reprocess_of_only_unfinished_or_missing_tickets_says_why_and_records_no
     assert f"ticket {queued} is queued, not finished" in result.output
     assert "ticket 999 not found" in result.output
     assert _runs(rt) == 0 and fake.call_count() == 0
-    assert "nothing to reprocess" in cli("reprocess", "--intent", "nosuch", "--yes", code=2).output
+    assert "nothing to reprocess" in cli("reprocess", "--intent", "sales", "--yes", code=2).output
     assert _runs(rt) == 0
 
 
@@ -171,3 +171,83 @@ def test_dry_run_estimates_what_the_rerun_would_do_resuming_and_stopping(cli, rt
     assert fake.call_count() == calls
     fresh = cli.json("reprocess", "--intent", "billing", "--since", "1d", "--dry-run")
     assert fresh["tickets"] == 4 and fresh["resuming_run"] is None
+
+
+def test_a_ticket_dead_lettered_by_reprocessing_makes_the_run_exit_1(cli, rt, fake):
+    ids = seed_routed(rt, ["Refund [[intent:billing]] refuse-me", "Fine [[intent:billing]]"])
+    fake.add_fault(Fault("bad_request", match="refuse-me"))
+
+    result = cli("reprocess", *map(str, ids), "--json", "--yes", code=1)
+
+    assert json.loads(result.stdout)["outcomes"] == {"dead": 1, "routed": 1}
+    assert "1 tickets dead-lettered: `triage dlq list` shows why" in result.stderr
+    assert "running this command again would start a new run" in result.stderr
+
+
+def test_resume_with_a_different_selection_is_refused_not_ignored(cli, rt, fake):
+    seed_routed(rt, [f"Invoice {n} [[intent:billing]]" for n in range(3)], intent="billing")
+    seed_routed(rt, [f"Thanks {n} [[intent:other]]" for n in range(2)])
+    first = cli.json("reprocess", "--intent", "billing", "--stop-after", "1", "--yes")
+    run = str(first["run_id"])
+
+    refused = cli("reprocess", "--resume", run, "--intent", "other", "--yes", code=2)
+    refused_dry = cli("reprocess", "--resume", run, "--intent", "other", "--dry-run", code=2)
+
+    assert f"--resume {run}: that run chose" in refused.output
+    assert "not these tickets" in refused_dry.output
+    assert fake.call_count() == 1
+    same = cli.json("reprocess", "--resume", run, "--intent", "billing", "--yes")
+    assert same["run_id"] == first["run_id"] and same["done"] == 3
+
+
+def test_a_declined_reprocess_records_no_run_for_a_later_one_to_resume(cli, rt, fake):
+    seed_routed(rt, [f"Order {n} late [[intent:shipping]]" for n in range(3)])
+
+    declined = cli("reprocess", "--since", "7d", "--confirm-above", "1", code=1, input="n\n")
+
+    assert "Reprocess 3 tickets" in declined.stderr and "cancelled" in declined.output
+    assert _runs(rt) == 0 and fake.call_count() == 0
+    assert cli.json("reprocess", "--since", "7d", "--dry-run")["resuming_run"] is None
+
+
+def test_reprocess_with_the_broker_down_stops_before_reopening_any_ticket(cli, rt, fake):
+    (ticket_id,) = seed_routed(rt, ["Where is my parcel? [[intent:shipping]]"])
+
+    result = cli("reprocess", str(ticket_id), "--yes", code=1, REDIS_URL="redis://127.0.0.1:1/0")
+
+    assert "broker unreachable" in result.output and "Traceback" not in result.output
+    assert _runs(rt) == 0 and fake.call_count() == 0
+    with rt.sessions() as session:
+        assert session.get(Ticket, ticket_id).state == "routed"
+
+
+def test_ctrl_c_does_not_start_the_tickets_still_queued_behind_the_running_one(
+    cli, rt, fake, ctrl_c
+):
+    ids = seed_routed(rt, [f"Cannot log in {n} [[intent:account]]" for n in range(4)])
+    fake.latency = 0.5
+
+    def interrupt_during_the_first_call():
+        wait_until(lambda: fake.call_count() >= 1, 30, what="the first call", every=0.01)
+        ctrl_c()
+
+    try:
+        threading.Thread(target=interrupt_during_the_first_call, daemon=True).start()
+        cli("reprocess", *map(str, ids), "--yes", "-c", "1", code=1)
+    finally:
+        fake.latency = 0.0
+    with rt.sessions() as session:
+        done = session.scalar(select(func.count()).where(ReprocessItem.done_at.is_not(None)))
+    assert fake.call_count() == 1 and done == 1
+
+
+def test_many_skipped_ids_are_summed_up_not_listed_one_by_one(cli, rt, fake, tmp_path):
+    (done,) = seed_routed(rt, ["Refund please [[intent:billing]]"])
+    ids = tmp_path / "ids.txt"
+    ids.write_text("\n".join(map(str, [done, *range(1000, 1025)])))
+
+    result = cli("reprocess", "--from-file", str(ids), "--json", "--yes")
+
+    assert "ticket 1009 not found; and 15 more" in result.stderr
+    assert "ticket 1010 " not in result.stderr
+    assert len(json.loads(result.stdout)["skipped"]) == 25

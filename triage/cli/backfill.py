@@ -46,7 +46,7 @@ def backfill(
     chunk_size: int = typer.Option(
         1000, help="Requests per batch (the API allows up to 100,000 and 256 MB)."
     ),
-    poll_interval: float = typer.Option(30.0, help="Seconds between status polls."),
+    poll_interval: float = typer.Option(30.0, min=0, help="Seconds between status polls."),
     submit_only: bool = typer.Option(
         False, "--submit-only", help="Create the batches and exit; run again to poll and import."
     ),
@@ -64,7 +64,7 @@ def backfill(
     Example: triage backfill --batch --since 30d --taxonomy-version 3f2a9c --yes
     """
     from triage.pipeline import reprocess as rp
-    from triage.pipeline.backfill import BatchBackfill
+    from triage.pipeline.backfill import BatchBackfill, check_batch_settings
 
     if not batch:
         fail("backfill needs --batch (for real-time reclassification use triage reprocess)", 2)
@@ -84,6 +84,10 @@ def backfill(
         limit=limit,
     )
     rt = load_runtime()
+    # Before anything is recorded, and before a dry run estimates what could not be sent.
+    check_batch_settings(rt.settings, chunk_size)
+    with rt.sessions() as session:
+        opt.check_label_names(session, f, rt.config.taxonomy, rt.config.models.models)
     if dry_run:
         # What the same command would do now: resume the run it would resume, sending only
         # what that run has not put in a batch yet.
@@ -101,6 +105,16 @@ def backfill(
             highlight=False,
         )
         return
+    # Asked before the run is recorded: after a "no", a later backfill of the same selection
+    # must start afresh, not resume the one that was turned down.
+    earlier = rp.find_run(rt, "batch", f, run_id=resume)
+    unsent = _unsent_tickets(rt, earlier.id) if earlier else rp.select_ids(rt, f)
+    if len(unsent) > confirm_above:
+        est = rp.estimate(rt, unsent, batch=True)
+        confirm_or_exit(
+            f"Send {len(unsent)} tickets to {est.model} in batches (estimated ${est.cost_usd})?",
+            yes=yes,
+        )
     run, resumed = rp.find_or_create_run(rt, "batch", f, run_id=resume)
     job = BatchBackfill(rt, run.id, chunk_size=chunk_size)
     before = job.progress()
@@ -109,13 +123,6 @@ def backfill(
             f"resuming backfill run {run.id}: {before.batches_open} batches open, "
             f"{before.done} of {before.total} tickets done",
             highlight=False,
-        )
-    unsent = before.total - before.done - before.in_batches
-    if unsent > confirm_above:
-        est = rp.estimate(rt, _unsent_tickets(rt, run.id), batch=True)
-        confirm_or_exit(
-            f"Send {unsent} tickets to {est.model} in batches (estimated ${est.cost_usd})?",
-            yes=yes,
         )
     created = 0
     interrupted = False

@@ -6,10 +6,14 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from triage.errors import ConfigError, TriageError
@@ -25,8 +29,15 @@ EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 
 def fail(message: str, code: int = EXIT_PROBLEM) -> NoReturn:
     # soft_wrap: one line however narrow the terminal, so a log or `grep` sees it whole.
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def plain(value: object) -> Text:
+    """Text shown as it is. Subjects, external ids, error messages and model summaries are
+    data, not Rich markup: "[urgent] refund" would lose its "[urgent]", and a "[/]" would
+    raise instead of printing."""
+    return Text(str(value))
 
 
 @contextmanager
@@ -36,6 +47,14 @@ def clear_errors() -> Iterator[None]:
         yield
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE)
+    except ValidationError as exc:
+        # Settings() read straight from the environment (commands that need only the
+        # database URL): a mistyped TRIAGE_* value is a usage error like any other.
+        if exc.title != "Settings":
+            raise
+        from triage.config import settings_problems
+
+        fail(settings_problems(exc), EXIT_USAGE)
     except TriageError as exc:
         fail(str(exc))
     except ArgumentError as exc:
@@ -67,9 +86,11 @@ def confirm_or_exit(question: str, *, yes: bool) -> None:
     terminal to ask on, refuse rather than guess (exit 2: say --yes)."""
     if yes:
         return
-    if not sys.stdin.isatty() and not _under_test_runner():
+    # No stdin at all (started with it closed, `<&-`): Python sets sys.stdin to None.
+    if sys.stdin is None or (not sys.stdin.isatty() and not _under_test_runner()):
         fail(f"{question} — not confirmed (no terminal); pass --yes to proceed", EXIT_USAGE)
-    if not typer.confirm(question, default=False):
+    # On stderr: stdout may be a --json document headed for jq or a file.
+    if not typer.confirm(question, default=False, err=True):
         fail("cancelled", EXIT_PROBLEM)
 
 
@@ -99,5 +120,29 @@ def load_runtime() -> Runtime:
     return rt
 
 
+def shown_count(shown: int, noun: str, *, more: bool) -> str:
+    """The line under a listing. When --limit cut it short, it says so: "50 tickets" alone
+    reads as all there are."""
+    if more:
+        return f"{shown} {noun} shown, the newest; more match (raise --limit to see them)"
+    return f"{shown} {noun}"
+
+
+def broker_unreachable(rt: Runtime) -> str | None:
+    """Why the configured broker cannot be reached, or None. For the commands that would
+    otherwise find out message by message: each failed publish waits out a connection, and
+    whatever cannot be sent is left in the outbox, reported as a success."""
+    conn = rt.celery.connection_for_write()
+    try:
+        conn.ensure_connection(max_retries=1)
+    except Exception as exc:  # noqa: BLE001 - any failure to connect is the finding
+        lines = str(exc).strip().splitlines()
+        return lines[0] if lines else type(exc).__name__
+    finally:
+        conn.release()
+    return None
+
+
 def fmt_time(moment: Any) -> str:
-    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment is not None else "-"
+    # Stored times are UTC; said so, since an operator reads an unmarked time as local.
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if moment is not None else "-"

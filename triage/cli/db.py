@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 
-from triage.cli.common import console, guarded
+from triage.cli.common import EXIT_USAGE, console, fail, guarded
 
 app = typer.Typer(
     help="Database schema (Alembic).\n\nExample: triage db upgrade", no_args_is_help=True
@@ -18,12 +19,23 @@ def upgrade(revision: str = typer.Argument("head", help="Target revision.")) -> 
 
     Example: DATABASE_URL=postgresql://localhost/triage triage db upgrade
     """
+    from alembic.util import CommandError
+
     from triage.config import Settings
+    from triage.db.migrate import current_revision
     from triage.db.migrate import upgrade as do_upgrade
+    from triage.db.session import get_engine
 
     url = Settings().database_url
-    do_upgrade(url, revision)
-    console.print(f"database at [bold]{_redact(url)}[/] is at {revision}")
+    try:
+        do_upgrade(url, revision)
+    except CommandError as exc:
+        # An unknown revision: Alembic's own words, without its traceback.
+        fail(f"db upgrade {revision}: {exc}", EXIT_USAGE)
+    # What the database is at now, not the target named: upgrading to a revision it is
+    # already past changes nothing.
+    applied = current_revision(get_engine(url))
+    console.print(f"database at [bold]{escape(_redact(url))}[/] is at {applied}", highlight=False)
 
 
 @app.command()

@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import Select, delete, select
 
 from triage.cli import filters as opt
 from triage.cli.common import (
+    EXIT_PROBLEM,
     EXIT_USAGE,
     confirm_or_exit,
     console,
+    err_console,
     fail,
     fmt_time,
     guarded,
     load_runtime,
+    plain,
     print_json,
+    shown_count,
 )
 from triage.db.models import DeadLetter, Ticket, is_row_id
+from triage.errors import TriageError
 
 app = typer.Typer(
     help="Dead letters: tickets that could not complete a stage.\n\n"
@@ -50,12 +56,35 @@ def _letters(
         stmt = stmt.where(DeadLetter.stage == stage)
     if error_type:
         stmt = stmt.where(DeadLetter.error_type == error_type)
-    if since:
-        stmt = stmt.where(DeadLetter.created_at >= opt.parse_moment(since, option="--since"))
-    if until:
-        stmt = stmt.where(DeadLetter.created_at < opt.parse_moment(until, option="--until"))
+    start, end = opt.parse_window(since, until)
+    if start is not None:
+        stmt = stmt.where(DeadLetter.created_at >= start)
+    if end is not None:
+        stmt = stmt.where(DeadLetter.created_at < end)
     stmt = stmt.order_by(DeadLetter.id.desc())
     return stmt.limit(limit) if limit else stmt
+
+
+def _check_error_type(rt: Any, error_type: str | None) -> None:
+    """An --error-type that no letter has and triage never raises is a typo: it would match
+    nothing, and `replay` would answer "no matching dead letters" with exit 0."""
+    if error_type is None or error_type in _error_names(TriageError):
+        return
+    with rt.sessions() as session:
+        seen = session.scalar(
+            select(DeadLetter.id).where(DeadLetter.error_type == error_type).limit(1)
+        )
+    if seen is None:
+        known = ", ".join(sorted(_error_names(TriageError)))
+        fail(f"--error-type {error_type!r}: no dead letter has it (one of {known})", EXIT_USAGE)
+
+
+def _error_names(error: type[TriageError]) -> set[str]:
+    """The error types a letter can record: TriageError and everything below it."""
+    names = {error.__name__}
+    for sub in error.__subclasses__():
+        names |= _error_names(sub)
+    return names
 
 
 def _row(dl: DeadLetter) -> dict[str, Any]:
@@ -74,6 +103,13 @@ def _row(dl: DeadLetter) -> dict[str, Any]:
 
 
 Stage = typer.Option(None, help="Only this stage (classify, deliver).")
+# The letter's time, not its ticket's: `purge --until 30d` goes by when tickets failed.
+Since = Annotated[
+    str | None, typer.Option(help="Dead-lettered at or after: 7d, 12h or an ISO date/time (UTC).")
+]
+Until = Annotated[
+    str | None, typer.Option(help="Dead-lettered before: 7d, 12h or an ISO date/time (UTC).")
+]
 ErrorType = typer.Option(None, help="Only this error type (e.g. InvalidOutput).")
 
 
@@ -82,8 +118,8 @@ ErrorType = typer.Option(None, help="Only this error type (e.g. InvalidOutput)."
 def list_letters(
     stage: str | None = Stage,
     error_type: str | None = ErrorType,
-    since: opt.Since = None,
-    until: opt.Until = None,
+    since: Since = None,
+    until: Until = None,
     include_replayed: bool = typer.Option(False, "--all", help="Include replayed letters."),
     limit: int = typer.Option(50, help="At most this many, newest first."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
@@ -94,16 +130,19 @@ def list_letters(
     """
     opt.check_limit(limit)
     rt = load_runtime()
+    _check_error_type(rt, error_type)
     stmt = _letters(
         stage=stage,
         error_type=error_type,
         since=since,
         until=until,
         include_replayed=include_replayed,
-        limit=limit,
+        # One past the limit tells whether the listing is all there is.
+        limit=limit + 1,
     )
     with rt.sessions() as session:
         rows = [_row(dl) for dl in session.scalars(stmt)]
+    more, rows = len(rows) > limit, rows[:limit]
     if as_json:
         print_json(rows)
         return
@@ -113,13 +152,13 @@ def list_letters(
             str(r["id"]),
             str(r["ticket_id"]),
             r["stage"],
-            f"{r['error_type']}: {r['message'][:80]}",
+            plain(f"{r['error_type']}: {r['message'][:80]}"),
             str(r["attempts"]),
             fmt_time(r["last_failed_at"]),
             fmt_time(r["replayed_at"]),
         )
     console.print(table)
-    console.print(f"{len(rows)} dead letters", style="dim")
+    console.print(shown_count(len(rows), "dead letters", more=more), style="dim")
 
 
 @app.command("show")
@@ -152,7 +191,7 @@ def show(
         return
     for key, value in data.items():
         shown = fmt_time(value) if key.endswith("_at") else value
-        console.print(f"[bold]{key}[/]: {shown}", highlight=False)
+        console.print(f"[bold]{key}[/]: {escape(str(shown))}", highlight=False)
 
 
 @app.command("replay")
@@ -162,8 +201,8 @@ def replay(
     replay_all: bool = typer.Option(False, "--all", help="Every open dead letter."),
     stage: str | None = Stage,
     error_type: str | None = ErrorType,
-    since: opt.Since = None,
-    until: opt.Until = None,
+    since: Since = None,
+    until: Until = None,
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
@@ -172,16 +211,19 @@ def replay(
 
     Example: triage dlq replay --stage classify --error-type TransientError --yes
     """
-    from triage.reliability.deadletter import replay as replay_letter
-
     by_filter = replay_all or any((stage, error_type, since, until))
     if not letter_ids and not by_filter:
         fail("choose letters: ids, filters (--stage, --since, ...) or --all", EXIT_USAGE)
+    if letter_ids and by_filter:
+        # Named letters were replayed whatever the filters said: `replay 7 --stage deliver`
+        # replayed letter 7 at classify.
+        fail("choose letters by ids or by filters/--all, not both", EXIT_USAGE)
     rt = load_runtime()
     if letter_ids:
         ids = list(dict.fromkeys(letter_ids))
         _require_letters(rt, ids)
     else:
+        _check_error_type(rt, error_type)
         stmt = _letters(
             stage=stage,
             error_type=error_type,
@@ -199,20 +241,68 @@ def replay(
             confirm_or_exit(f"Replay {len(ids)} dead letters?", yes=yes)
     replayed: list[dict[str, Any]] = []
     skipped: list[int] = []
-    for letter_id in ids:
-        # One transaction per letter: one bad letter must not hold back the others.
-        with rt.sessions.begin() as session:
-            result = replay_letter(session, letter_id)
-        if result is None:
-            skipped.append(letter_id)
-            continue
-        rt.publisher.publish([result.outbox_id])
-        replayed.append(
-            {"dead_letter_id": letter_id, "ticket_id": result.ticket_id, "stage": result.stage}
-        )
+    unsent: list[int] = []
+    interrupted = _replay_each(rt, ids, replayed, skipped, unsent)
     if as_json:
         print_json({"replayed": replayed, "skipped": skipped})
-        return
+    else:
+        _print_replayed(replayed, skipped)
+    if unsent:
+        err_console.print(
+            f"the broker did not take the messages of {len(unsent)} replayed tickets: they "
+            "wait in the outbox until a worker's sweeper (or `triage sweep`) sends them once "
+            "the broker is back",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if interrupted:
+        err_console.print(
+            f"interrupted after {len(replayed) + len(skipped)} of {len(ids)} letters; run the "
+            "same command again to replay the rest",
+            highlight=False,
+        )
+    if interrupted or unsent:
+        raise typer.Exit(EXIT_PROBLEM)
+
+
+def _replay_each(
+    rt: Any,
+    ids: list[int],
+    replayed: list[dict[str, Any]],
+    skipped: list[int],
+    unsent: list[int],
+) -> bool:
+    """Replay the letters, one transaction each: one bad letter must not hold back the
+    others. Returns True when Ctrl-C stopped it. The letters replayed so far stay replayed (a
+    message not yet published waits in the outbox for the sweeper) and are reported; the
+    rest stay open for the same command to pick up. `unsent` gets the tickets whose message
+    a configured broker did not take."""
+    from triage.reliability.deadletter import replay as replay_letter
+
+    # Without a broker configured (beside `triage run`) the outbox is the way, not a failure.
+    configured = publishing = rt.settings.effective_broker_url() is not None
+    try:
+        for letter_id in ids:
+            with rt.sessions.begin() as session:
+                result = replay_letter(session, letter_id)
+            if result is None:
+                skipped.append(letter_id)
+                continue
+            replayed.append(
+                {"dead_letter_id": letter_id, "ticket_id": result.ticket_id, "stage": result.stage}
+            )
+            if publishing and rt.publisher.publish([result.outbox_id]) == 0:
+                # The broker is down: leave the rest in the outbox as well, for the sweeper,
+                # rather than wait out a failed connection for every letter.
+                publishing = False
+            if not publishing and configured:
+                unsent.append(result.ticket_id)
+    except KeyboardInterrupt:
+        return True
+    return False
+
+
+def _print_replayed(replayed: list[dict[str, Any]], skipped: list[int]) -> None:
     for r in replayed:
         console.print(
             f"replayed dead letter {r['dead_letter_id']}: ticket {r['ticket_id']} back to "
@@ -247,8 +337,8 @@ def purge(
     ),
     stage: str | None = Stage,
     error_type: str | None = ErrorType,
-    since: opt.Since = None,
-    until: opt.Until = None,
+    since: Since = None,
+    until: Until = None,
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
@@ -258,6 +348,7 @@ def purge(
     Example: triage dlq purge --until 30d --yes
     """
     rt = load_runtime()
+    _check_error_type(rt, error_type)
     stmt = _letters(
         stage=stage,
         error_type=error_type,

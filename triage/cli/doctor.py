@@ -8,7 +8,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from triage.cli.common import EXIT_PROBLEM, console, guarded, print_json
+from triage.cli.common import EXIT_PROBLEM, console, guarded, plain, print_json
 
 app = typer.Typer()
 
@@ -38,26 +38,30 @@ def doctor(
 
     checks: list[Check] = []
     config: Any = None
+    settings: Any = None
     try:
         settings = Settings()
-        from triage.config import load_config
-
-        config = load_config(settings)
-        checks.append(
-            Check(
-                "config",
-                "ok",
-                f"{config.settings.config_dir} (taxonomy {config.taxonomy.version}, "
-                f"backend {settings.effective_backend()}, model {settings.model})",
-            )
-        )
-    except ConfigError as exc:
-        checks.append(Check("config", "problem", str(exc), "fix it, then `triage config validate`"))
-        settings = None
     except Exception as exc:  # noqa: BLE001 - settings from the environment may be invalid
         checks.append(Check("config", "problem", str(exc), "fix the TRIAGE_* environment"))
-        settings = None
     if settings is not None:
+        from triage.config import load_config
+
+        try:
+            config = load_config(settings)
+            checks.append(
+                Check(
+                    "config",
+                    "ok",
+                    f"{config.settings.config_dir} (taxonomy {config.taxonomy.version}, "
+                    f"backend {settings.effective_backend()}, model {settings.model})",
+                )
+            )
+        except ConfigError as exc:
+            # The services are checked all the same: a broken config/ file must not hide a
+            # database that is down too, to be found only on the next run of doctor.
+            checks.append(
+                Check("config", "problem", str(exc), "fix it, then `triage config validate`")
+            )
         checks.append(_database(settings.database_url, timeout))
         checks.append(_broker(settings.effective_broker_url(), timeout))
         checks.append(_api(config, settings, timeout))
@@ -69,7 +73,7 @@ def doctor(
         table = Table("check", "status", "detail")
         styles = {"ok": "green", "problem": "bold red", "skipped": "yellow"}
         for c in checks:
-            table.add_row(c.name, f"[{styles[c.status]}]{c.status}[/]", c.detail)
+            table.add_row(c.name, f"[{styles[c.status]}]{c.status}[/]", plain(c.detail))
         console.print(table)
         for c in problems:
             console.print(f"[bold red]{c.name}:[/] what to do: {c.todo}", highlight=False)
@@ -105,6 +109,17 @@ def _database(url: str, timeout: float) -> Check:
             f"DATABASE_URL is not a database URL: {_one_line(exc)}",
             "set DATABASE_URL like postgresql://user:password@host:5432/triage",
         )
+    missing = _missing_sqlite_file(engine.url)
+    if missing is not None:
+        engine.dispose()
+        # Connecting would create it: a typo in the path would become a new, empty database
+        # that `triage db upgrade` then makes look healthy.
+        return Check(
+            "database",
+            "problem",
+            f"{shown}: the file {missing} does not exist",
+            "fix the path in DATABASE_URL (for a new install, `triage db upgrade` creates it)",
+        )
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
@@ -126,6 +141,19 @@ def _database(url: str, timeout: float) -> Check:
             "run `triage db upgrade`",
         )
     return Check("database", "ok", f"{shown}, migrations at head ({head})")
+
+
+def _missing_sqlite_file(url: Any) -> str | None:
+    """The SQLite file `url` names when it does not exist (None for other databases, memory
+    databases and files that exist)."""
+    from pathlib import Path
+
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    if url.database.startswith("file:"):
+        return None  # a URI filename: its own query decides whether it may be created
+    path = Path(url.database)
+    return None if path.exists() else str(path)
 
 
 def _broker(url: str | None, timeout: float) -> Check:
@@ -209,8 +237,10 @@ def _api(config: Any, settings: Any, timeout: float) -> Check:
 
 
 def _queues(config: Any, url: str | None, timeout: float) -> Check:
-    if config is None or not url:
+    if not url:
         return Check("queues", "skipped", "no broker configured")
+    if config is None:
+        return Check("queues", "skipped", "the taxonomy, which names the queues, did not load")
     from triage.pipeline.celery_app import all_queues
     from triage.pipeline.routing import DEAD_QUEUE
 

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from sqlalchemy import select
 
 from triage.cli.common import EXIT_USAGE, fail
-from triage.db.models import MAX_ROW_ID, TicketState, is_row_id
+from triage.db.models import MAX_ROW_ID, Classification, Ticket, TicketState, is_row_id
 from triage.db.queries import TicketFilter
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from triage.taxonomy import Taxonomy
 
 _RELATIVE = re.compile(r"^(\d+)\s*([mhdw])$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -37,6 +44,19 @@ def parse_moment(value: str | None, *, option: str) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def parse_window(since: str | None, until: str | None) -> tuple[datetime | None, datetime | None]:
+    """`--since` and `--until` together, which must leave some time between them: `--since 7d
+    --until 30d` (written backwards for "from 30 to 7 days ago") would match nothing."""
+    start = parse_moment(since, option="--since")
+    end = parse_moment(until, option="--until")
+    if start is not None and end is not None and start >= end:
+        fail(
+            f"--since {since!r} is not before --until {until!r}: nothing is in that window",
+            EXIT_USAGE,
+        )
+    return start, end
+
+
 State = Annotated[
     list[str] | None,
     typer.Option("--state", help="Only tickets in this state (repeatable)."),
@@ -44,12 +64,15 @@ State = Annotated[
 Intent = Annotated[str | None, typer.Option(help="Only this current intent.")]
 Department = Annotated[str | None, typer.Option(help="Only this department.")]
 Source = Annotated[str | None, typer.Option(help="Only this source (generic, zendesk, ...).")]
+# A date/time without an offset is UTC, as every time the CLI prints is.
 Since = Annotated[
-    str | None, typer.Option(help="Received at or after: 7d, 12h or an ISO date/time.")
+    str | None, typer.Option(help="Received at or after: 7d, 12h or an ISO date/time (UTC).")
 ]
-Until = Annotated[str | None, typer.Option(help="Received before: 7d, 12h or an ISO date/time.")]
+Until = Annotated[
+    str | None, typer.Option(help="Received before: 7d, 12h or an ISO date/time (UTC).")
+]
 ConfidenceBelow = Annotated[
-    float | None, typer.Option(help="Only current labels with confidence below this.")
+    float | None, typer.Option(help="Only current labels with confidence below this (0 to 1).")
 ]
 Model = Annotated[str | None, typer.Option(help="Only labels from this model.")]
 TaxonomyVersion = Annotated[
@@ -61,6 +84,46 @@ def check_limit(limit: int | None) -> None:
     """`--limit` is a count of rows wanted; 0 or less is a mistake, not "no limit"."""
     if limit is not None and limit < 1:
         fail("--limit must be at least 1", EXIT_USAGE)
+
+
+def check_source(source: str | None) -> None:
+    from triage.ingest.sources.registry import SOURCES
+
+    if source is not None and source not in SOURCES:
+        fail(f"--source {source!r}: one of {', '.join(sorted(SOURCES))}", EXIT_USAGE)
+
+
+def names_label_fields(f: TicketFilter) -> bool:
+    return any(v is not None for v in (f.department, f.intent, f.model, f.taxonomy_version))
+
+
+def check_label_names(
+    session: Session, f: TicketFilter, taxonomy: Taxonomy, models: Collection[str]
+) -> None:
+    """--department, --intent, --model and --taxonomy-version name one the config knows now
+    (the taxonomy, the model table), or one that tickets had before it changed. Anything else
+    is a typo, which would match nothing and say so only as "0 tickets", exit 0 (or, for a
+    backfill, as an empty run)."""
+    checks = (
+        ("--department", f.department, taxonomy.department_names, Ticket.department),
+        ("--intent", f.intent, taxonomy.intent_names, Classification.intent),
+        ("--model", f.model, tuple(models), Classification.model),
+        (
+            "--taxonomy-version",
+            f.taxonomy_version,
+            (taxonomy.version,),
+            Classification.taxonomy_version,
+        ),
+    )
+    for option, name, current, column in checks:
+        if name is None or name in current:
+            continue
+        if session.scalar(select(column).where(column == name).limit(1)) is None:
+            fail(
+                f"{option} {name!r}: not in the config and no ticket has had it "
+                f"(one of {', '.join(sorted(current))})",
+                EXIT_USAGE,
+            )
 
 
 def ticket_filter(
@@ -82,15 +145,24 @@ def ticket_filter(
     for s in states:
         if s not in known:
             fail(f"--state {s!r}: one of {', '.join(sorted(known))}", EXIT_USAGE)
+    check_source(source)
     check_limit(limit)
+    # Confidences run from 0 to 1: `--confidence-below 50` (meant as 0.5) would choose every
+    # labelled ticket, and a reprocess would pay for all of them.
+    if confidence_below is not None and not 0 < confidence_below <= 1:
+        fail(
+            f"--confidence-below {confidence_below:g}: a confidence is between 0 and 1 (e.g. 0.5)",
+            EXIT_USAGE,
+        )
+    start, end = parse_window(since, until)
     return TicketFilter(
         ids=tuple(ids or ()),
         states=states,
         intent=intent,
         department=department,
         source=source,
-        since=parse_moment(since, option="--since"),
-        until=parse_moment(until, option="--until"),
+        since=start,
+        until=end,
         confidence_below=confidence_below,
         model=model,
         taxonomy_version=taxonomy_version,
@@ -117,6 +189,12 @@ def read_ids(path: Path) -> list[int]:
     return ids
 
 
+# The ids go to the database as one IN list, a bind parameter each: PostgreSQL refuses a
+# statement with more than 65,535 (with the other filters', and SQLite builds before 3.32 stop
+# at 999, newer ones at 32,766), and said so as a "database error" that blamed DATABASE_URL.
+MAX_NAMED_IDS = 30_000
+
+
 def bulk_selection(
     ticket_ids: list[int] | None,
     from_file: Path | None,
@@ -135,6 +213,13 @@ def bulk_selection(
         fail(f"--resume {resume}: no run with that id", EXIT_USAGE)
     if from_file is not None:
         ids += read_ids(from_file)
+    ids = list(dict.fromkeys(ids))
+    if len(ids) > MAX_NAMED_IDS:
+        fail(
+            f"{len(ids):,} ticket ids: at most {MAX_NAMED_IDS:,} per run; split the list and "
+            "run once per part",
+            EXIT_USAGE,
+        )
     selection = ticket_filter(ids=ids, **filters)
     if selection.is_empty and resume is None:
         fail(

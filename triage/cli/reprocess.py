@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from triage.cli import filters as opt
 from triage.cli.common import (
     EXIT_PROBLEM,
     EXIT_USAGE,
+    broker_unreachable,
     confirm_or_exit,
     console,
     err_console,
@@ -81,10 +83,32 @@ def reprocess(
         limit=limit,
     )
     rt = load_runtime()
+    with rt.sessions() as session:
+        opt.check_label_names(session, f, rt.config.taxonomy, rt.config.models.models)
     skipped = _skipped_ids(rt, f, resume)
     if dry_run:
         _dry_run(rt, f, resume, stop_after, as_json)
         return
+    # Before any ticket is reopened: with the broker down each new label's routing message
+    # would wait out a failed connection and stay in the outbox, and the run would still end
+    # as a success.
+    unreachable = rt.settings.effective_broker_url() and broker_unreachable(rt)
+    if unreachable:
+        fail(
+            f"broker unreachable ({unreachable}): reprocessed tickets could not be routed; "
+            "start Redis/RabbitMQ or fix REDIS_URL / TRIAGE_BROKER_URL"
+        )
+    # Asked before the run is recorded: after a "no", a later run of the same command must
+    # start afresh, not resume the selection that was turned down.
+    earlier, planned = _would_reprocess(rt, f, resume, stop_after)
+    if len(planned) > confirm_above:
+        est = rp.estimate(rt, planned)
+        where = f" (resuming run {earlier.id})" if earlier else ""
+        confirm_or_exit(
+            f"Reprocess {len(planned)} tickets with {est.model}{where} "
+            f"(estimated ${est.cost_usd})?",
+            yes=yes,
+        )
     run, resumed = rp.find_or_create_run(rt, "inline", f, run_id=resume, allow_empty=False)
     pending = rp.pending_items(rt, run.id)
     if resumed:
@@ -94,16 +118,26 @@ def reprocess(
         )
     if stop_after is not None:
         pending = pending[:stop_after]
-    if len(pending) > confirm_above:
-        est = rp.estimate(rt, _ticket_ids_of(rt, pending))
-        confirm_or_exit(
-            f"Reprocess {len(pending)} tickets with {est.model} (estimated ${est.cost_usd})?",
-            yes=yes,
-        )
-    interrupted = _work(rt, pending, concurrency)
+    outcomes: Counter[str] = Counter()
+    interrupted = _work(rt, pending, concurrency, outcomes)
     summary = rp.summarize(rt, run.id, finish=True)
     _print_summary(summary, as_json, interrupted, skipped)
-    if interrupted:
+    if outcomes["dead"]:
+        # A permanent API error (a revoked key, say) dead-letters every ticket it meets: a
+        # script must not read that run as a success. Nor retry it blindly: a finished run is
+        # not resumed, the same command starts a new one and pays for every ticket again.
+        again = (
+            "; running this command again would start a new run over every ticket"
+            if summary.done >= summary.total
+            else ""
+        )
+        err_console.print(
+            f"{outcomes['dead']} tickets dead-lettered: `triage dlq list` shows why, "
+            f"`triage dlq replay` retries them{again}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if interrupted or outcomes["dead"]:
         raise typer.Exit(EXIT_PROBLEM)
 
 
@@ -115,14 +149,18 @@ def _skipped_ids(rt: Any, f: Any, resume: int | None) -> dict[int, str]:
     if not f.ids or resume is not None or rp.find_run(rt, "inline", f) is not None:
         return {}
     skipped = rp.ineligible_ids(rt, f.ids)
-    reasons = "; ".join(f"ticket {i} {why}" for i, why in skipped.items())
+    # The first few, then a count: a file of stale ids would otherwise make one line of
+    # thousands of reasons (--json lists every one).
+    reasons = "; ".join(f"ticket {i} {why}" for i, why in list(skipped.items())[:10])
+    if len(skipped) > 10:
+        reasons += f"; and {len(skipped) - 10:,} more"
     if skipped and len(skipped) == len(f.ids):
         fail(
             f"nothing to reprocess: {reasons} (only finished tickets can be reprocessed)",
             EXIT_USAGE,
         )
     if skipped:
-        err_console.print(f"skipping {reasons}", highlight=False)
+        err_console.print(f"skipping {reasons}", highlight=False, soft_wrap=True)
     return skipped
 
 
@@ -131,10 +169,7 @@ def _dry_run(rt: Any, f: Any, resume: int | None, stop_after: int | None, as_jso
     resume (its pending tickets only), stop where --stop-after stops."""
     from triage.pipeline import reprocess as rp
 
-    run = rp.find_run(rt, "inline", f, run_id=resume)
-    ticket_ids = rp.pending_ticket_ids(rt, run.id) if run else rp.select_ids(rt, f)
-    if stop_after is not None:
-        ticket_ids = ticket_ids[:stop_after]
+    run, ticket_ids = _would_reprocess(rt, f, resume, stop_after)
     est = rp.estimate(rt, ticket_ids)
     if as_json:
         print_json({**est.as_json(), "resuming_run": run.id if run else None})
@@ -148,20 +183,24 @@ def _dry_run(rt: Any, f: Any, resume: int | None, stop_after: int | None, as_jso
     _print_estimate(est)
 
 
-def _ticket_ids_of(rt: Any, item_ids: list[int]) -> list[int]:
-    from sqlalchemy import select
+def _would_reprocess(
+    rt: Any, f: Any, resume: int | None, stop_after: int | None
+) -> tuple[Any, list[int]]:
+    """The run the command would resume (None: it would start one) and the tickets it would
+    classify now: that run's pending ones, or the selection; at most --stop-after."""
+    from triage.pipeline import reprocess as rp
 
-    from triage.db.models import ReprocessItem
+    run = rp.find_run(rt, "inline", f, run_id=resume)
+    ticket_ids = rp.pending_ticket_ids(rt, run.id) if run else rp.select_ids(rt, f)
+    if stop_after is not None:
+        ticket_ids = ticket_ids[:stop_after]
+    return run, ticket_ids
 
-    with rt.sessions() as session:
-        return list(
-            session.scalars(select(ReprocessItem.ticket_id).where(ReprocessItem.id.in_(item_ids)))
-        )
 
-
-def _work(rt: Any, item_ids: list[int], concurrency: int) -> bool:
-    """Run the items on a thread pool with a progress bar. Returns True when interrupted
-    (Ctrl-C): no new items start, the ones in flight finish and are marked done."""
+def _work(rt: Any, item_ids: list[int], concurrency: int, outcomes: Counter[str]) -> bool:
+    """Run the items on a thread pool with a progress bar, counting their outcomes. Returns
+    True when interrupted (Ctrl-C): no new items start, the ones already running finish and
+    are marked done."""
     from triage.pipeline.reprocess import reprocess_item
 
     if not item_ids:
@@ -175,28 +214,34 @@ def _work(rt: Any, item_ids: list[int], concurrency: int) -> bool:
             for item_id in queue:
                 in_flight.add(pool.submit(reprocess_item, rt, item_id))
                 if len(in_flight) >= concurrency * 2:
-                    in_flight = _drain(in_flight, bar, task)
+                    in_flight = _drain(in_flight, bar, task, outcomes)
             while in_flight:
-                in_flight = _drain(in_flight, bar, task)
+                in_flight = _drain(in_flight, bar, task, outcomes)
         except KeyboardInterrupt:
             interrupted = True
             err_console.print("interrupted: finishing the tickets in flight…")
-            wait(in_flight)
-            _collect(in_flight, bar, task)
+            # Up to twice the concurrency is submitted; the queued ones have not called the
+            # API yet and stay pending for the rerun instead of being paid for after Ctrl-C.
+            started = {future for future in in_flight if not future.cancel()}
+            wait(started)
+            _collect(started, bar, task, outcomes)
     if interrupted:
         err_console.print("run the same command again to continue where this one stopped")
     return interrupted
 
 
-def _drain(in_flight: set[Future[Any]], bar: Any, task: Any) -> set[Future[Any]]:
+def _drain(
+    in_flight: set[Future[Any]], bar: Any, task: Any, outcomes: Counter[str]
+) -> set[Future[Any]]:
     done, rest = wait(in_flight, return_when=FIRST_COMPLETED)
-    _collect(done, bar, task)
+    _collect(done, bar, task, outcomes)
     return rest
 
 
-def _collect(done: set[Future[Any]], bar: Any, task: Any) -> None:
+def _collect(done: set[Future[Any]], bar: Any, task: Any, outcomes: Counter[str]) -> None:
     for future in done:
-        future.result()  # an unexpected error stops the run with its message
+        # An unexpected error stops the run with its message.
+        outcomes[future.result().outcome] += 1
         bar.advance(task)
 
 

@@ -26,7 +26,7 @@ from rich.live import Live
 from rich.table import Table
 from sqlalchemy import select
 
-from triage.cli.common import console, fail, guarded
+from triage.cli.common import console, fail, guarded, plain
 
 app = typer.Typer()
 
@@ -225,8 +225,8 @@ def _table(rows: Sequence[Any]) -> Table:
             )
         table.add_row(
             str(ticket.id),
-            ticket.subject or ticket.body[:40],
-            label.language if label else "-",
+            plain(ticket.subject or ticket.body[:40]),
+            plain(label.language if label else "-"),
             label.intent if label else "-",
             ticket.department or "-",
             f"{label.confidence:.2f}" if label else "-",

@@ -8,7 +8,7 @@ import socket
 
 import typer
 
-from triage.cli.common import guarded
+from triage.cli.common import EXIT_USAGE, fail, guarded
 from triage.db.migrate import require_current_schema
 
 app = typer.Typer()
@@ -67,6 +67,7 @@ def worker(
 
     rt = get_runtime()
     settings = rt.settings
+    consumed = _queues(queues, all_queues(rt.config))
     threads = concurrency or settings.worker_concurrency
     rt.calls = CallPool(threads)
     require_current_schema(settings.database_url)
@@ -86,7 +87,7 @@ def worker(
         "--concurrency",
         str(threads),
         "--queues",
-        queues or ",".join(all_queues(rt.config)),
+        ",".join(consumed),
         "--hostname",
         f"triage-{os.getpid()}@{socket.gethostname()}",
         "--loglevel",
@@ -103,3 +104,20 @@ def worker(
     finally:
         sweeper.stop()
         rt.stop_batching()
+
+
+def _queues(option: str, known: list[str]) -> list[str]:
+    """The queues named by --queues (all of triage's when empty). A name triage never publishes
+    to is a usage error: a worker started on `-Q triage.clasify` would wait politely for ever
+    while the real queue backs up."""
+    if not option:
+        return known
+    chosen = [name.strip() for name in option.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in known]
+    if unknown or not chosen:
+        fail(
+            f"--queues {option!r}: {', '.join(unknown) or 'no queue'} is not a triage queue "
+            f"(one of {', '.join(known)})",
+            EXIT_USAGE,
+        )
+    return chosen

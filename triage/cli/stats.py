@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from triage.cli import filters as opt
-from triage.cli.common import console, guarded, load_runtime, print_json
+from triage.cli.common import console, guarded, load_runtime, plain, print_json
 
 app = typer.Typer()
+
+# Applied in the code rather than as the option's default, so that only a --since the
+# operator typed is held against --until: `stats --until 2020-01-01` alone is not a mistake.
+DEFAULT_SINCE = "7d"
+Since = Annotated[
+    str | None,
+    typer.Option(help="Received at or after: 7d, 12h or an ISO date/time (UTC; default: 7d)."),
+]
 
 
 @app.command()
 @guarded
 def stats(
-    since: opt.Since = "7d",
+    since: Since = None,
     until: opt.Until = None,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
@@ -28,9 +36,10 @@ def stats(
     """
     from triage.db.stats import Window, compute
 
-    window = Window(
-        opt.parse_moment(since, option="--since"), opt.parse_moment(until, option="--until")
-    )
+    start, end = opt.parse_window(since, until)
+    if since is None:
+        start = opt.parse_moment(DEFAULT_SINCE, option="--since")
+    window = Window(start, end)
     rt = load_runtime()
     with rt.sessions() as session:
         data = compute(session, window)
@@ -43,7 +52,7 @@ def stats(
 def _counts(title: str, counts: dict[str, int], total: int) -> Table:
     table = Table(title, "tickets", "share", title_justify="left")
     for key, n in counts.items():
-        table.add_row(key, str(n), f"{n / total:.1%}" if total else "-")
+        table.add_row(plain(key), str(n), f"{n / total:.1%}" if total else "-")
     return table
 
 
@@ -52,7 +61,7 @@ def _print(data: dict[str, Any]) -> None:
     total = data["tickets"]
     console.print(
         f"[bold]{total} tickets[/] received {('since ' + w['since'][:19]) if w['since'] else ''}"
-        f"{(' until ' + w['until'][:19]) if w['until'] else ''}",
+        f"{(' until ' + w['until'][:19]) if w['until'] else ''} (UTC)",
         highlight=False,
     )
     grid = Table.grid(padding=(0, 2))

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from triage.cli.common import console, fail, guarded, load_runtime, print_json
+from triage.cli.common import (
+    broker_unreachable,
+    console,
+    fail,
+    guarded,
+    load_runtime,
+    print_json,
+)
 
 app = typer.Typer()
 
@@ -12,8 +19,12 @@ app = typer.Typer()
 @app.command()
 @guarded
 def sweep(
+    # At least a second: 0 read as "not given" (the setting), and a negative deadline would
+    # count tickets received a moment ago as stuck and send them again.
     stuck_after: float | None = typer.Option(
-        None, help="Seconds in a non-final state that count as stuck (default: the setting)."
+        None,
+        min=1,
+        help="Seconds in a non-final state that count as stuck (default: the setting).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
@@ -29,6 +40,12 @@ def sweep(
     rt = load_runtime()
     if not rt.settings.effective_broker_url():
         fail("no broker configured: set REDIS_URL or TRIAGE_BROKER_URL")
+    unreachable = broker_unreachable(rt)
+    if unreachable:
+        fail(
+            f"broker unreachable ({unreachable}): a pass now would publish and re-enqueue "
+            "nothing; start Redis/RabbitMQ or fix REDIS_URL / TRIAGE_BROKER_URL"
+        )
     report = sweep_once(rt, stuck_after=stuck_after)
     data = {
         "relayed": report.relayed,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from triage.cli import filters as opt
@@ -15,7 +17,9 @@ from triage.cli.common import (
     fail,
     fmt_time,
     guarded,
+    plain,
     print_json,
+    shown_count,
 )
 
 app = typer.Typer(
@@ -51,30 +55,33 @@ def show(
         print_json({**view, "timeline": timeline})
         return
     _print_view(view)
-    table = Table("at", "event", "detail", title=f"ticket {ticket_id}: timeline")
+    table = Table("at (UTC)", "event", "detail", title=f"ticket {ticket_id}: timeline")
     for event in timeline:
-        table.add_row(event["at"][:23].replace("T", " "), event["event"], _detail(event))
+        table.add_row(event["at"][:23].replace("T", " "), event["event"], plain(_detail(event)))
     console.print(table)
 
 
 def _print_view(view: dict[str, Any]) -> None:
     label = view["labels"] or {}
     console.print(
-        f"[bold]ticket {view['ticket_id']}[/] {view['source']}/{view['external_id']}  "
-        f"state [bold]{view['state']}[/]  department {view['department'] or '-'}  "
-        f"generation {view['generation']}",
+        f"[bold]ticket {view['ticket_id']}[/] {escape(view['source'])}/"
+        f"{escape(view['external_id'])}  state [bold]{view['state']}[/]  department "
+        f"{escape(view['department'] or '-')}  generation {view['generation']}",
         highlight=False,
     )
     if label:
         console.print(
-            f"label: {label['intent']} ({label['confidence']:.2f}) priority {label['priority']} "
-            f"language {label['language']} sentiment {label['sentiment']} — {label['summary']}",
+            plain(
+                f"label: {label['intent']} ({label['confidence']:.2f}) priority "
+                f"{label['priority']} language {label['language']} sentiment "
+                f"{label['sentiment']} — {label['summary']}"
+            ),
             highlight=False,
         )
     if view["review_reason"]:
-        console.print(f"review: {view['review_reason']}", highlight=False)
+        console.print(plain(f"review: {view['review_reason']}"), highlight=False)
     if view["last_error"]:
-        console.print(f"[red]last error:[/] {view['last_error']}", highlight=False)
+        console.print(f"[red]last error:[/] {escape(view['last_error'])}", highlight=False)
 
 
 def _detail(event: dict[str, Any]) -> str:
@@ -148,8 +155,17 @@ def list_tickets(
         taxonomy_version=taxonomy_version,
         limit=limit,
     )
-    with get_sessionmaker(Settings().database_url)() as session:
-        rows = session.execute(ticket_select(f)).all()
+    settings = Settings()
+    with get_sessionmaker(settings.database_url)() as session:
+        if opt.names_label_fields(f):
+            from triage.config import load_models, load_taxonomy
+
+            taxonomy = load_taxonomy(settings.config_dir / "taxonomy.yaml")
+            models = load_models(settings.config_dir / "models.yaml").models
+            opt.check_label_names(session, f, taxonomy, models)
+        # One row past the limit tells whether the listing is all there is.
+        rows = session.execute(ticket_select(dataclasses.replace(f, limit=limit + 1))).all()
+    more, rows = len(rows) > limit, rows[:limit]
     data: list[dict[str, Any]] = [
         {
             "ticket_id": t.id,
@@ -174,16 +190,16 @@ def list_tickets(
     for row in data:
         table.add_row(
             str(row["ticket_id"]),
-            row["source"],
-            row["external_id"],
+            plain(row["source"]),
+            plain(row["external_id"]),
             row["state"],
-            row["intent"] or "-",
-            row["department"] or "-",
+            plain(row["intent"] or "-"),
+            plain(row["department"] or "-"),
             f"{row['confidence']:.2f}" if row["confidence"] is not None else "-",
             fmt_time(row["received_at"]),
         )
     console.print(table)
-    console.print(f"{len(data)} tickets", style="dim")
+    console.print(shown_count(len(data), "tickets", more=more), style="dim")
 
 
 @app.command("erase")

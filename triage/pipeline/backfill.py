@@ -33,6 +33,7 @@ from triage.classify.backends.anthropic import make_client, translate_api_error
 from triage.classify.backends.base import ClassificationResult, Usage
 from triage.classify.backends.messages import Answer, LabelRequest, answer_text, usage_of
 from triage.classify.schema import validate_label
+from triage.config import Settings
 from triage.db.models import (
     MessageBatch,
     ReprocessItem,
@@ -76,6 +77,15 @@ class Progress:
     batches_open: int
 
 
+def check_batch_settings(settings: Settings, chunk_size: int) -> None:
+    """What a backfill needs before anything is recorded: the Anthropic backend with a key,
+    and batches the API accepts."""
+    if settings.effective_backend() == "local" or settings.anthropic_api_key is None:
+        raise ConfigError("backfill --batch needs ANTHROPIC_API_KEY and an Anthropic backend")
+    if not 1 <= chunk_size <= MAX_BATCH_REQUESTS:
+        raise ConfigError(f"--chunk-size must be between 1 and {MAX_BATCH_REQUESTS}")
+
+
 class BatchBackfill:
     def __init__(
         self,
@@ -86,10 +96,8 @@ class BatchBackfill:
         client: anthropic.Anthropic | None = None,
     ) -> None:
         settings = rt.settings
-        if settings.effective_backend() == "local" or settings.anthropic_api_key is None:
-            raise ConfigError("backfill --batch needs ANTHROPIC_API_KEY and an Anthropic backend")
-        if not 1 <= chunk_size <= MAX_BATCH_REQUESTS:
-            raise ConfigError(f"--chunk-size must be between 1 and {MAX_BATCH_REQUESTS}")
+        check_batch_settings(settings, chunk_size)
+        assert settings.anthropic_api_key is not None
         self.rt = rt
         self.run_id = run_id
         self.chunk_size = chunk_size

@@ -169,14 +169,23 @@ def find_run(
     estimates): run `run_id`, else the unfinished run of this selection."""
     with rt.sessions() as session:
         if run_id is not None:
-            return _resumed(session, kind, run_id)
+            return _resumed(session, kind, run_id, f)
         return _running_run(session, kind, f)
 
 
-def _resumed(session: Session, kind: str, run_id: int) -> ReprocessRun:
+def _resumed(session: Session, kind: str, run_id: int, f: TicketFilter) -> ReprocessRun:
     run = session.get(ReprocessRun, run_id)
     if run is None or run.kind != kind:
         raise ConfigError(f"--resume {run_id}: no {kind} run with that id")
+    # A run works through the tickets it froze when it started. Ids or filters that choose
+    # others would be ignored without a word: `--resume 5 --intent refund` redoing run 5's
+    # billing tickets.
+    if not f.is_empty and run.selection_key != selection_key(kind, f):
+        chosen = json.dumps(run.selection, sort_keys=True, default=str)
+        raise ConfigError(
+            f"--resume {run_id}: that run chose {chosen}, not these tickets; resume it "
+            "without ids or filters, or leave out --resume to start this selection"
+        )
     return run
 
 
@@ -193,7 +202,7 @@ def find_or_create_run(
     ConfigError rather than a run of nothing."""
     with session_scope(rt.sessions) as session:
         if run_id is not None:
-            return _resumed(session, kind, run_id), True
+            return _resumed(session, kind, run_id, f), True
         existing = _running_run(session, kind, f)
         if existing is not None:
             return existing, True
