@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 
+import pytest
 from sqlalchemy import func, select
 
 from tests.fakeanthropic import Fault
@@ -189,10 +190,35 @@ def test_purge_with_stdin_closed_refuses_in_one_line_and_deletes_nothing(env, rt
     )
 
     assert result.returncode == 2, result.stderr
-    assert "not confirmed (no terminal); pass --yes" in result.stderr
+    assert "not confirmed (no answer); pass --yes" in result.stderr
     assert "Traceback" not in result.stderr
     with rt.sessions() as session:
         assert session.scalar(select(func.count()).select_from(DeadLetter)) == 1
+
+
+@pytest.mark.parametrize(("stdin", "code", "left"), [("y\n", 0, 0), ("", 2, 1), ("n\n", 1, 1)])
+def test_purge_reads_its_answer_from_a_pipe_and_refuses_at_its_end(
+    env, rt, fake, stdin, code, left
+):
+    # `yes | triage dlq purge`: a script may answer on a pipe; /dev/null or an empty pipe
+    # ends before an answer, which is a refusal, not a yes.
+    _dead_lettered(rt, fake, "piped-stdin")
+
+    result = subprocess.run(
+        [sys.executable, "-m", "triage.cli.main", "dlq", "purge", "--include-open"],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    if code == 2:
+        assert "not confirmed (no answer); pass --yes" in result.stderr
+    with rt.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(DeadLetter)) == left
 
 
 def _waiting_classify_messages(rt) -> int:

@@ -82,29 +82,22 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def confirm_or_exit(question: str, *, yes: bool) -> None:
-    """Ask before a destructive or expensive step; `--yes` answers for scripts. Without a
-    terminal to ask on, refuse rather than guess (exit 2: say --yes)."""
+    """Ask before a destructive or expensive step; `--yes` answers for scripts. The answer is
+    read from stdin, whatever it is: a terminal, or a pipe (`yes | triage dlq purge`). With no
+    stdin, or one that ends before an answer (/dev/null, cron), refuse: exit 2, say --yes."""
     if yes:
         return
+    refused = f"{question} — not confirmed (no answer); pass --yes to proceed"
     # No stdin at all (started with it closed, `<&-`): Python sets sys.stdin to None.
-    if sys.stdin is None or (not sys.stdin.isatty() and not _under_test_runner()):
-        fail(f"{question} — not confirmed (no terminal); pass --yes to proceed", EXIT_USAGE)
-    # On stderr: stdout may be a --json document headed for jq or a file.
-    if not typer.confirm(question, default=False, err=True):
-        fail("cancelled", EXIT_PROBLEM)
-
-
-def _under_test_runner() -> bool:
-    # Typer's CliRunner swaps stdin for a buffer that is never a tty but can still answer.
-    return not hasattr(sys.stdin, "fileno") or _fileno_fails()
-
-
-def _fileno_fails() -> bool:
+    if sys.stdin is None:
+        fail(refused, EXIT_USAGE)
     try:
-        sys.stdin.fileno()
-    except (OSError, ValueError, AttributeError):
-        return True
-    return False
+        # On stderr: stdout may be a --json document headed for jq or a file.
+        confirmed = typer.confirm(question, default=False, err=True)
+    except typer.Abort:
+        fail(refused, EXIT_USAGE)
+    if not confirmed:
+        fail("cancelled", EXIT_PROBLEM)
 
 
 def load_runtime() -> Runtime:
