@@ -365,6 +365,20 @@ def test_an_id_longer_than_the_store_holds_is_422_not_a_500(client, runtime, des
     assert count(runtime) == 0
 
 
+@by_name
+@pytest.mark.parametrize("not_an_id", [True, False, 1.0], ids=["true", "false", "1.0"])
+def test_an_id_that_is_not_an_integer_or_string_is_422_not_another_ticket(
+    client, runtime, desk, not_an_id
+):
+    # A boolean was read as the number 1 (or 0): `"id": true` from a broken placeholder
+    # became ticket "1", and its text a redelivery or an update of someone else's ticket.
+    problem = assert_problem(
+        desk.post(client, desk.payload(not_an_id)), 422, desk.missing_fields[0]
+    )
+    assert desk.missing_fields[0] in {e["field"] for e in problem["errors"]}
+    assert count(runtime) == 0
+
+
 # --- accepted deliveries ----------------------------------------------------------------------
 
 

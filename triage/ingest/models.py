@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -27,8 +28,16 @@ def _storable_id(value: int | str) -> int | str:
     return value
 
 
-IntId = Annotated[int, AfterValidator(_storable_id)]
-ExternalId = Annotated[int | str, AfterValidator(_storable_id)]
+def _integer_or_string(value: Any) -> Any:
+    # Pydantic would read JSON true, false and 1.0 as the integers 1, 0 and 1: another
+    # ticket's id, whose text this one would then update or be taken for a redelivery of.
+    if isinstance(value, bool | float):
+        raise ValueError("must be an integer or a string")
+    return value
+
+
+IntId = Annotated[int, BeforeValidator(_integer_or_string), AfterValidator(_storable_id)]
+ExternalId = Annotated[int | str, BeforeValidator(_integer_or_string), AfterValidator(_storable_id)]
 
 
 def in_utc(value: datetime) -> datetime:
