@@ -102,3 +102,22 @@ def test_codes_and_session_ids_in_links_are_redacted_but_look_alike_names_are_no
         "&apikey=[SECRET] "
         "https://zoo.example/?monkey=3&barcode=5012345678900&sessions=4"
     )
+
+
+def test_dates_in_day_or_month_first_order_are_not_phone_numbers():
+    # "charged twice on 24.11.2026" is when it happened; it has no phone in it.
+    text = "Charged twice on 24.11.2026, again 24/11/2026, 11/24/2026 and 24-11-2026."
+    assert redact(text) == text
+    assert redact("Call +49 30 1234 5678 or 030 1234567") == "Call [PHONE] or [PHONE]"
+
+
+def test_references_glued_to_letters_stay():
+    text = "Invoice INV-2026-000123 and order ORD-123-4567 (ref AB-2026-11-000042) are wrong"
+    assert redact(text) == text
+
+
+def test_amounts_with_decimals_or_a_currency_sign_are_not_phone_numbers():
+    # The size of a wrong charge decides the priority; a phone number has neither.
+    text = "You took 1.234.567,89 EUR, then 1 234 567,89 EUR, then €1.234.567 and $1 234 567."
+    assert redact(text) == text
+    assert redact("Ruf an: 030 1234 5678, danke") == "Ruf an: [PHONE], danke"

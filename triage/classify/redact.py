@@ -42,7 +42,15 @@ _IBAN = re.compile(
     r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b", re.IGNORECASE | re.ASCII
 )
 # International or grouped local numbers: at least 7 digits with separators, optional +cc.
-_PHONE = re.compile(r"(?<![\w/])(?:\+|00)?\d[\d ()./-]{6,}\d(?![\w/])")
+# Not the digits of a reference glued to letters by a hyphen (INV-2026-000123, ORD-123-4567):
+# order and invoice numbers are what a ticket is about.
+_PHONE = re.compile(r"(?<![\w/])(?<!\w-)(?:\+|00)?\d[\d ()./-]{6,}\d(?![\w/])")
+# Dates in any of the usual orders (2026-11-24, 24.11.2026, 11/24/2026), one separator each.
+_DATE = re.compile(r"\d{4}([-./])\d{1,2}\1\d{1,2}|\d{1,2}([-./])\d{1,2}\2\d{4}")
+# What an amount has on either side and a phone number does not: decimals after it
+# ("1.234.567,89 EUR", "1 234 567,89"), or a currency sign before it ("€1.234.567").
+_DECIMALS_AFTER = re.compile(r"[.,]\d")
+_CURRENCY_BEFORE = frozenset("$€£¥₹₺₽")
 _IPV4 = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b")
 
 
@@ -75,12 +83,18 @@ def _iban(match: re.Match[str]) -> str:
 def _phone(match: re.Match[str]) -> str:
     text = match.group()
     digits = re.sub(r"\D", "", text)
-    # Dates (2026-11-24) and plain order numbers have no phone shape; need 7+ digits and
-    # either a leading + / 00 or at least two separated groups.
-    if len(digits) < 7 or re.fullmatch(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}", text):
+    # Dates and plain order numbers have no phone shape; need 7+ digits and either a
+    # leading + / 00 or at least two separated groups. A wrong charge's amount stays too: it
+    # decides the priority.
+    if len(digits) < 7 or _DATE.fullmatch(text) or _is_amount(match):
         return text
     grouped = len(re.findall(r"\d+", text)) >= 2
     return "[PHONE]" if text.startswith(("+", "00")) or grouped else text
+
+
+def _is_amount(match: re.Match[str]) -> bool:
+    before = match.string[match.start() - 1 : match.start()]
+    return before in _CURRENCY_BEFORE or bool(_DECIMALS_AFTER.match(match.string, match.end()))
 
 
 def redact(text: str, *, names: Iterable[str] = (), emails: Iterable[str] = ()) -> str:
