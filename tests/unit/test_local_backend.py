@@ -104,7 +104,7 @@ GOOD_ROW = '{"subject": "Refund", "body": "Please refund my order", "intent": "r
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("priority", "medium"), ("language", "en-US"), ("sentiment", "angry"), ("priority", 3)],
+    [("priority", "medium"), ("language", "english"), ("sentiment", "angry"), ("priority", 3)],
 )
 def test_training_value_no_label_can_carry_names_line_and_field(tmp_path, field, value):
     """Trained on, the value would be predicted and every such ticket dead-lettered."""
