@@ -121,3 +121,23 @@ def test_amounts_with_decimals_or_a_currency_sign_are_not_phone_numbers():
     text = "You took 1.234.567,89 EUR, then 1 234 567,89 EUR, then €1.234.567 and $1 234 567."
     assert redact(text) == text
     assert redact("Ruf an: 030 1234 5678, danke") == "Ruf an: [PHONE], danke"
+
+
+def test_pasted_authorization_values_and_jwts_are_secrets():
+    jwt = (
+        "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0."
+        "dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
+    )
+    text = (
+        f"curl -H 'Authorization: Bearer {jwt}' fails, so does Basic dXNlcjpwYXNzd29yZDEyMw== "
+        f"and the session {jwt} in our logs"
+    )
+    assert redact(text) == (
+        "curl -H 'Authorization: Bearer [SECRET]' fails, so does Basic [SECRET] "
+        "and the session [SECRET] in our logs"
+    )
+
+
+def test_the_words_bearer_and_basic_in_prose_stay():
+    text = "My Bearer authentication fails since the Basic subscriptions upgrade"
+    assert redact(text) == text

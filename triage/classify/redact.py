@@ -33,6 +33,15 @@ _URL_SECRET = re.compile(
     r"|phpsessid)=)[^&#;?\s\"'<>]+",
     re.IGNORECASE,
 )
+# A pasted HTTP credential lets whoever reads it in, as a link's token does: the value of an
+# Authorization header ("Bearer abc...", "Basic dXNl..."), and a JWT wherever it stands (its
+# header and payload are base64 JSON, so both start "eyJ"). The scheme word stays: "my Bearer
+# token is rejected" is what the ticket is about.
+_AUTH_VALUE = re.compile(r"\b((?:Bearer|Basic)\s+)([A-Za-z0-9._~+/-]{12,}=*)", re.IGNORECASE)
+# A credential has digits or a capital inside (random or base64); a word does not ("Basic
+# subscription", "bearer authentication"), and stays.
+_CREDENTIAL_LIKE = re.compile(r"[0-9]|[a-z][A-Z]")
+_JWT = re.compile(r"\beyJ[\w-]{8,}\.eyJ[\w-]{8,}\.[\w-]*")
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
 _CARD = re.compile(r"\b(?:\d[ -]?){12,18}\d\b")
 # Country code, two check digits, then groups of four. Typed in lower or mixed case the same
@@ -92,6 +101,12 @@ def _phone(match: re.Match[str]) -> str:
     return "[PHONE]" if text.startswith(("+", "00")) or grouped else text
 
 
+def _auth_value(match: re.Match[str]) -> str:
+    if _CREDENTIAL_LIKE.search(match.group(2)):
+        return match.group(1) + "[SECRET]"
+    return match.group()
+
+
 def _is_amount(match: re.Match[str]) -> bool:
     before = match.string[match.start() - 1 : match.start()]
     return before in _CURRENCY_BEFORE or bool(_DECIMALS_AFTER.match(match.string, match.end()))
@@ -125,6 +140,10 @@ class Redactor:
         # Most tickets hold no link; a substring test is far cheaper than either pattern.
         if "=" in out:
             out = _URL_SECRET.sub(r"\1[SECRET]", out)
+        if "eyJ" in out:
+            out = _JWT.sub("[SECRET]", out)
+        if "earer" in out or "asic" in out or "EARER" in out or "ASIC" in out:
+            out = _AUTH_VALUE.sub(_auth_value, out)
         if "%40" in out or "%2540" in out:
             out = _EMAIL_IN_URL.sub("[EMAIL]", out)
         out = _EMAIL.sub("[EMAIL]", out)
