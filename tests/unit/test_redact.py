@@ -141,3 +141,10 @@ def test_pasted_authorization_values_and_jwts_are_secrets():
 def test_the_words_bearer_and_basic_in_prose_stay():
     text = "My Bearer authentication fails since the Basic subscriptions upgrade"
     assert redact(text) == text
+
+
+def test_a_name_that_is_also_a_word_stays_where_it_is_written_as_a_word():
+    redactor = Redactor(names=["Bill Price"])
+    out = redactor("My bill doubled and the price is wrong. Bill Price (anna: PRICE, Bill)")
+    assert out == "My bill doubled and the price is wrong. [NAME] (anna: [NAME], [NAME])"
+    assert redactor("bill price here") == "[NAME] here"

@@ -156,7 +156,8 @@ class Redactor:
 
 def _own(text: str, literals: list[str], placeholder: str, *, word: bool) -> str:
     """Replace the literals, ignoring case as casefold() does, tried in the order given (a full
-    name before its parts), whole words only if `word`."""
+    name before its parts), whole words only if `word` (and then not a single word written
+    in lower case)."""
     # Searched in the casefolded text, not with re.IGNORECASE, which does not fold ß to ss:
     # "JÖRG WEISS" is Jörg Weiß.
     folded = text.casefold()
@@ -171,6 +172,13 @@ def _own(text: str, literals: list[str], placeholder: str, *, word: bool) -> str
         spans = [(to_text(start, end=False), to_text(end, end=True)) for start, end in spans]
     parts, last = [], 0
     for start, end in spans:
+        found = text[start:end]
+        if word and found.islower() and found.isalpha():
+            # One word of a name written in lower case is a word: Bill Turner's "my bill
+            # doubled" and Anna Price's "the price is wrong" are what the ticket is about.
+            # The whole name ("anna price"), a capitalised part ("Price", "PRICE") and one no
+            # word is spelt like ("lee-smith", "o'brien") still go.
+            continue
         parts += [text[last:start], placeholder]
         last = end
     parts.append(text[last:])
