@@ -148,3 +148,19 @@ def test_a_name_that_is_also_a_word_stays_where_it_is_written_as_a_word():
     out = redactor("My bill doubled and the price is wrong. Bill Price (anna: PRICE, Bill)")
     assert out == "My bill doubled and the price is wrong. [NAME] (anna: [NAME], [NAME])"
     assert redactor("bill price here") == "[NAME] here"
+
+
+def test_a_mobile_number_typed_as_one_run_of_digits_after_a_phone_word_is_a_phone():
+    cases = {
+        "mi número de móvil es 612345678": "mi número de móvil es [PHONE]",
+        "Mein Handy: 01701234567": "Mein Handy: [PHONE]",
+        "call me on 9876543210 tomorrow": "call me on [PHONE] tomorrow",
+        "WhatsApp 13800138000": "WhatsApp [PHONE]",
+        "numer telefonu 601234567": "numer telefonu [PHONE]",
+        "cep telefonum 05321234567": "cep telefonum [PHONE]",
+    }
+    for text, expected in cases.items():
+        assert redact(text) == expected
+    # Without a phone word, or with the order named between, the digits are an order.
+    for text in ("order number 612345678", "my phone order 123456789 failed"):
+        assert redact(text) == text

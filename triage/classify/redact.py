@@ -60,6 +60,38 @@ _DATE = re.compile(r"\d{4}([-./])\d{1,2}\1\d{1,2}|\d{1,2}([-./])\d{1,2}\2\d{4}")
 # ("1.234.567,89 EUR", "1 234 567,89"), or a currency sign before it ("€1.234.567").
 _DECIMALS_AFTER = re.compile(r"[.,]\d")
 _CURRENCY_BEFORE = frozenset("$€£¥₹₺₽")
+# A mobile number is often typed as one run of digits (612345678, 13800138000, 05321234567),
+# which alone is no different from an order number; after a word that says phone, in the
+# languages tickets come in, it is a phone number.
+_PHONE_WORD_BEFORE = re.compile(
+    r"\b(?:phone|tel|telephone|mobile|mob|cell|cellphone|whatsapp|sms|call me|text me"
+    r"|m[óo]vil|celular|tel[ée]fono|telefone|t[ée]l[ée]phone|portable|handy|telefon"
+    r"|telefonnummer|handynummer|mobilnummer|cellulare|telefoon|mobiel|komórka|komórki"
+    r"|numer telefonu|cep)\b"
+    # Up to three short words between ("is", "de móvil es", "number:"), none of them one
+    # that names what else the digits could be: "my phone order 123456789" is an order.
+    r"[^\w\n]{0,4}(?:(?!(?:order|pedido|bestellung|commande|ordine|encomenda|bestelling"
+    r"|zamówieni|sipariş|invoice|factura|rechnung|facture|fattura|ticket|case|account)\w*)"
+    r"[^\W\d]{1,10}[^\w\n]{1,4}){0,3}$"
+)
+# Their common stems, as a cheap test before the pattern (both on lower-cased text: with
+# IGNORECASE the pattern tried every position the slow way).
+_PHONE_STEM = re.compile(
+    r"phone|tel|mob|cell|whatsapp|sms|call me|text me|m[óo]vil|celular|t[ée]l"
+    r"|portable|handy|cep|komórk"
+)
+# Looked for only in the few characters before each run of digits: searching the whole text
+# for the words cost more than every other pattern together.
+_DIGIT_RUN = re.compile(r"(?<![\w+])(?:\+|00)?\d{7,15}\b")
+_PHONE_WORD_WINDOW = 64
+
+
+def _phone_after_word(match: re.Match[str]) -> str:
+    before = match.string[max(0, match.start() - _PHONE_WORD_WINDOW) : match.start()].lower()
+    phone = _PHONE_STEM.search(before) and _PHONE_WORD_BEFORE.search(before)
+    return "[PHONE]" if phone else match.group()
+
+
 _IPV4 = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b")
 
 
@@ -151,6 +183,7 @@ class Redactor:
         out = _CARD.sub(_card, out)
         out = _IPV4.sub("[IP]", out)
         out = _PHONE.sub(_phone, out)
+        out = _DIGIT_RUN.sub(_phone_after_word, out)
         return _own(out, self._names, "[NAME]", word=True)
 
 
