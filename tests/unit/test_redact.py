@@ -164,3 +164,14 @@ def test_a_mobile_number_typed_as_one_run_of_digits_after_a_phone_word_is_a_phon
     # Without a phone word, or with the order named between, the digits are an order.
     for text in ("order number 612345678", "my phone order 123456789 failed"):
         assert redact(text) == text
+
+
+def test_a_link_s_error_promo_or_country_code_is_no_secret():
+    text = (
+        "https://shop.example/checkout?promo_code=SAVE10&error_code=E4012&status_code=503"
+        "&country_code=DE&currency_code=EUR&sort_key=price says invalid"
+    )
+    assert redact(text) == text
+    assert redact("https://id.example/v?verification_code=493021&product_key=AB-12") == (
+        "https://id.example/v?verification_code=[SECRET]&product_key=[SECRET]"
+    )

@@ -42,6 +42,14 @@ _AUTH_VALUE = re.compile(r"\b((?:Bearer|Basic)\s+)([A-Za-z0-9._~+/-]{12,}=*)", r
 # subscription", "bearer authentication"), and stays.
 _CREDENTIAL_LIKE = re.compile(r"[0-9]|[a-z][A-Z]")
 _JWT = re.compile(r"\beyJ[\w-]{8,}\.eyJ[\w-]{8,}\.[\w-]*")
+# Names of that shape that say what the value is, and it is no credential: the error or
+# promo code, the country or currency a link carries, is what the ticket is about.
+_URL_NOT_SECRET = re.compile(
+    r"(?:error|status|response|reason|promo|promotion|coupon|discount|voucher|country|zip"
+    r"|postal|post|currency|lang|language|locale|region|product|item|sku|tax|area|dial|color"
+    r"|colour|size|style)[_-]?code=|(?:sort|group|order|partition|lookup|search|filter)[_-]?key=",
+    re.IGNORECASE,
+)
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
 _CARD = re.compile(r"\b(?:\d[ -]?){12,18}\d\b")
 # Country code, two check digits, then groups of four. Typed in lower or mixed case the same
@@ -133,6 +141,11 @@ def _phone(match: re.Match[str]) -> str:
     return "[PHONE]" if text.startswith(("+", "00")) or grouped else text
 
 
+def _url_secret(match: re.Match[str]) -> str:
+    name = match.group(1)
+    return match.group() if _URL_NOT_SECRET.fullmatch(name) else name + "[SECRET]"
+
+
 def _auth_value(match: re.Match[str]) -> str:
     if _CREDENTIAL_LIKE.search(match.group(2)):
         return match.group(1) + "[SECRET]"
@@ -171,7 +184,7 @@ class Redactor:
         out = _own(out, self._emails, "[EMAIL]", word=False)
         # Most tickets hold no link; a substring test is far cheaper than either pattern.
         if "=" in out:
-            out = _URL_SECRET.sub(r"\1[SECRET]", out)
+            out = _URL_SECRET.sub(_url_secret, out)
         if "eyJ" in out:
             out = _JWT.sub("[SECRET]", out)
         if "earer" in out or "asic" in out or "EARER" in out or "ASIC" in out:
