@@ -175,3 +175,11 @@ def test_a_link_s_error_promo_or_country_code_is_no_secret():
     assert redact("https://id.example/v?verification_code=493021&product_key=AB-12") == (
         "https://id.example/v?verification_code=[SECRET]&product_key=[SECRET]"
     )
+
+
+def test_a_luhn_valid_order_number_that_cannot_be_a_card_stays():
+    # One long number in ten passes Luhn by chance; no card number starts 0, 1, 7, 8 or 9.
+    text = "Orders 9000123456789016, 1000000000000123 and 8000001234568 are missing"
+    assert redact(text) == text
+    cards = "Visa 4111 1111 1111 1111, MC 5555555555554444, 2223003122003222, Amex 378282246310005"
+    assert redact(cards) == "Visa [CARD], MC [CARD], [CARD], Amex [CARD]"

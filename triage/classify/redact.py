@@ -117,6 +117,11 @@ def _luhn_ok(digits: str) -> bool:
 
 def _card(match: re.Match[str]) -> str:
     digits = re.sub(r"\D", "", match.group())
+    # Card numbers start 2 to 6 (Mastercard 2-series and 5, Visa 4, Amex/JCB/Diners 3,
+    # Discover/UnionPay 6). One long order or tracking number in ten passes Luhn by chance;
+    # those starting 0, 1, 7, 8 or 9 are no card and stay.
+    if digits[0] not in "23456":
+        return match.group()
     return "[CARD]" if 13 <= len(digits) <= 19 and _luhn_ok(digits) else match.group()
 
 
