@@ -74,3 +74,11 @@ def test_a_signature_with_title_phone_and_address_is_still_trimmed():
         "+1 555 123 4567\nMusterstrasse 1, 10115 Berlin"
     )
     assert clean_ticket_text(body) == "I was charged twice."
+
+
+def test_a_closing_opens_a_signature_even_above_a_disclaimer_in_sentences():
+    body = (
+        "The export fails with error 500.\n\nBest regards,\nJohn Smith\n"
+        "This email and any attachments are confidential and meant for the recipient only."
+    )
+    assert clean_ticket_text(body) == "The export fails with error 500."

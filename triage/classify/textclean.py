@@ -49,6 +49,14 @@ _SIGNATURE_TAIL_LINES = 8
 # A line of the ticket's own text, not of a signature: a sentence ("I was charged twice."),
 # a question, or a long line. Name, title, company, phone and address lines are short and
 # unpunctuated.
+# Thanks open a signature ("Thanks,\nAnna") but also stand alone before the request; a
+# closing such as "Best regards" or "--" does not, and what follows it (a legal disclaimer
+# in sentences too) is signature whatever it reads like.
+_THANKS = re.compile(
+    r"^\s*(thanks( in advance)?|thank you|gracias|merci( d'avance)?|danke|obrigad[oa]|grazie)"
+    r"[,!.]?\s*$",
+    re.I,
+)
 _CONTENT_LINE = re.compile(r"^\s*(?:\S+\s+){3,}\S*[.!]\s*$|^.*\?\s*$|^\s*(?:\S+\s+){7,}\S+")
 
 
@@ -112,8 +120,8 @@ def strip_signature(text: str) -> str:
     for i in range(start, len(lines)):
         # "Hi,\nThanks!\nI was charged twice..." opens no signature: what follows is the
         # ticket, and cutting there would leave "Hi," to classify.
-        if _SIGNATURE_OPENERS.match(lines[i]) and not any(
-            _CONTENT_LINE.match(line) for line in lines[i + 1 :]
+        if _SIGNATURE_OPENERS.match(lines[i]) and not (
+            _THANKS.match(lines[i]) and any(_CONTENT_LINE.match(line) for line in lines[i + 1 :])
         ):
             return "\n".join(lines[:i])
     return text
