@@ -183,3 +183,22 @@ def test_a_luhn_valid_order_number_that_cannot_be_a_card_stays():
     assert redact(text) == text
     cards = "Visa 4111 1111 1111 1111, MC 5555555555554444, 2223003122003222, Amex 378282246310005"
     assert redact(cards) == "Visa [CARD], MC [CARD], [CARD], Amex [CARD]"
+
+
+def test_a_token_in_a_reset_or_login_link_s_path_is_a_secret():
+    text = (
+        "https://app.example/reset-password/9f86d081884c7d659a2feaa0c55ad015 expired, and "
+        "https://shop.example/accounts/reset/MQ/c2zk3p-8f1d0e2b7a9c4d6e/ and "
+        "https://app.example/magic-link/abcDEF123ghiJKL456 too"
+    )
+    assert redact(text) == (
+        "https://app.example/reset-password/[SECRET] expired, and "
+        "https://shop.example/accounts/reset/MQ/[SECRET]/ and "
+        "https://app.example/magic-link/[SECRET] too"
+    )
+    # Order pages and slugs carry no credential.
+    kept = (
+        "https://shop.example/orders/A-99812/confirm and "
+        "https://docs.example/verify/how-to-verify-your-domain-step-2"
+    )
+    assert redact(kept) == kept

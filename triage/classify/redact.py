@@ -42,6 +42,19 @@ _AUTH_VALUE = re.compile(r"\b((?:Bearer|Basic)\s+)([A-Za-z0-9._~+/-]{12,}=*)", r
 # subscription", "bearer authentication"), and stays.
 _CREDENTIAL_LIKE = re.compile(r"[0-9]|[a-z][A-Z]")
 _JWT = re.compile(r"\beyJ[\w-]{8,}\.eyJ[\w-]{8,}\.[\w-]*")
+# The same credential carried in a link's path, after a segment that says what the link does
+# (/reset/<token>, Django's /reset/<uid>/<token>/, /magic-link/<token>, /invite/<token>):
+# a run of 16 or more letters, digits, - and _ holding a random-looking part (eight or more
+# letters and digits mixed). Order pages (/orders/A-99812) and slugs
+# (/verify/how-to-verify-your-domain-step-2) stay.
+_URL_PATH_SECRET = re.compile(
+    r"(/(?:reset|reset[-_]?password|password[-_]?reset|set[-_]?password|verify|verification"
+    r"|confirm|confirmation|activate|activation|magic|magic[-_]?link|login|signin|sign[-_]in"
+    r"|invite|invitation|token|unsubscribe)(?:/[\w-]{1,12})?/)"
+    r"([\w-]{16,})",
+    re.IGNORECASE | re.ASCII,
+)
+_RANDOM_PART = re.compile(r"(?=[^-_]*\d)(?=[^-_]*[A-Za-z])[A-Za-z0-9]{8,}")
 # Names of that shape that say what the value is, and it is no credential: the error or
 # promo code, the country or currency a link carries, is what the ticket is about.
 _URL_NOT_SECRET = re.compile(
@@ -151,6 +164,12 @@ def _url_secret(match: re.Match[str]) -> str:
     return match.group() if _URL_NOT_SECRET.fullmatch(name) else name + "[SECRET]"
 
 
+def _url_path_secret(match: re.Match[str]) -> str:
+    if _RANDOM_PART.search(match.group(2)):
+        return match.group(1) + "[SECRET]"
+    return match.group()
+
+
 def _auth_value(match: re.Match[str]) -> str:
     if _CREDENTIAL_LIKE.search(match.group(2)):
         return match.group(1) + "[SECRET]"
@@ -190,6 +209,8 @@ class Redactor:
         # Most tickets hold no link; a substring test is far cheaper than either pattern.
         if "=" in out:
             out = _URL_SECRET.sub(_url_secret, out)
+        if "://" in out:
+            out = _URL_PATH_SECRET.sub(_url_path_secret, out)
         if "eyJ" in out:
             out = _JWT.sub("[SECRET]", out)
         if "earer" in out or "asic" in out or "EARER" in out or "ASIC" in out:
