@@ -202,3 +202,11 @@ def test_a_token_in_a_reset_or_login_link_s_path_is_a_secret():
         "https://docs.example/verify/how-to-verify-your-domain-step-2"
     )
     assert redact(kept) == kept
+
+
+def test_a_four_part_version_number_is_not_an_ip_address():
+    text = "App version 2.14.0.3 crashes, firmware: 4.1.0.12 too, and 300.1.2.3 is no address"
+    assert redact(text) == text
+    assert (
+        redact("Blocked from 192.168.1.20, version 1.2.3.4") == "Blocked from [IP], version 1.2.3.4"
+    )

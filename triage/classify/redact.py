@@ -114,6 +114,12 @@ def _phone_after_word(match: re.Match[str]) -> str:
 
 
 _IPV4 = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b")
+# Four numbers with dots are also a version ("app version 2.14.0.3 crashes"), which is what a
+# bug report is about: named as one, or with a number over 255, they are no address.
+_VERSION_BEFORE = re.compile(
+    r"(?:\bv|\bver\.?|version|versión|versão|versione|build|release|firmware)\s*:?\s*$",
+    re.IGNORECASE,
+)
 
 
 def _luhn_ok(digits: str) -> bool:
@@ -170,6 +176,14 @@ def _url_path_secret(match: re.Match[str]) -> str:
     return match.group()
 
 
+def _ipv4(match: re.Match[str]) -> str:
+    text = match.group()
+    before = match.string[max(0, match.start() - 16) : match.start()]
+    if any(int(part) > 255 for part in text.split(".")) or _VERSION_BEFORE.search(before):
+        return text
+    return "[IP]"
+
+
 def _auth_value(match: re.Match[str]) -> str:
     if _CREDENTIAL_LIKE.search(match.group(2)):
         return match.group(1) + "[SECRET]"
@@ -220,7 +234,7 @@ class Redactor:
         out = _EMAIL.sub("[EMAIL]", out)
         out = _IBAN.sub(_iban, out)
         out = _CARD.sub(_card, out)
-        out = _IPV4.sub("[IP]", out)
+        out = _IPV4.sub(_ipv4, out)
         out = _PHONE.sub(_phone, out)
         out = _DIGIT_RUN.sub(_phone_after_word, out)
         return _own(out, self._names, "[NAME]", word=True)
