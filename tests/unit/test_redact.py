@@ -210,3 +210,14 @@ def test_a_four_part_version_number_is_not_an_ip_address():
     assert (
         redact("Blocked from 192.168.1.20, version 1.2.3.4") == "Blocked from [IP], version 1.2.3.4"
     )
+
+
+def test_a_dotted_build_number_is_not_a_phone_number():
+    text = "Chrome 120.0.6099.109 on Windows 10.0.19045.3693, app version 12.34.5678, fails"
+    assert redact(text) == text
+    assert redact("call 555.123.4567") == "call [PHONE]"
+
+
+def test_a_french_phone_written_with_dots_is_a_phone_not_an_ip_address():
+    # Its first four groups have an address's shape; the last one was left behind.
+    assert redact("tel 06.12.34.56.78, server 10.0.0.1") == "tel [PHONE], server [IP]"

@@ -159,10 +159,21 @@ def _phone(match: re.Match[str]) -> str:
     # Dates and plain order numbers have no phone shape; need 7+ digits and either a
     # leading + / 00 or at least two separated groups. A wrong charge's amount stays too: it
     # decides the priority.
-    if len(digits) < 7 or _DATE.fullmatch(text) or _is_amount(match):
+    if len(digits) < 7 or _DATE.fullmatch(text) or _is_amount(match) or _is_version(match):
         return text
     grouped = len(re.findall(r"\d+", text)) >= 2
     return "[PHONE]" if text.startswith(("+", "00")) or grouped else text
+
+
+def _is_version(match: re.Match[str]) -> bool:
+    """A software version or build (Chrome 120.0.6099.109, Windows 10.0.19045.3693): numbers
+    joined by dots only, one of them a single digit, or named as a version. Dotted phone
+    numbers group their digits in twos to fours (06.12.34.56.78, 555.123.4567)."""
+    text = match.group()
+    if not re.fullmatch(r"\d+(?:\.\d+)+", text):
+        return False
+    before = match.string[max(0, match.start() - 16) : match.start()]
+    return any(len(group) == 1 for group in text.split(".")) or bool(_VERSION_BEFORE.search(before))
 
 
 def _url_secret(match: re.Match[str]) -> str:
@@ -176,10 +187,17 @@ def _url_path_secret(match: re.Match[str]) -> str:
     return match.group()
 
 
+_DOTTED_MORE = re.compile(r"\.\d")
+
+
 def _ipv4(match: re.Match[str]) -> str:
     text = match.group()
     before = match.string[max(0, match.start() - 16) : match.start()]
     if any(int(part) > 255 for part in text.split(".")) or _VERSION_BEFORE.search(before):
+        return text
+    # Four of five dotted groups (06.12.34.56.78) are a French phone number, not an address
+    # followed by ".78": the phone pattern takes the whole.
+    if _DOTTED_MORE.match(match.string, match.end()) or re.search(r"\d\.$", before):
         return text
     return "[IP]"
 
