@@ -221,3 +221,10 @@ def test_a_dotted_build_number_is_not_a_phone_number():
 def test_a_french_phone_written_with_dots_is_a_phone_not_an_ip_address():
     # Its first four groups have an address's shape; the last one was left behind.
     assert redact("tel 06.12.34.56.78, server 10.0.0.1") == "tel [PHONE], server [IP]"
+
+
+def test_a_shouted_sentence_of_an_iban_s_shape_is_not_an_iban():
+    text = "MY ORDER AB12 WHEN WILL THIS SHIP, PS5 PRO: WE25 SALE ITEM NOT SENT"
+    assert redact(text) == text
+    # In capitals, a number that fails the check is still taken: a typo is still an account.
+    assert redact("IBAN GB82 WEST 1234 5698 7654 33") == "IBAN [IBAN]"

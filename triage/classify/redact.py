@@ -66,8 +66,9 @@ _URL_NOT_SECRET = re.compile(
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
 _CARD = re.compile(r"\b(?:\d[ -]?){12,18}\d\b")
 # Country code, two check digits, then groups of four. Typed in lower or mixed case the same
-# shape also fits ordinary words ("ab12 this that"), so only an all-capitals match is taken
-# on shape alone; any other must pass the IBAN check (mod 97), as a card must pass Luhn.
+# shape also fits ordinary words ("ab12 this that"), so only an all-capitals match with an
+# account number's digits is taken on shape alone; any other must pass the IBAN check (mod
+# 97), as a card must pass Luhn.
 _IBAN = re.compile(
     r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b", re.IGNORECASE | re.ASCII
 )
@@ -146,7 +147,10 @@ def _card(match: re.Match[str]) -> str:
 
 def _iban(match: re.Match[str]) -> str:
     text = match.group()
-    if text.isupper():
+    # In capitals a mistyped IBAN is still one, but so is the shape of a shouted sentence
+    # ("MY ORDER AB12 WHEN WILL THIS SHIP"): taken on shape alone only with an account
+    # number's digits after the check digits (every country's has at least eight).
+    if text.isupper() and sum(ch.isdigit() for ch in text[4:]) >= 8:
         return "[IBAN]"
     iban = text.replace(" ", "").upper()
     number = int("".join(str(int(ch, 36)) for ch in iban[4:] + iban[:4]))
