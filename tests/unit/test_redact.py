@@ -228,3 +228,8 @@ def test_a_shouted_sentence_of_an_iban_s_shape_is_not_an_iban():
     assert redact(text) == text
     # In capitals, a number that fails the check is still taken: a typo is still an account.
     assert redact("IBAN GB82 WEST 1234 5698 7654 33") == "IBAN [IBAN]"
+
+
+def test_a_date_with_its_time_is_not_a_phone_number():
+    text = "Charged on 24.11.2026 10:30 and again on 2026-11-24 14:05 UTC"
+    assert redact(text) == text

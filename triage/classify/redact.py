@@ -165,6 +165,11 @@ def _phone(match: re.Match[str]) -> str:
     # decides the priority.
     if len(digits) < 7 or _DATE.fullmatch(text) or _is_amount(match) or _is_version(match):
         return text
+    # A date and the hour after it ("2026-11-24 14:05", "24.11.2026 10:30") run together
+    # into one match: the date and what little follows it are no phone number.
+    date = _DATE.match(text)
+    if date is not None and len(re.sub(r"\D", "", text[date.end() :])) < 7:
+        return text
     grouped = len(re.findall(r"\d+", text)) >= 2
     return "[PHONE]" if text.startswith(("+", "00")) or grouped else text
 
