@@ -19,6 +19,7 @@ KINDS = frozenset(
         "drop",  # close the connection without an answer
         "malformed_json",  # 200, but the text is not JSON
         "truncated",  # 200, stop_reason max_tokens, JSON cut in half
+        "context_window",  # 200, stop_reason model_context_window_exceeded, JSON cut in half
         "cut_body",  # 200, but the HTTP body is a Message's JSON cut in half (a broken proxy)
         "refusal",  # 200, stop_reason refusal
         "schema_violation",  # 200, valid JSON that breaks the schema

@@ -226,6 +226,8 @@ class FakeAnthropic:
             return self._envelope(params, "Sure! Here is the label: {intent: billing", "end_turn")
         if kind == "truncated":
             return self._envelope(params, text[: len(text) // 2], "max_tokens")
+        if kind == "context_window":
+            return self._envelope(params, text[: len(text) // 2], "model_context_window_exceeded")
         if kind == "refusal":
             return self._envelope(params, "I can't help with classifying this.", "refusal")
         broken = json.loads(text)

@@ -136,6 +136,15 @@ def test_truncated_output_is_a_typed_error(fake):
         backend(fake).classify(request())
 
 
+def test_an_answer_cut_off_by_the_context_window_is_truncated_not_repaired(fake):
+    # The SDK's StopReason includes model_context_window_exceeded: the answer stopped where
+    # the context ran out, like max_tokens. A repair call would add to that same context.
+    fake.add_fault(Fault("context_window"))
+    with pytest.raises(OutputTruncated, match="context window") as info:
+        backend(fake).classify(request())
+    assert info.value.api_calls == 1 and len(fake.requests) == 1
+
+
 def test_invalid_output_gets_one_repair_call_that_shows_the_error(fake):
     fake.add_fault(Fault("schema_violation", times=1))
     result = backend(fake).classify(request())

@@ -104,7 +104,7 @@ GOOD_ROW = '{"subject": "Refund", "body": "Please refund my order", "intent": "r
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("priority", "medium"), ("language", "en-US"), ("sentiment", "angry"), ("priority", 3)],
+    [("priority", "medium"), ("language", "english"), ("sentiment", "angry"), ("priority", 3)],
 )
 def test_training_value_no_label_can_carry_names_line_and_field(tmp_path, field, value):
     """Trained on, the value would be predicted and every such ticket dead-lettered."""
@@ -213,3 +213,22 @@ def test_every_language_of_the_held_out_set_is_recognised(backend, heldout):
         rows = [r for r in heldout if r["language"] == language]
         right = sum(_classify(backend, r).label.language == language for r in rows)
         assert right / len(rows) >= 0.8, f"{language}: {right}/{len(rows)}"
+
+
+class _Sure:
+    """An intent model that answers one probability, to put a label at a threshold's edge."""
+
+    def __init__(self, probability: float) -> None:
+        self.probability = probability
+
+    def predict(self, features: object) -> tuple[str, float]:
+        return "refund", self.probability
+
+
+def test_a_probability_just_below_the_review_threshold_is_not_rounded_up_to_it():
+    taxonomy = get_config().taxonomy
+    threshold = taxonomy.routing.review_below_confidence
+    local = LocalBackend(taxonomy, config_dir=PROJECT_ROOT / "config")
+    local._intent = _Sure(threshold - 0.0004)  # type: ignore[assignment]
+    request = ClassificationRequest(ticket_id=1, subject="Refund", body="Please refund me")
+    assert local.classify(request).label.confidence < threshold

@@ -57,3 +57,28 @@ def test_html_becomes_plain_text_without_scripts_or_quoted_blocks():
 def test_text_that_is_all_quote_falls_back_to_the_whole_body():
     body = "> only a quoted line"
     assert clean_ticket_text(body) == "> only a quoted line"
+
+
+def test_thanks_before_the_request_opens_no_signature():
+    # Cut at "Thanks!", the ticket was "Hi team," and was classified as that.
+    body = "Hi team,\nThanks!\nI was charged twice for order 1234 and need a refund today."
+    assert clean_ticket_text(body) == body
+    body = "Hola,\nGracias.\nMe cobraron dos veces el pedido 1234.\nSaludos,\nAna"
+    assert clean_ticket_text(body) == "Hola,\nGracias.\nMe cobraron dos veces el pedido 1234."
+    assert clean_ticket_text("Hi,\nThanks.\nStill broken?") == "Hi,\nThanks.\nStill broken?"
+
+
+def test_a_signature_with_title_phone_and_address_is_still_trimmed():
+    body = (
+        "I was charged twice.\n\nThanks,\nJohn Smith\nSenior Account Manager, Acme Corp\n"
+        "+1 555 123 4567\nMusterstrasse 1, 10115 Berlin"
+    )
+    assert clean_ticket_text(body) == "I was charged twice."
+
+
+def test_a_closing_opens_a_signature_even_above_a_disclaimer_in_sentences():
+    body = (
+        "The export fails with error 500.\n\nBest regards,\nJohn Smith\n"
+        "This email and any attachments are confidential and meant for the recipient only."
+    )
+    assert clean_ticket_text(body) == "The export fails with error 500."

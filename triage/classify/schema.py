@@ -7,6 +7,7 @@ that exist. Both the pydantic model and the schema are built once per taxonomy v
 from __future__ import annotations
 
 import copy
+import re
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -46,7 +47,31 @@ class TicketLabel(BaseModel):
     @field_validator("language", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
-        return value.strip().lower() if isinstance(value, str) else value
+        # A model names Brazilian Portuguese "pt-BR" and Traditional Chinese "zh-Hant" often
+        # enough; the language is the part before the region or script, not a repair call.
+        if not isinstance(value, str):
+            return value
+        return re.split(r"[-_]", value.strip(), maxsplit=1)[0].lower()
+
+
+# ISO 639-1: the codes a label's language may be. Checked on what a model answers (not on
+# labels already stored), so that a made-up two-letter code is repaired, not routed.
+_ISO_639_1_CODES = (
+    "aa ab ae af ak am an ar as av ay az ba be bg bi bm bn bo br bs ca ce ch co cr cs cu "
+    "cv cy da de dv dz ee el en eo es et eu fa ff fi fj fo fr fy ga gd gl gn gu gv ha he "
+    "hi ho hr ht hu hy hz ia id ie ig ii ik io is it iu ja jv ka kg ki kj kk kl km kn ko "
+    "kr ks ku kv kw ky la lb lg li ln lo lt lu lv mg mh mi mk ml mn mr ms mt my na nb nd "
+    "ne ng nl nn no nr nv ny oc oj om or os pa pi pl ps pt qu rm rn ro ru rw sa sc sd se "
+    "sg si sk sl sm sn so sq sr ss st su sv sw ta te tg th ti tk tl tn to tr ts tt tw ty "
+    "ug uk ur uz ve vi vo wa wo xh yi yo za zh zu"
+)
+ISO_639_1 = frozenset(_ISO_639_1_CODES.split())
+
+
+def _iso_639_1(value: str) -> str:
+    if value not in ISO_639_1:
+        raise ValueError(f"{value!r} is not an ISO 639-1 language code")
+    return value
 
 
 @lru_cache(maxsize=8)
@@ -59,6 +84,7 @@ def label_model(taxonomy: Taxonomy) -> type[TicketLabel]:
         __base__=TicketLabel,
         intent=(intents, Field(description="One intent from the taxonomy")),
         department=(departments, Field(description="The department that owns this intent")),
+        __validators__={"_iso_639_1": field_validator("language")(_iso_639_1)},
     )
 
 

@@ -46,6 +46,18 @@ _SIGNATURE_OPENERS = re.compile(
 )
 # A signature opener only counts near the end: "Thanks" at the top is a greeting, not a signature.
 _SIGNATURE_TAIL_LINES = 8
+# A line of the ticket's own text, not of a signature: a sentence ("I was charged twice."),
+# a question, or a long line. Name, title, company, phone and address lines are short and
+# unpunctuated.
+# Thanks open a signature ("Thanks,\nAnna") but also stand alone before the request; a
+# closing such as "Best regards" or "--" does not, and what follows it (a legal disclaimer
+# in sentences too) is signature whatever it reads like.
+_THANKS = re.compile(
+    r"^\s*(thanks( in advance)?|thank you|gracias|merci( d'avance)?|danke|obrigad[oa]|grazie)"
+    r"[,!.]?\s*$",
+    re.I,
+)
+_CONTENT_LINE = re.compile(r"^\s*(?:\S+\s+){3,}\S*[.!]\s*$|^.*\?\s*$|^\s*(?:\S+\s+){7,}\S+")
 
 
 class _TextExtractor(HTMLParser):
@@ -106,7 +118,11 @@ def strip_signature(text: str) -> str:
     lines = text.rstrip().splitlines()
     start = max(1, len(lines) - _SIGNATURE_TAIL_LINES)
     for i in range(start, len(lines)):
-        if _SIGNATURE_OPENERS.match(lines[i]):
+        # "Hi,\nThanks!\nI was charged twice..." opens no signature: what follows is the
+        # ticket, and cutting there would leave "Hi," to classify.
+        if _SIGNATURE_OPENERS.match(lines[i]) and not (
+            _THANKS.match(lines[i]) and any(_CONTENT_LINE.match(line) for line in lines[i + 1 :])
+        ):
             return "\n".join(lines[:i])
     return text
 

@@ -16,7 +16,9 @@ def build_backend(config: AppConfig) -> ClassifierBackend:
         local: ClassifierBackend = LocalBackend(config.taxonomy, config_dir=settings.config_dir)
         return local
     primary = _anthropic(config, settings.model)
-    if kind == "anthropic" or not settings.escalation_model:
+    # The same model asked again is a second paid call for the same answer, not a second
+    # opinion: unsure tickets go to review as they would without escalation.
+    if kind == "anthropic" or settings.escalation_model in (None, "", settings.model):
         return primary
     from triage.classify.backends.cascade import CascadeBackend
 

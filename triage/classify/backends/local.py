@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 import unicodedata
@@ -229,7 +230,9 @@ class LocalBackend:
             priority=values["priority"],
             language=values["language"],
             sentiment=values["sentiment"],
-            confidence=round(confidence, 3),
+            # Rounded down: rounded to nearest, a probability of 0.4996 recorded 0.5 and passed
+            # a review threshold of 0.5 that it is below.
+            confidence=math.floor(confidence * 1000) / 1000,
             summary=_summary(intent, request),
         )
         return ClassificationResult(

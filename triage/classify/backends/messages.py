@@ -120,6 +120,15 @@ def answer_text(message: Answer, ticket_id: int, request_id: str | None) -> str:
             ticket_id=ticket_id,
             request_id=request_id,
         )
+    if message.stop_reason == "model_context_window_exceeded":
+        # Stopped where the model's context ran out: cut off like max_tokens, and a repair
+        # call, sent with this answer on top, would only run out sooner.
+        raise OutputTruncated(
+            f"label cut off by the model's context window "
+            f"({message.usage.input_tokens} input tokens)",
+            ticket_id=ticket_id,
+            request_id=request_id,
+        )
     return text
 
 
