@@ -211,12 +211,44 @@ def read_config_text(path: Path) -> str:
         raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
 
 
-def _read_yaml(path: Path) -> Any:
-    text = read_config_text(path)
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping. PyYAML keeps the last one
+    without a word: an intent block pasted under a name already in use would silently replace
+    the first intent, a second `routing:` drop the first one's thresholds and overrides."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        # Before merging: a key written out may override one merged in with `<<`.
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:
+                continue  # an unhashable key: construct_mapping below says so
+            if first is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r} (first given on line {first.line + 1})",
+                    key_node.start_mark,
+                )
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
+
+
+def load_yaml_text(path: Path, text: str) -> Any:
+    """Parse a config/ file's text; invalid YAML (a duplicate key too) is a ConfigError
+    naming the file."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+def _read_yaml(path: Path) -> Any:
+    return load_yaml_text(path, read_config_text(path))
 
 
 def _validation_message(path: Path, exc: ValidationError) -> str:

@@ -131,3 +131,41 @@ def test_training_row_no_label_can_carry_stops_loading_for_the_offline_backend(c
         fh.write(row)
     with pytest.raises(ConfigError, match=r"labeled\.jsonl:\d+: priority"):
         load_config(Settings(config_dir=config_dir, backend="local"))
+
+
+def test_an_intent_given_twice_is_refused_naming_the_key_and_both_lines(config_dir):
+    path = config_dir / "taxonomy.yaml"
+    # A pasted block under a name already in use: YAML's last-one-wins would silently drop
+    # the first `refund` intent.
+    text = path.read_text(encoding="utf-8").replace(
+        "  other:\n", "  refund:\n    department: general\n    description: Copy.\n  other:\n"
+    )
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(Settings(config_dir=config_dir, backend="local"))
+    message = str(info.value)
+    assert "taxonomy.yaml" in message and "duplicate key 'refund'" in message
+    first = text.splitlines().index("  refund:") + 1
+    assert f"first given on line {first}" in message
+
+
+def test_a_models_entry_given_twice_is_refused(config_dir):
+    path = config_dir / "models.yaml"
+    path.write_text(
+        path.read_text(encoding="utf-8") + "  claude-haiku-4-5:\n    input_per_mtok: 0\n"
+        "    output_per_mtok: 0\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError, match=r"(?s)models\.yaml: .*duplicate key 'claude-haiku-4-5'"):
+        load_config(Settings(config_dir=config_dir, backend="local"))
+
+
+def test_a_key_written_out_may_override_one_merged_in(config_dir):
+    path = config_dir / "models.yaml"
+    text = path.read_text(encoding="utf-8").replace(
+        "  claude-haiku-4-5:\n", "  claude-haiku-4-5: &haiku\n", 1
+    )
+    text += "  claude-haiku-4-5-batch:\n    <<: *haiku\n    sampling: false\n"
+    path.write_text(text, encoding="utf-8")
+    config = load_config(Settings(config_dir=config_dir, backend="local"))
+    assert config.models.spec("claude-haiku-4-5-batch").sampling is False

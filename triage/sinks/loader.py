@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Annotated
 
 import httpx
-import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from triage.config import AppConfig
+from triage.config import AppConfig, load_yaml_text, read_config_text
 from triage.errors import ConfigError
 from triage.sinks.base import Sink
 from triage.sinks.django_helpdesk import DjangoHelpdeskWriter
@@ -154,11 +153,7 @@ def _resolve(path: Path, field: str, names: list[str], sinks: dict[str, Sink]) -
 
 
 def load_sinks_file(path: Path) -> SinksFile:
-    try:
-        with path.open(encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    raw = load_yaml_text(path, read_config_text(path)) or {}
     try:
         return SinksFile.model_validate(raw)
     except ValidationError as exc:
