@@ -16,13 +16,19 @@ app = typer.Typer(
 def validate(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Load and validate settings, taxonomy and model table; exit 2 naming what is wrong.
+    """Load and validate settings, taxonomy, model table and sinks; exit 2 naming what is
+    wrong.
 
     Example: TRIAGE_CONFIG_DIR=./config triage config validate
     """
     from triage.config import load_config
+    from triage.sinks.registry import load_sinks
 
     cfg = load_config()
+    # Workers build the sinks at start-up: a misspelt department or an unset secret there must
+    # fail here too, not pass validation and stop the worker (or, before, every delivery).
+    load_sinks(cfg)
+    sinks_file = cfg.settings.config_dir / "sinks.yaml"
     summary = {
         "config_dir": str(cfg.settings.config_dir),
         "taxonomy": cfg.taxonomy.name,
@@ -31,6 +37,7 @@ def validate(
         "departments": len(cfg.taxonomy.departments),
         "backend": cfg.settings.effective_backend(),
         "model": cfg.settings.model,
+        "sinks": str(sinks_file) if sinks_file.exists() else "none (queue messages only)",
     }
     if as_json:
         print_json(summary)

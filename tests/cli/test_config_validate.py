@@ -1,0 +1,55 @@
+"""`triage config validate` finds what stops a worker from starting, and says where."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.cli.conftest import Cli
+from triage.config import PROJECT_ROOT
+
+
+@pytest.fixture()
+def config_dir(tmp_path: Path) -> Path:
+    shutil.copytree(PROJECT_ROOT / "config", tmp_path / "config")
+    return tmp_path / "config"
+
+
+@pytest.fixture()
+def offline(config_dir: Path) -> Cli:
+    return Cli({"TRIAGE_CONFIG_DIR": str(config_dir), "TRIAGE_BACKEND": "local"})
+
+
+def test_a_misspelt_department_in_sinks_yaml_fails_validation_naming_file_and_field(
+    offline, config_dir
+):
+    (config_dir / "sinks.yaml").write_text("departments:\n  biling: [queue]\n")
+
+    result = offline("config", "validate", code=2)
+
+    assert "sinks.yaml: departments.biling: not a department in the taxonomy" in result.output
+    assert "config is valid" not in result.output
+
+
+def test_a_sink_secret_not_in_the_environment_fails_validation_naming_the_variable(
+    offline, config_dir
+):
+    (config_dir / "sinks.yaml").write_text(
+        "webhooks:\n  crm: {url: 'https://crm.example/hook', secret_env: T_CRM_SECRET}\n"
+        "default: ['webhook:crm']\n"
+    )
+
+    result = offline("config", "validate", code=2)
+
+    assert "webhooks.crm.secret_env: environment variable T_CRM_SECRET is not set" in (
+        result.output
+    )
+    assert offline("config", "validate", T_CRM_SECRET="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+
+
+def test_validation_says_which_sinks_file_it_checked(offline, config_dir):
+    assert offline.json("config", "validate")["sinks"] == "none (queue messages only)"
+    (config_dir / "sinks.yaml").write_text("default: [queue]\n")
+    assert offline.json("config", "validate")["sinks"] == str(config_dir / "sinks.yaml")
