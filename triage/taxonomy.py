@@ -103,6 +103,16 @@ class Taxonomy(_Strict):
                 raise ValueError(
                     f"{where}.when.department: {override}: unknown department {when.department!r}"
                 )
+            if (
+                when.intent is not None
+                and when.department is not None
+                and self.intents[when.intent].department != when.department
+            ):
+                # `when.department` is the department owning the label's intent.
+                raise ValueError(
+                    f"{where}.when: {override} can never match: intent {when.intent!r} belongs "
+                    f"to {self.intents[when.intent].department!r}, not {when.department!r}"
+                )
             if when.language is not None and not _is_label_language(when.language):
                 raise ValueError(
                     f"{where}.when.language: {override}: {when.language!r} is not a "

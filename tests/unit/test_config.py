@@ -169,3 +169,12 @@ def test_a_key_written_out_may_override_one_merged_in(config_dir):
     path.write_text(text, encoding="utf-8")
     config = load_config(Settings(config_dir=config_dir, backend="local"))
     assert config.models.spec("claude-haiku-4-5-batch").sampling is False
+
+
+def test_an_override_on_an_intent_and_a_department_not_owning_it_is_refused(config_dir):
+    _add_override(config_dir, {"intent": "refund", "department": "logistics"})
+    with pytest.raises(ConfigError) as info:
+        load_config(Settings(config_dir=config_dir, backend="local"))
+    message = str(info.value)
+    assert "taxonomy.yaml" in message and "routing.overrides[2].when" in message
+    assert "can never match: intent 'refund' belongs to 'billing', not 'logistics'" in message
