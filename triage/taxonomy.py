@@ -118,7 +118,42 @@ class Taxonomy(_Strict):
                     f"{where}.when.language: {override}: {when.language!r} is not a "
                     "language a label can have (a lower-case ISO 639-1 code such as 'en')"
                 )
+        self._rules_reachable()
         return self
+
+    def _rules_reachable(self) -> None:
+        """First match wins, so a rule every ticket of which an earlier rule takes would be
+        dead without a word (a catch-all `when: {}` above it, or a narrower copy below a wider
+        rule); a name used twice makes the rule recorded with each route ambiguous."""
+        overrides = self.routing.overrides
+        names: dict[str, int] = {}
+        for j, rule in enumerate(overrides):
+            first = names.setdefault(rule.name, j)
+            if first != j:
+                raise ValueError(
+                    f"routing.overrides[{j}].name: {rule.name!r} is already the name of "
+                    f"routing.overrides[{first}]; each override needs its own"
+                )
+            for i, earlier in enumerate(overrides[:j]):
+                if self._takes_all_of(earlier.when, rule.when):
+                    raise ValueError(
+                        f"routing.overrides[{j}]: override {rule.name!r} can never match: "
+                        f"override {earlier.name!r} (routing.overrides[{i}]) comes first and "
+                        "matches every ticket it would; put the narrower rule first"
+                    )
+
+    def _takes_all_of(self, earlier: RuleCondition, later: RuleCondition) -> bool:
+        """Whether every label `later` matches, `earlier` matches too."""
+        for key in ("intent", "department", "priority", "sentiment", "language"):
+            wanted = getattr(earlier, key)
+            if wanted is None:
+                continue
+            given = getattr(later, key)
+            if key == "department" and given is None and later.intent is not None:
+                given = self.intents[later.intent].department
+            if given != wanted:
+                return False
+        return True
 
     @cached_property
     def version(self) -> str:

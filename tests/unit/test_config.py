@@ -178,3 +178,54 @@ def test_an_override_on_an_intent_and_a_department_not_owning_it_is_refused(conf
     message = str(info.value)
     assert "taxonomy.yaml" in message and "routing.overrides[2].when" in message
     assert "can never match: intent 'refund' belongs to 'billing', not 'logistics'" in message
+
+
+def _set_overrides(config_dir: Path, *rules: tuple[str, dict]) -> None:
+    edit(
+        config_dir / "taxonomy.yaml",
+        lambda d: d["routing"].update(
+            overrides=[
+                {"name": name, "when": when, "department": "escalations"} for name, when in rules
+            ]
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("earlier", "later"),
+    [
+        ({}, {"priority": "urgent"}),  # a catch-all above anything
+        ({"priority": "urgent"}, {"priority": "urgent", "intent": "refund"}),
+        ({"department": "billing"}, {"intent": "refund", "sentiment": "negative"}),
+        ({"language": "de"}, {"language": "de"}),
+    ],
+)
+def test_an_override_an_earlier_one_always_takes_first_is_refused(config_dir, earlier, later):
+    _set_overrides(config_dir, ("wide", earlier), ("narrow", later))
+    with pytest.raises(ConfigError) as info:
+        load_config(Settings(config_dir=config_dir, backend="local"))
+    message = str(info.value)
+    assert "taxonomy.yaml" in message and "routing.overrides[1]" in message
+    assert "'narrow' can never match: override 'wide' (routing.overrides[0]) comes first" in (
+        message
+    )
+
+
+@pytest.mark.parametrize(
+    ("earlier", "later"),
+    [
+        ({"priority": "urgent", "intent": "refund"}, {"priority": "urgent"}),  # narrow first
+        ({"department": "logistics"}, {"intent": "refund"}),
+        ({"priority": "high"}, {"priority": "urgent"}),
+    ],
+)
+def test_overrides_that_each_can_match_load(config_dir, earlier, later):
+    _set_overrides(config_dir, ("first", earlier), ("second", later))
+    taxonomy = load_config(Settings(config_dir=config_dir, backend="local")).taxonomy
+    assert [rule.name for rule in taxonomy.routing.overrides] == ["first", "second"]
+
+
+def test_two_overrides_with_one_name_are_refused(config_dir):
+    _set_overrides(config_dir, ("vip", {"priority": "urgent"}), ("vip", {"intent": "refund"}))
+    with pytest.raises(ConfigError, match=r"routing\.overrides\[1\]\.name: 'vip' is already"):
+        load_config(Settings(config_dir=config_dir, backend="local"))
