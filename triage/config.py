@@ -6,6 +6,7 @@ ANTHROPIC_BASE_URL unprefixed; everything else TRIAGE_*.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
@@ -236,6 +237,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 )
         mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
         return mapping
+
+
+# YAML 1.1, which PyYAML follows, reads yes/no/on/off (any case) as booleans: `language: no`
+# (Norwegian) or a department named `on` would load as False/True and be refused as "not a
+# valid string". Only true/false are booleans here, as in YAML 1.2; a boolean setting still
+# accepts yes/no/on/off, which pydantic reads as the words they are.
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def load_yaml_text(path: Path, text: str) -> Any:

@@ -229,3 +229,24 @@ def test_two_overrides_with_one_name_are_refused(config_dir):
     _set_overrides(config_dir, ("vip", {"priority": "urgent"}), ("vip", {"intent": "refund"}))
     with pytest.raises(ConfigError, match=r"routing\.overrides\[1\]\.name: 'vip' is already"):
         load_config(Settings(config_dir=config_dir, backend="local"))
+
+
+def test_yes_no_on_off_are_words_in_config_files_as_in_yaml_1_2(config_dir):
+    # YAML 1.1 would read `no` (Norwegian) as False and the department `on` as True.
+    path = config_dir / "taxonomy.yaml"
+    text = path.read_text(encoding="utf-8").replace(
+        "  escalations:\n", "  on:\n    description: Onboarding.\n  escalations:\n"
+    )
+    text = text.replace("when: {priority: urgent}", "when: {priority: urgent, language: no}")
+    path.write_text(text, encoding="utf-8")
+    models = config_dir / "models.yaml"
+    models.write_text(
+        models.read_text(encoding="utf-8").replace("sampling: true", "sampling: yes", 1),
+        encoding="utf-8",
+    )
+    config = load_config(Settings(config_dir=config_dir, backend="local"))
+    assert "on" in config.taxonomy.departments
+    assert config.taxonomy.routing.overrides[0].when.language == "no"
+    assert config.models.spec("claude-haiku-4-5").sampling is True
+    # A boolean still written as one stays one.
+    assert config.models.spec("claude-haiku-5-5").sampling is False
