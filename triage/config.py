@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from triage.errors import ConfigError
@@ -118,6 +126,16 @@ class Settings(BaseSettings):
     # otherwise pile up for ever). The ticket's own history (attempts, labels, dispatches,
     # dead letters) is kept; a sent message's row is only needed while it may be in flight.
     outbox_retention_hours: float = Field(24.0, gt=0)
+
+    @field_validator("anthropic_api_key", mode="before")
+    @classmethod
+    def _key_as_issued(cls, value: Any) -> Any:
+        # A key read from a file or a Kubernetes secret often ends in a newline, which httpx
+        # refuses in a header: every call would fail. A blank one (`ANTHROPIC_API_KEY=` in an
+        # env file) is no key, not a key the API answers 401 to for every ticket.
+        if isinstance(value, str):
+            return value.strip() or None
+        return value
 
     def effective_backend(self) -> Literal["anthropic", "local", "cascade"]:
         if self.backend != "auto":
@@ -302,6 +320,13 @@ def load_config(settings: Settings | None = None) -> AppConfig:
     taxonomy = load_taxonomy(config_dir / "taxonomy.yaml")
     models = load_models(config_dir / "models.yaml")
     if settings.effective_backend() in ("anthropic", "cascade"):
+        if settings.anthropic_api_key is None:
+            # Checked here, not only when the worker builds its backend: `config validate`
+            # must refuse what would stop the worker.
+            raise ConfigError(
+                f"environment: TRIAGE_BACKEND={settings.backend} needs ANTHROPIC_API_KEY, "
+                "which is not set (or blank); set it, or use TRIAGE_BACKEND=local to run offline"
+            )
         models.spec(settings.model)
         if settings.escalation_model:
             models.spec(settings.escalation_model)

@@ -250,3 +250,26 @@ def test_yes_no_on_off_are_words_in_config_files_as_in_yaml_1_2(config_dir):
     assert config.models.spec("claude-haiku-4-5").sampling is True
     # A boolean still written as one stays one.
     assert config.models.spec("claude-haiku-5-5").sampling is False
+
+
+@pytest.mark.parametrize("backend", ["anthropic", "cascade"])
+@pytest.mark.parametrize("key", [None, "", "  \n"])
+def test_an_api_backend_without_a_key_is_refused_by_validation_not_at_the_first_ticket(
+    config_dir, monkeypatch, backend, key
+):
+    # A blank ANTHROPIC_API_KEY= in an env file used to count as a key: every call a 401,
+    # every ticket dead-lettered.
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.delenv("TRIAGE_ANTHROPIC_API_KEY", raising=False)
+    if key is not None:
+        monkeypatch.setenv("ANTHROPIC_API_KEY", key)
+    with pytest.raises(ConfigError, match=f"TRIAGE_BACKEND={backend} needs ANTHROPIC_API_KEY"):
+        load_config(Settings(config_dir=config_dir, backend=backend))
+
+
+def test_an_api_key_is_used_without_the_whitespace_around_it(monkeypatch):
+    # As read from a secret file: httpx refuses a header value ending in a newline.
+    monkeypatch.setenv("ANTHROPIC_API_KEY", " sk-ant-test\n")
+    settings = Settings()
+    assert settings.anthropic_api_key is not None
+    assert settings.anthropic_api_key.get_secret_value() == "sk-ant-test"
