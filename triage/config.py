@@ -305,9 +305,26 @@ def load_models(path: Path) -> ModelTable:
         raise ConfigError(_validation_message(path, exc)) from None
 
 
+def _env_name(field: str) -> str:
+    """The environment variable an operator sets for a Settings field."""
+    info = Settings.model_fields.get(field)
+    if info is None:
+        return field
+    alias = info.validation_alias
+    if isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str):
+        return alias.choices[0]
+    return f"TRIAGE_{field.upper()}"
+
+
 def settings_problems(exc: ValidationError) -> str:
-    """What is wrong with the settings read from the environment, on one line."""
-    return _validation_message(Path("environment"), exc)
+    """What is wrong with the settings read from the environment, on one line, each problem
+    under the variable's name (TRIAGE_WORKER_CONCURRENCY, not worker_concurrency)."""
+    problems = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        field = ".".join([_env_name(loc[0]), *loc[1:]]) if loc else "(top level)"
+        problems.append(f"{field}: {err['msg']}")
+    return "environment: " + "; ".join(problems)
 
 
 def load_config(settings: Settings | None = None) -> AppConfig:

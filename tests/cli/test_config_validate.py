@@ -53,3 +53,12 @@ def test_validation_says_which_sinks_file_it_checked(offline, config_dir):
     assert offline.json("config", "validate")["sinks"] == "none (queue messages only)"
     (config_dir / "sinks.yaml").write_text("default: [queue]\n")
     assert offline.json("config", "validate")["sinks"] == str(config_dir / "sinks.yaml")
+
+
+def test_a_bad_setting_is_named_by_the_variable_an_operator_sets(offline):
+    result = offline(
+        "config", "validate", code=2, TRIAGE_WORKER_CONCURRENCY="0", TRIAGE_BATCH_SIZE="many"
+    )
+
+    assert "TRIAGE_WORKER_CONCURRENCY: Input should be greater than or equal to 1" in result.output
+    assert "TRIAGE_BATCH_SIZE: Input should be a valid integer" in result.output
