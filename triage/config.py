@@ -12,8 +12,10 @@ from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
+from kombu.transport import TRANSPORT_ALIASES
 from pydantic import (
     AliasChoices,
     BaseModel,
@@ -31,6 +33,8 @@ from triage.taxonomy import Taxonomy
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BackendName = Literal["auto", "anthropic", "local", "cascade"]
 UpdatePolicy = Literal["ignore", "retriage"]
+# What redis-py connects to; REDIS_URL is the broker too unless TRIAGE_BROKER_URL is set.
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 class Settings(BaseSettings):
@@ -126,6 +130,31 @@ class Settings(BaseSettings):
     # otherwise pile up for ever). The ticket's own history (attempts, labels, dispatches,
     # dead letters) is kept; a sent message's row is only needed while it may be in flight.
     outbox_retention_hours: float = Field(24.0, gt=0)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        # Without a scheme ("localhost:6379") kombu would speak AMQP to the Redis port, and
+        # redis-py refuse it only when the shared limits are first used. The URL may hold a
+        # password: the message does not repeat it.
+        if value and ("://" not in value or urlsplit(value).scheme not in _REDIS_SCHEMES):
+            raise ValueError(
+                "not a Redis URL: redis://[:password@]host:port/db (rediss:// for TLS, "
+                "unix:///path.sock)"
+            )
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, value: str | None) -> str | None:
+        if value and (
+            "://" not in value or urlsplit(value).scheme.split("+", 1)[0] not in TRANSPORT_ALIASES
+        ):
+            raise ValueError(
+                "not a broker URL: redis://host:port/db, rediss://… or "
+                "amqp://user:password@host:5672/vhost"
+            )
+        return value
 
     @field_validator("anthropic_api_key", mode="before")
     @classmethod

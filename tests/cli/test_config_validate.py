@@ -62,3 +62,42 @@ def test_a_bad_setting_is_named_by_the_variable_an_operator_sets(offline):
 
     assert "TRIAGE_WORKER_CONCURRENCY: Input should be greater than or equal to 1" in result.output
     assert "TRIAGE_BATCH_SIZE: Input should be a valid integer" in result.output
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("REDIS_URL", "localhost:6379"),
+        ("REDIS_URL", "http://:s3cret@cache:6379/0"),
+        ("TRIAGE_BROKER_URL", "rabbitmq:5672"),
+        ("TRIAGE_BROKER_URL", "amqp//guest:s3cret@rabbit"),
+    ],
+)
+def test_a_broker_or_redis_url_without_a_scheme_it_can_use_is_refused(offline, variable, value):
+    # "localhost:6379" had kombu speak AMQP to the Redis port, retrying for ever.
+    result = offline("config", "validate", code=2, **{variable: value})
+
+    assert f"environment: {variable}: Value error, not a" in result.output
+    assert "s3cret" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("REDIS_URL", "redis://:s3cret@cache:6379/0"),
+        ("REDIS_URL", "rediss://cache:6380/0"),
+        ("TRIAGE_BROKER_URL", "amqp://guest:guest@rabbit:5672//"),
+        ("TRIAGE_BROKER_URL", "amqps://guest:guest@rabbit:5671//"),
+    ],
+)
+def test_redis_and_broker_urls_with_their_schemes_are_valid(offline, variable, value):
+    offline("config", "validate", **{variable: value})
+
+
+def test_doctor_names_a_bad_broker_url_without_repeating_its_password(offline):
+    result = offline(
+        "doctor", "--json", code=1, TRIAGE_BROKER_URL="rabbit//guest:s3cret@rabbit:5672"
+    )
+
+    assert "environment: TRIAGE_BROKER_URL: Value error, not a broker URL" in result.stdout
+    assert "s3cret" not in result.stdout
