@@ -101,3 +101,15 @@ def test_doctor_names_a_bad_broker_url_without_repeating_its_password(offline):
 
     assert "environment: TRIAGE_BROKER_URL: Value error, not a broker URL" in result.stdout
     assert "s3cret" not in result.stdout
+
+
+@pytest.mark.parametrize("url", ["notaurl", "", "postgresql+nodriver://db/triage"])
+def test_a_database_url_start_up_could_not_use_fails_validation_naming_it(offline, url):
+    # `triage worker` and `serve` stop on these; validation said "config is valid".
+    result = offline("config", "validate", code=2, DATABASE_URL=url)
+
+    assert "DATABASE_URL" in result.output and "config is valid" not in result.output
+
+
+def test_a_postgresql_url_is_valid_without_connecting(offline):
+    offline("config", "validate", DATABASE_URL="postgresql://triage:pw@127.0.0.1:1/triage")

@@ -28,6 +28,7 @@ def validate(
     # Workers build the sinks at start-up: a misspelt department or an unset secret there must
     # fail here too, not pass validation and stop the worker (or, before, every delivery).
     load_sinks(cfg)
+    _check_database_url(cfg.settings.database_url)
     sinks_file = cfg.settings.config_dir / "sinks.yaml"
     summary = {
         "config_dir": str(cfg.settings.config_dir),
@@ -45,3 +46,13 @@ def validate(
         for key, value in summary.items():
             console.print(f"[bold]{key}[/]: {value}")
         console.print("[green]config is valid[/]")
+
+
+def _check_database_url(url: str) -> None:
+    """Parse DATABASE_URL and load its driver as start-up does, without connecting (that is
+    `triage doctor`'s part): ArgumentError, reported naming DATABASE_URL, when it cannot."""
+    from sqlalchemy.engine import make_url
+
+    from triage.db.session import normalize_url
+
+    make_url(normalize_url(url)).get_dialect()
