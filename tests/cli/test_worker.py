@@ -45,3 +45,17 @@ def test_a_worker_with_a_mistake_in_sinks_yaml_refuses_to_start(env, tmp_path):
     assert result.returncode == 2, result.stderr
     assert "sinks.yaml: departments.biling: not a department" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_negative_concurrency_is_a_usage_error_not_a_traceback(env):
+    result = subprocess.run(
+        [sys.executable, "-m", "triage.cli.main", "worker", "-c", "-1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 2, result.stderr
+    assert "Invalid value for '--concurrency'" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -48,6 +48,7 @@ def worker(
         0,
         "--concurrency",
         "-c",
+        min=0,
         help="Model calls in flight (and task threads). Default: TRIAGE_WORKER_CONCURRENCY.",
     ),
     queues: str = typer.Option(
