@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from functools import cached_property
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -25,21 +25,38 @@ PRIORITIES: tuple[Priority, ...] = ("low", "normal", "high", "urgent")
 SENTIMENTS: tuple[Sentiment, ...] = ("negative", "neutral", "positive")
 
 
-class _Strict(BaseModel):
+class ConfigModel(BaseModel):
+    """A section of a config/ file: unknown keys are errors (a misspelt key would otherwise
+    be ignored without a word), and a key whose value is null is as if it were left out."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_left_out(cls, data: Any) -> Any:
+        # `overrides:` with every rule commented out loads as null: the operator means none,
+        # not a start-up error. A required key stays required.
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            key: value
+            for key, value in data.items()
+            if value is not None or key not in fields or fields[key].is_required()
+        }
 
-class Department(_Strict):
+
+class Department(ConfigModel):
     description: str = Field(min_length=1)
 
 
-class Intent(_Strict):
+class Intent(ConfigModel):
     department: str
     description: str = Field(min_length=1)
     examples: tuple[str, ...] = ()
 
 
-class RuleCondition(_Strict):
+class RuleCondition(ConfigModel):
     intent: str | None = None
     department: str | None = None
     priority: Priority | None = None
@@ -47,13 +64,13 @@ class RuleCondition(_Strict):
     language: str | None = None
 
 
-class RoutingOverride(_Strict):
+class RoutingOverride(ConfigModel):
     name: str
     when: RuleCondition
     department: str
 
 
-class RoutingConfig(_Strict):
+class RoutingConfig(ConfigModel):
     review_below_confidence: float = Field(0.5, ge=0.0, le=1.0)
     escalate_below_confidence: float = Field(0.7, ge=0.0, le=1.0)
     overrides: tuple[RoutingOverride, ...] = ()
@@ -72,7 +89,7 @@ def _is_label_language(code: str) -> bool:
     return True
 
 
-class Taxonomy(_Strict):
+class Taxonomy(ConfigModel):
     name: str
     departments: dict[str, Department]
     intents: dict[str, Intent]

@@ -297,3 +297,25 @@ def test_the_same_model_without_a_cascade_is_fine(config_dir):
         escalation_model="claude-sonnet-5",
     )
     assert load_config(settings).settings.model == "claude-sonnet-5"
+
+
+def test_a_list_whose_entries_are_all_commented_out_means_none(config_dir):
+    # `overrides:` and `examples:` left with every entry behind `#` load as null.
+    path = config_dir / "taxonomy.yaml"
+    text = path.read_text(encoding="utf-8")
+    head, rules = text.split("  overrides:\n")
+    text = head + "  overrides:\n" + "".join(f"#{line}\n" for line in rules.splitlines())
+    text = text.replace(
+        '      - "Hello, are you hiring?"\n      - "Test message please ignore."\n',
+        '#      - "Hello, are you hiring?"\n',
+    )
+    path.write_text(text, encoding="utf-8")
+    taxonomy = load_config(Settings(config_dir=config_dir, backend="local")).taxonomy
+    assert taxonomy.routing.overrides == ()
+    assert taxonomy.intents["other"].examples == ()
+
+
+def test_a_required_key_left_null_is_still_refused(config_dir):
+    edit(config_dir / "taxonomy.yaml", lambda d: d["intents"]["refund"].update(department=None))
+    with pytest.raises(ConfigError, match=r"intents\.refund\.department: Input should be"):
+        load_config(Settings(config_dir=config_dir, backend="local"))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import httpx
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, Field, ValidationError
 
 from triage.config import AppConfig, load_yaml_text, read_config_text
 from triage.errors import ConfigError
@@ -25,6 +25,7 @@ from triage.sinks.helpdesk import HelpdeskWriteBack
 from triage.sinks.registry import SinkTable
 from triage.sinks.webhook import WebhookSink
 from triage.sinks.zendesk import ZendeskWriter
+from triage.taxonomy import ConfigModel
 
 
 def _http_url(value: str) -> str:
@@ -42,24 +43,20 @@ def _http_url(value: str) -> str:
 HttpUrl = Annotated[str, AfterValidator(_http_url)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ZendeskSinkConfig(_Strict):
+class ZendeskSinkConfig(ConfigModel):
     base_url: HttpUrl
     email: str
     api_token_env: str
     groups: dict[str, int] = Field(default_factory=dict)  # department -> group id
 
 
-class FreshdeskSinkConfig(_Strict):
+class FreshdeskSinkConfig(ConfigModel):
     base_url: HttpUrl
     api_key_env: str
     groups: dict[str, int] = Field(default_factory=dict)  # department -> group id
 
 
-class DjangoHelpdeskSinkConfig(_Strict):
+class DjangoHelpdeskSinkConfig(ConfigModel):
     base_url: HttpUrl
     username: str
     password_env: str
@@ -67,18 +64,18 @@ class DjangoHelpdeskSinkConfig(_Strict):
     queues: dict[str, str] = Field(default_factory=dict)  # department -> slug (default: same)
 
 
-class HelpdesksConfig(_Strict):
+class HelpdesksConfig(ConfigModel):
     zendesk: ZendeskSinkConfig | None = None
     freshdesk: FreshdeskSinkConfig | None = None
     django_helpdesk: DjangoHelpdeskSinkConfig | None = Field(None, alias="django-helpdesk")
 
 
-class WebhookSinkConfig(_Strict):
+class WebhookSinkConfig(ConfigModel):
     url: HttpUrl
     secret_env: str
 
 
-class SinksFile(_Strict):
+class SinksFile(ConfigModel):
     timeout_seconds: float = Field(10.0, gt=0, le=120)
     helpdesks: HelpdesksConfig = HelpdesksConfig()
     webhooks: dict[str, WebhookSinkConfig] = Field(default_factory=dict)
