@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -113,3 +114,13 @@ def test_a_database_url_start_up_could_not_use_fails_validation_naming_it(offlin
 
 def test_a_postgresql_url_is_valid_without_connecting(offline):
     offline("config", "validate", DATABASE_URL="postgresql://triage:pw@127.0.0.1:1/triage")
+
+
+def test_doctor_finds_the_sinks_yaml_mistake_that_stops_a_worker(offline, config_dir):
+    (config_dir / "sinks.yaml").write_text("departments:\n  biling: [queue]\n")
+
+    result = offline("doctor", "--json", code=1)
+
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["config"]["status"] == "problem"
+    assert "departments.biling: not a department" in checks["config"]["detail"]

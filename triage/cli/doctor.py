@@ -49,9 +49,12 @@ def doctor(
         checks.append(Check("config", "problem", detail, "fix the TRIAGE_* environment"))
     if settings is not None:
         from triage.config import load_config
+        from triage.sinks.registry import load_sinks
 
         try:
             config = load_config(settings)
+            # As `config validate` and the worker's start-up do: sinks.yaml and its secrets.
+            load_sinks(config)
             checks.append(
                 Check(
                     "config",
