@@ -135,8 +135,22 @@ class Taxonomy(ConfigModel):
                     f"{where}.when.language: {override}: {when.language!r} is not a "
                     "language a label can have (a lower-case ISO 639-1 code such as 'en')"
                 )
+        self._examples_distinct()
         self._rules_reachable()
         return self
+
+    def _examples_distinct(self) -> None:
+        """One example text under two intents (an intent block pasted and renamed, its
+        examples kept) teaches the prompt and the offline model both labels for one ticket."""
+        owner: dict[str, str] = {}
+        for name, intent in self.intents.items():
+            for i, text in enumerate(intent.examples):
+                first = owner.setdefault(" ".join(text.casefold().split()), name)
+                if first != name:
+                    raise ValueError(
+                        f"intents.{name}.examples[{i}]: {text!r} is also an example of intent "
+                        f"{first!r}; a ticket has one intent"
+                    )
 
     def _rules_reachable(self) -> None:
         """First match wins, so a rule every ticket of which an earlier rule takes would be

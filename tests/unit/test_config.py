@@ -319,3 +319,18 @@ def test_a_required_key_left_null_is_still_refused(config_dir):
     edit(config_dir / "taxonomy.yaml", lambda d: d["intents"]["refund"].update(department=None))
     with pytest.raises(ConfigError, match=r"intents\.refund\.department: Input should be"):
         load_config(Settings(config_dir=config_dir, backend="local"))
+
+
+def test_one_example_under_two_intents_is_refused_naming_both(config_dir):
+    edit(
+        config_dir / "taxonomy.yaml",
+        lambda d: d["intents"]["cancellation"]["examples"].append(
+            "  I want a refund for the order I returned last WEEK."
+        ),
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(Settings(config_dir=config_dir, backend="local"))
+    message = str(info.value)
+    # Named from whichever of the two comes second in the file.
+    assert "taxonomy.yaml" in message and "also an example of intent" in message
+    assert "intents.refund.examples[0]" in message and "'cancellation'" in message
