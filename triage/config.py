@@ -6,7 +6,9 @@ ANTHROPIC_BASE_URL unprefixed; everything else TRIAGE_*.
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
@@ -332,6 +334,31 @@ def load_models(path: Path) -> ModelTable:
         return ModelTable.model_validate(_read_yaml(path))
     except ValidationError as exc:
         raise ConfigError(_validation_message(path, exc)) from None
+
+
+def setting_variables() -> set[str]:
+    """Every environment variable name Settings reads."""
+    names: set[str] = set()
+    for field, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(str(choice) for choice in alias.choices)
+        else:
+            names.add(f"TRIAGE_{field.upper()}")
+    return names
+
+
+def unknown_triage_variables(environ: Mapping[str, str], also_read: set[str]) -> list[str]:
+    """TRIAGE_* variables nothing reads (besides `also_read`, the secrets sinks.yaml names),
+    each with the setting it most looks like: a misspelt name is otherwise ignored without a
+    word and its setting keeps the default."""
+    known = setting_variables() | also_read
+    found = []
+    for name in sorted(environ):
+        if name.startswith("TRIAGE_") and name not in known:
+            near = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+            found.append(f"{name} (did you mean {near[0]}?)" if near else name)
+    return found
 
 
 def _env_name(field: str) -> str:

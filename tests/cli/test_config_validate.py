@@ -124,3 +124,30 @@ def test_doctor_finds_the_sinks_yaml_mistake_that_stops_a_worker(offline, config
     checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
     assert checks["config"]["status"] == "problem"
     assert "departments.biling: not a department" in checks["config"]["detail"]
+
+
+def test_a_misspelt_triage_variable_is_warned_about_with_the_setting_it_looks_like(offline):
+    # TRIAGE_CLASSIFY_MAX_ATTEMPT (no S) was ignored without a word: the default 6 applied.
+    result = offline("config", "validate", TRIAGE_CLASSIFY_MAX_ATTEMPT="2")
+
+    assert (
+        "warning: TRIAGE_CLASSIFY_MAX_ATTEMPT (did you mean TRIAGE_CLASSIFY_MAX_ATTEMPTS?) "
+        "is set but is not a triage setting; ignored"
+    ) in result.output
+    assert "config is valid" in result.output
+    assert offline.json("config", "validate", TRIAGE_CLASSIFY_MAX_ATTEMPT="2")[
+        "unknown_variables"
+    ] == ["TRIAGE_CLASSIFY_MAX_ATTEMPT (did you mean TRIAGE_CLASSIFY_MAX_ATTEMPTS?)"]
+
+
+def test_secrets_named_by_sinks_yaml_are_not_unknown(offline, config_dir):
+    (config_dir / "sinks.yaml").write_text(
+        "webhooks:\n  crm: {url: 'https://crm.example/hook', secret_env: TRIAGE_SINK_SECRET_CRM}\n"
+    )
+    report = offline.json(
+        "config",
+        "validate",
+        TRIAGE_SINK_SECRET_CRM="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        TRIAGE_WORKER_CONCURRENCY="20",
+    )
+    assert report["unknown_variables"] == []

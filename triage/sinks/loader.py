@@ -161,6 +161,19 @@ def load_sinks_file(path: Path) -> SinksFile:
         raise ConfigError(f"{path}: {problems}") from None
 
 
+def secret_variables(spec: SinksFile) -> set[str]:
+    """The environment variables the file names for its secrets."""
+    helpdesks = spec.helpdesks
+    names = {hook.secret_env for hook in spec.webhooks.values()}
+    if helpdesks.zendesk:
+        names.add(helpdesks.zendesk.api_token_env)
+    if helpdesks.freshdesk:
+        names.add(helpdesks.freshdesk.api_key_env)
+    if helpdesks.django_helpdesk:
+        names.add(helpdesks.django_helpdesk.password_env)
+    return names
+
+
 def _check_departments(path: Path, field: str, names: Iterable[str], known: set[str]) -> None:
     # A misspelt department would otherwise be ignored without a word: its tickets would
     # simply never get their group or queue.
