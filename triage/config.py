@@ -6,14 +6,27 @@ ANTHROPIC_BASE_URL unprefixed; everything else TRIAGE_*.
 
 from __future__ import annotations
 
+import difflib
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from kombu.transport import TRANSPORT_ALIASES
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from triage.errors import ConfigError
@@ -22,6 +35,8 @@ from triage.taxonomy import Taxonomy
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BackendName = Literal["auto", "anthropic", "local", "cascade"]
 UpdatePolicy = Literal["ignore", "retriage"]
+# What redis-py connects to; REDIS_URL is the broker too unless TRIAGE_BROKER_URL is set.
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 class Settings(BaseSettings):
@@ -118,6 +133,41 @@ class Settings(BaseSettings):
     # dead letters) is kept; a sent message's row is only needed while it may be in flight.
     outbox_retention_hours: float = Field(24.0, gt=0)
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        # Without a scheme ("localhost:6379") kombu would speak AMQP to the Redis port, and
+        # redis-py refuse it only when the shared limits are first used. The URL may hold a
+        # password: the message does not repeat it.
+        if value and ("://" not in value or urlsplit(value).scheme not in _REDIS_SCHEMES):
+            raise ValueError(
+                "not a Redis URL: redis://[:password@]host:port/db (rediss:// for TLS, "
+                "unix:///path.sock)"
+            )
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, value: str | None) -> str | None:
+        if value and (
+            "://" not in value or urlsplit(value).scheme.split("+", 1)[0] not in TRANSPORT_ALIASES
+        ):
+            raise ValueError(
+                "not a broker URL: redis://host:port/db, rediss://… or "
+                "amqp://user:password@host:5672/vhost"
+            )
+        return value
+
+    @field_validator("anthropic_api_key", mode="before")
+    @classmethod
+    def _key_as_issued(cls, value: Any) -> Any:
+        # A key read from a file or a Kubernetes secret often ends in a newline, which httpx
+        # refuses in a header: every call would fail. A blank one (`ANTHROPIC_API_KEY=` in an
+        # env file) is no key, not a key the API answers 401 to for every ticket.
+        if isinstance(value, str):
+            return value.strip() or None
+        return value
+
     def effective_backend(self) -> Literal["anthropic", "local", "cascade"]:
         if self.backend != "auto":
             return self.backend
@@ -211,12 +261,57 @@ def read_config_text(path: Path) -> str:
         raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
 
 
-def _read_yaml(path: Path) -> Any:
-    text = read_config_text(path)
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping. PyYAML keeps the last one
+    without a word: an intent block pasted under a name already in use would silently replace
+    the first intent, a second `routing:` drop the first one's thresholds and overrides."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        # Before merging: a key written out may override one merged in with `<<`.
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:
+                continue  # an unhashable key: construct_mapping below says so
+            if first is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r} (first given on line {first.line + 1})",
+                    key_node.start_mark,
+                )
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
+
+
+# YAML 1.1, which PyYAML follows, reads yes/no/on/off (any case) as booleans: `language: no`
+# (Norwegian) or a department named `on` would load as False/True and be refused as "not a
+# valid string". Only true/false are booleans here, as in YAML 1.2; a boolean setting still
+# accepts yes/no/on/off, which pydantic reads as the words they are.
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def load_yaml_text(path: Path, text: str) -> Any:
+    """Parse a config/ file's text; invalid YAML (a duplicate key too) is a ConfigError
+    naming the file."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+def _read_yaml(path: Path) -> Any:
+    return load_yaml_text(path, read_config_text(path))
 
 
 def _validation_message(path: Path, exc: ValidationError) -> str:
@@ -241,9 +336,51 @@ def load_models(path: Path) -> ModelTable:
         raise ConfigError(_validation_message(path, exc)) from None
 
 
+def setting_variables() -> set[str]:
+    """Every environment variable name Settings reads."""
+    names: set[str] = set()
+    for field, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(str(choice) for choice in alias.choices)
+        else:
+            names.add(f"TRIAGE_{field.upper()}")
+    return names
+
+
+def unknown_triage_variables(environ: Mapping[str, str], also_read: set[str]) -> list[str]:
+    """TRIAGE_* variables nothing reads (besides `also_read`, the secrets sinks.yaml names),
+    each with the setting it most looks like: a misspelt name is otherwise ignored without a
+    word and its setting keeps the default."""
+    known = setting_variables() | also_read
+    found = []
+    for name in sorted(environ):
+        if name.startswith("TRIAGE_") and name not in known:
+            near = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+            found.append(f"{name} (did you mean {near[0]}?)" if near else name)
+    return found
+
+
+def _env_name(field: str) -> str:
+    """The environment variable an operator sets for a Settings field."""
+    info = Settings.model_fields.get(field)
+    if info is None:
+        return field
+    alias = info.validation_alias
+    if isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str):
+        return alias.choices[0]
+    return f"TRIAGE_{field.upper()}"
+
+
 def settings_problems(exc: ValidationError) -> str:
-    """What is wrong with the settings read from the environment, on one line."""
-    return _validation_message(Path("environment"), exc)
+    """What is wrong with the settings read from the environment, on one line, each problem
+    under the variable's name (TRIAGE_WORKER_CONCURRENCY, not worker_concurrency)."""
+    problems = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        field = ".".join([_env_name(loc[0]), *loc[1:]]) if loc else "(top level)"
+        problems.append(f"{field}: {err['msg']}")
+    return "environment: " + "; ".join(problems)
 
 
 def load_config(settings: Settings | None = None) -> AppConfig:
@@ -256,9 +393,27 @@ def load_config(settings: Settings | None = None) -> AppConfig:
     taxonomy = load_taxonomy(config_dir / "taxonomy.yaml")
     models = load_models(config_dir / "models.yaml")
     if settings.effective_backend() in ("anthropic", "cascade"):
+        if settings.anthropic_api_key is None:
+            # Checked here, not only when the worker builds its backend: `config validate`
+            # must refuse what would stop the worker.
+            raise ConfigError(
+                f"environment: TRIAGE_BACKEND={settings.backend} needs ANTHROPIC_API_KEY, "
+                "which is not set (or blank); set it, or use TRIAGE_BACKEND=local to run offline"
+            )
         models.spec(settings.model)
         if settings.escalation_model:
             models.spec(settings.escalation_model)
+        if (
+            settings.effective_backend() == "cascade"
+            and settings.escalation_model == settings.model
+        ):
+            # Every unsure ticket would pay a second call, with the same prompt, to the model
+            # that was just unsure of it.
+            raise ConfigError(
+                f"environment: TRIAGE_ESCALATION_MODEL is TRIAGE_MODEL ({settings.model}): "
+                "escalation must ask a larger model; set one, or set TRIAGE_ESCALATION_MODEL= "
+                "(empty) not to escalate"
+            )
     else:
         # The offline backend trains on first use; a bad training row must stop start-up (and
         # fail `config validate`), not the first ticket. Imported here: it brings scikit-learn.

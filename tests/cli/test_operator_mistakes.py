@@ -154,7 +154,7 @@ def test_doctor_timeout_must_be_positive(cli, timeout):
 def test_an_invalid_setting_in_the_environment_is_one_line_naming_it(cli, args):
     output = _one_line_error(cli(*args, code=None, TRIAGE_MAX_TOKENS="2"), 2)
 
-    assert "environment: max_tokens: Input should be greater than or equal to 64" in output
+    assert "environment: TRIAGE_MAX_TOKENS: Input should be greater than or equal to 64" in output
 
 
 @pytest.mark.parametrize("command", ["list", "replay", "purge"])

@@ -394,3 +394,16 @@ def test_a_webhook_url_that_is_not_http_is_a_config_error(tmp_path, url):
     text = f"webhooks:\n  crm: {{url: '{url}', secret_env: T_HOOK_SECRET}}\n"
     with pytest.raises(ConfigError, match=r"webhooks\.crm\.url"):
         load_sinks_file(write_yaml(tmp_path, text))
+
+
+def test_a_department_listed_twice_is_a_config_error(tmp_path, app_config):
+    # Last-one-wins would quietly drop billing's first sink list.
+    text = "departments:\n  billing: [queue]\n  escalations: [queue]\n  billing: []\n"
+    with pytest.raises(ConfigError, match=r"(?s)sinks\.yaml: .*duplicate key 'billing'"):
+        build_sink_table(write_yaml(tmp_path, text), app_config)
+
+
+def test_sections_whose_entries_are_all_commented_out_mean_none(tmp_path, app_config):
+    text = "helpdesks:\n#  zendesk: {}\nwebhooks:\ndepartments:\n#  billing: [helpdesk]\ndefault:\n"
+    table = build_sink_table(write_yaml(tmp_path, text), app_config)
+    assert table.by_department == {} and table.default == ()

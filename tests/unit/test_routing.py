@@ -73,3 +73,21 @@ def test_a_backend_review_reason_sends_even_a_sure_label_to_a_person(taxonomy):
         True,
     )
     assert route.reason == "the escalation model refused"
+
+
+def _with_override(taxonomy, when: dict, department: str = "escalations"):
+    data = taxonomy.model_dump()
+    data["routing"]["overrides"] = [{"name": "rule", "when": when, "department": department}]
+    return type(taxonomy).model_validate(data)
+
+
+def test_a_department_condition_matches_the_department_owning_the_intent_not_the_models_guess(
+    taxonomy,
+):
+    billing_high = _with_override(taxonomy, {"department": "billing", "priority": "high"})
+    # A refund is billing's, whatever department the model named alongside it...
+    refund = label(intent="refund", department="sales", priority="high")
+    assert decide_route(billing_high, refund).department == "escalations"
+    # ...and a shipping question stays logistics' even when the model guessed billing.
+    shipping = label(intent="shipping", department="billing", priority="high")
+    assert decide_route(billing_high, shipping).department == "logistics"

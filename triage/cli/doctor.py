@@ -33,7 +33,9 @@ def doctor(
 
     Example: DATABASE_URL=postgresql://db/triage REDIS_URL=redis://cache triage doctor
     """
-    from triage.config import Settings
+    from pydantic import ValidationError
+
+    from triage.config import Settings, settings_problems
     from triage.errors import ConfigError
 
     checks: list[Check] = []
@@ -42,12 +44,17 @@ def doctor(
     try:
         settings = Settings()
     except Exception as exc:  # noqa: BLE001 - settings from the environment may be invalid
-        checks.append(Check("config", "problem", str(exc), "fix the TRIAGE_* environment"))
+        # pydantic's own text repeats each input, and a broker URL may carry a password.
+        detail = settings_problems(exc) if isinstance(exc, ValidationError) else str(exc)
+        checks.append(Check("config", "problem", detail, "fix the TRIAGE_* environment"))
     if settings is not None:
         from triage.config import load_config
+        from triage.sinks.registry import load_sinks
 
         try:
             config = load_config(settings)
+            # As `config validate` and the worker's start-up do: sinks.yaml and its secrets.
+            load_sinks(config)
             checks.append(
                 Check(
                     "config",

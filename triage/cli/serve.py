@@ -69,6 +69,8 @@ def worker(
     rt = get_runtime()
     settings = rt.settings
     consumed = _queues(queues, all_queues(rt.config))
+    # sinks.yaml and the secrets it names: a mistake there stops start-up, not each delivery.
+    rt.sinks  # noqa: B018
     threads = concurrency or settings.worker_concurrency
     rt.calls = CallPool(threads)
     require_current_schema(settings.database_url)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from urllib.parse import urlsplit
 
 from celery import Celery
@@ -76,7 +77,14 @@ def make_celery(config: AppConfig) -> Celery:
         worker_send_task_events=False,
         enable_utc=True,
     )
-    if urlsplit(broker).scheme == "redis":
+    url = urlsplit(broker)
+    if url.scheme in ("redis", "rediss"):
+        # Over TLS too: the transport's reconnect fix matters most where connections drop.
         app.conf.broker_transport = "triage.pipeline.redis_transport:Transport"
+    if url.scheme == "rediss" and "ssl_cert_reqs=" not in url.query:
+        # kombu's own default for rediss:// is CERT_NONE: encrypted, but to whoever answers.
+        # Verify the server as redis-py does (the limits client, on the same URL); a URL's
+        # `?ssl_cert_reqs=none` still opts out.
+        app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     consumption.install(app)
     return app

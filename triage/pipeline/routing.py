@@ -25,10 +25,12 @@ class Route:
     reason: str | None = None
 
 
-def _matches(cond: RuleCondition, label: TicketLabel) -> bool:
+def _matches(cond: RuleCondition, label: TicketLabel, owner: str) -> bool:
     checks = {
         "intent": label.intent,
-        "department": label.department,
+        # The department that owns the intent, as for routing without overrides: the model's
+        # own department guess may disagree with its intent, and is not trusted.
+        "department": owner,
         "priority": label.priority,
         "sentiment": label.sentiment,
         "language": label.language,
@@ -66,7 +68,7 @@ def decide_route(
             ),
         )
     for rule in routing.overrides:
-        if _matches(rule.when, label):
+        if _matches(rule.when, label, owner):
             return Route(
                 queue=department_queue(rule.department), department=rule.department, rule=rule.name
             )

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Annotated
 
 import httpx
-import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, Field, ValidationError
 
-from triage.config import AppConfig
+from triage.config import AppConfig, load_yaml_text, read_config_text
 from triage.errors import ConfigError
 from triage.sinks.base import Sink
 from triage.sinks.django_helpdesk import DjangoHelpdeskWriter
@@ -26,6 +25,7 @@ from triage.sinks.helpdesk import HelpdeskWriteBack
 from triage.sinks.registry import SinkTable
 from triage.sinks.webhook import WebhookSink
 from triage.sinks.zendesk import ZendeskWriter
+from triage.taxonomy import ConfigModel
 
 
 def _http_url(value: str) -> str:
@@ -43,24 +43,20 @@ def _http_url(value: str) -> str:
 HttpUrl = Annotated[str, AfterValidator(_http_url)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ZendeskSinkConfig(_Strict):
+class ZendeskSinkConfig(ConfigModel):
     base_url: HttpUrl
     email: str
     api_token_env: str
     groups: dict[str, int] = Field(default_factory=dict)  # department -> group id
 
 
-class FreshdeskSinkConfig(_Strict):
+class FreshdeskSinkConfig(ConfigModel):
     base_url: HttpUrl
     api_key_env: str
     groups: dict[str, int] = Field(default_factory=dict)  # department -> group id
 
 
-class DjangoHelpdeskSinkConfig(_Strict):
+class DjangoHelpdeskSinkConfig(ConfigModel):
     base_url: HttpUrl
     username: str
     password_env: str
@@ -68,18 +64,18 @@ class DjangoHelpdeskSinkConfig(_Strict):
     queues: dict[str, str] = Field(default_factory=dict)  # department -> slug (default: same)
 
 
-class HelpdesksConfig(_Strict):
+class HelpdesksConfig(ConfigModel):
     zendesk: ZendeskSinkConfig | None = None
     freshdesk: FreshdeskSinkConfig | None = None
     django_helpdesk: DjangoHelpdeskSinkConfig | None = Field(None, alias="django-helpdesk")
 
 
-class WebhookSinkConfig(_Strict):
+class WebhookSinkConfig(ConfigModel):
     url: HttpUrl
     secret_env: str
 
 
-class SinksFile(_Strict):
+class SinksFile(ConfigModel):
     timeout_seconds: float = Field(10.0, gt=0, le=120)
     helpdesks: HelpdesksConfig = HelpdesksConfig()
     webhooks: dict[str, WebhookSinkConfig] = Field(default_factory=dict)
@@ -154,11 +150,7 @@ def _resolve(path: Path, field: str, names: list[str], sinks: dict[str, Sink]) -
 
 
 def load_sinks_file(path: Path) -> SinksFile:
-    try:
-        with path.open(encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    raw = load_yaml_text(path, read_config_text(path)) or {}
     try:
         return SinksFile.model_validate(raw)
     except ValidationError as exc:
@@ -167,6 +159,19 @@ def load_sinks_file(path: Path) -> SinksFile:
             for e in exc.errors()
         )
         raise ConfigError(f"{path}: {problems}") from None
+
+
+def secret_variables(spec: SinksFile) -> set[str]:
+    """The environment variables the file names for its secrets."""
+    helpdesks = spec.helpdesks
+    names = {hook.secret_env for hook in spec.webhooks.values()}
+    if helpdesks.zendesk:
+        names.add(helpdesks.zendesk.api_token_env)
+    if helpdesks.freshdesk:
+        names.add(helpdesks.freshdesk.api_key_env)
+    if helpdesks.django_helpdesk:
+        names.add(helpdesks.django_helpdesk.password_env)
+    return names
 
 
 def _check_departments(path: Path, field: str, names: Iterable[str], known: set[str]) -> None:
