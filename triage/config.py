@@ -403,17 +403,6 @@ def load_config(settings: Settings | None = None) -> AppConfig:
         models.spec(settings.model)
         if settings.escalation_model:
             models.spec(settings.escalation_model)
-        if (
-            settings.effective_backend() == "cascade"
-            and settings.escalation_model == settings.model
-        ):
-            # Every unsure ticket would pay a second call, with the same prompt, to the model
-            # that was just unsure of it.
-            raise ConfigError(
-                f"environment: TRIAGE_ESCALATION_MODEL is TRIAGE_MODEL ({settings.model}): "
-                "escalation must ask a larger model; set one, or set TRIAGE_ESCALATION_MODEL= "
-                "(empty) not to escalate"
-            )
     else:
         # The offline backend trains on first use; a bad training row must stop start-up (and
         # fail `config validate`), not the first ticket. Imported here: it brings scikit-learn.

@@ -275,30 +275,6 @@ def test_an_api_key_is_used_without_the_whitespace_around_it(monkeypatch):
     assert settings.anthropic_api_key.get_secret_value() == "sk-ant-test"
 
 
-@pytest.mark.parametrize("backend", ["cascade", "auto"])
-def test_escalating_to_the_first_model_itself_is_refused(config_dir, backend):
-    settings = Settings(
-        config_dir=config_dir,
-        backend=backend,
-        anthropic_api_key="sk-test",
-        model="claude-sonnet-5",
-        escalation_model="claude-sonnet-5",
-    )
-    with pytest.raises(ConfigError, match=r"TRIAGE_ESCALATION_MODEL is TRIAGE_MODEL"):
-        load_config(settings)
-
-
-def test_the_same_model_without_a_cascade_is_fine(config_dir):
-    settings = Settings(
-        config_dir=config_dir,
-        backend="anthropic",
-        anthropic_api_key="sk-test",
-        model="claude-sonnet-5",
-        escalation_model="claude-sonnet-5",
-    )
-    assert load_config(settings).settings.model == "claude-sonnet-5"
-
-
 def test_a_list_whose_entries_are_all_commented_out_means_none(config_dir):
     # `overrides:` and `examples:` left with every entry behind `#` load as null.
     path = config_dir / "taxonomy.yaml"
