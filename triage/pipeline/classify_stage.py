@@ -222,9 +222,22 @@ def _record_carried(rt: Runtime, carried: list[dict[str, Any]]) -> dict[int, str
     in the generation they answered takes its label as if it had just arrived. One that has
     moved on keeps its own course, and the answer is kept as superseded: new text, another
     worker's label, or a claim the database lost with its last commits (a failover to a
-    lagging replica), after which the ticket is asked again."""
+    lagging replica), after which the ticket is asked again.
+
+    An answer whose intent the taxonomy no longer has (a worker with a newer taxonomy took
+    the retry) cannot be routed: it is dropped, and its ticket is asked again once its claim's
+    lease is over, as if the answer had never come."""
+    answers = _uncarry(carried)
+    intents = set(rt.config.taxonomy.intent_names)
+    routable = [(holder, result) for holder, result in answers if result.label.intent in intents]
+    if len(routable) < len(answers):
+        log.warning(
+            "classify: %d carried answers name an intent the taxonomy no longer has; their "
+            "tickets will be asked again",
+            len(answers) - len(routable),
+        )
     try:
-        return _finish(rt, _uncarry(carried))
+        return _finish(rt, routable)
     except Exception as exc:
         if is_database_outage(exc):
             raise AnswersNotRecorded(carried) from exc
