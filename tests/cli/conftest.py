@@ -7,7 +7,6 @@ import json
 import os
 import signal
 from collections.abc import Callable, Iterator
-from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -15,10 +14,9 @@ from sqlalchemy import text
 from typer.testing import CliRunner
 
 from tests.fakeanthropic import FakeAnthropic
+from tests.support.rows import add_label, add_ticket
 from tests.support.stack import make_runtime, stack_env
 from triage.cli.main import app
-from triage.db.models import Classification, Ticket, TicketState, utcnow
-from triage.db.repo import content_hash
 from triage.db.session import get_engine, session_scope
 from triage.pipeline.runtime import Runtime
 
@@ -124,44 +122,8 @@ def seed_routed(
     reprocessing must keep)."""
     ids = []
     with session_scope(rt.sessions) as session:
-        for n, body in enumerate(bodies):
-            ticket = Ticket(
-                source="generic",
-                external_id=f"seed-{n}-{abs(hash(body)) % 10**8}",
-                subject="Help",
-                body=body,
-                clean_text=body,
-                content_hash=content_hash("Help", body),
-                requester_email="jane.doe@example.com",
-                requester_name="Jane Doe",
-                channel="email",
-                extra={},
-                state=TicketState.ROUTED.value,
-                department=department,
-            )
-            session.add(ticket)
-            session.flush()
-            label = Classification(
-                ticket_id=ticket.id,
-                intent=intent,
-                department=department,
-                priority="normal",
-                language="en",
-                sentiment="neutral",
-                confidence=confidence,
-                summary="Old label.",
-                backend="anthropic",
-                model=model,
-                taxonomy_version="old-taxonomy",
-                prompt_version="p-old",
-                input_tokens=900,
-                output_tokens=60,
-                cost_usd=Decimal("0.0012"),
-                latency_ms=420.0,
-                created_at=utcnow(),
-            )
-            session.add(label)
-            session.flush()
-            ticket.current_classification_id = label.id
+        for body in bodies:
+            ticket = add_ticket(session, body, department=department)
+            add_label(session, ticket, intent=intent, model=model, confidence=confidence)
             ids.append(ticket.id)
     return ids

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.rows import add_ticket
 from tests.support.stack import make_runtime, stack_env, truncate
 from triage.classify.backends.base import ClassificationResult, Usage
 from triage.classify.schema import TicketLabel
 from triage.db.models import Attempt, Ticket, TicketState
-from triage.db.repo import content_hash
 from triage.db.session import session_scope
 from triage.pipeline.classify_stage import _carry, classify_tickets_stage
 
@@ -23,21 +23,11 @@ def rt(pg_url, clean_redis):
 
 def _classifying(rt, n: int) -> int:
     """A ticket a worker claimed (attempt 1) and whose answer it could not record."""
-    body = f"My invoice {n} charged me twice"
     with session_scope(rt.sessions) as s:
-        ticket = Ticket(
-            source="generic",
-            external_id=f"carried-{n}",
-            subject="Billing",
-            body=body,
-            clean_text=body,
-            content_hash=content_hash("Billing", body),
-            state=TicketState.CLASSIFYING.value,
-            attempts=1,
-        )
-        s.add(ticket)
-        s.flush()
-        return ticket.id
+        body = f"My invoice {n} charged me twice"
+        return add_ticket(
+            s, body, subject="Billing", state=TicketState.CLASSIFYING.value, attempts=1
+        ).id
 
 
 def _answer(intent: str) -> ClassificationResult:

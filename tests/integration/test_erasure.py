@@ -9,6 +9,7 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import select
 
+from tests.support.rows import add_label, add_ticket
 from tests.support.stack import make_runtime, stack_env, truncate
 from triage.db.erasure import ERASED, erase_tickets, requester_ticket_ids
 from triage.db.models import (
@@ -20,7 +21,7 @@ from triage.db.models import (
     TicketState,
     utcnow,
 )
-from triage.db.repo import APPLIED_UPDATES, accept_ticket, content_hash
+from triage.db.repo import APPLIED_UPDATES, accept_ticket
 from triage.db.session import session_scope
 from triage.errors import PermanentError
 from triage.ingest.models import InboundTicket
@@ -39,45 +40,26 @@ def _ticket(
 ) -> int:
     body = f"Hi, I'm {email.split('@')[0]}, order {n} never came. Call me on +44 20 7946 0{n:03d}"
     with session_scope(rt.sessions) as s:
-        ticket = Ticket(
+        ticket = add_ticket(
+            s,
+            body,
+            subject="Where is my order",
             source="zendesk",
             external_id=f"erase-{n}",
-            subject="Where is my order",
-            body=body,
-            clean_text=body,
-            content_hash=content_hash("Where is my order", body),
             requester_email=email,
             requester_name=email.split("@")[0].title(),
-            channel="email",
             extra={"brand": "acme", "phone": "+44 20 7946 0000", APPLIED_UPDATES: ["comment:1"]},
             state=state.value,
             department="shipping",
             last_error=error,
         )
-        s.add(ticket)
-        s.flush()
-        label = Classification(
-            ticket_id=ticket.id,
+        add_label(
+            s,
+            ticket,
             intent="shipping",
-            department="shipping",
-            priority="normal",
-            language="en",
             sentiment="negative",
-            confidence=0.9,
             summary=f"{email} asks where order {n} is",
-            backend="anthropic",
-            model="claude-haiku-4-5",
-            taxonomy_version="t1",
-            prompt_version="p1",
-            input_tokens=900,
-            output_tokens=60,
-            cost_usd=Decimal("0.0012"),
-            latency_ms=400.0,
-            created_at=utcnow(),
         )
-        s.add(label)
-        s.flush()
-        ticket.current_classification_id = label.id
         s.add(
             Attempt(
                 ticket_id=ticket.id,
