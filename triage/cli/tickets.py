@@ -246,14 +246,8 @@ def erase(
         with session_scope(sessions) as session:
             report = erase_tickets(session, ids)
     report.missing.extend(unknown)
-    data = {
-        "erased": report.erased,
-        "already": report.already,
-        "in_flight": report.in_flight,
-        "missing": report.missing,
-    }
     if as_json:
-        print_json(data)
+        print_json(dataclasses.asdict(report))
     else:
         console.print(
             f"{len(report.erased)} tickets erased, {len(report.already)} erased before",

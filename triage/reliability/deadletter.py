@@ -124,8 +124,10 @@ def replay(session: Session, dead_letter_id: int) -> Replayed | None:
     letter = session.get(DeadLetter, dead_letter_id)
     if letter is None or letter.replayed_at is not None:
         return None
-    erased = session.get(Ticket, letter.ticket_id)
-    if erased is not None and erased.erased_at is not None and not _delivery_replay(letter, erased):
+    ticket = session.get(Ticket, letter.ticket_id)
+    if ticket is None:
+        return None
+    if ticket.erased_at is not None and not _delivery_replay(letter, ticket):
         return None  # its text was erased: there is nothing to classify again
     claimed = session.execute(
         update(DeadLetter)
@@ -133,10 +135,7 @@ def replay(session: Session, dead_letter_id: int) -> Replayed | None:
         .values(replayed_at=utcnow())
         .execution_options(synchronize_session=False)
     ).rowcount  # type: ignore[attr-defined]
-    if claimed != 1:
-        return None
-    ticket = session.get(Ticket, letter.ticket_id)
-    if ticket is None or ticket.state != S.DEAD_LETTERED:
+    if claimed != 1 or ticket.state != S.DEAD_LETTERED:
         return None
     newest = session.scalar(
         select(func.max(DeadLetter.id)).where(DeadLetter.ticket_id == ticket.id)
