@@ -214,3 +214,27 @@ def test_a_backfill_without_the_anthropic_backend_records_no_run(cli, rt, fake):
     assert "backfill --batch needs ANTHROPIC_API_KEY and an Anthropic backend" in result.output
     with rt.sessions() as session:
         assert session.scalar(select(func.count()).select_from(ReprocessRun)) == 0
+
+
+def _batch_requests(fake) -> list[list[str]]:
+    """The custom ids of every batch the fake was asked to create, in order."""
+    return [
+        [r["custom_id"] for r in req.body["requests"]]
+        for req in fake.requests
+        if req.method == "POST" and req.path == "/v1/messages/batches"
+    ]
+
+
+def test_backfill_with_the_broker_down_stops_before_any_batch_is_paid_for(cli, rt, fake):
+    (ticket_id,) = seed_routed(rt, ["Where is my parcel? [[intent:shipping]]"])
+
+    result = cli(
+        "backfill", "--batch", "--since", "1h", "--yes", code=1, REDIS_URL="redis://127.0.0.1:1/0"
+    )
+
+    assert "broker unreachable" in result.output and "Traceback" not in result.output
+    assert _batch_requests(fake) == [] and fake.call_count() == 0
+    with rt.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(ReprocessRun)) == 0
+        assert session.scalar(select(func.count()).select_from(MessageBatch)) == 0
+        assert session.get(Ticket, ticket_id).state == "routed"

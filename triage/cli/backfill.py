@@ -17,6 +17,7 @@ from triage.cli.common import (
     guarded,
     load_runtime,
     print_json,
+    stop_if_broker_unreachable,
 )
 from triage.cli.progress import progress_bar
 
@@ -105,6 +106,10 @@ def backfill(
             highlight=False,
         )
         return
+    # Before anything is paid for or recorded: with the broker down each imported label's
+    # routing message would wait out a failed connection and stay in the outbox, and the run
+    # would still end as a success.
+    stop_if_broker_unreachable(rt, "backfilled tickets could not be routed")
     # Asked before the run is recorded: after a "no", a later backfill of the same selection
     # must start afresh, not resume the one that was turned down.
     earlier = rp.find_run(rt, "batch", f, run_id=resume)
