@@ -214,3 +214,102 @@ def test_a_backfill_without_the_anthropic_backend_records_no_run(cli, rt, fake):
     assert "backfill --batch needs ANTHROPIC_API_KEY and an Anthropic backend" in result.output
     with rt.sessions() as session:
         assert session.scalar(select(func.count()).select_from(ReprocessRun)) == 0
+
+
+def _batch_requests(fake) -> list[list[str]]:
+    """The custom ids of every batch the fake was asked to create, in order."""
+    return [
+        [r["custom_id"] for r in req.body["requests"]]
+        for req in fake.requests
+        if req.method == "POST" and req.path == "/v1/messages/batches"
+    ]
+
+
+def test_backfill_with_the_broker_down_stops_before_any_batch_is_paid_for(cli, rt, fake):
+    (ticket_id,) = seed_routed(rt, ["Where is my parcel? [[intent:shipping]]"])
+
+    result = cli(
+        "backfill", "--batch", "--since", "1h", "--yes", code=1, REDIS_URL="redis://127.0.0.1:1/0"
+    )
+
+    assert "broker unreachable" in result.output and "Traceback" not in result.output
+    assert _batch_requests(fake) == [] and fake.call_count() == 0
+    with rt.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(ReprocessRun)) == 0
+        assert session.scalar(select(func.count()).select_from(MessageBatch)) == 0
+        assert session.get(Ticket, ticket_id).state == "routed"
+
+
+def test_a_ticket_erased_before_its_chunk_is_sent_is_left_out_and_reported(cli, rt, fake):
+    planned, waiting, kept = seed_routed(
+        rt, [f"Parcel {n} lost [[intent:shipping]]" for n in range(3)]
+    )
+    args = ("backfill", "--batch", "--intent", "other", "--chunk-size", "1", "--yes")
+    # The API fails the first batch: its chunk (`planned`) stays recorded but unsent, and
+    # the other two are selected but in no chunk yet.
+    fake.add_fault(Fault("batch_create_error"))
+    failed = cli(*args, code=1)
+    assert "internal error" in failed.output
+    assert _batch_requests(fake) == [[f"ticket-{planned}"]]
+
+    # The customer's erasure request arrives before the rerun sends anything.
+    cli("tickets", "erase", str(planned), str(waiting), "--yes")
+    assert cli.json(*args, "--dry-run")["tickets"] == 1
+
+    done = cli.json(*args, "--poll-interval", "0.05")
+
+    # Neither erased ticket's (empty) text went to the API: only `kept` was sent.
+    assert _batch_requests(fake)[1:] == [[f"ticket-{kept}"]]
+    assert done["outcomes"] == {"routed": 1, "skipped": 2} and done["done"] == 3
+    assert done["skipped"] == [
+        {"ticket_id": planned, "reason": "was erased: no text to classify"},
+        {"ticket_id": waiting, "reason": "was erased: no text to classify"},
+    ]
+    assert [b["requests"] for b in done["batches"]] == [1]
+    with rt.sessions() as session:
+        for ticket_id in (planned, waiting):
+            ticket = session.get(Ticket, ticket_id)
+            assert (ticket.state, ticket.generation) == ("routed", 0)
+            assert len(ticket.classifications) == 1
+    # The run's report, read again later, still says why.
+    shown = cli("backfill", "--batch", "--resume", str(done["run_id"]), "--yes")
+    assert f"ticket {planned} (was erased: no text to classify)" in shown.output
+
+
+def test_an_answer_for_a_ticket_erased_while_the_batch_ran_is_not_recorded_nor_requeued(
+    cli, rt, fake
+):
+    answered, errored, kept = seed_routed(
+        rt,
+        [
+            "Parcel lost, I'm Jane [[intent:shipping]]",
+            "App crashes, I'm Jane [[intent:technical]] error-me",
+            "Invoice copy [[intent:billing]]",
+        ],
+    )
+    fake.add_fault(Fault("batch_errored", match="error-me"))
+    args = ("backfill", "--batch", "--intent", "other", "--yes")
+    cli.json(*args, "--submit-only")
+    cli("tickets", "erase", str(answered), str(errored), "--yes")
+
+    done = cli.json(*args, "--poll-interval", "0.05")
+
+    assert done["outcomes"] == {"routed": 1, "skipped": 2} and done["labels_changed"] == 1
+    assert {s["ticket_id"] for s in done["skipped"]} == {answered, errored}
+    assert {s["reason"] for s in done["skipped"]} == {"was erased: no text to classify"}
+    with rt.sessions() as session:
+        for ticket_id in (answered, errored):
+            ticket = session.get(Ticket, ticket_id)
+            # Not relabelled, reopened or sent back to the workers.
+            assert (ticket.state, ticket.generation) == ("routed", 0)
+            assert len(ticket.classifications) == 1
+            assert ticket.body == ""
+            assert not session.scalars(
+                select(OutboxMessage).where(OutboxMessage.ticket_id == ticket_id)
+            ).all()
+        # The erased ticket's answer was billed all the same: on record, without a label.
+        attempt = session.scalars(
+            select(Attempt).where(Attempt.ticket_id == answered, Attempt.number == 0)
+        ).one()
+        assert attempt.api_calls == 1 and attempt.cost_usd > 0
+        assert session.get(Ticket, kept).generation == 1

@@ -26,6 +26,7 @@ KINDS = frozenset(
         "batch_errored",  # a batch item that ends `errored`
         "batch_expired",  # a batch item that ends `expired`
         "batch_refusal",  # a batch item that succeeds with stop_reason refusal (billed)
+        "batch_create_error",  # creating a batch answers 500 api_error (no batch is created)
     }
 )
 

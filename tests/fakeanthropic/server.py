@@ -27,6 +27,7 @@ from tests.fakeanthropic.labeler import answer_text, departments_from_system, la
 NO_SAMPLING_MODELS = frozenset({"claude-haiku-5-5", "claude-sonnet-5", "claude-opus-5"})
 SAMPLING_PARAMS = ("temperature", "top_p", "top_k")
 BATCH_KINDS = frozenset({"batch_errored", "batch_expired", "batch_refusal"})
+CREATE_KINDS = frozenset({"batch_create_error"})
 MAX_BATCH_REQUESTS = 100_000
 
 _ERROR_TYPES = {
@@ -249,6 +250,8 @@ class FakeAnthropic:
             problem = self.check_params(r.get("params"))
             if problem:
                 return 400, _error_body(400, f"requests[{r['custom_id']}].params.{problem}")
+        if self.faults.pick(json.dumps(requests), CREATE_KINDS) is not None:
+            return 500, _error_body(500, "internal error")
         batch = _Batch(
             id=_new_id("msgbatch"),
             requests=requests,

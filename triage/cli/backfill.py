@@ -17,6 +17,7 @@ from triage.cli.common import (
     guarded,
     load_runtime,
     print_json,
+    stop_if_broker_unreachable,
 )
 from triage.cli.progress import progress_bar
 
@@ -105,6 +106,10 @@ def backfill(
             highlight=False,
         )
         return
+    # Before anything is paid for or recorded: with the broker down each imported label's
+    # routing message would wait out a failed connection and stay in the outbox, and the run
+    # would still end as a success.
+    stop_if_broker_unreachable(rt, "backfilled tickets could not be routed")
     # Asked before the run is recorded: after a "no", a later backfill of the same selection
     # must start afresh, not resume the one that was turned down.
     earlier = rp.find_run(rt, "batch", f, run_id=resume)
@@ -159,17 +164,22 @@ def _poll(job: Any, interval: float) -> None:
 
 
 def _unsent_tickets(rt: Any, run_id: int) -> list[int]:
+    """The run's tickets not in a batch yet, less those erased since it chose them (they
+    will not be sent)."""
     from sqlalchemy import select
 
-    from triage.db.models import ReprocessItem
+    from triage.db.models import ReprocessItem, Ticket
 
     with rt.sessions() as session:
         return list(
             session.scalars(
-                select(ReprocessItem.ticket_id).where(
+                select(ReprocessItem.ticket_id)
+                .join(Ticket, Ticket.id == ReprocessItem.ticket_id)
+                .where(
                     ReprocessItem.run_id == run_id,
                     ReprocessItem.batch_id.is_(None),
                     ReprocessItem.done_at.is_(None),
+                    Ticket.erased_at.is_(None),
                 )
             )
         )
@@ -178,11 +188,12 @@ def _unsent_tickets(rt: Any, run_id: int) -> list[int]:
 def _report(
     rt: Any, run_id: int, job: Any, as_json: bool, created: int, *, interrupted: bool
 ) -> None:
-    from triage.pipeline.backfill import open_batches
+    from triage.pipeline.backfill import open_batches, skipped_tickets
     from triage.pipeline.reprocess import summarize
 
     summary = summarize(rt, run_id)
     batches = open_batches(rt, run_id)
+    skipped = skipped_tickets(rt, run_id)
     data = {
         "run_id": run_id,
         "total": summary.total,
@@ -193,6 +204,7 @@ def _report(
         "batches_created_now": created,
         "batches": batches,
         "interrupted": interrupted,
+        "skipped": [{"ticket_id": i, "reason": why} for i, why in skipped.items()],
     }
     if as_json:
         print_json(data)
@@ -204,6 +216,11 @@ def _report(
             f"{b['requests']} requests{' — ' + counts if counts else ''}",
             highlight=False,
         )
+    if skipped:
+        # The first few, then a count, as reprocess lists the tickets it leaves out.
+        shown = "; ".join(f"ticket {i} ({why})" for i, why in list(skipped.items())[:10])
+        more = f"; and {len(skipped) - 10:,} more" if len(skipped) > 10 else ""
+        console.print(f"skipped {shown}{more}", highlight=False, soft_wrap=True)
     outcomes = ", ".join(f"{k} {v}" for k, v in sorted(summary.outcomes.items())) or "none yet"
     console.print(
         f"run {run_id}: {summary.done}/{summary.total} done ({outcomes}); "

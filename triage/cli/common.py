@@ -136,6 +136,18 @@ def broker_unreachable(rt: Runtime) -> str | None:
     return None
 
 
+def stop_if_broker_unreachable(rt: Runtime, consequence: str) -> None:
+    """Exit 1, saying `consequence`, when a broker is configured and cannot be reached: for a
+    command to ask before it starts work whose messages could not be sent. With no broker
+    configured (beside `triage run`) messages wait in the outbox for the relay: none to ask."""
+    unreachable = rt.settings.effective_broker_url() and broker_unreachable(rt)
+    if unreachable:
+        fail(
+            f"broker unreachable ({unreachable}): {consequence}; start Redis/RabbitMQ or fix "
+            "REDIS_URL / TRIAGE_BROKER_URL"
+        )
+
+
 def fmt_time(moment: Any) -> str:
     # Stored times are UTC; said so, since an operator reads an unmarked time as local.
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if moment is not None else "-"

@@ -14,7 +14,6 @@ from triage.cli import filters as opt
 from triage.cli.common import (
     EXIT_PROBLEM,
     EXIT_USAGE,
-    broker_unreachable,
     confirm_or_exit,
     console,
     err_console,
@@ -22,6 +21,7 @@ from triage.cli.common import (
     guarded,
     load_runtime,
     print_json,
+    stop_if_broker_unreachable,
 )
 from triage.cli.progress import progress_bar
 
@@ -92,12 +92,7 @@ def reprocess(
     # Before any ticket is reopened: with the broker down each new label's routing message
     # would wait out a failed connection and stay in the outbox, and the run would still end
     # as a success.
-    unreachable = rt.settings.effective_broker_url() and broker_unreachable(rt)
-    if unreachable:
-        fail(
-            f"broker unreachable ({unreachable}): reprocessed tickets could not be routed; "
-            "start Redis/RabbitMQ or fix REDIS_URL / TRIAGE_BROKER_URL"
-        )
+    stop_if_broker_unreachable(rt, "reprocessed tickets could not be routed")
     # Asked before the run is recorded: after a "no", a later run of the same command must
     # start afresh, not resume the selection that was turned down.
     earlier, planned = _would_reprocess(rt, f, resume, stop_after)

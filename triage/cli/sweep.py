@@ -5,12 +5,12 @@ from __future__ import annotations
 import typer
 
 from triage.cli.common import (
-    broker_unreachable,
     console,
     fail,
     guarded,
     load_runtime,
     print_json,
+    stop_if_broker_unreachable,
 )
 
 app = typer.Typer()
@@ -40,12 +40,7 @@ def sweep(
     rt = load_runtime()
     if not rt.settings.effective_broker_url():
         fail("no broker configured: set REDIS_URL or TRIAGE_BROKER_URL")
-    unreachable = broker_unreachable(rt)
-    if unreachable:
-        fail(
-            f"broker unreachable ({unreachable}): a pass now would publish and re-enqueue "
-            "nothing; start Redis/RabbitMQ or fix REDIS_URL / TRIAGE_BROKER_URL"
-        )
+    stop_if_broker_unreachable(rt, "a pass now would publish and re-enqueue nothing")
     report = sweep_once(rt, stuck_after=stuck_after)
     data = {
         "relayed": report.relayed,

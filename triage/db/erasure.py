@@ -29,6 +29,8 @@ from triage.db.models import (
 )
 
 ERASED = "(erased)"
+# Why a command that classifies what it selects leaves an erased ticket out ("ticket 7 ...").
+NOTHING_TO_CLASSIFY = "was erased: no text to classify"
 # Still to be classified: its text is needed. Erase it once it has an outcome.
 IN_FLIGHT = frozenset({TicketState.RECEIVED, TicketState.QUEUED, TicketState.CLASSIFYING})
 # The ticket metadata key a helpdesk update's idempotency keys live under (db.repo); kept, so

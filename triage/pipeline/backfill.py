@@ -12,6 +12,11 @@ The order of things is what makes it survive a restart:
   4. results become Classification rows (backend `anthropic-batch`, batch price) through the
      classify stage's `record_label`; errored, expired, canceled or unusable items go back to
      the normal path: the ticket is reopened and a classify message enqueued for the workers.
+
+A ticket's personal data can be erased (`triage tickets erase`) at any point of this. Each
+chunk's requests are built from the tickets as they are when it is sent, so one erased since
+the run chose it is left out (skipped, "was erased"), not sent as empty text and paid for; one
+erased after its chunk was sent gets no label from the answer and is not requeued.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from triage.classify.backends.base import ClassificationResult, Usage
 from triage.classify.backends.messages import Answer, LabelRequest, answer_text, usage_of
 from triage.classify.schema import validate_label
 from triage.config import Settings
+from triage.db.erasure import NOTHING_TO_CLASSIFY
 from triage.db.models import (
     MessageBatch,
     ReprocessItem,
@@ -75,6 +81,17 @@ class Progress:
     in_batches: int
     processed_in_batches: int
     batches_open: int
+
+
+def _unsendable(ticket: Ticket | None) -> str | None:
+    """Why a ticket of the run is not to be sent to the API now, or None."""
+    if ticket is None:
+        return "ticket deleted"
+    if ticket.state not in REOPENABLE:
+        return f"ticket is {ticket.state}"
+    if ticket.erased_at is not None:
+        return NOTHING_TO_CLASSIFY
+    return None
 
 
 def check_batch_settings(settings: Settings, chunk_size: int) -> None:
@@ -121,11 +138,9 @@ class BatchBackfill:
         confirmed). Returns how many batches were created now."""
         created = 0
         for row_id in self._unconfirmed():
-            self._create(row_id)
-            created += 1
+            created += self._create(row_id)
         while (chunk_id := self._next_chunk()) is not None:
-            self._create(chunk_id)
-            created += 1
+            created += self._create(chunk_id)
         return created
 
     def _unconfirmed(self) -> list[int]:
@@ -166,10 +181,11 @@ class BatchBackfill:
             taken = 0
             for item in items:
                 ticket = tickets.get(item.ticket_id)
-                if ticket is None or ticket.state not in REOPENABLE:
-                    item.outcome, item.done_at = "skipped", utcnow()
-                    item.error = "ticket deleted" if ticket is None else f"ticket is {ticket.state}"
+                why = _unsendable(ticket)
+                if why is not None:
+                    item.outcome, item.done_at, item.error = "skipped", utcnow(), why
                     continue
+                assert ticket is not None
                 size += len(json.dumps(self._params(ticket))) + 64
                 if taken and size > _BYTES_BUDGET:
                     break  # the rest goes in the next chunk
@@ -193,21 +209,12 @@ class BatchBackfill:
     def _params(self, ticket: Ticket) -> dict[str, Any]:
         return self.request.params(build_request(self.rt, ticket))
 
-    def _create(self, row_id: int) -> None:
-        with self.rt.sessions() as session:
-            items = session.scalars(
-                select(ReprocessItem).where(ReprocessItem.batch_id == row_id)
-            ).all()
-            tickets = {
-                t.id: t
-                for t in session.scalars(
-                    select(Ticket).where(Ticket.id.in_([i.ticket_id for i in items]))
-                )
-            }
-            requests: list[Any] = [
-                {"custom_id": i.custom_id, "params": self._params(tickets[i.ticket_id])}
-                for i in items
-            ]
+    def _create(self, row_id: int) -> int:
+        """Send the chunk of batch row `row_id` to the API; 1 if a batch was created, 0 if none
+        of its tickets was left to send."""
+        requests = self._requests(row_id)
+        if not requests:
+            return 0
         try:
             batch = self.client.messages.batches.create(requests=requests)
         except anthropic.APIError as exc:
@@ -219,6 +226,44 @@ class BatchBackfill:
             row.status = "submitted"
             row.submitted_at = utcnow()
         log.info("batch %s created with %d requests", batch.id, len(requests))
+        return 1
+
+    def _requests(self, row_id: int) -> list[Any]:
+        """The chunk's requests, built from its tickets as they are now (the chunk may have
+        been planned by an earlier invocation that then failed): a ticket erased or moved on
+        since is taken out of the chunk and its item marked skipped, so its text is not sent.
+        A chunk left with no request is deleted. Committed before the API is asked."""
+        with session_scope(self.rt.sessions) as session:
+            items = session.scalars(
+                select(ReprocessItem)
+                .where(ReprocessItem.batch_id == row_id, ReprocessItem.done_at.is_(None))
+                .order_by(ReprocessItem.id)
+            ).all()
+            # The state, the erasure mark and the text, in the one query.
+            tickets = {
+                t.id: t
+                for t in session.scalars(
+                    select(Ticket).where(Ticket.id.in_([i.ticket_id for i in items]))
+                )
+            }
+            requests: list[Any] = []
+            for item in items:
+                ticket = tickets.get(item.ticket_id)
+                why = _unsendable(ticket)
+                if why is not None:
+                    item.outcome, item.done_at, item.error = "skipped", utcnow(), why
+                    item.batch_id = item.custom_id = None
+                    continue
+                assert ticket is not None
+                requests.append({"custom_id": item.custom_id, "params": self._params(ticket)})
+            row = session.get(MessageBatch, row_id)
+            assert row is not None
+            if requests:
+                row.requests = len(requests)
+            else:
+                session.flush()  # the items let go of the row before it goes
+                session.delete(row)
+            return requests
 
     # -- polling and importing ---------------------------------------------------------------
     def poll_until_done(
@@ -317,6 +362,17 @@ class BatchBackfill:
                     why = f"unreadable batch answer: {exc}"
                 else:
                     usage = usage_of(answer, self.spec, message.model or self.model, batch=True)
+            if ticket is not None and ticket.erased_at is not None:
+                # Erased after its chunk was sent: nothing to label or classify again. The
+                # answer was billed all the same: on record as one whose label was not kept.
+                item.outcome, item.done_at, item.error = "skipped", utcnow(), NOTHING_TO_CLASSIFY
+                if message is not None:
+                    session.add(
+                        unkept_answer(
+                            ticket.id, message.id, usage, "superseded", why=NOTHING_TO_CLASSIFY
+                        )
+                    )
+                return
             expected = (item.generation or 1) - 1
             if ticket is None or ticket.generation != expected or ticket.state not in REOPENABLE:
                 item.outcome, item.done_at = "superseded", utcnow()
@@ -344,9 +400,13 @@ class BatchBackfill:
                 item.classification_id = classification_id
                 item.outcome = outcome
                 item.label_changed = label_changed(session, item)
+            elif not reopen(session, ticket.id, ticket.generation):
+                # Moved on (or erased) since it was read above: the workers' or nobody's now.
+                item.outcome, item.done_at = "superseded", utcnow()
+                item.error = "the ticket changed while the batch ran"
+                return
             else:
                 # The normal path: a new generation, classified by the workers in real time.
-                reopen(session, ticket.id, ticket.generation)
                 outbox_id = enqueue_classify(session, ticket.id)
                 item.outcome = "requeued"
                 item.error = why[:4000]
@@ -395,6 +455,18 @@ class BatchBackfill:
             processed_in_batches=processed,
             batches_open=len(open_rows),
         )
+
+
+def skipped_tickets(rt: Runtime, run_id: int) -> dict[int, str]:
+    """The run's tickets it left out, and why: not sent (erased, deleted or moved on before
+    their chunk went), or erased before their answer came back."""
+    with rt.sessions() as session:
+        rows = session.execute(
+            select(ReprocessItem.ticket_id, ReprocessItem.error)
+            .where(ReprocessItem.run_id == run_id, ReprocessItem.outcome == "skipped")
+            .order_by(ReprocessItem.id)
+        )
+        return {ticket_id: error or "" for ticket_id, error in rows}
 
 
 def open_batches(rt: Runtime, run_id: int) -> list[dict[str, Any]]:

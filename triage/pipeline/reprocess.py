@@ -29,6 +29,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from triage.classify.prompt import estimate_input_tokens
+from triage.db.erasure import NOTHING_TO_CLASSIFY
 from triage.db.models import (
     Classification,
     ReprocessItem,
@@ -145,7 +146,7 @@ def ineligible_ids(rt: Runtime, ids: tuple[int, ...] | list[int]) -> dict[int, s
         elif S(row.state) not in REOPENABLE:
             reasons[ticket_id] = f"is {row.state}, not finished"
         elif row.erased_at is not None:
-            reasons[ticket_id] = "was erased: no text to classify"
+            reasons[ticket_id] = NOTHING_TO_CLASSIFY
     return reasons
 
 
