@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from triage.classify.backends.base import Usage
+    from triage.classify.backends.base import ClassificationResult, Usage
 
 
 class TriageError(Exception):
@@ -42,6 +42,9 @@ class TriageError(Exception):
         # cut-off answer is billed like any other), for the attempt log and the call budget.
         self.api_calls = 0
         self.usage: Usage | None = None
+        # An answer this attempt paid for that a retry can still use: the cascade's first
+        # model's, when only the escalation failed. Kept on the attempt row (guard).
+        self.first_answer: ClassificationResult | None = None
 
     def __str__(self) -> str:
         where = []

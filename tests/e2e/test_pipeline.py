@@ -3,6 +3,7 @@ process -> the real SDK against the fake Messages API -> labels -> department qu
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -186,3 +187,51 @@ def test_unsure_after_escalation_waits_for_a_person(stack, worker, fake):
     assert view["state"] == "needs_review" and "below" in view["review_reason"]
     assert view["dispatches"][0]["route"] == "triage.review"
     assert view["labels"]["model"] == "claude-sonnet-5"
+
+
+def _models_asked(fake, marker):
+    return [
+        r.body["model"]
+        for r in fake.requests
+        if r.path == "/v1/messages" and marker in json.dumps(r.body["messages"])
+    ]
+
+
+@pytest.mark.parametrize("kind", ["overloaded", "server_error"])
+def test_an_escalation_that_fails_once_is_retried_without_asking_the_cheap_model_again(
+    stack, worker, fake, kind
+):
+    rt, client = stack
+    marker = f"ESCALATE-{kind}"
+    fake.add_fault(Fault(kind, times=1, match=marker, model="claude-sonnet-5"))
+    # The cheap model is unsure of its label; the escalation model is sure of another.
+    body = (
+        f"{marker} maybe a quote? [[intent:sales]] [[confidence:0.4]] "
+        "[[claude-sonnet-5/intent:billing]] [[claude-sonnet-5/confidence:0.95]]"
+    )
+    tid = post_ticket(client, ticket_payload(marker, body=body)).json()["ticket_id"]
+    wait_terminal(rt, [tid], worker)
+
+    assert _models_asked(fake, marker) == ["claude-haiku-4-5", "claude-sonnet-5", "claude-sonnet-5"]
+    with rt.sessions() as s:
+        ticket = s.get(Ticket, tid)
+        label = s.scalars(select(Classification).where(Classification.ticket_id == tid)).one()
+        attempts = s.scalars(
+            select(Attempt)
+            .where(Attempt.ticket_id == tid, Attempt.stage == "classify")
+            .order_by(Attempt.id)
+        ).all()
+    assert ticket.state == "routed" and ticket.department == "billing"
+    assert ticket.current_classification_id == label.id
+    assert (label.model, label.backend, label.intent) == ("claude-sonnet-5", "cascade", "billing")
+    assert label.confidence == 0.95
+    failed, ok = attempts
+    # Each paid call counted once, on the attempt that made it: the first attempt the cheap
+    # call and the failed escalation, the retry only its escalation.
+    assert (failed.outcome, failed.api_calls, ok.outcome, ok.api_calls) == ("retry", 2, "ok", 1)
+    assert failed.cost_usd > 0 and ok.cost_usd > 0
+    # The label's cost is what it cost in total: the cheap answer it was built on, and the
+    # escalation's.
+    assert label.calls == 2 and label.first_answer_attempt_id == failed.id
+    assert label.cost_usd == failed.cost_usd + ok.cost_usd
+    assert label.input_tokens == failed.input_tokens + ok.input_tokens

@@ -33,7 +33,8 @@ KINDS = frozenset(
 
 @dataclass
 class Fault:
-    """Inject `kind` into requests whose text contains `match` (any request when None).
+    """Inject `kind` into requests whose text contains `match` (any request when None), and
+    that ask for `model` when it is set (a cascade's escalation model, say).
 
     `times` counts injections (-1: forever); `probability` makes each matching request fail
     only sometimes (seeded, so a run is repeatable).
@@ -45,6 +46,7 @@ class Fault:
     retry_after: float | None = None
     probability: float = 1.0
     delay: float = 30.0
+    model: str | None = None
     injected: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -53,7 +55,7 @@ class Fault:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Fault:
-        allowed = {"kind", "times", "match", "retry_after", "probability", "delay"}
+        allowed = {"kind", "times", "match", "retry_after", "probability", "delay", "model"}
         return cls(**{k: v for k, v in data.items() if k in allowed})
 
     def to_json(self) -> dict[str, Any]:
@@ -64,6 +66,7 @@ class Fault:
             "retry_after": self.retry_after,
             "probability": self.probability,
             "delay": self.delay,
+            "model": self.model,
             "injected": self.injected,
         }
 
@@ -89,7 +92,9 @@ class FaultPlan:
         with self._lock:
             return list(self._faults)
 
-    def pick(self, text: str, kinds: frozenset[str] | None = None) -> Fault | None:
+    def pick(
+        self, text: str, kinds: frozenset[str] | None = None, model: str | None = None
+    ) -> Fault | None:
         with self._lock:
             for fault in self._faults:
                 if kinds is not None and fault.kind not in kinds:
@@ -97,6 +102,8 @@ class FaultPlan:
                 if kinds is None and fault.kind.startswith("batch_"):
                     continue
                 if fault.times == 0 or (fault.match is not None and fault.match not in text):
+                    continue
+                if fault.model is not None and fault.model != model:
                     continue
                 if fault.probability < 1.0 and self._rng.random() >= fault.probability:
                     continue

@@ -1,7 +1,9 @@
 """How the fake "model" answers: from markers a test writes into the ticket, else a stable guess.
 
 Markers: `[[intent:shipping]] [[priority:urgent]] [[confidence:0.3]] [[language:de]]
-[[sentiment:negative]]`. The department comes from the taxonomy the system prompt lists, so the
+[[sentiment:negative]]`; a marker for one model only names it first:
+`[[claude-sonnet-5/confidence:0.95]]` (a cascade's escalation model sure where the first was
+not). The department comes from the taxonomy the system prompt lists, so the
 fake answers like a model that read its instructions.
 """
 
@@ -13,6 +15,7 @@ import re
 from typing import Any
 
 _MARKER = re.compile(r"\[\[(\w+):([^\]]+)\]\]")
+_MODEL_MARKER = re.compile(r"\[\[([\w.-]+)/(\w+):([^\]]+)\]\]")
 _INTENT_LINE = re.compile(r"^- (\w+) \(department: (\w+)\)", re.M)
 
 
@@ -44,8 +47,11 @@ def ticket_text(messages: list[dict[str, Any]]) -> str:
     return ""
 
 
-def label_for(text: str, schema: dict[str, Any], departments: dict[str, str]) -> dict[str, Any]:
+def label_for(
+    text: str, schema: dict[str, Any], departments: dict[str, str], model: str | None = None
+) -> dict[str, Any]:
     markers = dict(_MARKER.findall(text))
+    markers.update({k: v for m, k, v in _MODEL_MARKER.findall(text) if m == model})
     intents = _enum(schema, "intent") or list(departments) or ["other"]
     digest = int(hashlib.sha256(text.encode()).hexdigest(), 16)
     intent = markers.get("intent") or intents[digest % len(intents)]

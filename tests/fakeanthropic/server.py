@@ -197,7 +197,8 @@ class FakeAnthropic:
         """A successful Message for `params` (the labeler's answer)."""
         text = ticket_text(params["messages"])
         schema = ((params.get("output_config") or {}).get("format") or {}).get("schema") or {}
-        label = label_for(text, schema, departments_from_system(params.get("system")))
+        departments = departments_from_system(params.get("system"))
+        label = label_for(text, schema, departments, params.get("model"))
         answer = answer_text(label)
         return self._envelope(params, answer, stop_reason)
 
@@ -298,7 +299,7 @@ class FakeAnthropic:
         if batch.canceled:
             return {"custom_id": custom_id, "result": {"type": "canceled"}}
         text = custom_id + "\n" + ticket_text(params["messages"])
-        fault = self.faults.pick(text, BATCH_KINDS)
+        fault = self.faults.pick(text, BATCH_KINDS, params.get("model"))
         if fault is not None and fault.kind == "batch_expired":
             return {"custom_id": custom_id, "result": {"type": "expired"}}
         if fault is not None and fault.kind == "batch_refusal":
@@ -470,7 +471,7 @@ class _Handler(BaseHTTPRequestHandler):
             problem = fake.check_params(params)
             if problem:
                 return self._send(400, _error_body(400, problem))
-            fault = fake.faults.pick(json.dumps(params.get("messages")))
+            fault = fake.faults.pick(json.dumps(params.get("messages")), model=params["model"])
             delay = fake._delay()
             if delay:
                 time.sleep(delay)

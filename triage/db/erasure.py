@@ -11,6 +11,7 @@ helpdesk update all leave it alone (there is no text left to classify).
 
 from __future__ import annotations
 
+import copy
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -89,6 +90,7 @@ def erase_tickets(session: Session, ticket_ids: Sequence[int]) -> Erasure:
             .where(Attempt.ticket_id.in_(ids), Attempt.error.is_not(None))
             .values(error=ERASED)
         )
+        _erase_answers(session, ids)
         session.execute(
             update(DeadLetter).where(DeadLetter.ticket_id.in_(ids)).values(message=ERASED)
         )
@@ -98,6 +100,20 @@ def erase_tickets(session: Session, ticket_ids: Sequence[int]) -> Erasure:
             .values(error=ERASED)
         )
     return report
+
+
+def _erase_answers(session: Session, ticket_ids: list[int]) -> None:
+    """The model's summary in a failed attempt's kept first answer (`Attempt.answer`). The
+    answer itself stays: its calls and cost are counted in stats (db.stats)."""
+    rows = session.execute(
+        select(Attempt.id, Attempt.answer).where(
+            Attempt.ticket_id.in_(ticket_ids), Attempt.answer.is_not(None)
+        )
+    ).all()
+    for row in rows:
+        answer = copy.deepcopy(row.answer)
+        answer["result"]["label"]["summary"] = ERASED
+        session.execute(update(Attempt).where(Attempt.id == row.id).values(answer=answer))
 
 
 def _erase(ticket: Ticket) -> None:

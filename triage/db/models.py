@@ -165,6 +165,11 @@ class Classification(Base):
     request_id: Mapped[str | None] = mapped_column(String(128))
     # Set when the label was reused from an identical ticket instead of a new paid call.
     reused_from_id: Mapped[int | None] = mapped_column(ForeignKey("classifications.id"))
+    # Set when the label was built on a cascade's first answer that an earlier, failed attempt
+    # paid for (its `Attempt.answer`): that attempt's row counts those calls, and this row's
+    # calls and usage include them, as the label's total. No foreign key: attempts are a log,
+    # and the column is added without rewriting the table on SQLite.
+    first_answer_attempt_id: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     ticket: Mapped[Ticket] = relationship(back_populates="classifications")
@@ -285,6 +290,11 @@ class Attempt(Base):
         Numeric(12, 6), default=Decimal("0"), server_default="0"
     )
     latency_ms: Mapped[float | None]
+    # A paid answer a retry may use instead of paying again: a cascade's first-model answer
+    # when only its escalation failed (`{"generation": n, "result": ClassificationResult}`).
+    # In the database rather than in the retry's message, so it outlives a lost message or a
+    # worker that dies between attempts, and the retry finds it wherever it runs.
+    answer: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
 
 
 class ReprocessRun(Base):

@@ -13,9 +13,11 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from pydantic import TypeAdapter
 from sqlalchemy import Select, distinct, func, select
 from sqlalchemy.orm import Session
 
+from triage.classify.backends.base import Usage
 from triage.db.models import (
     Attempt,
     Classification,
@@ -141,6 +143,26 @@ def _latency(session: Session, in_window: Any) -> dict[str, Any]:
     return out
 
 
+_USAGE: TypeAdapter[Usage] = TypeAdapter(Usage)
+
+
+def _reused_first_answers(session: Session, in_window: Any) -> tuple[int, Usage]:
+    """The calls and usage of the first answers that labels reused from failed attempts
+    (`Classification.first_answer_attempt_id`): few rows, one per escalation retried."""
+    answers = session.scalars(
+        select(Attempt.answer)
+        .join(Classification, Classification.first_answer_attempt_id == Attempt.id)
+        .where(Classification.ticket_id.in_(in_window))
+    )
+    calls, usage = 0, Usage()
+    for answer in answers:
+        if answer is None:
+            continue
+        calls += int(answer["result"]["calls"])
+        usage += _USAGE.validate_python(answer["result"]["usage"])
+    return calls, usage
+
+
 def _usage(session: Session, in_window: Any, total: int) -> dict[str, Any]:
     row = session.execute(
         select(
@@ -170,7 +192,14 @@ def _usage(session: Session, in_window: Any, total: int) -> dict[str, Any]:
         )
     ).one()
     unused_calls, unused_in, unused_out, unused_cache, unused_cost = unused
-    unused_cost = Decimal(str(unused_cost))
+    # A first answer that a failed attempt paid for and a retry's label reused is on both
+    # rows (the attempt's calls, the label's total): counted once, with the label.
+    first_calls, first = _reused_first_answers(session, in_window)
+    unused_calls = int(unused_calls) - first_calls
+    unused_in = int(unused_in) - first.input_tokens
+    unused_out = int(unused_out) - first.output_tokens
+    unused_cache = int(unused_cache) - first.cache_read_tokens
+    unused_cost = Decimal(str(unused_cost)) - first.cost_usd
     calls, tokens_in = int(calls) + int(unused_calls), int(tokens_in) + int(unused_in)
     tokens_out, cache_read = int(tokens_out) + int(unused_out), int(cache_read) + int(unused_cache)
     cost = Decimal(str(cost)) + unused_cost

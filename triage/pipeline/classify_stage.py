@@ -9,6 +9,10 @@ model calls:
 Failures are per ticket: each goes to the guard on its own, and the rest of the chunk goes on.
 Answers that arrive while the database is unreachable were paid for: they go back on the
 broker with the task's retry (`AnswersNotRecorded`) and are recorded when it comes back.
+A cascade's first answer whose escalation failed transiently is kept in the database instead,
+on the failed attempt's row (the database is up then): the retry finds it there however it
+comes back (outbox, sweeper, another worker after this one died) and pays only for the
+escalation (`_first_answers`).
 """
 
 from __future__ import annotations
@@ -18,19 +22,24 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, Protocol
 
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import bindparam, delete, func, select
 from sqlalchemy.orm import Session
 
-from triage.classify.backends.base import ClassificationRequest, ClassificationResult, Usage
+from triage.classify.backends.base import (
+    ClassificationRequest,
+    ClassificationResult,
+    FirstAnswer,
+    Usage,
+)
 from triage.classify.prompt import estimate_input_tokens
 from triage.classify.redact import Redactor
-from triage.classify.schema import TicketLabel
+from triage.classify.schema import TicketLabel, validate_label
 from triage.db.models import (
     Attempt,
     Classification,
@@ -337,7 +346,7 @@ def _settle(
                 _record_overload(rt.admission, result)
             failed.append((claim, result))
             continue
-        answered += 1 if result.calls else 0
+        answered += 1 if result.paid_now()[0] else 0
         _observe(result)
         done.append((claim, result))
     if answered and rt.admission is not None:
@@ -369,7 +378,7 @@ def _charge_unadmitted(
     for claim, result in answers:
         usage: Usage | None
         if isinstance(result, ClassificationResult):
-            made, usage = result.calls, result.usage
+            made, usage = result.paid_now()
         elif isinstance(result, TriageError):
             made, usage = result.api_calls, result.usage
         else:
@@ -468,18 +477,64 @@ def _begin(
         if others:
             _not_claimed(session, others, now, lease, outcomes)
         reusable = _find_reusable(rt, session, claimed) if reuse else {}
+        firsts = _first_answers(rt, session, claimed)
         return [
             _Claim(
                 ticket_id=ticket.id,
                 attempt=ticket.attempts,
                 generation=ticket.generation,
                 received_at=ticket.received_at,
-                request=build_request(rt, ticket),
+                request=replace(build_request(rt, ticket), first_answer=firsts.get(ticket.id)),
                 reuse=reusable.get(ticket.id),
                 content_hash=ticket.content_hash,
             )
             for ticket in sorted(claimed, key=lambda t: ticket_ids.index(t.id))
         ]
+
+
+def _first_answers(rt: Runtime, session: Session, tickets: Sequence[Any]) -> dict[int, FirstAnswer]:
+    """For each ticket on a retry, the newest first answer (`Attempt.answer`) an earlier
+    attempt of its generation paid for, for the cascade to reuse. Another generation's is
+    never reused: re-triaged text, a reprocess and a replayed dead letter all ask afresh. An
+    answer the taxonomy no longer accepts (its intent was dropped, say) is asked again."""
+    retried = {t.id: t.generation for t in tickets if t.attempts > 1}
+    if not retried:
+        return {}
+    rows = session.execute(
+        select(Attempt.id, Attempt.ticket_id, Attempt.answer)
+        .where(
+            Attempt.ticket_id.in_(sorted(retried)),
+            Attempt.stage == "classify",
+            Attempt.answer.is_not(None),
+        )
+        .order_by(Attempt.id)
+    ).all()
+    newest = {
+        row.ticket_id: (row.id, row.answer["result"])
+        for row in rows
+        if row.answer.get("generation") == retried[row.ticket_id]
+    }
+    answers: dict[int, FirstAnswer] = {}
+    for ticket_id, (attempt_id, data) in newest.items():
+        try:
+            result = _RESULT.validate_python(data)
+            validate_label(rt.config.taxonomy, result.label.model_dump())
+        except ValidationError as exc:
+            log.warning(
+                "classify: ticket %s: the first answer of attempt row %s no longer validates "
+                "(%s); asking again",
+                ticket_id,
+                attempt_id,
+                exc.errors()[0]["msg"] if exc.errors() else exc,
+            )
+            continue
+        answers[ticket_id] = FirstAnswer(attempt_id, result)
+    return answers
+
+
+def _first_answer_record(generation: int, result: ClassificationResult) -> dict[str, Any]:
+    """What `Attempt.answer` holds: a paid first answer and the generation it answered."""
+    return {"generation": generation, "result": _RESULT.dump_python(result, mode="json")}
 
 
 def _not_claimed(
@@ -673,6 +728,11 @@ def _failure(rt: Runtime, claim: _Claim, paid: TriageError | None = None) -> Sta
         usage=paid.usage if paid else None,
         dead_from=CLAIMABLE,
         generation=claim.generation,
+        answer=(
+            _first_answer_record(claim.generation, paid.first_answer)
+            if paid is not None and paid.first_answer is not None
+            else None
+        ),
     )
 
 
@@ -772,9 +832,10 @@ def _record(
                     else "ok"
                 ),
                 "request_id": result.request_id,
-                "api_calls": result.calls,
+                # Only this attempt's calls: a reused first answer is on its own attempt's row.
+                "api_calls": result.paid_now()[0],
                 "latency_ms": result.latency_ms,
-                **usage_values(result.usage),
+                **usage_values(result.paid_now()[1]),
             }
             for claim, result in done
         ],
@@ -914,6 +975,9 @@ def _classification_values(
         "calls": result.calls,
         "request_id": result.request_id,
         "reused_from_id": result.reused_from_id,
+        "first_answer_attempt_id": (
+            result.paid_earlier.attempt_id if result.paid_earlier is not None else None
+        ),
         "created_at": utcnow(),
     }
 

@@ -46,6 +46,8 @@ class StageFailure:
     # The ticket generation the attempt worked on. A ticket re-triaged or reprocessed since
     # is another piece of work: this attempt's failure must not dead-letter it.
     generation: int | None = None
+    # A paid answer the retry may use instead of paying again (see `Attempt.answer`).
+    answer: dict[str, Any] | None = None
 
 
 def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> str:
@@ -120,6 +122,8 @@ def _record_attempt(
         "api_calls": failure.api_calls,
         **usage_values(failure.usage or Usage()),
     }
+    if failure.answer is not None:
+        fields["answer"] = failure.answer
     if failure.attempt_id is not None:
         session.execute(
             update(Attempt)

@@ -17,6 +17,10 @@ class ClassificationRequest:
     subject: str
     body: str
     channel: str | None = None
+    # The cascade's first-model answer that an earlier attempt of this ticket generation paid
+    # for, when its escalation failed transiently: the cascade reuses it instead of paying for
+    # it again. Other backends ignore it.
+    first_answer: FirstAnswer | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +40,24 @@ class Usage:
             cost_usd=self.cost_usd + other.cost_usd,
         )
 
+    def __sub__(self, other: Usage) -> Usage:
+        return Usage(
+            input_tokens=self.input_tokens - other.input_tokens,
+            output_tokens=self.output_tokens - other.output_tokens,
+            cache_read_tokens=self.cache_read_tokens - other.cache_read_tokens,
+            cache_write_tokens=self.cache_write_tokens - other.cache_write_tokens,
+            cost_usd=self.cost_usd - other.cost_usd,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PaidEarlier:
+    """Calls that an earlier attempt made and has on its attempt row, with their usage."""
+
+    attempt_id: int
+    calls: int
+    usage: Usage
+
 
 @dataclass(frozen=True, slots=True)
 class ClassificationResult:
@@ -53,6 +75,23 @@ class ClassificationResult:
     # Set when the backend wants a person to look whatever the label says (an escalation
     # that could not be had): the ticket goes to review with this reason.
     review_reason: str | None = None
+    # The part of `calls` and `usage` an earlier attempt paid for (a cascade's first answer,
+    # reused when its escalation is retried): this attempt's own row counts only the rest.
+    paid_earlier: PaidEarlier | None = None
+
+    def paid_now(self) -> tuple[int, Usage]:
+        """The calls this attempt made, and their usage."""
+        if self.paid_earlier is None:
+            return self.calls, self.usage
+        return self.calls - self.paid_earlier.calls, self.usage - self.paid_earlier.usage
+
+
+@dataclass(frozen=True, slots=True)
+class FirstAnswer:
+    """A cascade's first-model answer and the attempt row that paid for it."""
+
+    attempt_id: int
+    result: ClassificationResult
 
 
 class ClassifierBackend(Protocol):
