@@ -484,7 +484,7 @@ def _begin(
                 attempt=ticket.attempts,
                 generation=ticket.generation,
                 received_at=ticket.received_at,
-                request=replace(build_request(rt, ticket), first_answer=firsts.get(ticket.id)),
+                request=_with_first_answer(build_request(rt, ticket), firsts.get(ticket.id)),
                 reuse=reusable.get(ticket.id),
                 content_hash=ticket.content_hash,
             )
@@ -530,6 +530,13 @@ def _first_answers(rt: Runtime, session: Session, tickets: Sequence[Any]) -> dic
             continue
         answers[ticket_id] = FirstAnswer(attempt_id, result)
     return answers
+
+
+def _with_first_answer(
+    request: ClassificationRequest, first: FirstAnswer | None
+) -> ClassificationRequest:
+    # Most tickets are on their first attempt: no copy for them.
+    return request if first is None else replace(request, first_answer=first)
 
 
 def _first_answer_record(generation: int, result: ClassificationResult) -> dict[str, Any]:
