@@ -10,6 +10,7 @@ nothing was written. Sinks do not retry.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -50,6 +51,25 @@ class Answer:
                 f"{self.what}: answered {self.status} with a body that is not JSON "
                 f"(a login page or a wrong base_url?): {self.body[:100]!r}"
             ) from None
+
+
+class _RedactedUrls(logging.Filter):
+    """httpx logs every request at INFO with its full URL ("HTTP Request: POST <url> ..."),
+    and a worker logs INFO: a webhook's user:password or `?token=` would be in every log line.
+    The URL is shown as errors show it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(
+            isinstance(arg, httpx.URL) for arg in record.args
+        ):
+            record.args = tuple(
+                shown_url(str(arg)) if isinstance(arg, httpx.URL) else arg for arg in record.args
+            )
+        return True
+
+
+_URL_FILTER = _RedactedUrls()
+logging.getLogger("httpx").addFilter(_URL_FILTER)
 
 
 def make_client(timeout_seconds: float, **kwargs: Any) -> httpx.Client:
