@@ -4,10 +4,11 @@ GET /api/v2/tickets/{id}?include=conversations, PUT /api/v2/tickets/{id} and
 POST /api/v2/tickets/{id}/notes, API-key basic auth (`key:X`).
 Freshdesk's `tags` replaces the ticket's tags and there is no "add tags" update, so triage reads
 the ticket's tags as they are now (an agent may have changed them since the webhook, and a
-re-triage can come days later) and sends them plus its own. The update is the same however
-often it is made, but each POST adds a note: a retried delivery (a timeout that in fact
-succeeded, or a later sink of the department failing) first looks through the ticket's
-conversations for its own note (by dispatch id in the title) and does not post it again.
+re-triage can come days later) and sends them plus its own. Each POST adds a note: a retried
+delivery (a timeout that in fact succeeded, or a later sink of the department failing) first
+looks through the ticket's conversations for its own note (by dispatch id in the title). The
+update is made before the note, so finding the note means it was applied: the retry sends
+nothing, rather than undo what an agent changed since (group, priority, a removed tag).
 """
 
 from __future__ import annotations
@@ -58,10 +59,9 @@ class FreshdeskWriter:
         priority = PRIORITIES.get(str(delivery.label.get("priority")))
         if priority:
             update["priority"] = priority
-        noted = self._noted(path, delivery, what, current.get("conversations"))
-        send(self.client, "PUT", path, what=what, json=update)
-        if noted:
+        if self._noted(path, delivery, what, current.get("conversations")):
             return
+        send(self.client, "PUT", path, what=what, json=update)
         send(
             self.client,
             "POST",

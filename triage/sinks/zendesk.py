@@ -2,10 +2,12 @@
 
 PUT /api/v2/tickets/{id}.json with API-token auth (`{email}/token:{token}`).
 `additional_tags` adds triage's tags without replacing the agent's (plain `tags` would).
-Group, priority and tags are the same however often they are set, but each PUT with a comment
-adds one, and Zendesk has no idempotency key for updates: a retried delivery (a timeout that in
-fact succeeded, or a later sink of the department failing) first looks among the ticket's
-newest comments for its own (by dispatch id in the title) and then leaves the comment out.
+Each PUT with a comment adds one, and Zendesk has no idempotency key for updates: a retried
+delivery (a timeout that in fact succeeded, or a later sink of the department failing) first
+looks among the ticket's newest comments for its own (by dispatch id in the title). Comment,
+group, priority and tags went in one update, so finding it means all of them were applied:
+the retry sends nothing. Setting them again would undo what an agent changed since (moved the
+ticket to another group, removed a tag), minutes or hours after triage wrote them.
 """
 
 from __future__ import annotations
@@ -41,9 +43,12 @@ class ZendeskWriter:
     def deliver(self, delivery: Delivery) -> None:
         what = f"zendesk write-back for ticket {delivery.ticket_id}"
         path = f"/api/v2/tickets/{ticket_number(delivery)}"
-        ticket: dict[str, Any] = {"additional_tags": triage_tags(delivery)}
-        if not self._commented(path, delivery, what):
-            ticket["comment"] = {"body": note_text(delivery), "public": False}
+        if self._commented(path, delivery, what):
+            return
+        ticket: dict[str, Any] = {
+            "additional_tags": triage_tags(delivery),
+            "comment": {"body": note_text(delivery), "public": False},
+        }
         group = self.groups.get(delivery.department or "")
         if group is not None:
             ticket["group_id"] = group
