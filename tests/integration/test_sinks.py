@@ -119,7 +119,22 @@ def test_freshdesk_updates_ticket_then_adds_private_note(api):
         "group_id": 43,
         "priority": 3,
     }
-    assert note.json() == {"body": NOTE, "private": True}
+    assert note.json() == {"body": NOTE.replace("\n", "<br>"), "private": True}
+
+
+def test_freshdesk_note_is_html_with_the_summarys_markup_escaped(api):
+    # Freshdesk renders a note's body as HTML; the summary is the model's, from customer text.
+    summary = 'Says <a href="https://evil.example/login">verify here</a> & "refund"'
+    label = {**LABEL, "summary": summary}
+    writer = FreshdeskWriter(api.url, api_key="k", groups={}, timeout_seconds=2)
+    writer.deliver(delivery("freshdesk", "202", label=label))
+    note = next(r for r in api.requests if r.method == "POST").json()
+    assert note["body"].split("<br>") == [
+        "[triage] dispatch 7: routed to billing",
+        "intent refund, priority high, sentiment negative, language en, confidence 0.93",
+        "summary: Says &lt;a href=&quot;https://evil.example/login&quot;&gt;verify here&lt;/a&gt;"
+        " &amp; &quot;refund&quot;",
+    ]
 
 
 def dh_writer(api: FakeApi) -> DjangoHelpdeskWriter:

@@ -1,7 +1,10 @@
 """Freshdesk write-back: group, priority and tags, then a private note.
 
 GET /api/v2/tickets/{id}?include=conversations, PUT /api/v2/tickets/{id} and
-POST /api/v2/tickets/{id}/notes, API-key basic auth (`key:X`).
+POST /api/v2/tickets/{id}/notes, API-key basic auth (`key:X`). A note's body is HTML, so the
+note's text (the summary is the model's, from the customer's words) is escaped and its lines
+joined with <br>: as plain text its markup would be live in the agents' view, and its lines
+would run together.
 Freshdesk's `tags` replaces the ticket's tags and there is no "add tags" update, so triage reads
 the ticket's tags as they are now (an agent may have changed them since the webhook, and a
 re-triage can come days later) and sends them plus its own. Each POST adds a note: a retried
@@ -13,6 +16,7 @@ nothing, rather than undo what an agent changed since (group, priority, a remove
 
 from __future__ import annotations
 
+import html
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +32,10 @@ CONVERSATION_PAGE = 100
 MAX_CONVERSATION_PAGES = 10
 # GET /tickets/{id}?include=conversations embeds the first ten.
 INCLUDED_CONVERSATIONS = 10
+
+
+def note_html(delivery: Delivery) -> str:
+    return "<br>".join(html.escape(line) for line in note_text(delivery).splitlines())
 
 
 class FreshdeskWriter:
@@ -67,7 +75,7 @@ class FreshdeskWriter:
             "POST",
             f"{path}/notes",
             what=what,
-            json={"body": note_text(delivery), "private": True},
+            json={"body": note_html(delivery), "private": True},
         )
 
     def _noted(self, path: str, delivery: Delivery, what: str, included: Any) -> bool:
