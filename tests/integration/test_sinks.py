@@ -297,6 +297,39 @@ default: [helpdesk]
     ]
 
 
+def test_secrets_read_with_a_trailing_newline_are_used_without_it(
+    api, tmp_path, app_config, monkeypatch
+):
+    # As a secret mounted from a file arrives; with the newline every write-back got 401 and
+    # every webhook a signature its receiver refuses.
+    monkeypatch.setenv("T_ZD_TOKEN", "tok\n")
+    monkeypatch.setenv("T_HOOK_SECRET", WEBHOOK_SECRET + "\n")
+    path = write_yaml(
+        tmp_path,
+        f"""
+helpdesks:
+  zendesk: {{base_url: "{api.url}", email: bot@acme.test, api_token_env: T_ZD_TOKEN}}
+webhooks:
+  crm: {{url: "{api.url}/hooks", secret_env: T_HOOK_SECRET}}
+default: [helpdesk, webhook:crm]
+""",
+    )
+    for sink in build_sink_table(path, app_config).for_department("billing"):
+        sink.deliver(delivery())
+    put = next(r for r in api.requests if r.method == "PUT")
+    assert put.headers["authorization"] == basic("bot@acme.test/token", "tok")
+    hook = next(r for r in api.requests if r.method == "POST")
+    payload = Webhook(WEBHOOK_SECRET).verify(hook.body.decode(), hook.headers)
+    assert payload["data"]["ticket_id"] == 42
+
+
+def test_a_blank_secret_is_a_config_error(tmp_path, app_config, monkeypatch):
+    monkeypatch.setenv("T_HOOK_SECRET", " \n")
+    text = "webhooks:\n  crm: {url: 'http://x', secret_env: T_HOOK_SECRET}\n"
+    with pytest.raises(ConfigError, match="T_HOOK_SECRET is not set"):
+        build_sink_table(write_yaml(tmp_path, text), app_config)
+
+
 def test_unknown_sink_name_is_a_config_error_naming_the_field(tmp_path, app_config):
     path = write_yaml(tmp_path, "departments:\n  billing: [webhook:nope]\n")
     with pytest.raises(ConfigError, match=r"departments\.billing: unknown sink 'webhook:nope'"):

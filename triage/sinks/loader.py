@@ -84,7 +84,9 @@ class SinksFile(ConfigModel):
 
 
 def _secret(path: Path, field: str, env_name: str) -> str:
-    value = os.environ.get(env_name)
+    # A secret read from a file or a Kubernetes secret often ends in a newline: sent as is, it
+    # is a wrong password (401) or a wrong signing key, and every delivery dead-letters.
+    value = os.environ.get(env_name, "").strip()
     if not value:
         raise ConfigError(f"{path}: {field}: environment variable {env_name} is not set")
     return value
