@@ -143,3 +143,14 @@ def test_an_oversized_answer_to_a_webhook_is_still_a_delivery(api):
         delivery()
     )
     assert api.calls() == [("POST", "/hooks")]
+
+
+def test_an_answer_that_does_not_decode_is_a_transient_error_naming_the_sink(api):
+    # Says gzip, is not: httpx raised its own DecodingError, which the retry policy took for
+    # a bug (permanent, dead-lettered at once) and whose text named neither sink nor URL.
+    listing = "/api/v2/tickets/101/comments.json?sort_order=desc&per_page=100"
+    api.script("GET", listing, Reply(headers={"content-encoding": "gzip"}))
+    with pytest.raises(TransientError, match="zendesk write-back for ticket 42: GET") as err:
+        zendesk(api).deliver(delivery())
+    assert "DecodingError" in str(err.value)
+    assert ("PUT", "/api/v2/tickets/101.json") not in api.calls()

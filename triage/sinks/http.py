@@ -1,10 +1,10 @@
 """The one place an HTTP answer from a sink's target becomes a typed error.
 
-Timeouts, dropped connections, 408/409/425/429 and 5xx are transient (the retry policy in
-triage/reliability decides when to try again, never sooner than retry-after); any other 4xx is
-permanent: the request itself is wrong and repeating it cannot help. So is a redirect: it is
-not followed (it would carry the credentials elsewhere) and it is not a success either, since
-nothing was written. Sinks do not retry.
+Timeouts, dropped connections, bodies that do not decode, 408/409/425/429 and 5xx are
+transient (the retry policy in triage/reliability decides when to try again, never sooner than
+retry-after); any other 4xx is permanent: the request itself is wrong and repeating it cannot
+help. So is a redirect: it is not followed (it would carry the credentials elsewhere) and it
+is not a success either, since nothing was written. Sinks do not retry.
 """
 
 from __future__ import annotations
@@ -92,7 +92,9 @@ def send(client: httpx.Client, method: str, url: str, *, what: str, **kwargs: An
         raise TransientError(
             f"{what}: {method} {where} timed out ({exc.__class__.__name__})"
         ) from exc
-    except httpx.TransportError as exc:
+    except httpx.RequestError as exc:
+        # A transport failure, or a body that does not decode as its content-encoding says
+        # (cut short by a proxy, say): the sink's contract is typed errors, never httpx's.
         raise TransientError(
             f"{what}: {method} {where} failed: {exc.__class__.__name__}: {exc}"
         ) from exc
