@@ -4,8 +4,10 @@ exact calls, errors named transient or permanent, and signatures a reference lib
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,9 @@ LABEL = {
 }
 
 
+ROUTED_AT = datetime(2026, 11, 27, 9, 30, 5, 250000, tzinfo=UTC)
+
+
 def delivery(source: str = "zendesk", external_id: str = "101", **changes: Any) -> Delivery:
     base = Delivery(
         ticket_id=42,
@@ -56,6 +61,7 @@ def delivery(source: str = "zendesk", external_id: str = "101", **changes: Any) 
         review_reason=None,
         label=LABEL,
         metadata={"tags": ["vip"]},
+        routed_at=ROUTED_AT,
     )
     return replace(base, **changes)
 
@@ -192,6 +198,21 @@ def test_webhook_sink_posts_signed_json_that_standard_webhooks_verifies(api):
     assert payload["type"] == "ticket.routed"
     assert payload["data"]["ticket_id"] == 42 and payload["data"]["label"] == LABEL
     assert payload["data"]["external_id"] == "101" and payload["data"]["department"] == "billing"
+
+
+def test_a_retried_webhook_sends_the_same_body_timestamped_when_the_ticket_was_routed(api):
+    # Standard Webhooks: the attempt's time is the webhook-timestamp header, new on every
+    # attempt; the body's timestamp is the event's, the same on every retry.
+    sink = WebhookSink("crm", api.url + "/hooks/triage", secret=WEBHOOK_SECRET, timeout_seconds=2)
+    sink.deliver(delivery())
+    sink.deliver(delivery())
+    first, retry = api.requests
+    assert first.body == retry.body
+    assert first.json()["timestamp"] == "2026-11-27T09:30:05.250000Z"
+    assert abs(int(retry.headers["webhook-timestamp"]) - time.time()) < 60
+    assert Webhook(WEBHOOK_SECRET).verify(retry.body.decode(), retry.headers)["type"] == (
+        "ticket.routed"
+    )
 
 
 def test_helpdesk_sink_writes_back_to_the_tickets_source_only(api):

@@ -286,6 +286,7 @@ def _begin(
                 metadata={
                     k: v for k, v in (ticket.extra or {}).items() if k != APPLIED_UPDATES
                 },
+                routed_at=dispatch.created_at,
             )
             jobs.append(
                 _Job(
