@@ -20,7 +20,7 @@ from triage.errors import ConfigError, PermanentError, RateLimited, TransientErr
 from triage.sinks.base import Delivery
 from triage.sinks.django_helpdesk import DjangoHelpdeskWriter
 from triage.sinks.freshdesk import FreshdeskWriter
-from triage.sinks.helpdesk import HelpdeskWriteBack
+from triage.sinks.helpdesk import HelpdeskWriteBack, possible_tags
 from triage.sinks.loader import build_sink_table, load_sinks_file
 from triage.sinks.webhook import WebhookSink
 from triage.sinks.zendesk import ZendeskWriter
@@ -425,6 +425,55 @@ def test_freshdesk_keeps_the_tags_an_agent_set_after_the_webhook(api):
     assert put.json()["tags"] == ["escalated", "triage_refund", "triage_billing"]
 
 
+# --- a ticket routed again loses triage's tags of the earlier routing ---------------------------
+
+OWN_TAGS = possible_tags(["refund", "technical"], ["billing", "tech_support"])
+REROUTED = {**LABEL, "intent": "technical", "department": "tech_support", "priority": "normal"}
+
+
+def rerouted() -> Delivery:
+    # New customer text (or a reprocess) routed the ticket anew: a new dispatch.
+    return delivery(dispatch_id=8, department="tech_support", label=REROUTED)
+
+
+def test_zendesk_takes_off_its_tags_of_an_earlier_routing_and_only_its_own(api):
+    writer = ZendeskWriter(
+        api.url, email="b", api_token="t", groups={}, timeout_seconds=2, own_tags=OWN_TAGS
+    )
+    writer.deliver(rerouted())
+    ticket = api.requests[-1].json()["ticket"]
+    assert ticket["additional_tags"] == ["triage_technical", "triage_tech_support"]
+    # Left, a view on triage_billing would still show a ticket now with tech_support.
+    assert ticket["remove_tags"] == ["triage_billing", "triage_refund", "triage_review"]
+
+
+def test_freshdesk_takes_off_its_tags_of_an_earlier_routing_and_keeps_the_agents(api):
+    now = {"id": 202, "tags": ["vip", "triage_refund", "triage_billing", "triage_needed"]}
+    api.script("GET", FD_TICKET, Reply(body={**now, "conversations": []}))
+    writer = FreshdeskWriter(api.url, api_key="k", groups={}, timeout_seconds=2, own_tags=OWN_TAGS)
+    writer.deliver(
+        delivery("freshdesk", "202", dispatch_id=8, department="tech_support", label=REROUTED)
+    )
+    put = next(r for r in api.requests if r.method == "PUT")
+    # triage_needed is not a tag triage writes: an agent's, kept.
+    assert put.json()["tags"] == ["vip", "triage_needed", "triage_technical", "triage_tech_support"]
+
+
+def test_the_sink_table_gives_the_writers_the_taxonomys_tags(
+    api, tmp_path, app_config, monkeypatch
+):
+    monkeypatch.setenv("T_ZD_TOKEN", "tok")
+    text = (
+        f"helpdesks:\n  zendesk: {{base_url: '{api.url}', email: b, api_token_env: T_ZD_TOKEN}}\n"
+    )
+    table = build_sink_table(write_yaml(tmp_path, text + "default: [helpdesk]\n"), app_config)
+    for sink in table.for_department("tech_support"):
+        sink.deliver(rerouted())
+    removed = api.requests[-1].json()["ticket"]["remove_tags"]
+    assert "triage_billing" in removed and "triage_refund" in removed
+    assert "triage_tech_support" not in removed and "triage_technical" not in removed
+
+
 # --- the ticket id goes into a URL path ---------------------------------------------------------
 
 
@@ -462,7 +511,9 @@ def test_a_django_helpdesk_queue_slug_without_an_id_is_a_config_error(
         build_sink_table(write_yaml(tmp_path, text), app_config)
 
 
-@pytest.mark.parametrize("url", ["hooks.example.com/triage", "ftp://hooks.example.com/", "https://"])
+@pytest.mark.parametrize(
+    "url", ["hooks.example.com/triage", "ftp://hooks.example.com/", "https://"]
+)
 def test_a_webhook_url_that_is_not_http_is_a_config_error(tmp_path, url):
     text = f"webhooks:\n  crm: {{url: '{url}', secret_env: T_HOOK_SECRET}}\n"
     with pytest.raises(ConfigError, match=r"webhooks\.crm\.url"):

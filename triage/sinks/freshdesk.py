@@ -7,7 +7,8 @@ joined with <br>: as plain text its markup would be live in the agents' view, an
 would run together.
 Freshdesk's `tags` replaces the ticket's tags and there is no "add tags" update, so triage reads
 the ticket's tags as they are now (an agent may have changed them since the webhook, and a
-re-triage can come days later) and sends them plus its own. Each POST adds a note: a retried
+re-triage can come days later) and sends them plus its own, less its own of an earlier
+routing that no longer apply. Each POST adds a note: a retried
 delivery (a timeout that in fact succeeded, or a later sink of the department failing) first
 looks through the ticket's conversations for its own note (by dispatch id in the title). The
 update is made before the note, so finding the note means it was applied: the retry sends
@@ -17,7 +18,7 @@ nothing, rather than undo what an agent changed since (group, priority, a remove
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from triage.sinks.base import Delivery
@@ -42,9 +43,17 @@ class FreshdeskWriter:
     name = "freshdesk"
 
     def __init__(
-        self, base_url: str, *, api_key: str, groups: Mapping[str, int], timeout_seconds: float
+        self,
+        base_url: str,
+        *,
+        api_key: str,
+        groups: Mapping[str, int],
+        timeout_seconds: float,
+        own_tags: Iterable[str] = (),
     ) -> None:
         self.groups = dict(groups)
+        # The tags triage may write (helpdesk.possible_tags): those it may also take off.
+        self.own_tags = frozenset(own_tags)
         self.client = make_client(
             timeout_seconds, base_url=base_url.rstrip("/"), auth=(api_key, "X")
         )
@@ -59,8 +68,10 @@ class FreshdeskWriter:
         ).json()
         if not isinstance(current, dict):
             current = {}
-        tags = [str(t) for t in current.get("tags") or []]
-        update: dict[str, Any] = {"tags": list(dict.fromkeys([*tags, *triage_tags(delivery)]))}
+        ours = triage_tags(delivery)
+        stale = self.own_tags.difference(ours)
+        tags = [str(t) for t in current.get("tags") or [] if str(t) not in stale]
+        update: dict[str, Any] = {"tags": list(dict.fromkeys([*tags, *ours]))}
         group = self.groups.get(delivery.department or "")
         if group is not None:
             update["group_id"] = group
