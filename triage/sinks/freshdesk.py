@@ -8,11 +8,11 @@ would run together.
 Freshdesk's `tags` replaces the ticket's tags and there is no "add tags" update, so triage reads
 the ticket's tags as they are now (an agent may have changed them since the webhook, and a
 re-triage can come days later) and sends them plus its own, less its own of an earlier
-routing that no longer apply. Each POST adds a note: a retried
-delivery (a timeout that in fact succeeded, or a later sink of the department failing) first
-looks through the ticket's conversations for its own note (by dispatch id in the title). The
-update is made before the note, so finding the note means it was applied: the retry sends
-nothing, rather than undo what an agent changed since (group, priority, a removed tag).
+routing that no longer apply. Each POST adds a note: a retried delivery (a timeout that in fact
+succeeded, or a later sink of the department failing) first looks through the ticket's
+conversations for its own note (by dispatch id in the title). The update is made before the
+note, so finding the note means it was applied: the retry sends nothing, rather than undo what
+an agent changed since (group, priority, a removed tag).
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ class FreshdeskWriter:
         ).json()
         if not isinstance(current, dict):
             current = {}
+        if self._noted(path, delivery, what, current.get("conversations")):
+            return
         ours = triage_tags(delivery)
         stale = self.own_tags.difference(ours)
         tags = [str(t) for t in current.get("tags") or [] if str(t) not in stale]
@@ -78,8 +80,6 @@ class FreshdeskWriter:
         priority = PRIORITIES.get(str(delivery.label.get("priority")))
         if priority:
             update["priority"] = priority
-        if self._noted(path, delivery, what, current.get("conversations")):
-            return
         send(self.client, "PUT", path, what=what, json=update)
         send(
             self.client,
