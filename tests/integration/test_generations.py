@@ -60,7 +60,13 @@ def runtime(pg_url: str, clean_redis: str, fake: FakeAnthropic) -> Callable[...,
     return build
 
 
-def _post(rt: Runtime, *, key: str | None = None, text: str | None = None) -> int:
+def _post(
+    rt: Runtime,
+    *,
+    key: str | None = None,
+    text: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> int:
     inbound = InboundTicket(
         source="generic",
         external_id="gen-1",
@@ -68,6 +74,7 @@ def _post(rt: Runtime, *, key: str | None = None, text: str | None = None) -> in
         body=BODY,
         update_key=key,
         update_text=text,
+        metadata=metadata or {},
     )
     with session_scope(rt.sessions) as session:
         return accept_ticket(session, inbound, update_policy=rt.settings.update_policy).ticket_id
@@ -192,6 +199,27 @@ def test_a_failing_delivery_of_the_old_routing_does_not_dead_letter_the_new_one(
         assert deliver_many_stage(rt, [new]) == {new: "delivered"}
     with rt.sessions() as session:
         assert session.scalars(select(DeadLetter).where(DeadLetter.ticket_id == tid)).all() == []
+
+
+def test_the_webhook_carries_the_tickets_metadata_but_not_triages_record_of_updates(
+    runtime, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("TRIAGE_SINK_SECRET_RECEIVER", SINK_SECRET)
+    with running_api() as receiver:
+        rt = runtime(
+            TRIAGE_CONFIG_DIR=str(config_with_webhook_sink(tmp_path, receiver.url)),
+            TRIAGE_SINK_SECRET_RECEIVER=SINK_SECRET,
+        )
+        tid = _post(rt, metadata={"plan": "pro"})
+        _post(rt, key="c1", text="Also, the app crashes when I open the invoice.")
+        assert APPLIED_UPDATES in (_ticket(rt, tid).extra or {})
+        assert classify_tickets_stage(rt, [tid]) == {tid: "routed"}
+        with rt.sessions() as session:
+            (dispatch,) = session.scalars(select(Dispatch.id).where(Dispatch.ticket_id == tid))
+        assert deliver_many_stage(rt, [dispatch]) == {dispatch: "delivered"}
+        (sent,) = receiver.requests
+    # Triage's own bookkeeping (which updates it applied) is nobody else's business.
+    assert sent.json()["data"]["metadata"] == {"plan": "pro"}
 
 
 def test_new_text_for_a_dead_lettered_ticket_starts_afresh_and_closes_its_letter(runtime, fake):

@@ -4,8 +4,10 @@ exact calls, errors named transient or permanent, and signatures a reference lib
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from triage.errors import ConfigError, PermanentError, RateLimited, TransientErr
 from triage.sinks.base import Delivery
 from triage.sinks.django_helpdesk import DjangoHelpdeskWriter
 from triage.sinks.freshdesk import FreshdeskWriter
-from triage.sinks.helpdesk import HelpdeskWriteBack
+from triage.sinks.helpdesk import HelpdeskWriteBack, possible_tags
 from triage.sinks.loader import build_sink_table, load_sinks_file
 from triage.sinks.webhook import WebhookSink
 from triage.sinks.zendesk import ZendeskWriter
@@ -44,6 +46,9 @@ LABEL = {
 }
 
 
+ROUTED_AT = datetime(2026, 11, 27, 9, 30, 5, 250000, tzinfo=UTC)
+
+
 def delivery(source: str = "zendesk", external_id: str = "101", **changes: Any) -> Delivery:
     base = Delivery(
         ticket_id=42,
@@ -56,6 +61,7 @@ def delivery(source: str = "zendesk", external_id: str = "101", **changes: Any) 
         review_reason=None,
         label=LABEL,
         metadata={"tags": ["vip"]},
+        routed_at=ROUTED_AT,
     )
     return replace(base, **changes)
 
@@ -119,7 +125,22 @@ def test_freshdesk_updates_ticket_then_adds_private_note(api):
         "group_id": 43,
         "priority": 3,
     }
-    assert note.json() == {"body": NOTE, "private": True}
+    assert note.json() == {"body": NOTE.replace("\n", "<br>"), "private": True}
+
+
+def test_freshdesk_note_is_html_with_the_summarys_markup_escaped(api):
+    # Freshdesk renders a note's body as HTML; the summary is the model's, from customer text.
+    summary = 'Says <a href="https://evil.example/login">verify here</a> & "refund"'
+    label = {**LABEL, "summary": summary}
+    writer = FreshdeskWriter(api.url, api_key="k", groups={}, timeout_seconds=2)
+    writer.deliver(delivery("freshdesk", "202", label=label))
+    note = next(r for r in api.requests if r.method == "POST").json()
+    assert note["body"].split("<br>") == [
+        "[triage] dispatch 7: routed to billing",
+        "intent refund, priority high, sentiment negative, language en, confidence 0.93",
+        "summary: Says &lt;a href=&quot;https://evil.example/login&quot;&gt;verify here&lt;/a&gt;"
+        " &amp; &quot;refund&quot;",
+    ]
 
 
 def dh_writer(api: FakeApi) -> DjangoHelpdeskWriter:
@@ -137,11 +158,11 @@ def test_django_helpdesk_patches_queue_and_priority_and_posts_private_followup(a
     api.script("GET", "/api/tickets/303/", Reply(body={"id": 303, "followup_set": []}))
     dh_writer(api).deliver(delivery("django-helpdesk", "303"))
     assert api.calls() == [
-        ("PATCH", "/api/tickets/303/"),
         ("GET", "/api/tickets/303/"),
+        ("PATCH", "/api/tickets/303/"),
         ("POST", "/api/followups/"),
     ]
-    patch, _get, followup = api.requests
+    _get, patch, followup = api.requests
     assert patch.headers["authorization"] == basic("triage", "pw")
     assert patch.json() == {"queue": 1, "priority": 2}
     assert followup.json() == {
@@ -154,14 +175,17 @@ def test_django_helpdesk_patches_queue_and_priority_and_posts_private_followup(a
 
 def test_django_helpdesk_maps_department_to_queue_slug_then_id(api):
     dh_writer(api).deliver(delivery("django-helpdesk", "303", department="tech_support"))
-    assert api.requests[0].json() == {"queue": 2, "priority": 2}
+    assert api.requests[1].json() == {"queue": 2, "priority": 2}
 
 
-def test_django_helpdesk_retried_delivery_does_not_post_the_note_twice(api):
+def test_django_helpdesk_retried_delivery_neither_posts_the_note_twice_nor_patches_again(api):
+    # Its follow-up is there, so its PATCH (made first) was applied; an agent may have moved
+    # the ticket to another queue since, and patching again would move it back.
     existing = {"id": 900, "title": "[triage] dispatch 7: routed to billing", "public": False}
-    api.script("GET", "/api/tickets/303/", Reply(body={"id": 303, "followup_set": [existing]}))
+    ticket = {"id": 303, "queue": 2, "priority": 3, "followup_set": [existing]}
+    api.script("GET", "/api/tickets/303/", Reply(body=ticket))
     dh_writer(api).deliver(delivery("django-helpdesk", "303"))
-    assert ("POST", "/api/followups/") not in api.calls()
+    assert api.calls() == [("GET", "/api/tickets/303/")]
 
 
 def test_webhook_sink_posts_signed_json_that_standard_webhooks_verifies(api):
@@ -174,6 +198,21 @@ def test_webhook_sink_posts_signed_json_that_standard_webhooks_verifies(api):
     assert payload["type"] == "ticket.routed"
     assert payload["data"]["ticket_id"] == 42 and payload["data"]["label"] == LABEL
     assert payload["data"]["external_id"] == "101" and payload["data"]["department"] == "billing"
+
+
+def test_a_retried_webhook_sends_the_same_body_timestamped_when_the_ticket_was_routed(api):
+    # Standard Webhooks: the attempt's time is the webhook-timestamp header, new on every
+    # attempt; the body's timestamp is the event's, the same on every retry.
+    sink = WebhookSink("crm", api.url + "/hooks/triage", secret=WEBHOOK_SECRET, timeout_seconds=2)
+    sink.deliver(delivery())
+    sink.deliver(delivery())
+    first, retry = api.requests
+    assert first.body == retry.body
+    assert first.json()["timestamp"] == "2026-11-27T09:30:05.250000Z"
+    assert abs(int(retry.headers["webhook-timestamp"]) - time.time()) < 60
+    assert Webhook(WEBHOOK_SECRET).verify(retry.body.decode(), retry.headers)["type"] == (
+        "ticket.routed"
+    )
 
 
 def test_helpdesk_sink_writes_back_to_the_tickets_source_only(api):
@@ -279,6 +318,39 @@ default: [helpdesk]
     ]
 
 
+def test_secrets_read_with_a_trailing_newline_are_used_without_it(
+    api, tmp_path, app_config, monkeypatch
+):
+    # As a secret mounted from a file arrives; with the newline every write-back got 401 and
+    # every webhook a signature its receiver refuses.
+    monkeypatch.setenv("T_ZD_TOKEN", "tok\n")
+    monkeypatch.setenv("T_HOOK_SECRET", WEBHOOK_SECRET + "\n")
+    path = write_yaml(
+        tmp_path,
+        f"""
+helpdesks:
+  zendesk: {{base_url: "{api.url}", email: bot@acme.test, api_token_env: T_ZD_TOKEN}}
+webhooks:
+  crm: {{url: "{api.url}/hooks", secret_env: T_HOOK_SECRET}}
+default: [helpdesk, webhook:crm]
+""",
+    )
+    for sink in build_sink_table(path, app_config).for_department("billing"):
+        sink.deliver(delivery())
+    put = next(r for r in api.requests if r.method == "PUT")
+    assert put.headers["authorization"] == basic("bot@acme.test/token", "tok")
+    hook = next(r for r in api.requests if r.method == "POST")
+    payload = Webhook(WEBHOOK_SECRET).verify(hook.body.decode(), hook.headers)
+    assert payload["data"]["ticket_id"] == 42
+
+
+def test_a_blank_secret_is_a_config_error(tmp_path, app_config, monkeypatch):
+    monkeypatch.setenv("T_HOOK_SECRET", " \n")
+    text = "webhooks:\n  crm: {url: 'http://x', secret_env: T_HOOK_SECRET}\n"
+    with pytest.raises(ConfigError, match="T_HOOK_SECRET is not set"):
+        build_sink_table(write_yaml(tmp_path, text), app_config)
+
+
 def test_unknown_sink_name_is_a_config_error_naming_the_field(tmp_path, app_config):
     path = write_yaml(tmp_path, "departments:\n  billing: [webhook:nope]\n")
     with pytest.raises(ConfigError, match=r"departments\.billing: unknown sink 'webhook:nope'"):
@@ -302,15 +374,14 @@ def test_shipped_example_file_is_valid():
 # --- a retried delivery writes its note once ----------------------------------------------------
 
 
-def test_zendesk_retried_delivery_sets_fields_again_but_does_not_comment_twice(api):
+def test_zendesk_retried_delivery_neither_comments_twice_nor_updates_the_ticket_again(api):
+    # Its comment is there, and it went in the same update as group, priority and tags: all
+    # were applied. An agent may have changed them since; setting them again would undo that.
     ours = {"id": 5, "body": NOTE, "public": False}
     listing = "/api/v2/tickets/101/comments.json?sort_order=desc&per_page=100"
     api.script("GET", listing, Reply(body={"comments": [ours]}))
     zendesk(api).deliver(delivery())
-    put = api.requests[-1]
-    assert (put.method, put.path) == ("PUT", "/api/v2/tickets/101.json")
-    assert "comment" not in put.json()["ticket"]
-    assert put.json()["ticket"]["priority"] == "high"
+    assert api.calls() == [("GET", listing)]
 
 
 def test_zendesk_comment_of_another_dispatch_does_not_count(api):
@@ -321,12 +392,14 @@ def test_zendesk_comment_of_another_dispatch_does_not_count(api):
     assert api.requests[-1].json()["ticket"]["comment"] == {"body": NOTE, "public": False}
 
 
-def test_freshdesk_retried_delivery_does_not_post_the_note_twice(api):
+def test_freshdesk_retried_delivery_neither_posts_the_note_twice_nor_updates_again(api):
     ours = {"id": 900, "body_text": NOTE, "private": True}
     api.script("GET", FD_TICKET, Reply(body={"id": 202, "tags": [], "conversations": [ours]}))
     writer = FreshdeskWriter(api.url, api_key="k", groups={}, timeout_seconds=2)
     writer.deliver(delivery("freshdesk", "202"))
-    assert api.calls() == [("GET", FD_TICKET), ("PUT", "/api/v2/tickets/202")]
+    # The update is made before the note: it was applied, and an agent may have changed group,
+    # priority or tags since.
+    assert api.calls() == [("GET", FD_TICKET)]
 
 
 def test_freshdesk_looks_past_the_first_ten_conversations_for_its_note(api):
@@ -339,7 +412,7 @@ def test_freshdesk_looks_past_the_first_ten_conversations_for_its_note(api):
     writer = FreshdeskWriter(api.url, api_key="k", groups={}, timeout_seconds=2)
     writer.deliver(delivery("freshdesk", "202"))
     assert ("POST", "/api/v2/tickets/202/notes") not in api.calls()
-    assert ("PUT", "/api/v2/tickets/202") in api.calls()
+    assert ("PUT", "/api/v2/tickets/202") not in api.calls()
 
 
 def test_freshdesk_keeps_the_tags_an_agent_set_after_the_webhook(api):
@@ -350,6 +423,55 @@ def test_freshdesk_keeps_the_tags_an_agent_set_after_the_webhook(api):
     writer.deliver(delivery("freshdesk", "202"))
     put = next(r for r in api.requests if r.method == "PUT")
     assert put.json()["tags"] == ["escalated", "triage_refund", "triage_billing"]
+
+
+# --- a ticket routed again loses triage's tags of the earlier routing ---------------------------
+
+OWN_TAGS = possible_tags(["refund", "technical"], ["billing", "tech_support"])
+REROUTED = {**LABEL, "intent": "technical", "department": "tech_support", "priority": "normal"}
+
+
+def rerouted() -> Delivery:
+    # New customer text (or a reprocess) routed the ticket anew: a new dispatch.
+    return delivery(dispatch_id=8, department="tech_support", label=REROUTED)
+
+
+def test_zendesk_takes_off_its_tags_of_an_earlier_routing_and_only_its_own(api):
+    writer = ZendeskWriter(
+        api.url, email="b", api_token="t", groups={}, timeout_seconds=2, own_tags=OWN_TAGS
+    )
+    writer.deliver(rerouted())
+    ticket = api.requests[-1].json()["ticket"]
+    assert ticket["additional_tags"] == ["triage_technical", "triage_tech_support"]
+    # Left, a view on triage_billing would still show a ticket now with tech_support.
+    assert ticket["remove_tags"] == ["triage_billing", "triage_refund", "triage_review"]
+
+
+def test_freshdesk_takes_off_its_tags_of_an_earlier_routing_and_keeps_the_agents(api):
+    now = {"id": 202, "tags": ["vip", "triage_refund", "triage_billing", "triage_needed"]}
+    api.script("GET", FD_TICKET, Reply(body={**now, "conversations": []}))
+    writer = FreshdeskWriter(api.url, api_key="k", groups={}, timeout_seconds=2, own_tags=OWN_TAGS)
+    writer.deliver(
+        delivery("freshdesk", "202", dispatch_id=8, department="tech_support", label=REROUTED)
+    )
+    put = next(r for r in api.requests if r.method == "PUT")
+    # triage_needed is not a tag triage writes: an agent's, kept.
+    assert put.json()["tags"] == ["vip", "triage_needed", "triage_technical", "triage_tech_support"]
+
+
+def test_the_sink_table_gives_the_writers_the_taxonomys_tags(
+    api, tmp_path, app_config, monkeypatch
+):
+    monkeypatch.setenv("T_ZD_TOKEN", "tok")
+    text = (
+        f"helpdesks:\n  zendesk: {{base_url: '{api.url}', email: b, api_token_env: T_ZD_TOKEN}}\n"
+    )
+    table = build_sink_table(write_yaml(tmp_path, text + "default: [helpdesk]\n"), app_config)
+    for sink in table.for_department("tech_support"):
+        sink.deliver(rerouted())
+    removed = api.requests[-1].json()["ticket"]["remove_tags"]
+    assert "triage_billing" in removed and "triage_refund" in removed
+    assert "triage_tech_support" not in removed and "triage_technical" not in removed
 
 
 # --- the ticket id goes into a URL path ---------------------------------------------------------
@@ -389,7 +511,9 @@ def test_a_django_helpdesk_queue_slug_without_an_id_is_a_config_error(
         build_sink_table(write_yaml(tmp_path, text), app_config)
 
 
-@pytest.mark.parametrize("url", ["hooks.example.com/triage", "ftp://hooks.example.com/", "https://"])
+@pytest.mark.parametrize(
+    "url", ["hooks.example.com/triage", "ftp://hooks.example.com/", "https://"]
+)
 def test_a_webhook_url_that_is_not_http_is_a_config_error(tmp_path, url):
     text = f"webhooks:\n  crm: {{url: '{url}', secret_env: T_HOOK_SECRET}}\n"
     with pytest.raises(ConfigError, match=r"webhooks\.crm\.url"):

@@ -3,6 +3,7 @@ Retry-After in both of its forms, and what an error stored in the database may s
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -62,6 +63,17 @@ def test_webhook_error_does_not_show_the_urls_credentials_or_token(api):
     text = str(err.value)
     assert "/hooks/T0/B0" in text and "500" in text
     assert "hookpass" not in text and "s3cr3t-query-token" not in text
+
+
+def test_the_request_log_line_does_not_show_the_webhook_urls_credentials_or_token(api, caplog):
+    # A worker logs at INFO, and httpx logs every request there with its URL.
+    caplog.set_level(logging.INFO, logger="httpx")
+    host = api.url.removeprefix("http://")
+    url = f"http://hookuser:hookpass@{host}/hooks/T0/B0?token=s3cr3t-query-token"
+    WebhookSink("crm", url, secret=WEBHOOK_SECRET, timeout_seconds=2).deliver(delivery())
+    assert api.calls() == [("POST", "/hooks/T0/B0?token=s3cr3t-query-token")]
+    assert "HTTP Request: POST" in caplog.text and "/hooks/T0/B0" in caplog.text
+    assert "hookpass" not in caplog.text and "s3cr3t-query-token" not in caplog.text
 
 
 def test_unreachable_webhook_error_does_not_show_the_urls_token():
@@ -131,3 +143,14 @@ def test_an_oversized_answer_to_a_webhook_is_still_a_delivery(api):
         delivery()
     )
     assert api.calls() == [("POST", "/hooks")]
+
+
+def test_an_answer_that_does_not_decode_is_a_transient_error_naming_the_sink(api):
+    # Says gzip, is not: httpx raised its own DecodingError, which the retry policy took for
+    # a bug (permanent, dead-lettered at once) and whose text named neither sink nor URL.
+    listing = "/api/v2/tickets/101/comments.json?sort_order=desc&per_page=100"
+    api.script("GET", listing, Reply(headers={"content-encoding": "gzip"}))
+    with pytest.raises(TransientError, match="zendesk write-back for ticket 42: GET") as err:
+        zendesk(api).deliver(delivery())
+    assert "DecodingError" in str(err.value)
+    assert ("PUT", "/api/v2/tickets/101.json") not in api.calls()

@@ -15,6 +15,7 @@ from sqlalchemy import Update, bindparam, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from triage.db.models import Attempt, Classification, Dispatch, Ticket, TicketState, utcnow
+from triage.db.repo import APPLIED_UPDATES
 from triage.db.session import insert_rows, session_scope
 from triage.pipeline.relay import DELIVER_TASK
 from triage.pipeline.runtime import Runtime
@@ -281,7 +282,11 @@ def _begin(
                 needs_review=ticket.state == S.NEEDS_REVIEW,
                 review_reason=ticket.review_reason,
                 label={**label.label_fields(), "model": label.model} if label else {},
-                metadata=dict(ticket.extra or {}),
+                # What the source sent; which updates were applied is triage's own record.
+                metadata={
+                    k: v for k, v in (ticket.extra or {}).items() if k != APPLIED_UPDATES
+                },
+                routed_at=dispatch.created_at,
             )
             jobs.append(
                 _Job(

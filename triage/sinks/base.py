@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
 
@@ -20,6 +21,9 @@ class Delivery:
     review_reason: str | None
     label: dict[str, Any]
     metadata: dict[str, Any]
+    # When triage routed the ticket (the dispatch was made): the event's time, the same on
+    # every retry of its delivery.
+    routed_at: datetime
 
 
 class Sink(Protocol):

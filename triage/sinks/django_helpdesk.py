@@ -3,7 +3,9 @@
 PATCH /api/tickets/<id>/ sets queue and priority; POST /api/followups/ adds a private
 follow-up titled with the triage marker, which the django-helpdesk source ignores when the
 helpdesk's follow-up webhook reports it back. A retried delivery looks for its own follow-up
-(by dispatch id in the title) before posting, so the note is written once.
+(by dispatch id in the title) first: the PATCH is made before the follow-up, so finding it
+means both were applied, and the retry sends nothing (patching again would undo a queue or
+priority an agent changed since).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from triage.sinks.base import Delivery
-from triage.sinks.helpdesk import note_text, note_title, ticket_number
+from triage.sinks.helpdesk import has_note, note_text, note_title, ticket_number
 from triage.sinks.http import make_client, send
 
 # django-helpdesk: 1 critical, 2 high, 3 normal, 4 low, 5 very low.
@@ -48,6 +50,10 @@ class DjangoHelpdeskWriter:
         what = f"django-helpdesk write-back for ticket {delivery.ticket_id}"
         number = ticket_number(delivery)
         ticket_path = f"/api/tickets/{number}/"
+        current = send(self.client, "GET", ticket_path, what=what).json()
+        followups = current.get("followup_set") if isinstance(current, dict) else None
+        if has_note(followups, note_title(delivery), "title"):
+            return
         change: dict[str, Any] = {}
         queue = self.queue_id(delivery.department)
         if queue is not None:
@@ -57,10 +63,6 @@ class DjangoHelpdeskWriter:
             change["priority"] = priority
         if change:
             send(self.client, "PATCH", ticket_path, what=what, json=change)
-        current = send(self.client, "GET", ticket_path, what=what).json()
-        title = note_title(delivery)
-        if any(f.get("title") == title for f in current.get("followup_set") or []):
-            return
         send(
             self.client,
             "POST",
@@ -68,7 +70,7 @@ class DjangoHelpdeskWriter:
             what=what,
             json={
                 "ticket": int(number),
-                "title": title,
+                "title": note_title(delivery),
                 "comment": note_text(delivery),
                 "public": False,
             },

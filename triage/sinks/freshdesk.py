@@ -1,18 +1,24 @@
 """Freshdesk write-back: group, priority and tags, then a private note.
 
 GET /api/v2/tickets/{id}?include=conversations, PUT /api/v2/tickets/{id} and
-POST /api/v2/tickets/{id}/notes, API-key basic auth (`key:X`).
+POST /api/v2/tickets/{id}/notes, API-key basic auth (`key:X`). A note's body is HTML, so the
+note's text (the summary is the model's, from the customer's words) is escaped and its lines
+joined with <br>: as plain text its markup would be live in the agents' view, and its lines
+would run together.
 Freshdesk's `tags` replaces the ticket's tags and there is no "add tags" update, so triage reads
 the ticket's tags as they are now (an agent may have changed them since the webhook, and a
-re-triage can come days later) and sends them plus its own. The update is the same however
-often it is made, but each POST adds a note: a retried delivery (a timeout that in fact
+re-triage can come days later) and sends them plus its own, less its own of an earlier
+routing that no longer apply. Each POST adds a note: a retried delivery (a timeout that in fact
 succeeded, or a later sink of the department failing) first looks through the ticket's
-conversations for its own note (by dispatch id in the title) and does not post it again.
+conversations for its own note (by dispatch id in the title). The update is made before the
+note, so finding the note means it was applied: the retry sends nothing, rather than undo what
+an agent changed since (group, priority, a removed tag).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import html
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from triage.sinks.base import Delivery
@@ -29,13 +35,25 @@ MAX_CONVERSATION_PAGES = 10
 INCLUDED_CONVERSATIONS = 10
 
 
+def note_html(delivery: Delivery) -> str:
+    return "<br>".join(html.escape(line) for line in note_text(delivery).splitlines())
+
+
 class FreshdeskWriter:
     name = "freshdesk"
 
     def __init__(
-        self, base_url: str, *, api_key: str, groups: Mapping[str, int], timeout_seconds: float
+        self,
+        base_url: str,
+        *,
+        api_key: str,
+        groups: Mapping[str, int],
+        timeout_seconds: float,
+        own_tags: Iterable[str] = (),
     ) -> None:
         self.groups = dict(groups)
+        # The tags triage may write (helpdesk.possible_tags): those it may also take off.
+        self.own_tags = frozenset(own_tags)
         self.client = make_client(
             timeout_seconds, base_url=base_url.rstrip("/"), auth=(api_key, "X")
         )
@@ -50,24 +68,25 @@ class FreshdeskWriter:
         ).json()
         if not isinstance(current, dict):
             current = {}
-        tags = [str(t) for t in current.get("tags") or []]
-        update: dict[str, Any] = {"tags": list(dict.fromkeys([*tags, *triage_tags(delivery)]))}
+        if self._noted(path, delivery, what, current.get("conversations")):
+            return
+        ours = triage_tags(delivery)
+        stale = self.own_tags.difference(ours)
+        tags = [str(t) for t in current.get("tags") or [] if str(t) not in stale]
+        update: dict[str, Any] = {"tags": list(dict.fromkeys([*tags, *ours]))}
         group = self.groups.get(delivery.department or "")
         if group is not None:
             update["group_id"] = group
         priority = PRIORITIES.get(str(delivery.label.get("priority")))
         if priority:
             update["priority"] = priority
-        noted = self._noted(path, delivery, what, current.get("conversations"))
         send(self.client, "PUT", path, what=what, json=update)
-        if noted:
-            return
         send(
             self.client,
             "POST",
             f"{path}/notes",
             what=what,
-            json={"body": note_text(delivery), "private": True},
+            json={"body": note_html(delivery), "private": True},
         )
 
     def _noted(self, path: str, delivery: Delivery, what: str, included: Any) -> bool:

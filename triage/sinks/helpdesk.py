@@ -8,7 +8,7 @@ configured writer (e.g. `generic`) are left to the queue.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from triage.errors import PermanentError
 from triage.ingest.models import TRIAGE_NOTE_MARKER
@@ -67,13 +67,30 @@ def note_text(delivery: Delivery) -> str:
     return "\n".join(lines)
 
 
+REVIEW_TAG = "triage_review"
+
+
+def triage_tag(name: str) -> str:
+    return f"triage_{name}"
+
+
 def triage_tags(delivery: Delivery) -> list[str]:
-    tags = [f"triage_{delivery.label['intent']}"] if delivery.label.get("intent") else []
+    tags = [triage_tag(delivery.label["intent"])] if delivery.label.get("intent") else []
     if delivery.department:
-        tags.append(f"triage_{delivery.department}")
+        tags.append(triage_tag(delivery.department))
     if delivery.needs_review:
-        tags.append("triage_review")
+        tags.append(REVIEW_TAG)
     return list(dict.fromkeys(tags))
+
+
+def possible_tags(intents: Iterable[str], departments: Iterable[str]) -> frozenset[str]:
+    """Every tag triage can write under a taxonomy. A ticket routed again (new customer text,
+    a reprocess) loses those of its earlier routing that no longer apply: left, a view or
+    trigger on `triage_billing` would still take a ticket now routed to tech_support. Tags
+    outside this set are the agents', even ones that happen to start with `triage_`."""
+    return frozenset(
+        [*(triage_tag(i) for i in intents), *(triage_tag(d) for d in departments), REVIEW_TAG]
+    )
 
 
 class HelpdeskWriteBack:

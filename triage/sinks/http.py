@@ -1,15 +1,16 @@
 """The one place an HTTP answer from a sink's target becomes a typed error.
 
-Timeouts, dropped connections, 408/409/425/429 and 5xx are transient (the retry policy in
-triage/reliability decides when to try again, never sooner than retry-after); any other 4xx is
-permanent: the request itself is wrong and repeating it cannot help. So is a redirect: it is
-not followed (it would carry the credentials elsewhere) and it is not a success either, since
-nothing was written. Sinks do not retry.
+Timeouts, dropped connections, bodies that do not decode, 408/409/425/429 and 5xx are
+transient (the retry policy in triage/reliability decides when to try again, never sooner than
+retry-after); any other 4xx is permanent: the request itself is wrong and repeating it cannot
+help. So is a redirect: it is not followed (it would carry the credentials elsewhere) and it
+is not a success either, since nothing was written. Sinks do not retry.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -52,6 +53,25 @@ class Answer:
             ) from None
 
 
+class _RedactedUrls(logging.Filter):
+    """httpx logs every request at INFO with its full URL ("HTTP Request: POST <url> ..."),
+    and a worker logs INFO: a webhook's user:password or `?token=` would be in every log line.
+    The URL is shown as errors show it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(
+            isinstance(arg, httpx.URL) for arg in record.args
+        ):
+            record.args = tuple(
+                shown_url(str(arg)) if isinstance(arg, httpx.URL) else arg for arg in record.args
+            )
+        return True
+
+
+_URL_FILTER = _RedactedUrls()
+logging.getLogger("httpx").addFilter(_URL_FILTER)
+
+
 def make_client(timeout_seconds: float, **kwargs: Any) -> httpx.Client:
     """A client with explicit timeouts: a helpdesk that hangs must not hold a worker thread."""
     timeout = httpx.Timeout(timeout_seconds, connect=min(5.0, timeout_seconds))
@@ -72,7 +92,9 @@ def send(client: httpx.Client, method: str, url: str, *, what: str, **kwargs: An
         raise TransientError(
             f"{what}: {method} {where} timed out ({exc.__class__.__name__})"
         ) from exc
-    except httpx.TransportError as exc:
+    except httpx.RequestError as exc:
+        # A transport failure, or a body that does not decode as its content-encoding says
+        # (cut short by a proxy, say): the sink's contract is typed errors, never httpx's.
         raise TransientError(
             f"{what}: {method} {where} failed: {exc.__class__.__name__}: {exc}"
         ) from exc

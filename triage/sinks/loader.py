@@ -21,7 +21,7 @@ from triage.errors import ConfigError
 from triage.sinks.base import Sink
 from triage.sinks.django_helpdesk import DjangoHelpdeskWriter
 from triage.sinks.freshdesk import FreshdeskWriter
-from triage.sinks.helpdesk import HelpdeskWriteBack
+from triage.sinks.helpdesk import HelpdeskWriteBack, possible_tags
 from triage.sinks.registry import SinkTable
 from triage.sinks.webhook import WebhookSink
 from triage.sinks.zendesk import ZendeskWriter
@@ -84,15 +84,19 @@ class SinksFile(ConfigModel):
 
 
 def _secret(path: Path, field: str, env_name: str) -> str:
-    value = os.environ.get(env_name)
+    # A secret read from a file or a Kubernetes secret often ends in a newline: sent as is, it
+    # is a wrong password (401) or a wrong signing key, and every delivery dead-letters.
+    value = os.environ.get(env_name, "").strip()
     if not value:
         raise ConfigError(f"{path}: {field}: environment variable {env_name} is not set")
     return value
 
 
-def _writers(path: Path, spec: SinksFile) -> dict[str, Sink]:
+def _writers(path: Path, spec: SinksFile, config: AppConfig) -> dict[str, Sink]:
     timeout = spec.timeout_seconds
     helpdesks = spec.helpdesks
+    taxonomy = config.taxonomy
+    own_tags = possible_tags(taxonomy.intent_names, taxonomy.department_names)
     writers: dict[str, Sink] = {}
     if helpdesks.zendesk:
         zd = helpdesks.zendesk
@@ -102,6 +106,7 @@ def _writers(path: Path, spec: SinksFile) -> dict[str, Sink]:
             api_token=_secret(path, "helpdesks.zendesk.api_token_env", zd.api_token_env),
             groups=zd.groups,
             timeout_seconds=timeout,
+            own_tags=own_tags,
         )
     if helpdesks.freshdesk:
         fd = helpdesks.freshdesk
@@ -110,6 +115,7 @@ def _writers(path: Path, spec: SinksFile) -> dict[str, Sink]:
             api_key=_secret(path, "helpdesks.freshdesk.api_key_env", fd.api_key_env),
             groups=fd.groups,
             timeout_seconds=timeout,
+            own_tags=own_tags,
         )
     if helpdesks.django_helpdesk:
         dh = helpdesks.django_helpdesk
@@ -124,8 +130,8 @@ def _writers(path: Path, spec: SinksFile) -> dict[str, Sink]:
     return writers
 
 
-def _named_sinks(path: Path, spec: SinksFile) -> dict[str, Sink]:
-    sinks: dict[str, Sink] = {"helpdesk": HelpdeskWriteBack(_writers(path, spec))}
+def _named_sinks(path: Path, spec: SinksFile, config: AppConfig) -> dict[str, Sink]:
+    sinks: dict[str, Sink] = {"helpdesk": HelpdeskWriteBack(_writers(path, spec, config))}
     for name, hook in spec.webhooks.items():
         sink = WebhookSink(
             name,
@@ -206,7 +212,7 @@ def build_sink_table(path: Path, config: AppConfig) -> SinkTable:
                     f"{path}: helpdesks.django-helpdesk.queues.{department}: queue {slug!r} "
                     f"is not in queue_ids (known: {', '.join(sorted(dh.queue_ids)) or 'none'})"
                 )
-    sinks = _named_sinks(path, spec)
+    sinks = _named_sinks(path, spec, config)
     return SinkTable(
         by_department={
             department: _resolve(path, f"departments.{department}", names, sinks)

@@ -1,10 +1,15 @@
 """Outbound webhook: the routed ticket and its labels, POSTed as JSON and signed per Standard
-Webhooks. `webhook-id` is stable per dispatch, so a receiver can drop a retried delivery."""
+Webhooks. `webhook-id` is stable per dispatch, so a receiver can drop a retried delivery.
+
+As the spec has it, `webhook-timestamp` is the attempt's time (a receiver refuses one too old,
+against replays) and the body's `timestamp` the event's, ISO 8601: when triage routed the
+ticket. A retry sends the same body, only the attempt's headers are new."""
 
 from __future__ import annotations
 
 import json
 import time
+from datetime import UTC
 from typing import Any
 
 from triage.ingest.signing import sign
@@ -12,10 +17,11 @@ from triage.sinks.base import Delivery
 from triage.sinks.http import make_client, send
 
 
-def webhook_body(delivery: Delivery, timestamp: int) -> dict[str, Any]:
+def webhook_body(delivery: Delivery) -> dict[str, Any]:
+    routed_at = delivery.routed_at.astimezone(UTC)
     return {
         "type": "ticket.needs_review" if delivery.needs_review else "ticket.routed",
-        "timestamp": timestamp,
+        "timestamp": routed_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         "data": {
             "ticket_id": delivery.ticket_id,
             "dispatch_id": delivery.dispatch_id,
@@ -41,7 +47,7 @@ class WebhookSink:
     def deliver(self, delivery: Delivery) -> None:
         msg_id = f"dispatch_{delivery.dispatch_id}"
         timestamp = int(time.time())
-        body = json.dumps(webhook_body(delivery, timestamp), default=str).encode()
+        body = json.dumps(webhook_body(delivery), default=str).encode()
         send(
             self.client,
             "POST",

@@ -1,16 +1,19 @@
 """Zendesk write-back: group, priority, tags and a private comment in one ticket update.
 
 PUT /api/v2/tickets/{id}.json with API-token auth (`{email}/token:{token}`).
-`additional_tags` adds triage's tags without replacing the agent's (plain `tags` would).
-Group, priority and tags are the same however often they are set, but each PUT with a comment
-adds one, and Zendesk has no idempotency key for updates: a retried delivery (a timeout that in
-fact succeeded, or a later sink of the department failing) first looks among the ticket's
-newest comments for its own (by dispatch id in the title) and then leaves the comment out.
+`additional_tags` adds triage's tags without replacing the agent's (plain `tags` would);
+`remove_tags` takes off triage's own tags of an earlier routing that no longer apply.
+Each PUT with a comment adds one, and Zendesk has no idempotency key for updates: a retried
+delivery (a timeout that in fact succeeded, or a later sink of the department failing) first
+looks among the ticket's newest comments for its own (by dispatch id in the title). Comment,
+group, priority and tags went in one update, so finding it means all of them were applied:
+the retry sends nothing. Setting them again would undo what an agent changed since (moved the
+ticket to another group, removed a tag), minutes or hours after triage wrote them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from triage.sinks.base import Delivery
@@ -32,8 +35,11 @@ class ZendeskWriter:
         api_token: str,
         groups: Mapping[str, int],
         timeout_seconds: float,
+        own_tags: Iterable[str] = (),
     ) -> None:
         self.groups = dict(groups)
+        # The tags triage may write (helpdesk.possible_tags): those it may also take off.
+        self.own_tags = frozenset(own_tags)
         self.client = make_client(
             timeout_seconds, base_url=base_url.rstrip("/"), auth=(f"{email}/token", api_token)
         )
@@ -41,9 +47,16 @@ class ZendeskWriter:
     def deliver(self, delivery: Delivery) -> None:
         what = f"zendesk write-back for ticket {delivery.ticket_id}"
         path = f"/api/v2/tickets/{ticket_number(delivery)}"
-        ticket: dict[str, Any] = {"additional_tags": triage_tags(delivery)}
-        if not self._commented(path, delivery, what):
-            ticket["comment"] = {"body": note_text(delivery), "public": False}
+        if self._commented(path, delivery, what):
+            return
+        tags = triage_tags(delivery)
+        ticket: dict[str, Any] = {
+            "additional_tags": tags,
+            "comment": {"body": note_text(delivery), "public": False},
+        }
+        stale = sorted(self.own_tags.difference(tags))
+        if stale:
+            ticket["remove_tags"] = stale
         group = self.groups.get(delivery.department or "")
         if group is not None:
             ticket["group_id"] = group
