@@ -6,8 +6,9 @@ Retries live here and only here:
   database disconnects): retry after an exponential backoff with full jitter
   (`uniform(0, min(max_delay, base_delay * 2**(attempt-1)))`), never sooner than the server's
   retry-after, while the stage's attempts (`TRIAGE_<STAGE>_MAX_ATTEMPTS`) and age
-  (`..._MAX_AGE`, counted from the stage's start: receipt for classify, the dispatch for
-  deliver, or the latest replay) allow. Then dead letter.
+  (`..._MAX_AGE`, counted from the stage's start: for classify, receipt or the start of the
+  ticket's current generation (new text, a reprocess, a replay); for deliver, the dispatch or
+  its latest replay) allow. Then dead letter.
 - Permanent (400/401/403/404, output still invalid after the one repair call, refusal, a bug):
   dead letter at once.
 
