@@ -13,12 +13,15 @@ that (sleep briefly, or put the ticket back on the queue without using an attemp
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
+
+from triage.reliability.retry import MAX_RETRY_AFTER_SECONDS
 
 # KEYS: one GCRA key per limit. ARGV: now_ms, then (interval_ms, burst_ms, quantity) per key.
 # Returns 0 when every limit admits the request (and records it), else ms to wait.
@@ -213,6 +216,10 @@ class CircuitBreaker:
 
     def record_overload(self, retry_after: float | None = None) -> bool:
         """Count one 429/529; returns True when this failure opened the circuit."""
+        # However the caller read it: one absurd retry-after must not pause every worker's
+        # classify consumption for days (nor an infinite one fail the script).
+        wait = 0.0 if retry_after is None or math.isnan(retry_after) else retry_after
+        wait = min(max(0.0, wait), MAX_RETRY_AFTER_SECONDS)
         now = time.time()
         second = int(now)
         opened = self._script(
@@ -230,7 +237,7 @@ class CircuitBreaker:
                 self.threshold,
                 self.ratio,
                 self.cooldown,
-                retry_after or 0.0,
+                wait,
                 self._prefix,
             ],
         )

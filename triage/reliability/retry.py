@@ -30,8 +30,13 @@ Waiting for the shared rate limit or an open circuit does not spend an attempt.
 
 from __future__ import annotations
 
+import math
 import random
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -56,6 +61,46 @@ class RetryPolicy:
         if retry_after is not None:
             delay = max(delay, retry_after)
         return delay
+
+
+# The longest retry-after honoured. Rate limits reset within minutes and maintenance windows
+# within hours; a value of days or years (a misconfigured proxy, a date written by a clock far
+# ahead) would hold a ticket until its age bound dead-letters it, and keep the shared circuit
+# open (every worker's classify consumption paused) for as long.
+MAX_RETRY_AFTER_SECONDS = 3600.0
+
+# RFC 9110 delta-seconds (digits), with a fraction as some servers send.
+_DELTA_SECONDS = re.compile(r"\d+(?:\.\d+)?")
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """The server's "come back in N seconds", from `retry-after-ms` (Anthropic's) or
+    `retry-after` in either form RFC 9110 allows: delta-seconds or an HTTP-date. A date in the
+    past is 0; anything longer than MAX_RETRY_AFTER_SECONDS is taken as that. None when
+    neither header is there or readable (`nan`, `-5`, a malformed date)."""
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = (headers.get(name) or "").strip()
+        if not value:
+            continue
+        if _DELTA_SECONDS.fullmatch(value):
+            seconds = float(value) * scale
+        elif scale == 1.0:
+            when = _http_date(value)
+            if when is None:
+                continue
+            seconds = max(0.0, (when - datetime.now(UTC)).total_seconds())
+        else:
+            continue
+        return min(seconds, MAX_RETRY_AFTER_SECONDS) if math.isfinite(seconds) else None
+    return None
+
+
+def _http_date(value: str) -> datetime | None:
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when
 
 
 @dataclass(frozen=True, slots=True)
