@@ -50,7 +50,9 @@ for i, key in ipairs(KEYS) do
   if allow_at > now and (allow_at - now) > wait then wait = allow_at - now end
   tats[i] = new_tat
 end
-if wait > 0 then return wait end
+-- Whole ms, rounded up: the reply is an integer, and a wait under 1 ms truncated to 0 would
+-- read as "go" for a call that was not charged.
+if wait > 0 then return math.ceil(wait) end
 for i, key in ipairs(KEYS) do
   redis.call('SET', key, tats[i], 'PX', math.ceil(tats[i] - now) + 1000)
 end
