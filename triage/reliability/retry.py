@@ -30,7 +30,6 @@ Waiting for the shared rate limit or an open circuit does not spend an attempt.
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from collections.abc import Mapping
@@ -91,7 +90,7 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
             seconds = max(0.0, (when - datetime.now(UTC)).total_seconds())
         else:
             continue
-        return min(seconds, MAX_RETRY_AFTER_SECONDS) if math.isfinite(seconds) else None
+        return min(seconds, MAX_RETRY_AFTER_SECONDS)
     return None
 
 
