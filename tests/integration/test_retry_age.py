@@ -20,9 +20,11 @@ from tests.support.stack import anthropic_env, make_runtime, truncate
 from triage.db.models import DeadLetter, Ticket, utcnow
 from triage.db.repo import accept_ticket
 from triage.db.session import session_scope
+from triage.errors import PermanentError
 from triage.ingest.models import InboundTicket
 from triage.pipeline.classify_stage import classify_tickets_stage, reopen
 from triage.pipeline.runtime import Runtime
+from triage.reliability.deadletter import dead_letter, replay
 
 BODY = "I was charged twice for order 5531. [[intent:billing]] [[confidence:0.95]]"
 
@@ -85,7 +87,25 @@ def _reprocess(rt: Runtime, tid: int) -> None:
         assert reopen(session, tid, ticket.generation)
 
 
-@pytest.mark.parametrize("new_generation", [_retriage, _reprocess], ids=["retriage", "reprocess"])
+def _replay(rt: Runtime, tid: int) -> None:
+    with session_scope(rt.sessions) as session:
+        lettered = dead_letter(
+            session,
+            ticket_id=tid,
+            stage="classify",
+            error=PermanentError("refused for the test"),
+            attempts=1,
+            payload={},
+        )
+        assert lettered is not None
+        letter_id = lettered[0].id
+    with session_scope(rt.sessions) as session:
+        assert replay(session, letter_id) is not None
+
+
+@pytest.mark.parametrize(
+    "new_generation", [_retriage, _reprocess, _replay], ids=["retriage", "reprocess", "replay"]
+)
 def test_a_transient_failure_of_an_old_ticket_classified_again_is_retried_not_dead_lettered(
     runtime, fake, new_generation
 ):
@@ -98,7 +118,10 @@ def test_a_transient_failure_of_an_old_ticket_classified_again_is_retried_not_de
     with rt.sessions() as session:
         ticket = session.get(Ticket, tid)
         assert ticket is not None and ticket.state == "queued" and ticket.generation == 1
-        assert session.scalars(select(DeadLetter).where(DeadLetter.ticket_id == tid)).all() == []
+        open_letters = select(DeadLetter).where(
+            DeadLetter.ticket_id == tid, DeadLetter.replayed_at.is_(None)
+        )
+        assert session.scalars(open_letters).all() == []
     assert classify_tickets_stage(rt, [tid]) == {tid: "routed"}
 
 
