@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import redis
 
 from tests.support.stack import wait_until
@@ -132,3 +134,19 @@ def test_charging_an_unlimited_budget_does_nothing(clean_redis):
     client = redis.Redis.from_url(clean_redis)
     ApiLimiter(client, Limits()).charge(5, 5_000)
     assert client.keys("triage:limit:*") == []
+
+
+def test_a_call_told_to_go_is_always_charged_even_when_its_wait_was_under_a_millisecond(
+    clean_redis,
+):
+    # 1,000 tokens per ms: a 500-token call is half a millisecond of the budget.
+    limiter = ApiLimiter(
+        redis.Redis.from_url(clean_redis), Limits(input_tokens_per_minute=60_000_000)
+    )
+    assert limiter.acquire(60_000_000) == 0  # the minute's burst, spent
+    started = time.monotonic()
+    admitted = sum(1 for _ in range(200) if limiter.acquire(500) == 0)
+    elapsed_ms = (time.monotonic() - started) * 1000
+    # Each admitted call moves the budget on by 0.5 ms: no more can go than time allows.
+    # (Before, a wait under 1 ms came back as 0, "go", without being charged: all 200 went.)
+    assert admitted <= elapsed_ms / 0.5 + 2

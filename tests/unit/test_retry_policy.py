@@ -4,11 +4,21 @@ permanent errors and exhausted budgets dead-letter."""
 from __future__ import annotations
 
 import random
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 
+import httpx
+import pytest
 from sqlalchemy.exc import OperationalError
 
 from triage.errors import InvalidOutput, PermanentError, RateLimited, Refused, TransientError
-from triage.reliability.retry import RetryPolicy, as_triage_error, decide
+from triage.reliability.retry import (
+    MAX_RETRY_AFTER_SECONDS,
+    RetryPolicy,
+    as_triage_error,
+    decide,
+    retry_after_seconds,
+)
 
 POLICY = RetryPolicy(max_attempts=5, base_delay=1.0, max_delay=30.0, max_age=3600.0)
 
@@ -108,3 +118,29 @@ def test_each_thread_gets_its_own_sdk_client_sharing_one_tls_context():
         for client in (mine, theirs[0])
     }
     assert len(contexts) == 1
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        ({"Retry-After": "12"}, 12.0),
+        ({"retry-after": "1.5"}, 1.5),
+        ({"retry-after-ms": "250", "retry-after": "1"}, 0.25),
+        ({"retry-after-ms": "soon", "retry-after": "4"}, 4.0),
+        ({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}, 0.0),  # a date gone by: now
+        ({"Retry-After": "9" * 400}, MAX_RETRY_AFTER_SECONDS),  # past a float's range
+        ({"Retry-After": "31536000"}, MAX_RETRY_AFTER_SECONDS),
+        ({"Retry-After": "nan"}, None),
+        ({"Retry-After": "-5"}, None),
+        ({"Retry-After": ""}, None),
+        ({}, None),
+    ],
+)
+def test_retry_after_is_read_in_both_forms_and_absurd_values_are_capped(headers, seconds):
+    assert retry_after_seconds(httpx.Headers(headers)) == seconds
+
+
+def test_an_http_date_retry_after_is_the_seconds_until_that_date():
+    later = format_datetime(datetime.now(UTC) + timedelta(seconds=90), usegmt=True)
+    seconds = retry_after_seconds(httpx.Headers({"Retry-After": later}))
+    assert seconds is not None and 80 <= seconds <= 91

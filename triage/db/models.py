@@ -118,6 +118,10 @@ class Ticket(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Bumped by reprocessing; dispatches are unique per generation.
     generation: Mapped[int] = mapped_column(Integer, default=0)
+    # When the current generation began (new text, a reprocess, a replayed dead letter); None
+    # for the first, which began at `received_at`. The classify stage's age bound counts from
+    # here: a ticket received weeks ago and classified again today is fresh work.
+    generation_started_at: Mapped[datetime | None]
     department: Mapped[str | None] = mapped_column(String(64))
     review_reason: Mapped[str | None] = mapped_column(Text)
     last_error: Mapped[str | None] = mapped_column(Text)

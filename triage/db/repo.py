@@ -12,7 +12,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from triage.classify.textclean import clean_ticket_text
-from triage.db.models import Classification, DeadLetter, Dispatch, Ticket, TicketState
+from triage.db.models import Classification, DeadLetter, Dispatch, Ticket, TicketState, utcnow
 from triage.ingest.models import InboundTicket
 from triage.pipeline.relay import Pending, Publisher, classify_values, write_outbox
 from triage.pipeline.states import transition
@@ -157,7 +157,9 @@ def _retriage(
         content_hash=content_hash(ticket.subject, clean),
         extra={**(ticket.extra or {}), APPLIED_UPDATES: [*applied, inbound.update_key]},
         generation=ticket.generation + 1,
-        # New text is new work: the attempt bound starts again, as for a reprocessed ticket.
+        # New text is new work: the attempt and age bounds start again, as for a reprocessed
+        # ticket.
+        generation_started_at=utcnow(),
         attempts=0,
         department=None,
         review_reason=None,

@@ -43,7 +43,6 @@ from triage.classify.schema import TicketLabel, validate_label
 from triage.db.models import (
     Attempt,
     Classification,
-    DeadLetter,
     Dispatch,
     Ticket,
     TicketState,
@@ -571,14 +570,15 @@ def _not_claimed(
 
 
 def _age_seconds(rt: Runtime, claim: _Claim) -> float:
-    """The classify stage's age, for the retry decision: from receipt, or from the latest
-    replay of a dead letter (a replay is a fresh run, not an old one already too old to
-    retry). Asked only when an attempt fails, not on every claim."""
+    """The classify stage's age, for the retry decision: from receipt, or from the start of
+    the ticket's current generation (new text, a reprocess, a replayed dead letter: each a
+    fresh run, not an old one already too old to retry). Asked only when an attempt fails,
+    not on every claim."""
     with rt.sessions() as session:
-        replayed = session.scalar(
-            select(func.max(DeadLetter.replayed_at)).where(DeadLetter.ticket_id == claim.ticket_id)
+        began = session.scalar(
+            select(Ticket.generation_started_at).where(Ticket.id == claim.ticket_id)
         )
-    started = max(claim.received_at, replayed) if replayed else claim.received_at
+    started = max(claim.received_at, began) if began else claim.received_at
     return (utcnow() - started).total_seconds()
 
 
@@ -891,6 +891,7 @@ def reopen(session: Session, ticket_id: int, generation: int) -> bool:
         only_from=REOPENABLE,
         where=[Ticket.generation == generation, Ticket.erased_at.is_(None)],
         generation=generation + 1,
+        generation_started_at=utcnow(),
         attempts=0,
         department=None,
         review_reason=None,

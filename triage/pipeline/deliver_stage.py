@@ -17,10 +17,11 @@ from sqlalchemy.orm import Session
 from triage.db.models import Attempt, Classification, Dispatch, Ticket, TicketState, utcnow
 from triage.db.repo import APPLIED_UPDATES
 from triage.db.session import insert_rows, session_scope
+from triage.errors import TransientError
 from triage.pipeline.relay import DELIVER_TASK
 from triage.pipeline.runtime import Runtime
 from triage.reliability.guard import StageFailure, handle_failure
-from triage.reliability.retry import deliver_lease_seconds, is_database_outage
+from triage.reliability.retry import deliver_lease_seconds, is_database_outage, policy_for
 from triage.sinks.base import Delivery
 
 S = TicketState
@@ -67,6 +68,7 @@ def deliver_many_stage(
     failed: list[tuple[_Job, Exception]] = []
     sent = jobs
     if not sinks_done:
+        jobs = sent = _within_attempts(rt, jobs, outcomes)
         with_sinks = [job for job in jobs if rt.sinks_for(job.delivery.department)]
         results = rt.calls.run([_send_for(rt, job) for job in with_sinks])
         failed = [
@@ -86,6 +88,22 @@ def deliver_many_stage(
     for job, error in failed:
         outcomes[job.delivery.dispatch_id] = handle_failure(rt, _failure(job), error)
     return outcomes
+
+
+def _within_attempts(rt: Runtime, jobs: list[_Job], outcomes: dict[int, str]) -> list[_Job]:
+    """The jobs still within the attempt bound. Earlier attempts that ended without an
+    outcome (the worker died mid-delivery, every time) count too: without this, a delivery
+    that kills its worker would be sent again by the sweeper for ever. The others are
+    dead-lettered without another request, as the classify stage does."""
+    max_attempts = policy_for("deliver", rt.settings).max_attempts
+    over = [job for job in jobs if job.attempt > max_attempts]
+    for job in over:
+        lost = TransientError(
+            f"{job.attempt - 1} delivery attempts started, none finished with an outcome "
+            "(worker lost mid-delivery?)"
+        )
+        outcomes[job.delivery.dispatch_id] = handle_failure(rt, _failure(job), lost)
+    return [job for job in jobs if job.attempt <= max_attempts] if over else jobs
 
 
 def _record_queue_only(rt: Runtime, dispatch_ids: list[int]) -> dict[int, str]:

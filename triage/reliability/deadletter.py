@@ -156,6 +156,8 @@ def replay(session: Session, dead_letter_id: int) -> Replayed | None:
         only_from=frozenset({S.DEAD_LETTERED}),
         attempts=0,
         generation=ticket.generation + 1,
+        # The age bound counts from here: a replay is a fresh run.
+        generation_started_at=utcnow(),
     )
     outbox_id = enqueue_classify(session, ticket.id)
     return Replayed(ticket_id=ticket.id, stage="classify", outbox_id=outbox_id)

@@ -14,6 +14,7 @@ from triage.classify.backends.base import Usage
 from triage.db.models import Attempt, TicketState, utcnow
 from triage.db.session import session_scope
 from triage.errors import TriageError
+from triage.metrics import STAGE_FAILURES
 from triage.pipeline.relay import enqueue
 from triage.pipeline.runtime import Runtime
 from triage.reliability.deadletter import dead_letter
@@ -103,10 +104,16 @@ def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> st
                 },
             )
             if lettered is None:
-                return "noop"
-            _letter, outbox_id = lettered
-            log.error("ticket %s dead-lettered at %s: %s", failure.ticket_id, failure.stage, error)
-    rt.publisher.publish([outbox_id])
+                outcome = "noop"
+            else:
+                _letter, outbox_id = lettered
+                log.error(
+                    "ticket %s dead-lettered at %s: %s", failure.ticket_id, failure.stage, error
+                )
+    # Counted once the outcome is committed: a dead letter is what an operator alerts on.
+    STAGE_FAILURES.labels(stage=failure.stage, outcome=outcome).inc()
+    if outcome != "noop":
+        rt.publisher.publish([outbox_id])
     return outcome
 
 

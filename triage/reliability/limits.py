@@ -9,27 +9,40 @@
 
 Both answer "go now" or "come back in N seconds"; the classify stage decides what to do with
 that (sleep briefly, or put the ticket back on the queue without using an attempt).
+
+Every time they go by is Redis's (`TIME` inside the scripts, key TTLs), never a host's own
+clock: workers on hosts whose clocks differ must still share one budget and see one circuit.
+A host minutes ahead would otherwise have taken the whole minute's budget for itself, or held
+the circuit open minutes past its cool-down for everyone else.
 """
 
 from __future__ import annotations
 
-import time
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-# KEYS: one GCRA key per limit. ARGV: now_ms, then (interval_ms, burst_ms, quantity) per key.
+from triage.reliability.retry import MAX_RETRY_AFTER_SECONDS
+
+# Redis's clock in ms, for the scripts below (allowed before writes: scripts replicate their
+# effects, the default since Redis 5).
+_NOW_MS = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
+"""
+
+# KEYS: one GCRA key per limit. ARGV: (interval_ms, burst_ms, quantity) per key.
 # Returns 0 when every limit admits the request (and records it), else ms to wait.
-_GCRA = """
-local now = tonumber(ARGV[1])
+_GCRA = _NOW_MS + """
 local wait = 0
 local tats = {}
 for i, key in ipairs(KEYS) do
-  local interval = tonumber(ARGV[2 + (i - 1) * 3])
-  local burst = tonumber(ARGV[3 + (i - 1) * 3])
-  local qty = tonumber(ARGV[4 + (i - 1) * 3])
+  local interval = tonumber(ARGV[1 + (i - 1) * 3])
+  local burst = tonumber(ARGV[2 + (i - 1) * 3])
+  local qty = tonumber(ARGV[3 + (i - 1) * 3])
   local tat = tonumber(redis.call('GET', key) or now)
   if tat < now then tat = now end
   local new_tat = tat + interval * qty
@@ -37,7 +50,9 @@ for i, key in ipairs(KEYS) do
   if allow_at > now and (allow_at - now) > wait then wait = allow_at - now end
   tats[i] = new_tat
 end
-if wait > 0 then return wait end
+-- Whole ms, rounded up: the reply is an integer, and a wait under 1 ms truncated to 0 would
+-- read as "go" for a call that was not charged.
+if wait > 0 then return math.ceil(wait) end
 for i, key in ipairs(KEYS) do
   redis.call('SET', key, tats[i], 'PX', math.ceil(tats[i] - now) + 1000)
 end
@@ -47,11 +62,10 @@ return 0
 # The same buckets, charged without asking: for calls that went without admission (a repair
 # call, an escalation) and input beyond what was estimated. Later calls wait for them.
 # KEYS and ARGV as _GCRA's (burst unused).
-_CHARGE = """
-local now = tonumber(ARGV[1])
+_CHARGE = _NOW_MS + """
 for i, key in ipairs(KEYS) do
-  local interval = tonumber(ARGV[2 + (i - 1) * 3])
-  local qty = tonumber(ARGV[4 + (i - 1) * 3])
+  local interval = tonumber(ARGV[1 + (i - 1) * 3])
+  local qty = tonumber(ARGV[3 + (i - 1) * 3])
   local tat = tonumber(redis.call('GET', key) or now)
   if tat < now then tat = now end
   local new_tat = tat + interval * qty
@@ -102,7 +116,7 @@ class ApiLimiter:
 
     def _buckets(self, calls: int, input_tokens: int) -> tuple[list[str], list[float]]:
         keys: list[str] = []
-        args: list[float] = [time.time() * 1000]
+        args: list[float] = []
         for name, per_minute, qty in (
             ("calls", self._limits.calls_per_minute, calls),
             ("tokens", self._limits.input_tokens_per_minute, input_tokens),
@@ -117,24 +131,32 @@ class ApiLimiter:
         return keys, args
 
 
-# KEYS: calls bucket, overload bucket of this second, open-until key, half-open key.
-# ARGV: now (s), second, window (s), threshold, min ratio, cooldown, retry_after, prefix.
+# Redis's clock in seconds, and the per-second answer buckets of now (by prefix, ARGV[1]).
+_NOW_S = """
+local clock = redis.call('TIME')
+local second = tonumber(clock[1])
+local now = second + tonumber(clock[2]) / 1000000
+local calls_key = ARGV[1] .. ':calls:' .. second
+"""
+
+# KEYS: open-until key, half-open key, overloads-in-a-row key.
+# ARGV: prefix, window (s), threshold, min ratio, cooldown, retry_after.
 # Counts one overload answer; opens the circuit when the window holds at least `threshold`
-# overloads and they are at least `ratio` of the answers (or at once when half-open).
-_OVERLOAD = """
-local now = tonumber(ARGV[1])
-local second = tonumber(ARGV[2])
-local window = tonumber(ARGV[3])
-local threshold = tonumber(ARGV[4])
-local ratio = tonumber(ARGV[5])
-local cooldown = tonumber(ARGV[6])
-local retry_after = tonumber(ARGV[7])
-local prefix = ARGV[8]
-redis.call('INCR', KEYS[1]); redis.call('EXPIRE', KEYS[1], window + 5)
-redis.call('INCR', KEYS[2]); redis.call('EXPIRE', KEYS[2], window + 5)
-local run = redis.call('INCR', KEYS[5]); redis.call('EXPIRE', KEYS[5], window + 5)
-if tonumber(redis.call('GET', KEYS[3]) or 0) > now then return 0 end
-local trip = redis.call('EXISTS', KEYS[4]) == 1 or run >= threshold
+# overloads and they are at least `ratio` of the answers (or at once when half-open). Open is
+# the open-until key's TTL; its value (Redis's time when it closes) is for people reading it.
+_OVERLOAD = _NOW_S + """
+local prefix = ARGV[1]
+local window = tonumber(ARGV[2])
+local threshold = tonumber(ARGV[3])
+local ratio = tonumber(ARGV[4])
+local cooldown = tonumber(ARGV[5])
+local retry_after = tonumber(ARGV[6])
+local over_key = prefix .. ':over:' .. second
+redis.call('INCR', calls_key); redis.call('EXPIRE', calls_key, window + 5)
+redis.call('INCR', over_key); redis.call('EXPIRE', over_key, window + 5)
+local run = redis.call('INCR', KEYS[3]); redis.call('EXPIRE', KEYS[3], window + 5)
+if redis.call('PTTL', KEYS[1]) > 0 then return 0 end
+local trip = redis.call('EXISTS', KEYS[2]) == 1 or run >= threshold
 if not trip then
   local calls, over = 0, 0
   for s = second - window + 1, second do
@@ -145,9 +167,30 @@ if not trip then
 end
 if not trip then return 0 end
 local until_ = now + math.max(cooldown, retry_after)
-redis.call('SET', KEYS[3], tostring(until_), 'PX', math.ceil((until_ - now) * 1000))
-redis.call('SET', KEYS[4], '1', 'PX', math.ceil((until_ - now + 3600) * 1000))
+redis.call('SET', KEYS[1], tostring(until_), 'PX', math.ceil((until_ - now) * 1000))
+redis.call('SET', KEYS[2], '1', 'PX', math.ceil((until_ - now + 3600) * 1000))
 return 1
+"""
+
+# KEYS as _OVERLOAD's. ARGV: prefix, window (s), count. Counts good answers; one that comes
+# while half-open, once the cool-down is over, closes the circuit (an answer to a call sent
+# before the circuit opened proves nothing; only one after it, the probe's, does).
+_SUCCESS = _NOW_S + """
+redis.call('INCRBY', calls_key, ARGV[3]); redis.call('EXPIRE', calls_key, tonumber(ARGV[2]) + 5)
+redis.call('DEL', KEYS[3])
+if redis.call('PTTL', KEYS[1]) <= 0 then redis.call('DEL', KEYS[2]) end
+return 0
+"""
+
+# KEYS: open-until key, half-open key, probe key. ARGV: probe interval (ms).
+# Returns ms the circuit stays open (> 0), 0 when closed, -1 when the caller won the half-open
+# probe, -2 when another caller holds it.
+_CHECK = """
+local open = redis.call('PTTL', KEYS[1])
+if open > 0 then return open end
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+if redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[1]) then return -1 end
+return -2
 """
 
 
@@ -186,13 +229,15 @@ class CircuitBreaker:
         self._half_open = f"{prefix}:half-open"
         self._probe = f"{prefix}:probe"
         self._run = f"{prefix}:overloads-in-a-row"
-        self._script: Any = client.register_script(_OVERLOAD)
+        self._keys = [self._open_until, self._half_open, self._run]
+        self._overload: Any = client.register_script(_OVERLOAD)
+        self._success: Any = client.register_script(_SUCCESS)
+        self._check: Any = client.register_script(_CHECK)
 
     def open_seconds(self) -> float:
         """Seconds the circuit stays fully open (0.0 when closed or half-open). Consumers stop
         taking new work while it is open, and take it again for the half-open probe."""
-        raw = self._client.get(self._open_until)
-        return 0.0 if raw is None else max(0.0, float(raw) - time.time())
+        return max(0, int(self._client.pttl(self._open_until))) / 1000
 
     def wait_seconds(self) -> float:
         """0.0 when a call may go (closed, or this caller won the half-open probe); otherwise
@@ -202,55 +247,33 @@ class CircuitBreaker:
     def check(self) -> tuple[float, bool]:
         """`wait_seconds`, and whether the caller holds the half-open probe (then only one
         call may go)."""
-        open_until, half_open = self._client.mget(self._open_until, self._half_open)
-        remaining = 0.0 if open_until is None else float(open_until) - time.time()
-        if remaining > 0:
-            return remaining, False
-        if half_open is None:
-            return 0.0, False
-        won = self._client.set(self._probe, "1", nx=True, px=int(self.probe_interval * 1000))
-        return (0.0, True) if won else (self.probe_interval, False)
+        state = int(
+            self._check(
+                keys=[self._open_until, self._half_open, self._probe],
+                args=[max(1, int(self.probe_interval * 1000))],
+            )
+        )
+        if state > 0:
+            return state / 1000, False
+        if state == -1:
+            return 0.0, True
+        return (0.0, False) if state == 0 else (self.probe_interval, False)
 
     def record_overload(self, retry_after: float | None = None) -> bool:
         """Count one 429/529; returns True when this failure opened the circuit."""
-        now = time.time()
-        second = int(now)
-        opened = self._script(
-            keys=[
-                f"{self._prefix}:calls:{second}",
-                f"{self._prefix}:over:{second}",
-                self._open_until,
-                self._half_open,
-                self._run,
-            ],
-            args=[
-                now,
-                second,
-                self.window,
-                self.threshold,
-                self.ratio,
-                self.cooldown,
-                retry_after or 0.0,
-                self._prefix,
-            ],
+        # However the caller read it: one absurd retry-after must not pause every worker's
+        # classify consumption for days (nor an infinite one fail the script).
+        wait = 0.0 if retry_after is None or math.isnan(retry_after) else retry_after
+        wait = min(max(0.0, wait), MAX_RETRY_AFTER_SECONDS)
+        opened = self._overload(
+            keys=self._keys,
+            args=[self._prefix, self.window, self.threshold, self.ratio, self.cooldown, wait],
         )
         return bool(opened)
 
     def record_success(self, count: int = 1) -> None:
         """Count good answers; while half-open, one closes the circuit."""
-        second = int(time.time())
-        key = f"{self._prefix}:calls:{second}"
-        pipe = self._client.pipeline(transaction=False)
-        pipe.incrby(key, count)
-        pipe.expire(key, self.window + 5)
-        pipe.delete(self._run)
-        pipe.get(self._open_until)
-        pipe.exists(self._half_open)
-        _, _, _, open_until, half_open = pipe.execute()
-        if half_open and (open_until is None or float(open_until) <= time.time()):
-            # An answer to a call sent before the circuit opened proves nothing; only one
-            # after the cool-down (the probe's) closes it.
-            self._client.delete(self._half_open)
+        self._success(keys=self._keys, args=[self._prefix, self.window, count])
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,8 +6,9 @@ Retries live here and only here:
   database disconnects): retry after an exponential backoff with full jitter
   (`uniform(0, min(max_delay, base_delay * 2**(attempt-1)))`), never sooner than the server's
   retry-after, while the stage's attempts (`TRIAGE_<STAGE>_MAX_ATTEMPTS`) and age
-  (`..._MAX_AGE`, counted from the stage's start: receipt for classify, the dispatch for
-  deliver, or the latest replay) allow. Then dead letter.
+  (`..._MAX_AGE`, counted from the stage's start: for classify, receipt or the start of the
+  ticket's current generation (new text, a reprocess, a replay); for deliver, the dispatch or
+  its latest replay) allow. Then dead letter.
 - Permanent (400/401/403/404, output still invalid after the one repair call, refusal, a bug):
   dead letter at once.
 
@@ -30,7 +31,11 @@ Waiting for the shared rate limit or an open circuit does not spend an attempt.
 from __future__ import annotations
 
 import random
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -55,6 +60,46 @@ class RetryPolicy:
         if retry_after is not None:
             delay = max(delay, retry_after)
         return delay
+
+
+# The longest retry-after honoured. Rate limits reset within minutes and maintenance windows
+# within hours; a value of days or years (a misconfigured proxy, a date written by a clock far
+# ahead) would hold a ticket until its age bound dead-letters it, and keep the shared circuit
+# open (every worker's classify consumption paused) for as long.
+MAX_RETRY_AFTER_SECONDS = 3600.0
+
+# RFC 9110 delta-seconds (digits), with a fraction as some servers send.
+_DELTA_SECONDS = re.compile(r"\d+(?:\.\d+)?")
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """The server's "come back in N seconds", from `retry-after-ms` (Anthropic's) or
+    `retry-after` in either form RFC 9110 allows: delta-seconds or an HTTP-date. A date in the
+    past is 0; anything longer than MAX_RETRY_AFTER_SECONDS is taken as that. None when
+    neither header is there or readable (`nan`, `-5`, a malformed date)."""
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = (headers.get(name) or "").strip()
+        if not value:
+            continue
+        if _DELTA_SECONDS.fullmatch(value):
+            seconds = float(value) * scale
+        elif scale == 1.0:
+            when = _http_date(value)
+            if when is None:
+                continue
+            seconds = max(0.0, (when - datetime.now(UTC)).total_seconds())
+        else:
+            continue
+        return min(seconds, MAX_RETRY_AFTER_SECONDS)
+    return None
+
+
+def _http_date(value: str) -> datetime | None:
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 from triage.db.models import Dispatch, OutboxMessage, Ticket, TicketState, utcnow
 from triage.db.session import session_scope
 from triage.errors import PermanentError
+from triage.metrics import STAGE_FAILURES
 from triage.pipeline.broker import queue_depth
 from triage.pipeline.celery_app import all_queues
 from triage.pipeline.relay import CLASSIFY_TASK, DELIVER_TASK, enqueue_classify, enqueue_delivery
@@ -111,6 +112,8 @@ def sweep_once(rt: Runtime, *, stuck_after: float | None = None, limit: int = 50
         stranded = _dead_letter_stranded(
             session, cutoff, limit, set(all_queues(rt.config)), outbox_ids
         )
+    if stranded:
+        STAGE_FAILURES.labels(stage="classify", outcome="dead").inc(stranded)
     with session_scope(rt.sessions) as session:
         deliveries = _requeue_deliveries(session, cutoff, limit, depth, outbox_ids)
     if outbox_ids:

@@ -13,13 +13,12 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 
 from triage.errors import PermanentError, RateLimited, TransientError
+from triage.reliability.retry import retry_after_seconds
 
 # 409: Zendesk answers it to concurrent updates of one ticket; 425: "too early".
 TRANSIENT_STATUSES = frozenset({408, 409, 425, 429})
@@ -141,18 +140,4 @@ def shown_url(url: str) -> str:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    """Retry-After in either form RFC 9110 allows: delta-seconds or an HTTP-date."""
-    value = response.headers.get("retry-after", "").strip()
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    return retry_after_seconds(response.headers)

@@ -33,6 +33,7 @@ from triage.errors import (
     TransientError,
     TriageError,
 )
+from triage.reliability.retry import retry_after_seconds
 from triage.taxonomy import Taxonomy
 from triage.telemetry import tracer_installed
 
@@ -160,16 +161,7 @@ def translate_api_error(exc: anthropic.APIError, ticket_id: int | None = None) -
 
 
 def _retry_after(exc: anthropic.APIStatusError) -> float | None:
-    headers = exc.response.headers
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            return max(0.0, float(value) * scale)
-        except ValueError:
-            continue
-    return None
+    return retry_after_seconds(exc.response.headers)
 
 
 def _errors(exc: ValidationError) -> str:

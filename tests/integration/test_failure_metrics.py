@@ -1,0 +1,61 @@
+"""`triage_stage_failures_total{stage, outcome}` counts what the guard decided for each failed
+attempt: `retry` or `dead` (a dead letter, what an operator alerts on), or `noop` (work that
+was no longer current). Before, the counter was declared and served but never counted.
+
+Real PostgreSQL and Redis, the real SDK against the fake Messages API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+from prometheus_client import REGISTRY
+
+from tests.fakeanthropic import FakeAnthropic, Fault
+from tests.support.stack import anthropic_env, make_runtime, truncate
+from triage.db.repo import accept_ticket
+from triage.db.session import session_scope
+from triage.ingest.models import InboundTicket
+from triage.pipeline.classify_stage import classify_tickets_stage
+from triage.pipeline.runtime import Runtime
+
+
+@pytest.fixture()
+def fake() -> Iterator[FakeAnthropic]:
+    with FakeAnthropic() as server:
+        yield server
+
+
+@pytest.fixture()
+def runtime(pg_url: str, clean_redis: str, fake: FakeAnthropic) -> Callable[[], Runtime]:
+    truncate(pg_url)
+    return lambda: make_runtime(anthropic_env(pg_url, clean_redis, fake.base_url))
+
+
+def _failures(stage: str, outcome: str) -> float:
+    sample = REGISTRY.get_sample_value(
+        "triage_stage_failures_total", {"stage": stage, "outcome": outcome}
+    )
+    return sample or 0.0
+
+
+def _ticket(rt: Runtime, external_id: str) -> int:
+    inbound = InboundTicket(
+        source="generic", external_id=external_id, subject="Refund", body="Refund please"
+    )
+    with session_scope(rt.sessions) as session:
+        return accept_ticket(session, inbound).ticket_id
+
+
+@pytest.mark.parametrize(
+    ("fault", "outcome"), [("bad_request", "dead"), ("overloaded", "retry")]
+)
+def test_each_failed_attempt_is_counted_by_the_guards_decision(runtime, fake, fault, outcome):
+    rt = runtime()
+    tid = _ticket(rt, f"metrics-{fault}")
+    before = _failures("classify", outcome)
+    fake.add_fault(Fault(fault))
+
+    assert classify_tickets_stage(rt, [tid]) == {tid: outcome}
+    assert _failures("classify", outcome) == before + 1
