@@ -8,7 +8,8 @@ TriageError
 │   └── OutputTruncated    stop_reason "max_tokens": the label was cut off (truncated JSON)
 └── PermanentError         retrying cannot help: dead-letter at once
     ├── InvalidOutput      the model's answer failed the schema (after the repair attempt)
-    └── Refused            the model refused (stop_reason "refusal")
+    ├── Refused            the model refused (stop_reason "refusal")
+    └── SinkRejected       a sink's target answered 4xx (carries the status and body)
 """
 
 from __future__ import annotations
@@ -97,6 +98,17 @@ class RateLimited(TransientError):
 
 class PermanentError(TriageError):
     """A failure that retrying cannot fix: the ticket is dead-lettered at once."""
+
+
+class SinkRejected(PermanentError):
+    """A sink's target (a helpdesk API, a webhook receiver) refused the request with a 4xx:
+    `status` and the start of the body, for a sink that can tell a refusal it may accept
+    (a ticket closed in the helpdesk) from a wrong request."""
+
+    def __init__(self, message: str, *, status: int, body: str, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.status = status
+        self.body = body
 
 
 class InvalidOutput(PermanentError):

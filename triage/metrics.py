@@ -31,6 +31,11 @@ CLASSIFY_COST = Counter("triage_cost_usd_total", "Model spend in USD by model", 
 STAGE_FAILURES = Counter(
     "triage_stage_failures_total", "Stage failures by stage and outcome", ["stage", "outcome"]
 )
+SINK_SKIPPED = Counter(
+    "triage_sink_skipped_total",
+    "Deliveries a sink accepted without writing anything, by sink and reason",
+    ["sink", "reason"],
+)
 BATCH_SIZE = Histogram(
     "triage_batch_ids",
     "Tickets (classify) or dispatches (deliver) per task message",

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from standardwebhooks import Webhook
 
 from tests.support.fakehttp import FakeApi, Reply, running_api
@@ -316,6 +317,61 @@ default: [helpdesk]
         ("PUT", "/api/v2/tickets/101.json"),
         ("POST", "/hooks"),
     ]
+
+
+ZENDESK_CLOSED = {
+    "error": "RecordInvalid",
+    "description": "Record validation errors",
+    "details": {"status": [{"description": "Status: closed prevents ticket update"}]},
+}
+
+
+def _skipped_closed() -> float:
+    labels = {"sink": "zendesk", "reason": "ticket_closed"}
+    return REGISTRY.get_sample_value("triage_sink_skipped_total", labels) or 0.0
+
+
+def test_a_ticket_closed_in_zendesk_skips_the_write_back_and_the_departments_other_sinks_run(
+    api, tmp_path, app_config, monkeypatch
+):
+    # An agent closed (or merged) the ticket before triage wrote back, or a reprocess routed an
+    # old, closed one: Zendesk takes no update to it, and no retry changes that. Not a reason
+    # to dead-letter a correctly routed ticket, nor to hold back the department's webhook.
+    monkeypatch.setenv("T_ZD_TOKEN", "tok")
+    monkeypatch.setenv("T_HOOK_SECRET", WEBHOOK_SECRET)
+    path = write_yaml(
+        tmp_path,
+        f"""
+helpdesks:
+  zendesk: {{base_url: "{api.url}", email: bot@acme.test, api_token_env: T_ZD_TOKEN}}
+webhooks:
+  crm: {{url: "{api.url}/hooks", secret_env: T_HOOK_SECRET}}
+departments:
+  billing: [helpdesk, webhook:crm]
+""",
+    )
+    api.script("PUT", "/api/v2/tickets/101.json", Reply(status=422, body=ZENDESK_CLOSED))
+    before = _skipped_closed()
+    for sink in build_sink_table(path, app_config).for_department("billing"):
+        sink.deliver(delivery())
+    assert [c for c in api.calls() if c[0] != "GET"] == [
+        ("PUT", "/api/v2/tickets/101.json"),
+        ("POST", "/hooks"),
+    ]
+    assert _skipped_closed() == before + 1
+
+
+def test_any_other_422_from_zendesk_is_still_permanent(api):
+    invalid = {
+        "error": "RecordInvalid",
+        "description": "Record validation errors",
+        "details": {"group_id": [{"description": "Group: is invalid"}]},
+    }
+    api.script("PUT", "/api/v2/tickets/101.json", Reply(status=422, body=invalid))
+    before = _skipped_closed()
+    with pytest.raises(PermanentError, match=r"422.*Group: is invalid"):
+        zendesk(api).deliver(delivery())
+    assert _skipped_closed() == before
 
 
 def test_secrets_read_with_a_trailing_newline_are_used_without_it(

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from triage.errors import PermanentError, RateLimited, TransientError
+from triage.errors import PermanentError, RateLimited, SinkRejected, TransientError
 from triage.reliability.retry import retry_after_seconds
 
 # 409: Zendesk answers it to concurrent updates of one ticket; 425: "too early".
@@ -113,7 +113,7 @@ def send(client: httpx.Client, method: str, url: str, *, what: str, **kwargs: An
         raise RateLimited(detail, retry_after=retry_after)
     if status >= 500 or status in TRANSIENT_STATUSES:
         raise TransientError(detail)
-    raise PermanentError(detail)
+    raise SinkRejected(detail, status=status, body=text)
 
 
 def _read_bounded(response: httpx.Response, read_timeout: float | None) -> tuple[bytes, bool]:

@@ -9,16 +9,30 @@ looks among the ticket's newest comments for its own (by dispatch id in the titl
 group, priority and tags went in one update, so finding it means all of them were applied:
 the retry sends nothing. Setting them again would undo what an agent changed since (moved the
 ticket to another group, removed a tag), minutes or hours after triage wrote them.
+
+A closed ticket takes no updates: Zendesk answers 422 "Status: closed prevents ticket update".
+That happens to a ticket an agent closed (or merged into another) before triage wrote back,
+and to old tickets a reprocess or backfill routes again. There is nothing left to write to, and
+nothing a retry could change: the write-back is skipped (logged, and counted in
+`triage_sink_skipped_total`), not dead-lettered, and the department's other sinks still run.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from triage.errors import SinkRejected
+from triage.metrics import SINK_SKIPPED
 from triage.sinks.base import Delivery
 from triage.sinks.helpdesk import has_note, note_text, note_title, ticket_number, triage_tags
 from triage.sinks.http import make_client, send
+
+log = logging.getLogger(__name__)
+
+# What Zendesk says, in a 422's validation details, to any update of a closed ticket.
+CLOSED = "closed prevents ticket update"
 
 # Triage's priorities are Zendesk's.
 PRIORITIES = {"low": "low", "normal": "normal", "high": "high", "urgent": "urgent"}
@@ -63,7 +77,13 @@ class ZendeskWriter:
         priority = PRIORITIES.get(str(delivery.label.get("priority")))
         if priority:
             ticket["priority"] = priority
-        send(self.client, "PUT", f"{path}.json", what=what, json={"ticket": ticket})
+        try:
+            send(self.client, "PUT", f"{path}.json", what=what, json={"ticket": ticket})
+        except SinkRejected as exc:
+            if exc.status != 422 or CLOSED not in exc.body:
+                raise
+            log.warning("%s: the ticket is closed in Zendesk; nothing written", what)
+            SINK_SKIPPED.labels(sink=self.name, reason="ticket_closed").inc()
 
     def _commented(self, path: str, delivery: Delivery, what: str) -> bool:
         """Whether this dispatch's comment is already on the ticket. Newest first: a retry
