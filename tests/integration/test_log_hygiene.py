@@ -19,7 +19,7 @@ from triage.db.session import session_scope
 from triage.ingest.app import create_app
 from triage.ingest.sources.django_helpdesk import DjangoHelpdeskSource
 
-TOKEN = "dh-log-hygiene-token-5f0c2a"  # noqa: S105 - a test secret
+TOKEN = "dh-log-hygiene-token-5f0c2a"
 APP_NAME = "triage-log-hygiene"
 BODY = "My card 4000 0000 0000 0002 was declined, call me on my mobile"
 EMAIL = "priya.loggable@example.com"
@@ -58,15 +58,15 @@ def _cut_connections() -> None:
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(
-            text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = :n"),
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = :n"
+            ),
             {"n": APP_NAME},
         )
     admin.dispose()
 
 
-def test_database_failover_during_a_webhook_logs_no_url_token_ticket_text_or_email(
-    client, caplog
-):
+def test_database_failover_during_a_webhook_logs_no_url_token_ticket_text_or_email(client, caplog):
     path = f"/webhooks/django-helpdesk/{TOKEN}"
     post = lambda ext: client.post(  # noqa: E731
         path, content=json.dumps(_ticket(ext)), headers={"content-type": "application/json"}
@@ -94,9 +94,8 @@ def test_a_database_error_names_the_statement_but_not_the_ticket_it_was_storing(
     with session_scope(runtime.sessions) as session:
         session.execute(text("SELECT 1"))
     _cut_connections()
-    with pytest.raises(OperationalError) as failed:
-        with session_scope(runtime.sessions) as session:
-            accept_ticket(session, inbound)
+    with pytest.raises(OperationalError) as failed, session_scope(runtime.sessions) as session:
+        accept_ticket(session, inbound)
     message = str(failed.value)
     assert "INSERT INTO tickets" in message
     assert BODY not in message and EMAIL not in message
