@@ -14,6 +14,7 @@ from triage.classify.backends.base import Usage
 from triage.db.models import Attempt, TicketState, utcnow
 from triage.db.session import session_scope
 from triage.errors import TriageError
+from triage.metrics import STAGE_FAILURES
 from triage.pipeline.relay import enqueue
 from triage.pipeline.runtime import Runtime
 from triage.reliability.deadletter import dead_letter
@@ -106,6 +107,9 @@ def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> st
                 return "noop"
             _letter, outbox_id = lettered
             log.error("ticket %s dead-lettered at %s: %s", failure.ticket_id, failure.stage, error)
+    STAGE_FAILURES.labels(
+        stage=failure.stage, outcome=outcome, error_type=error.__class__.__name__
+    ).inc()
     rt.publisher.publish([outbox_id])
     return outcome
 
