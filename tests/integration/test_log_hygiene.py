@@ -6,16 +6,22 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import subprocess
+import sys
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
 from tests.support.services import PG_ADMIN_URL
-from tests.support.stack import make_runtime, stack_env, truncate
+from tests.support.stack import make_runtime, stack_env, truncate, wait_until
+from triage.config import PROJECT_ROOT
 from triage.db.repo import accept_ticket
 from triage.db.session import session_scope
+from triage.embedded import _free_port
 from triage.ingest.app import create_app
 from triage.ingest.sources.django_helpdesk import DjangoHelpdeskSource
 
@@ -99,3 +105,38 @@ def test_a_database_error_names_the_statement_but_not_the_ticket_it_was_storing(
     message = str(failed.value)
     assert "INSERT INTO tickets" in message
     assert BODY not in message and EMAIL not in message
+
+
+def test_served_api_with_several_processes_logs_no_webhook_url_token(pg_url, clean_redis):
+    # `triage serve --workers N` runs uvicorn's process manager, whose access log (INFO) would
+    # print each request's path and query: the django-helpdesk secret with every ticket.
+    truncate(pg_url)
+    env = stack_env(pg_url, clean_redis, TRIAGE_WEBHOOK_SECRET_DJANGO_HELPDESK=TOKEN)
+    port = _free_port()
+    args = [sys.executable, "-m", "triage.cli.main", "serve", "--workers", "2", "--port", str(port)]
+    proc = subprocess.Popen(
+        args, env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return proc.poll() is not None
+
+        wait_until(up, 60, what="triage serve up")
+        headers = {"content-type": "application/json"}
+        for n, url in enumerate(
+            [
+                f"{base}/webhooks/django-helpdesk/{TOKEN}",
+                f"{base}/webhooks/django-helpdesk?token={TOKEN}",
+            ]
+        ):
+            resp = httpx.post(url, content=json.dumps(_ticket(100 + n)), headers=headers)
+            assert resp.status_code == 202, resp.text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=30)[0].decode(errors="replace")
+    assert TOKEN not in output, output
