@@ -19,6 +19,7 @@ from tests.support.stack import (
 )
 from triage.errors import PermanentError, RateLimited
 from triage.ingest.app import create_app
+from triage.pipeline.classify_stage import classify_tickets_stage
 from triage.pipeline.relay import CLASSIFY_TASK
 from triage.pipeline.routing import CLASSIFY_QUEUE
 from triage.reliability.guard import StageFailure, handle_failure
@@ -127,3 +128,16 @@ def test_metrics_show_the_circuit_breaker_open(pg_url, clean_redis):
         seen = scrape(client)
     assert seen[("triage_circuit_open", ())] == 1
     assert 30 < seen[("triage_circuit_open_seconds", ())] <= 60
+
+
+def test_labels_are_counted_by_outcome_and_timed_by_backend_and_model(client, runtime):
+    # "[[...]]"-free, one-word text: the offline model is unsure of it and sends it to review.
+    ticket_id = post_ticket(client, ticket_payload("m-label", subject="x", body="x")).json()[
+        "ticket_id"
+    ]
+    model = runtime.backend.model
+    review = counter("triage_tickets_classified_total", outcome="review")
+    timed = counter("triage_classify_call_seconds_count", backend="local", model=model)
+    assert classify_tickets_stage(runtime, [ticket_id]) == {ticket_id: "review"}
+    assert counter("triage_tickets_classified_total", outcome="review") == review + 1
+    assert counter("triage_classify_call_seconds_count", backend="local", model=model) == timed + 1

@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 from triage.db.models import Dispatch, OutboxMessage, Ticket, TicketState, utcnow
 from triage.db.session import session_scope
 from triage.errors import PermanentError
+from triage.metrics import STAGE_FAILURES
 from triage.pipeline.broker import queue_depth
 from triage.pipeline.celery_app import all_queues
 from triage.pipeline.relay import CLASSIFY_TASK, DELIVER_TASK, enqueue_classify, enqueue_delivery
@@ -250,6 +251,9 @@ def _dead_letter_stranded(
         )
         if lettered is not None:
             log.error("ticket %s dead-lettered: %s", ticket_id, error)
+            STAGE_FAILURES.labels(
+                stage="classify", outcome="dead", error_type="PermanentError"
+            ).inc()
             out.append(lettered[1])
             stranded += 1
     return stranded
