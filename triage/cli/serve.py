@@ -54,6 +54,7 @@ def worker(
         "-c",
         min=0,
         help="Model calls in flight (and task threads). Default: TRIAGE_WORKER_CONCURRENCY.",
+        show_default=False,
     ),
     queues: str = typer.Option(
         "", "--queues", "-Q", help="Comma-separated queues. Default: classify, review, every dept."
