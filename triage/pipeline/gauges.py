@@ -13,7 +13,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from triage.db.models import Ticket, TicketState
-from triage.pipeline.broker import queue_depth
+from triage.pipeline.broker import queue_depths
 from triage.pipeline.celery_app import all_queues
 from triage.pipeline.routing import DEAD_QUEUE
 from triage.pipeline.runtime import Runtime
@@ -41,15 +41,16 @@ class PipelineGauges(Collector):
     def _queues(self) -> Iterator[GaugeMetricFamily]:
         if self._rt.settings.effective_broker_url() is None:
             return
+        depths = queue_depths(self._rt.celery, [*all_queues(self._rt.config), DEAD_QUEUE])
+        if depths is None:
+            return
         gauge = GaugeMetricFamily(
             "triage_queue_messages",
             "Messages waiting on each triage queue for a consumer",
             labels=["queue"],
         )
-        for queue in [*all_queues(self._rt.config), DEAD_QUEUE]:
-            depth = queue_depth(self._rt.celery, queue)
-            if depth is not None:
-                gauge.add_metric([queue], depth)
+        for queue, depth in depths.items():
+            gauge.add_metric([queue], depth)
         yield gauge
 
     def _tickets(self) -> Iterator[GaugeMetricFamily]:
