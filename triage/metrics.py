@@ -29,7 +29,8 @@ CLASSIFICATIONS = Counter(
 )
 CLASSIFY_LATENCY = Histogram(
     "triage_classify_call_seconds",
-    "Backend latency per label (repair and escalation calls included), by backend and model",
+    "Time to a label, by backend and the model whose label was kept (an escalated label's "
+    "time includes the first model's call; repair calls included)",
     ["backend", "model"],
     buckets=(0.005, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0),
 )
