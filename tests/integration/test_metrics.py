@@ -1,6 +1,6 @@
-"""What a support-ops team reads off /metrics, against real PostgreSQL and Redis: tickets
-received by source and outcome, failures by stage, outcome and error type, the backlog on each
-queue and in each unfinished state, and the circuit breaker."""
+"""What a support-ops team reads off /metrics and /readyz, against real PostgreSQL and Redis:
+tickets received by source and outcome, failures by stage, outcome and error type, the backlog
+on each queue and in each unfinished state, the circuit breaker, and what is unreachable."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.services import PG_ADMIN_URL
 from tests.support.stack import (
     anthropic_env,
     make_runtime,
@@ -159,3 +160,28 @@ def test_a_scrape_with_the_broker_down_is_quick_and_still_reports_the_database(p
     assert elapsed < 5, elapsed
     assert not any(name == "triage_queue_messages" for name, _ in seen)  # unknown, not 0
     assert seen[("triage_tickets", (("state", "queued"),))] == 0
+
+
+@pytest.mark.parametrize("down", ["database", "broker"])
+def test_readyz_is_503_naming_what_is_unreachable_and_healthz_stays_200(pg_url, clean_redis, down):
+    port = _free_port()  # nothing listens there
+    database = (
+        PG_ADMIN_URL.rsplit("@", 1)[0] + f"@127.0.0.1:{port}/test" if down == "database" else pg_url
+    )
+    broker = f"redis://127.0.0.1:{port}/0" if down == "broker" else clean_redis
+    rt = make_runtime(stack_env(database, broker))
+    with TestClient(create_app(rt, relay_interval=3600)) as client:
+        ready = client.get("/readyz")
+        assert client.get("/healthz").status_code == 200
+    assert ready.status_code == 503
+    assert ready.headers["content-type"].startswith("application/problem+json")
+    checks = ready.json()["checks"]
+    assert checks[down].startswith("error: ")
+    assert [v for k, v in checks.items() if k != down] == ["ok"]
+    assert str(port) not in ready.text  # names the dependency, not its address
+
+
+def test_readyz_is_200_when_database_and_broker_answer(client):
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ready", "checks": {"database": "ok", "broker": "ok"}}
