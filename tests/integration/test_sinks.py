@@ -389,9 +389,7 @@ def test_a_django_helpdesk_queue_slug_without_an_id_is_a_config_error(
         build_sink_table(write_yaml(tmp_path, text), app_config)
 
 
-@pytest.mark.parametrize(
-    "url", ["hooks.example.com/triage", "ftp://hooks.example.com/", "https://"]
-)
+@pytest.mark.parametrize("url", ["hooks.example.com/triage", "ftp://hooks.example.com/", "https://"])
 def test_a_webhook_url_that_is_not_http_is_a_config_error(tmp_path, url):
     text = f"webhooks:\n  crm: {{url: '{url}', secret_env: T_HOOK_SECRET}}\n"
     with pytest.raises(ConfigError, match=r"webhooks\.crm\.url"):
