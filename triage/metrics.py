@@ -1,5 +1,8 @@
 """Prometheus metrics. The API serves its process's registry at /metrics; a worker serves its
-own on TRIAGE_WORKER_METRICS_PORT when set."""
+own on TRIAGE_WORKER_METRICS_PORT when set. Every label has a bounded set of values (sources,
+HTTP statuses, stages, error class names, models and queues from config/): never a ticket id
+or free text. The gauges read from the database and the broker when /metrics is scraped are in
+`triage.pipeline.gauges`."""
 
 from __future__ import annotations
 
@@ -7,6 +10,12 @@ from prometheus_client import Counter, Histogram
 
 WEBHOOKS = Counter(
     "triage_webhooks_total", "Webhook requests by source and HTTP status", ["source", "status"]
+)
+TICKETS_RECEIVED = Counter(
+    "triage_tickets_received_total",
+    "Webhooks answered 202, by source and outcome: new, duplicate, updated (new text on a "
+    "known ticket, classified again) or ignored (triage's own note, an event it does not use)",
+    ["source", "outcome"],
 )
 INGEST_LATENCY = Histogram(
     "triage_ingest_seconds",
@@ -20,8 +29,9 @@ CLASSIFICATIONS = Counter(
 )
 CLASSIFY_LATENCY = Histogram(
     "triage_classify_call_seconds",
-    "Backend latency per label",
-    ["backend"],
+    "Time to a label, by backend and the model whose label was kept (an escalated label's "
+    "time includes the first model's call; repair calls included)",
+    ["backend", "model"],
     buckets=(0.005, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0),
 )
 CLASSIFY_TOKENS = Counter(
@@ -29,7 +39,16 @@ CLASSIFY_TOKENS = Counter(
 )
 CLASSIFY_COST = Counter("triage_cost_usd_total", "Model spend in USD by model", ["model"])
 STAGE_FAILURES = Counter(
-    "triage_stage_failures_total", "Stage failures by stage and outcome", ["stage", "outcome"]
+    "triage_stage_failures_total",
+    "Failed attempts by stage, outcome (retry: scheduled again; dead: dead-lettered; noop: "
+    "the work was no longer current) and error type (the error's class name)",
+    ["stage", "outcome", "error_type"],
+)
+TICKETS_CLASSIFIED = Counter(
+    "triage_tickets_classified_total",
+    "Labels recorded, by outcome: routed (to a department), review (to human review) or "
+    "superseded (another worker's or a newer generation's label stands)",
+    ["outcome"],
 )
 SINK_SKIPPED = Counter(
     "triage_sink_skipped_total",

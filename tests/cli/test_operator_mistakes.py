@@ -239,3 +239,11 @@ def test_an_id_file_too_long_for_one_query_is_a_usage_error_not_a_database_error
     for command in (("reprocess", "--dry-run"), ("backfill", "--batch", "--dry-run")):
         output = _one_line_error(cli(*command, "--from-file", str(ids), code=None), 2)
         assert "70,000 ticket ids: at most 30,000 per run" in output
+
+
+def test_worker_help_gives_the_setting_as_the_concurrency_default_not_zero(cli):
+    # "[default: 0]" read as "no threads"; 0 only means "not given: use the setting".
+    result = cli("worker", "--help", COLUMNS="200")
+
+    assert "TRIAGE_WORKER_CONCURRENCY" in result.output
+    assert "[default: 0]" not in result.output

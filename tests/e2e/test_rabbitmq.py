@@ -9,6 +9,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.services import RABBITMQ_URL, require_service
 from tests.support.stack import (
@@ -63,3 +64,23 @@ def test_tickets_flow_through_rabbitmq(pg_url, clean_redis, amqp_url):
             departments = {s.get(Ticket, i).department for i in ids}
         # One text, one label: every copy lands in the same department.
         assert len(departments) == 1 and None not in departments
+
+
+def test_metrics_read_queue_depths_from_rabbitmq(pg_url, clean_redis, amqp_url):
+    # A fresh vhost: only what the API publishes to exists. A passive declare of a queue
+    # nobody declared closes its AMQP channel; the other queues must still be read.
+    truncate(pg_url)
+    rt = make_runtime(stack_env(pg_url, clean_redis, TRIAGE_BROKER_URL=amqp_url))
+    with TestClient(create_app(rt, relay_interval=3600)) as client:
+        for i in range(3):
+            post_ticket(client, ticket_payload(f"amqp-metrics-{i}"))
+        rt.stop_batching()
+        text = client.get("/metrics").text
+    depths = {
+        sample.labels["queue"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "triage_queue_messages"
+        for sample in family.samples
+    }
+    assert depths["triage.classify"] >= 1
+    assert depths["dept.billing"] == 0 and depths["triage.dead"] == 0

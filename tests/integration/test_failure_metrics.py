@@ -1,6 +1,6 @@
-"""`triage_stage_failures_total{stage, outcome}` counts what the guard decided for each failed
-attempt: `retry` or `dead` (a dead letter, what an operator alerts on), or `noop` (work that
-was no longer current). Before, the counter was declared and served but never counted.
+"""`triage_stage_failures_total{stage, outcome, error_type}` counts what the guard decided for
+each failed attempt: `retry` or `dead` (a dead letter, what an operator alerts on), or `noop`
+(work that was no longer current). Before, the counter was declared and served but never counted.
 
 Real PostgreSQL and Redis, the real SDK against the fake Messages API.
 """
@@ -34,10 +34,16 @@ def runtime(pg_url: str, clean_redis: str, fake: FakeAnthropic) -> Callable[[], 
 
 
 def _failures(stage: str, outcome: str) -> float:
-    sample = REGISTRY.get_sample_value(
-        "triage_stage_failures_total", {"stage": stage, "outcome": outcome}
+    """Summed over error types."""
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        if metric.name == "triage_stage_failures"
+        for sample in metric.samples
+        if sample.name == "triage_stage_failures_total"
+        and sample.labels.get("stage") == stage
+        and sample.labels.get("outcome") == outcome
     )
-    return sample or 0.0
 
 
 def _ticket(rt: Runtime, external_id: str) -> int:

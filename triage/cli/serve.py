@@ -35,8 +35,12 @@ def serve(
     # Fail at start-up, not on the first webhook: schema behind the code, or no broker config.
     require_current_schema(rt.settings.database_url)
     rt.celery  # noqa: B018
+    # Warnings and errors only: uvicorn's access log (INFO) prints every request's path and
+    # query, which for django-helpdesk hold the webhook secret.
     if workers > 1:
-        uvicorn.run("triage.ingest.asgi:app", host=host, port=port, workers=workers)
+        uvicorn.run(
+            "triage.ingest.asgi:app", host=host, port=port, workers=workers, log_level="warning"
+        )
     else:
         uvicorn.run(create_app(), host=host, port=port, log_level="warning")
 
@@ -50,6 +54,7 @@ def worker(
         "-c",
         min=0,
         help="Model calls in flight (and task threads). Default: TRIAGE_WORKER_CONCURRENCY.",
+        show_default=False,
     ),
     queues: str = typer.Option(
         "", "--queues", "-Q", help="Comma-separated queues. Default: classify, review, every dept."

@@ -31,6 +31,15 @@ class Accepted:
     status: str
     # The classify message, to publish after the commit.
     outbox: Pending | None = None
+    # New customer text on a known ticket, sent to classification again (`retriage`).
+    updated: bool = False
+
+    @property
+    def outcome(self) -> str:
+        """What the webhook did: new, duplicate or updated (the metrics' label)."""
+        if self.duplicate:
+            return "duplicate"
+        return "updated" if self.updated else "new"
 
     @property
     def outbox_id(self) -> int | None:
@@ -172,6 +181,7 @@ def _retriage(
         duplicate=False,
         status=TicketState.QUEUED,
         outbox=_classify_message(session, ticket.id, publisher),
+        updated=True,
     )
 
 

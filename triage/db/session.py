@@ -80,12 +80,18 @@ def normalize_url(url: str) -> str:
 
 
 def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+    # hide_parameters: a database error's text is logged and stored on attempt rows; with
+    # the statement's parameters it would carry ticket text and requester addresses there.
     url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            hide_parameters=True,
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     # Tasks hold a connection only around short transactions, never across an API call, so a
@@ -99,6 +105,7 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
         pool_size=pool_size,
         max_overflow=0,
         pool_recycle=1800,
+        hide_parameters=True,
     )
     event.listen(engine, "connect", _remember_use)
     event.listen(engine, "checkin", _remember_use)

@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.telemetry import TelemetryConfig
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import SecretStr
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
@@ -29,7 +29,8 @@ from triage.errors import IngestError
 from triage.ingest import problems
 from triage.ingest.models import Ignored, InboundTicket
 from triage.ingest.sources.registry import SOURCES
-from triage.metrics import INGEST_LATENCY, WEBHOOKS
+from triage.metrics import INGEST_LATENCY, TICKETS_RECEIVED, WEBHOOKS
+from triage.pipeline.gauges import PipelineGauges
 from triage.pipeline.runtime import Runtime, get_runtime
 from triage.reliability.retry import is_database_outage
 from triage.reliability.sweeper import Periodic
@@ -139,6 +140,7 @@ def create_app(rt: Runtime | None = None, *, relay_interval: float = 2.0) -> Fas
             inbound = handler.parse(body)
             if isinstance(inbound, Ignored):
                 status = 202
+                TICKETS_RECEIVED.labels(source=source, outcome="ignored").inc()
                 return JSONResponse({"status": "ignored", "reason": inbound.reason}, 202)
             accepted = await run_in_threadpool(_store, inbound)
             if accepted.outbox is not None:
@@ -146,6 +148,7 @@ def create_app(rt: Runtime | None = None, *, relay_interval: float = 2.0) -> Fas
                 # broker, and a burst of webhooks is published in batches.
                 runtime.publish_after_commit([accepted.outbox])
             status = 202
+            TICKETS_RECEIVED.labels(source=source, outcome=accepted.outcome).inc()
             return JSONResponse(
                 {
                     "ticket_id": accepted.ticket_id,
@@ -190,9 +193,14 @@ def create_app(rt: Runtime | None = None, *, relay_interval: float = 2.0) -> Fas
             return JSONResponse({"status": "ready", "checks": checks})
         return problems.problem(503, "Not ready", "a dependency is unavailable", checks=checks)
 
+    # The deployment-wide gauges, read when scraped; a registry of this app's own, since the
+    # process-wide one outlives an app (tests build many).
+    gauges = CollectorRegistry()
+    gauges.register(PipelineGauges(runtime))
+
     @app.get("/metrics")
     def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest() + generate_latest(gauges), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -51,7 +51,7 @@ def install(app: FastAPI) -> None:
     async def _database(request: Request, exc: Exception) -> JSONResponse:
         if not is_database_outage(exc):
             raise exc  # a bug, not an outage: the 500 below, with its traceback logged
-        log.warning("%s %s: database unavailable: %r", request.method, request.url.path, exc)
+        log.warning("%s %s: database unavailable: %r", request.method, _loggable_path(request), exc)
         response = problem(
             503,
             "Service unavailable",
@@ -65,6 +65,14 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         return problem(500, "Internal Server Error", "an unexpected error; see the service's log")
+
+
+def _loggable_path(request: Request) -> str:
+    """The request's path without the secret a URL-authenticated source carries in it
+    (`/webhooks/django-helpdesk/<token>`): logs are read more widely than the secret is."""
+    path = request.url.path
+    token = request.path_params.get("token")
+    return path.replace(token, "<token>") if token else path
 
 
 def _title(status: int) -> str:

@@ -21,6 +21,35 @@ def queue_depth(celery: Celery, queue: str) -> int | None:
         depth.close()
 
 
+def queue_depths(celery: Celery, queues: list[str]) -> dict[str, int] | None:
+    """Messages waiting on each of `queues`, asked over one connection; None when the broker
+    cannot be reached. One question per queue, each with a connection of its own, took 2 s
+    per queue to learn that a broker is down: longer than a Prometheus scrape may take."""
+    try:
+        with celery.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+            return {queue: _declared_depth(conn, queue) for queue in queues}
+    except Exception as exc:  # noqa: BLE001 - callers treat "unknown" on their own terms
+        log.warning("queue depths unknown (%s)", exc)
+        return None
+
+
+def _declared_depth(conn: Any, queue: str) -> int:
+    # A channel per queue: on AMQP a passive declare of a missing queue closes its channel.
+    channel = conn.channel()
+    try:
+        return int(channel.queue_declare(queue=queue, passive=True).message_count)
+    except Exception as exc:
+        if getattr(exc, "code", None) == 404 or "NOT_FOUND" in str(exc):
+            return 0  # nobody declared it yet; on Redis, any empty queue
+        raise
+    finally:
+        try:
+            channel.close()
+        except Exception as exc:  # noqa: BLE001 - closed by the server already (AMQP 404)
+            log.debug("closing a channel: %s", exc)
+
+
 class QueueDepth:
     """`queue_depth` for a caller that asks often (several times a second): the connection
     stays open between asks, and is dropped after any failure. One thread only."""

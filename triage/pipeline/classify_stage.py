@@ -50,7 +50,7 @@ from triage.db.models import (
 )
 from triage.db.session import insert_rows, session_scope
 from triage.errors import RateLimited, TransientError, TriageError
-from triage.metrics import CLASSIFICATIONS, CLASSIFY_LATENCY
+from triage.metrics import CLASSIFICATIONS, CLASSIFY_LATENCY, TICKETS_CLASSIFIED
 from triage.pipeline.fanout import SLOT_PATIENCE_SECONDS, HeldSlots
 from triage.pipeline.relay import (
     CLASSIFY_TASK,
@@ -748,6 +748,8 @@ def _finish(rt: Runtime, done: Sequence[tuple[_Holder, ClassificationResult]]) -
         return {}
     with session_scope(rt.sessions) as session:
         recorded = _record(rt, session, done, write=rt.publisher.write)
+    for outcome in recorded.outcomes.values():
+        TICKETS_CLASSIFIED.labels(outcome=outcome).inc()
     rt.publish_after_commit(recorded.outbox)
     return recorded.outcomes
 
@@ -996,4 +998,6 @@ def _observe(result: ClassificationResult) -> None:
     if result.reused_from_id:
         return
     # Tokens and spend are counted per answer, as each arrives (messages.usage_of).
-    CLASSIFY_LATENCY.labels(backend=result.backend).observe(result.latency_ms / 1000)
+    CLASSIFY_LATENCY.labels(backend=result.backend, model=result.model).observe(
+        result.latency_ms / 1000
+    )

@@ -111,7 +111,9 @@ def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> st
                     "ticket %s dead-lettered at %s: %s", failure.ticket_id, failure.stage, error
                 )
     # Counted once the outcome is committed: a dead letter is what an operator alerts on.
-    STAGE_FAILURES.labels(stage=failure.stage, outcome=outcome).inc()
+    STAGE_FAILURES.labels(
+        stage=failure.stage, outcome=outcome, error_type=error.__class__.__name__
+    ).inc()
     if outcome != "noop":
         rt.publisher.publish([outbox_id])
     return outcome

@@ -112,8 +112,6 @@ def sweep_once(rt: Runtime, *, stuck_after: float | None = None, limit: int = 50
         stranded = _dead_letter_stranded(
             session, cutoff, limit, set(all_queues(rt.config)), outbox_ids
         )
-    if stranded:
-        STAGE_FAILURES.labels(stage="classify", outcome="dead").inc(stranded)
     with session_scope(rt.sessions) as session:
         deliveries = _requeue_deliveries(session, cutoff, limit, depth, outbox_ids)
     if outbox_ids:
@@ -253,6 +251,9 @@ def _dead_letter_stranded(
         )
         if lettered is not None:
             log.error("ticket %s dead-lettered: %s", ticket_id, error)
+            STAGE_FAILURES.labels(
+                stage="classify", outcome="dead", error_type="PermanentError"
+            ).inc()
             out.append(lettered[1])
             stranded += 1
     return stranded
