@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import select as io_select
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,6 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from sqlalchemy import (
     JSON,
     Column,
@@ -28,12 +30,14 @@ from sqlalchemy import (
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
+from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from triage.db.models import Base
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
     cur = dbapi_conn.cursor()
     # WAL lets the API read while a worker writes; busy_timeout makes writers queue instead of
     # failing with "database is locked" under the worker's thread pool.
@@ -47,19 +51,37 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 # A pooled connection back from a transaction within this many seconds is handed out without a
 # ping. Pinging on every checkout (pool_pre_ping) cost one extra round trip per transaction,
 # about a tenth of a worker's time in `make bench`; a connection idle for longer may have been
-# closed by the server or a proxy, so it is pinged first. A server restart inside the window
-# fails one transaction with a disconnect error, which the retry policy treats as transient.
+# closed by the server or a proxy, so it is pinged first. A restart or failover inside the
+# window is still caught without a round trip: the server's goodbye (an error, then end of
+# stream) is already waiting on the socket of an idle connection, where nothing else arrives
+# unasked, so a readable socket means "ping it".
 PING_IF_IDLE_SECONDS = 10.0
 _LAST_USED = "triage_last_used"
 
 
-def _remember_use(_dbapi_conn: Any, record: Any) -> None:
+def _remember_use(_dbapi_conn: DBAPIConnection, record: ConnectionPoolEntry) -> None:
     record.info[_LAST_USED] = time.monotonic()
 
 
-def _ping_if_idle(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+def _has_unread_input(dbapi_conn: DBAPIConnection) -> bool:
+    fileno = getattr(dbapi_conn, "fileno", None)
+    if fileno is None:
+        return True  # cannot look: ping it
+    try:
+        # poll, not select: a busy worker's descriptors may number past select's 1024.
+        poller = io_select.poll()
+        poller.register(fileno(), io_select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError, psycopg.Error):
+        return True  # closed already
+
+
+def _ping_if_idle(
+    dbapi_conn: DBAPIConnection, record: ConnectionPoolEntry, _proxy: PoolProxiedConnection
+) -> None:
     last = record.info.get(_LAST_USED)
-    if last is not None and time.monotonic() - last < PING_IF_IDLE_SECONDS:
+    recent = last is not None and time.monotonic() - last < PING_IF_IDLE_SECONDS
+    if recent and not _has_unread_input(dbapi_conn):
         return
     try:
         cur = dbapi_conn.cursor()
