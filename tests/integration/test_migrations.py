@@ -13,13 +13,14 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, MetaData, Table, create_engine, inspect
+from sqlalchemy import Connection, MetaData, Table, create_engine, func, inspect, select
 from sqlalchemy.orm import sessionmaker
 
+from tests.support.rows import add_label, add_ticket
 from tests.support.services import PG_ADMIN_URL, fresh_database, require_service
 from triage.db.migrate import alembic_config, current_revision, head_revision, upgrade
 from triage.db.models import Attempt, Base, Classification, Ticket, utcnow
-from triage.db.session import get_engine, normalize_url
+from triage.db.session import get_engine, make_engine, normalize_url, session_scope
 
 
 def _diff(url: str) -> list:
@@ -163,3 +164,27 @@ def test_upgrading_a_database_with_rows_keeps_them_and_fills_the_new_columns(emp
         logged = session.get_one(Attempt, attempt)
         assert (logged.api_calls, logged.answer) == (1, None)
     sessions.kw["bind"].dispose()
+
+
+def test_downgrading_a_database_with_rows_keeps_the_rows_that_refer_to_tickets(empty_url):
+    """SQLite rebuilds a table to drop a column (0007's downgrade rebuilds tickets). With
+    foreign keys enforced, dropping the old table deleted, through ON DELETE CASCADE, every
+    label, dispatch and attempt of every ticket."""
+    sessions = sessionmaker(make_engine(empty_url, pool_size=1))
+    with session_scope(sessions) as session:
+        ticket = add_ticket(session, "Where is my refund?")
+        add_label(session, ticket)
+        session.add(Attempt(ticket_id=ticket.id, stage="classify", number=1, outcome="ok"))
+    sessions.kw["bind"].dispose()
+
+    command.downgrade(alembic_config(empty_url), "0004")
+    upgrade(empty_url)
+
+    sessions = sessionmaker(make_engine(empty_url, pool_size=1))
+    with sessions() as session:
+        counts = {
+            model.__name__: session.scalar(select(func.count()).select_from(model))
+            for model in (Ticket, Classification, Attempt)
+        }
+    sessions.kw["bind"].dispose()
+    assert counts == {"Ticket": 1, "Classification": 1, "Attempt": 1}
