@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 from sqlalchemy import text
 
 from triage.db.session import _has_unread_input, make_engine
+from triage.errors import ConfigError
 
 THREADS = 16
 ROUNDS = 25
@@ -93,3 +95,27 @@ def test_a_healthy_connection_just_used_has_nothing_waiting_so_is_not_pinged(pg_
             pooled.close()
     finally:
         engine.dispose()
+
+
+def _prepared_after_repeats(url: str) -> int:
+    engine = make_engine(url, pool_size=1)
+    try:
+        with engine.begin() as conn:
+            for _ in range(10):
+                conn.execute(text("SELECT count(*) FROM tickets WHERE id = :id"), {"id": 1})
+            return int(conn.execute(text("SELECT count(*) FROM pg_prepared_statements")).scalar())
+    finally:
+        engine.dispose()
+
+
+def test_prepared_statements_can_be_turned_off_for_a_transaction_pooler(pg_url):
+    """Behind PgBouncer in transaction mode a statement psycopg prepared on one server
+    connection is missing on the next; `?prepare_threshold=none` keeps it from preparing."""
+    assert _prepared_after_repeats(pg_url) > 0  # psycopg's default: prepared after 5 runs
+    assert _prepared_after_repeats(f"{pg_url}?prepare_threshold=none") == 0
+    assert _prepared_after_repeats(f"{pg_url}?prepare_threshold=0") > 0
+
+
+def test_a_prepare_threshold_that_is_not_a_number_is_refused(pg_url):
+    with pytest.raises(ConfigError, match="prepare_threshold='sometimes'"):
+        make_engine(f"{pg_url}?prepare_threshold=sometimes")

@@ -29,12 +29,13 @@ from sqlalchemy import (
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from triage.db.models import Base
+from triage.errors import ConfigError
 
 
 def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
@@ -122,17 +123,41 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     # meant a new PostgreSQL backend every few transactions (306 backends in one 1500-ticket
     # bench run, 61 without). A thread past the pool waits for a connection instead; no code
     # path holds one connection while asking for a second (the suite passes on a pool of 1).
+    parsed, connect_args = _prepare_threshold(parsed)
     engine = create_engine(
-        url,
+        parsed,
         pool_size=pool_size,
         max_overflow=0,
         pool_recycle=1800,
         hide_parameters=True,
+        connect_args=connect_args,
     )
     event.listen(engine, "connect", _remember_use)
     event.listen(engine, "checkin", _remember_use)
     event.listen(engine, "checkout", _ping_if_idle)
     return engine
+
+
+def _prepare_threshold(url: URL) -> tuple[URL, dict[str, Any]]:
+    """`?prepare_threshold=` in DATABASE_URL, as psycopg takes it (an int, or None for never).
+
+    psycopg prepares a statement on the server once a connection has run it a few times. A
+    pooler in transaction mode (PgBouncer before 1.21) hands the next transaction to another
+    server connection, where that statement does not exist; `?prepare_threshold=none` turns
+    preparing off. The URL would pass the value on as a string, which psycopg fails on."""
+    value = url.query.get("prepare_threshold")
+    if value is None:
+        return url, {}
+    given = value if isinstance(value, str) else value[-1]
+    if given.strip().lower() in ("", "none", "off", "never"):
+        threshold = None
+    elif given.strip().isdigit():
+        threshold = int(given)
+    else:
+        raise ConfigError(
+            f"DATABASE_URL prepare_threshold={given!r}: a whole number of executions, or none"
+        )
+    return url.difference_update_query(["prepare_threshold"]), {"prepare_threshold": threshold}
 
 
 @lru_cache(maxsize=4)
