@@ -18,15 +18,35 @@ def _url() -> str:
 
 
 def _run(connection: Connection) -> None:
+    sqlite = connection.dialect.name == "sqlite"
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
         # SQLite cannot ALTER most things in place; batch mode rebuilds tables for it.
-        render_as_batch=connection.dialect.name == "sqlite",
+        render_as_batch=sqlite,
         compare_type=True,
     )
-    with context.begin_transaction():
-        context.run_migrations()
+    if sqlite:
+        # A rebuild drops the old table, and with foreign keys enforced (as every triage
+        # connection has them) that DROP deletes every row referring to it through ON DELETE
+        # CASCADE: rebuilding tickets emptied classifications, dispatches and attempts. The
+        # pragma is ignored inside a transaction, hence before it, and checked after.
+        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        connection.commit()
+    try:
+        with context.begin_transaction():
+            context.run_migrations()
+    finally:
+        if sqlite:
+            _restore_foreign_keys(connection)
+
+
+def _restore_foreign_keys(connection: Connection) -> None:
+    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+    connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+    connection.commit()
+    if broken:
+        raise RuntimeError(f"migration left rows referring to missing rows: {broken[:5]}")
 
 
 def run_migrations_online() -> None:

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 from sqlalchemy import text
 
-from triage.db.session import make_engine
+from triage.db.session import _has_unread_input, make_engine
+from triage.errors import ConfigError
 
 THREADS = 16
 ROUNDS = 25
@@ -51,3 +53,69 @@ def test_threads_share_the_pool_without_opening_more_backends(pg_url):
     # Every round ran, no more than three at a time, on the same three backends throughout.
     assert most_at_once == 3
     assert len(backends) == 3
+
+
+def test_a_connection_the_server_closed_is_not_handed_out_even_just_after_use(pg_url):
+    """A database restart or failover closes every backend. A pooled connection last used a
+    moment before is not pinged (the ping costs a round trip per transaction), but the server's
+    goodbye is already waiting on its socket: the pool sees it and replaces the connection, so
+    the next transaction runs instead of failing with a disconnect."""
+    engine = make_engine(pg_url, pool_size=1)
+    admin = make_engine(pg_url, pool_size=1)
+    try:
+        with engine.begin() as conn:
+            pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        with admin.begin() as conn:
+            assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar()
+            # The server has closed it once the backend is gone.
+            conn.execute(
+                text(
+                    "DO $$ BEGIN WHILE EXISTS (SELECT FROM pg_stat_activity WHERE pid = "
+                    f"{int(pid)}) LOOP PERFORM pg_sleep(0.01); END LOOP; END $$"
+                )
+            )
+        with engine.begin() as conn:
+            assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid
+    finally:
+        engine.dispose()
+        admin.dispose()
+
+
+def test_a_healthy_connection_just_used_has_nothing_waiting_so_is_not_pinged(pg_url):
+    """The check that catches a closed connection costs no round trip, and on a live one it
+    finds nothing waiting: the ping is still skipped for a connection just used."""
+    engine = make_engine(pg_url, pool_size=1)
+    try:
+        for _ in range(3):
+            with engine.begin() as conn:
+                conn.execute(text("SELECT 1"))
+            pooled = engine.raw_connection()
+            assert pooled.dbapi_connection is not None
+            assert not _has_unread_input(pooled.dbapi_connection)
+            pooled.close()
+    finally:
+        engine.dispose()
+
+
+def _prepared_after_repeats(url: str) -> int:
+    engine = make_engine(url, pool_size=1)
+    try:
+        with engine.begin() as conn:
+            for _ in range(10):
+                conn.execute(text("SELECT count(*) FROM tickets WHERE id = :id"), {"id": 1})
+            return int(conn.execute(text("SELECT count(*) FROM pg_prepared_statements")).scalar())
+    finally:
+        engine.dispose()
+
+
+def test_prepared_statements_can_be_turned_off_for_a_transaction_pooler(pg_url):
+    """Behind PgBouncer in transaction mode a statement psycopg prepared on one server
+    connection is missing on the next; `?prepare_threshold=none` keeps it from preparing."""
+    assert _prepared_after_repeats(pg_url) > 0  # psycopg's default: prepared after 5 runs
+    assert _prepared_after_repeats(f"{pg_url}?prepare_threshold=none") == 0
+    assert _prepared_after_repeats(f"{pg_url}?prepare_threshold=0") > 0
+
+
+def test_a_prepare_threshold_that_is_not_a_number_is_refused(pg_url):
+    with pytest.raises(ConfigError, match="prepare_threshold='sometimes'"):
+        make_engine(f"{pg_url}?prepare_threshold=sometimes")

@@ -4,11 +4,13 @@ the database's connections are cut from the server side, as a restart or failove
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -72,14 +74,31 @@ def _cut_connections() -> None:
     admin.dispose()
 
 
-def test_database_failover_during_a_webhook_logs_no_url_token_ticket_text_or_email(client, caplog):
+@contextlib.contextmanager
+def _database_down(url: str) -> Iterator[None]:
+    """The database gone for a moment (a failover): its connections cut, no new ones taken."""
+    name = url.rsplit("/", 1)[1]
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+        _cut_connections()
+        yield
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+        admin.dispose()
+
+
+def test_database_failover_during_a_webhook_logs_no_url_token_ticket_text_or_email(
+    client, caplog, pg_url
+):
     path = f"/webhooks/django-helpdesk/{TOKEN}"
     post = lambda ext: client.post(  # noqa: E731
         path, content=json.dumps(_ticket(ext)), headers={"content-type": "application/json"}
     )
-    assert post(1).status_code == 202  # a pooled connection, recently used: no ping before use
-    _cut_connections()
-    with caplog.at_level(logging.INFO):
+    assert post(1).status_code == 202
+    with _database_down(pg_url), caplog.at_level(logging.INFO):
         resp = post(2)
     assert resp.status_code == 503, resp.text
     logged = "\n".join(
@@ -97,10 +116,10 @@ def test_a_database_error_names_the_statement_but_not_the_ticket_it_was_storing(
     # Workers log such errors (tasks: "database unavailable (...)") and store them on attempt
     # rows; SQLAlchemy's message carries the statement's parameters unless told not to.
     inbound = DjangoHelpdeskSource().parse(json.dumps(_ticket(7)).encode())
-    with session_scope(runtime.sessions) as session:
-        session.execute(text("SELECT 1"))
-    _cut_connections()
     with pytest.raises(OperationalError) as failed, session_scope(runtime.sessions) as session:
+        # Cut while the session holds its connection: the INSERT is what meets the failover.
+        session.execute(text("SELECT 1"))
+        _cut_connections()
         accept_ticket(session, inbound)
     message = str(failed.value)
     assert "INSERT INTO tickets" in message

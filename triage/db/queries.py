@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, select
+from sqlalchemy import ColumnElement, Select, select
 
 from triage.db.models import Classification, Ticket
 
@@ -83,8 +83,8 @@ def ticket_ids_select(f: TicketFilter) -> Select[int]:
     return stmt.order_by(Ticket.id)
 
 
-def _conditions(f: TicketFilter) -> Sequence[Any]:
-    conds: list[Any] = []
+def _conditions(f: TicketFilter) -> Sequence[ColumnElement[bool]]:
+    conds: list[ColumnElement[bool]] = []
     if f.ids:
         conds.append(Ticket.id.in_(f.ids))
     if f.states:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import select as io_select
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,6 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from sqlalchemy import (
     JSON,
     Column,
@@ -27,13 +29,16 @@ from sqlalchemy import (
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from triage.db.models import Base
+from triage.errors import ConfigError
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
     cur = dbapi_conn.cursor()
     # WAL lets the API read while a worker writes; busy_timeout makes writers queue instead of
     # failing with "database is locked" under the worker's thread pool.
@@ -47,19 +52,37 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 # A pooled connection back from a transaction within this many seconds is handed out without a
 # ping. Pinging on every checkout (pool_pre_ping) cost one extra round trip per transaction,
 # about a tenth of a worker's time in `make bench`; a connection idle for longer may have been
-# closed by the server or a proxy, so it is pinged first. A server restart inside the window
-# fails one transaction with a disconnect error, which the retry policy treats as transient.
+# closed by the server or a proxy, so it is pinged first. A restart or failover inside the
+# window is still caught without a round trip: the server's goodbye (an error, then end of
+# stream) is already waiting on the socket of an idle connection, where nothing else arrives
+# unasked, so a readable socket means "ping it".
 PING_IF_IDLE_SECONDS = 10.0
 _LAST_USED = "triage_last_used"
 
 
-def _remember_use(_dbapi_conn: Any, record: Any) -> None:
+def _remember_use(_dbapi_conn: DBAPIConnection, record: ConnectionPoolEntry) -> None:
     record.info[_LAST_USED] = time.monotonic()
 
 
-def _ping_if_idle(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+def _has_unread_input(dbapi_conn: DBAPIConnection) -> bool:
+    fileno = getattr(dbapi_conn, "fileno", None)
+    if fileno is None:
+        return True  # cannot look: ping it
+    try:
+        # poll, not select: a busy worker's descriptors may number past select's 1024.
+        poller = io_select.poll()
+        poller.register(fileno(), io_select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError, psycopg.Error):
+        return True  # closed already
+
+
+def _ping_if_idle(
+    dbapi_conn: DBAPIConnection, record: ConnectionPoolEntry, _proxy: PoolProxiedConnection
+) -> None:
     last = record.info.get(_LAST_USED)
-    if last is not None and time.monotonic() - last < PING_IF_IDLE_SECONDS:
+    recent = last is not None and time.monotonic() - last < PING_IF_IDLE_SECONDS
+    if recent and not _has_unread_input(dbapi_conn):
         return
     try:
         cur = dbapi_conn.cursor()
@@ -100,17 +123,41 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     # meant a new PostgreSQL backend every few transactions (306 backends in one 1500-ticket
     # bench run, 61 without). A thread past the pool waits for a connection instead; no code
     # path holds one connection while asking for a second (the suite passes on a pool of 1).
+    parsed, connect_args = _prepare_threshold(parsed)
     engine = create_engine(
-        url,
+        parsed,
         pool_size=pool_size,
         max_overflow=0,
         pool_recycle=1800,
         hide_parameters=True,
+        connect_args=connect_args,
     )
     event.listen(engine, "connect", _remember_use)
     event.listen(engine, "checkin", _remember_use)
     event.listen(engine, "checkout", _ping_if_idle)
     return engine
+
+
+def _prepare_threshold(url: URL) -> tuple[URL, dict[str, Any]]:
+    """`?prepare_threshold=` in DATABASE_URL, as psycopg takes it (an int, or None for never).
+
+    psycopg prepares a statement on the server once a connection has run it a few times. A
+    pooler in transaction mode (PgBouncer before 1.21) hands the next transaction to another
+    server connection, where that statement does not exist; `?prepare_threshold=none` turns
+    preparing off. The URL would pass the value on as a string, which psycopg fails on."""
+    value = url.query.get("prepare_threshold")
+    if value is None:
+        return url, {}
+    given = value if isinstance(value, str) else value[-1]
+    if given.strip().lower() in ("", "none", "off", "never"):
+        threshold = None
+    elif given.strip().isdigit():
+        threshold = int(given)
+    else:
+        raise ConfigError(
+            f"DATABASE_URL prepare_threshold={given!r}: a whole number of executions, or none"
+        )
+    return url.difference_update_query(["prepare_threshold"]), {"prepare_threshold": threshold}
 
 
 @lru_cache(maxsize=4)

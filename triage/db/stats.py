@@ -14,8 +14,8 @@ from decimal import Decimal
 from typing import Any
 
 from pydantic import TypeAdapter
-from sqlalchemy import Select, distinct, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import ScalarSelect, Select, distinct, func, select
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from triage.classify.backends.base import Usage
 from triage.db.models import (
@@ -31,6 +31,10 @@ from triage.db.models import (
 BATCH_BACKEND = "anthropic-batch"
 # Attempt outcomes whose answer became the label on record (its cost is on that label's row).
 KEPT_OUTCOMES = ("ok", "reused")
+
+
+# A text column tickets are counted by (state, intent, department, language).
+_Grouping = InstrumentedAttribute[str] | InstrumentedAttribute[str | None]
 
 
 def percentile(sorted_values: Sequence[float], p: float) -> float | None:
@@ -74,7 +78,7 @@ def compute(session: Session, window: Window) -> dict[str, Any]:
     total = int(session.scalar(select(func.count()).where(Ticket.id.in_(in_window))) or 0)
     current = Classification.id == Ticket.current_classification_id
 
-    def grouped(column: Any, *, join_label: bool = False) -> dict[str, int]:
+    def grouped(column: _Grouping, *, join_label: bool = False) -> dict[str, int]:
         stmt = select(column, func.count()).select_from(Ticket).where(Ticket.id.in_(in_window))
         if join_label:
             stmt = stmt.join(Classification, current)
@@ -99,7 +103,7 @@ def compute(session: Session, window: Window) -> dict[str, Any]:
     }
 
 
-def _latency(session: Session, in_window: Any) -> dict[str, Any]:
+def _latency(session: Session, in_window: ScalarSelect[int]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     rows = session.execute(
         select(Attempt.stage, Attempt.latency_ms).where(
@@ -146,7 +150,7 @@ def _latency(session: Session, in_window: Any) -> dict[str, Any]:
 _USAGE: TypeAdapter[Usage] = TypeAdapter(Usage)
 
 
-def _reused_first_answers(session: Session, in_window: Any) -> tuple[int, Usage]:
+def _reused_first_answers(session: Session, in_window: ScalarSelect[int]) -> tuple[int, Usage]:
     """The calls and usage of the first answers that labels reused from failed attempts
     (`Classification.first_answer_attempt_id`): few rows, one per escalation retried."""
     answers = session.scalars(
@@ -163,7 +167,7 @@ def _reused_first_answers(session: Session, in_window: Any) -> tuple[int, Usage]
     return calls, usage
 
 
-def _usage(session: Session, in_window: Any, total: int) -> dict[str, Any]:
+def _usage(session: Session, in_window: ScalarSelect[int], total: int) -> dict[str, Any]:
     row = session.execute(
         select(
             func.count(Classification.id),
@@ -224,7 +228,7 @@ def _usage(session: Session, in_window: Any, total: int) -> dict[str, Any]:
 
 
 def _rates(
-    session: Session, in_window: Any, total: int, by_state: dict[str, int]
+    session: Session, in_window: ScalarSelect[int], total: int, by_state: dict[str, int]
 ) -> dict[str, Any]:
     ever_dead = int(
         session.scalar(
@@ -250,7 +254,7 @@ def _rates(
     }
 
 
-def _reprocessing(session: Session, in_window: Any) -> dict[str, Any]:
+def _reprocessing(session: Session, in_window: ScalarSelect[int]) -> dict[str, Any]:
     rows = session.execute(
         select(ReprocessItem.label_changed, func.count())
         .where(
