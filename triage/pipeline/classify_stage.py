@@ -28,7 +28,7 @@ from functools import partial
 from typing import Any, Protocol
 
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import bindparam, delete, func, select
+from sqlalchemy import ColumnElement, bindparam, delete, func, select
 from sqlalchemy.orm import Session
 
 from triage.classify.backends.base import (
@@ -226,11 +226,11 @@ def _first_or_carried(errors: list[Exception]) -> Exception:
 
 
 def _record_carried(rt: Runtime, carried: list[dict[str, Any]]) -> dict[int, str]:
-    """Record answers brought back by a retried message. A ticket still being classified
-    in the generation they answered takes its label as if it had just arrived. One that has
-    moved on keeps its own course, and the answer is kept as superseded: new text, another
-    worker's label, or a claim the database lost with its last commits (a failover to a
-    lagging replica), after which the ticket is asked again.
+    """Record answers brought back by a retried message. A ticket still under the claim
+    they answered takes its label as if it had just arrived. One that has moved on keeps its
+    own course, and the answer is kept as superseded: new text, another worker's label or
+    claim (the outage outlasted the lease), or a claim the database lost with its last
+    commits (a failover to a lagging replica), after which the ticket is asked again.
 
     An answer whose intent the taxonomy no longer has (a worker with a newer taxonomy took
     the retry) cannot be routed: it is dropped, and its ticket is asked again once its claim's
@@ -703,15 +703,24 @@ def _reuse(source: Classification) -> ClassificationResult:
     )
 
 
+def _held(claim: _Holder) -> tuple[ColumnElement[bool], ...]:
+    """The ticket row is still under this attempt's claim (with state `classifying`): same
+    generation, and the attempt count this claim set. Every claim counts one, and only the
+    claim's own deferral takes it back, so another worker's claim since (after the lease, the
+    sweeper handed the ticket over) or new text fails the check. Recording a label checks the
+    same (`transition_each` with `attempts`)."""
+    return (Ticket.generation == claim.generation, Ticket.attempts == claim.attempt)
+
+
 def _unclaim(session: Session, claim: _Claim, **fields: Any) -> bool:
-    """Put a claimed ticket back to queued. Only this attempt's claim: if the ticket has new
-    text since, another worker may be classifying it now, and that claim is not ours."""
+    """Put a claimed ticket back to queued. Only this attempt's claim (`_held`): another
+    worker may be classifying it now, and that claim is not ours to undo."""
     return transition(
         session,
         claim.ticket_id,
         S.QUEUED,
         only_from=frozenset({S.CLASSIFYING}),
-        where=[Ticket.generation == claim.generation],
+        where=_held(claim),
         **fields,
     )
 
@@ -719,8 +728,8 @@ def _unclaim(session: Session, claim: _Claim, **fields: Any) -> bool:
 def _failure(rt: Runtime, claim: _Claim, paid: TriageError | None = None) -> StageFailure:
     """`paid`: the error the attempt's calls ended with, which counts them and their cost."""
 
-    def back_to_queued(session: Session) -> None:
-        _unclaim(session, claim)
+    def back_to_queued(session: Session) -> bool:
+        return _unclaim(session, claim)
 
     return StageFailure(
         ticket_id=claim.ticket_id,
@@ -733,8 +742,11 @@ def _failure(rt: Runtime, claim: _Claim, paid: TriageError | None = None) -> Sta
         on_retry=back_to_queued,
         api_calls=paid.api_calls if paid else 0,
         usage=paid.usage if paid else None,
-        dead_from=CLAIMABLE,
+        # Only from this attempt's claim: a ticket the sweeper put back to queued, or that
+        # another worker holds now, is no longer this attempt's to dead-letter.
+        dead_from=frozenset({S.CLASSIFYING}),
         generation=claim.generation,
+        claim=_held(claim),
         answer=(
             _first_answer_record(claim.generation, paid.first_answer)
             if paid is not None and paid.first_answer is not None
@@ -799,6 +811,7 @@ def _record(
         {i: S.NEEDS_REVIEW if route.needs_review else S.ROUTED for i, route in routes.items()},
         only_from=frozenset({S.CLASSIFYING}),
         generations={claim.ticket_id: claim.generation for claim, _ in done},
+        attempts={claim.ticket_id: claim.attempt for claim, _ in done},
         each={
             "current_classification_id": labels,
             "department": {i: route.department for i, route in routes.items()},
@@ -815,8 +828,9 @@ def _record(
             recorded.label_ids[ticket_id] = labels[ticket_id]
             recorded.outcomes[ticket_id] = "review" if route.needs_review else "routed"
         else:
-            # Another worker finished this ticket first, or it has new text (a re-triage or
-            # reprocess since our claim): the other label stands, or is yet to come; ours goes.
+            # Another worker finished this ticket first or holds it now (our lease ran out),
+            # or it has new text (a re-triage or reprocess since our claim): the other label
+            # stands, or is yet to come; ours goes.
             dropped.append(labels[ticket_id])
             recorded.outcomes[ticket_id] = "superseded"
     if dropped:
