@@ -115,6 +115,12 @@ class InvalidOutput(PermanentError):
     """The model's output did not validate against the label schema."""
 
 
+class RequestNotPrepared(PermanentError):
+    """Preparing a claimed ticket's request (its text, redaction, a reused label or first
+    answer) raised: a bug or a stored row of a shape the code cannot read. Permanent: the
+    same ticket would raise again on every attempt."""
+
+
 class Refused(PermanentError):
     """The model refused to label the ticket."""
 

@@ -41,7 +41,8 @@ CLASSIFY_COST = Counter("triage_cost_usd_total", "Model spend in USD by model", 
 STAGE_FAILURES = Counter(
     "triage_stage_failures_total",
     "Failed attempts by stage, outcome (retry: scheduled again; dead: dead-lettered; noop: "
-    "the work was no longer current) and error type (the error's class name)",
+    "the work was no longer current; superseded: the attempt's claim was no longer its own) "
+    "and error type (the error's class name)",
     ["stage", "outcome", "error_type"],
 )
 TICKETS_CLASSIFIED = Counter(

@@ -16,6 +16,7 @@ KINDS = frozenset(
         "bad_request",  # 400 invalid_request_error
         "auth",  # 401 authentication_error
         "timeout",  # answer only after `delay` seconds (the client times out first)
+        "trickle",  # 200, the body sent a few bytes at a time, spread over `delay` seconds
         "drop",  # close the connection without an answer
         "malformed_json",  # 200, but the text is not JSON
         "truncated",  # 200, stop_reason max_tokens, JSON cut in half

@@ -397,6 +397,25 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _trickle(self, data: bytes, seconds: float) -> None:
+        """A 200 whose body comes 8 bytes at a time over `seconds`: no single read waits
+        long, so only a deadline on the whole call ends it early."""
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.send_header("request-id", _new_id("req"))
+        self.end_headers()
+        chunks = [data[i : i + 8] for i in range(0, len(data), 8)]
+        pause = seconds / max(1, len(chunks))
+        try:
+            for chunk in chunks:
+                self.wfile.write(chunk)
+                self.wfile.flush()
+                if self.server.fake._stopping.wait(pause):
+                    return
+        except OSError:
+            self.close_connection = True
+
     def _drop(self) -> None:
         self.close_connection = True
         with contextlib.suppress(OSError):
@@ -499,6 +518,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return None
         if fault.kind == "drop":
             return self._drop()
+        if fault.kind == "trickle":
+            return self._trickle(json.dumps(fake.message(params)).encode(), fault.delay)
         if fault.kind == "cut_body":
             whole = json.dumps(fake.message(params)).encode()
             return self._send(200, whole[: len(whole) // 2])

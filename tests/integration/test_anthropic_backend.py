@@ -3,6 +3,7 @@ and how each kind of answer or failure comes back."""
 
 from __future__ import annotations
 
+import time
 from decimal import Decimal
 
 import pytest
@@ -115,6 +116,22 @@ def test_timeout_is_transient(fake):
     fake.add_fault(Fault("timeout"))
     with pytest.raises(TransientError, match="timeout"):
         backend(fake, timeout=0.5).classify(request())
+
+
+def test_an_answer_trickling_past_the_timeout_is_abandoned_at_the_timeout_as_transient(fake):
+    # Every read gets bytes within milliseconds, so no read timeout fires; the whole answer
+    # would take 5 s. The call must end at about its 0.5 s timeout, well inside the lease.
+    fake.add_fault(Fault("trickle", delay=5.0))
+    started = time.monotonic()
+    with pytest.raises(TransientError, match="timeout"):
+        backend(fake, timeout=0.5).classify(request())
+    assert time.monotonic() - started < 1.5
+
+
+def test_an_answer_trickling_within_the_timeout_is_read_whole(fake):
+    fake.add_fault(Fault("trickle", delay=0.3))
+    result = backend(fake, timeout=5.0).classify(request())
+    assert result.label.intent == "shipping" and result.calls == 1
 
 
 @pytest.mark.parametrize("kind", ["bad_request", "auth"])

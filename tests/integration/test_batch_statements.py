@@ -110,6 +110,28 @@ def test_transition_each_moves_a_ticket_only_in_the_generation_given(sessions, n
         assert s.get(Ticket, ids[0]).state == "classifying"  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_transition_each_moves_a_ticket_only_under_the_claim_given(sessions, n):
+    # Each claim counts an attempt: a ticket claimed again since (another worker took it over
+    # after the lease) has a higher count than the attempt that finishes now read.
+    ids = _tickets(sessions, ["classifying"] * n)
+    with session_scope(sessions) as s:
+        s.execute(update(Ticket).values(attempts=1))
+        s.execute(update(Ticket).where(Ticket.id == ids[0]).values(attempts=2))
+    with session_scope(sessions) as s:
+        moved = transition_each(
+            s,
+            {i: S.ROUTED for i in ids},
+            only_from=frozenset({S.CLASSIFYING}),
+            generations={i: 0 for i in ids},
+            each={},
+            attempts={i: 1 for i in ids},
+        )
+    assert moved == set(ids[1:])
+    with sessions() as s:
+        assert s.get(Ticket, ids[0]).state == "classifying"  # type: ignore[union-attr]
+
+
 def test_transition_each_refuses_a_move_the_state_machine_forbids(sessions):
     (ticket,) = _tickets(sessions, ["received"])
     with session_scope(sessions) as s, pytest.raises(IllegalTransitionError):

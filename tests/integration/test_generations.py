@@ -143,7 +143,8 @@ def test_a_failing_call_for_the_old_text_does_not_take_the_new_claim_away(runtim
     a.join(30)
     b.join(30)
 
-    assert a_out["result"] == {tid: "retry"}
+    # A's claim was on text the ticket no longer has: its failure changes nothing.
+    assert a_out["result"] == {tid: "superseded"}
     assert b_out["result"] == {tid: "routed"}
     ticket = _ticket(rt, tid)
     assert ticket.state == "routed" and ticket.generation == 1
@@ -159,7 +160,7 @@ def test_a_last_failing_attempt_on_the_old_text_does_not_dead_letter_the_new_one
     a.join(30)
 
     # Out of attempts, but for text the ticket no longer has: nothing to dead-letter.
-    assert a_out["result"] == {tid: "noop"}
+    assert a_out["result"] == {tid: "superseded"}
     ticket = _ticket(rt, tid)
     assert ticket.state == "queued" and ticket.generation == 1 and ticket.attempts == 0
     assert classify_tickets_stage(rt, [tid]) == {tid: "routed"}

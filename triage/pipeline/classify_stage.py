@@ -12,7 +12,7 @@ broker with the task's retry (`AnswersNotRecorded`) and are recorded when it com
 A cascade's first answer whose escalation failed transiently is kept in the database instead,
 on the failed attempt's row (the database is up then): the retry finds it there however it
 comes back (outbox, sweeper, another worker after this one died) and pays only for the
-escalation (`_first_answers`).
+escalation (`_first_answer`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from functools import partial
 from typing import Any, Protocol
 
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import bindparam, delete, func, select
+from sqlalchemy import ColumnElement, bindparam, delete, func, select
 from sqlalchemy.orm import Session
 
 from triage.classify.backends.base import (
@@ -49,7 +49,7 @@ from triage.db.models import (
     utcnow,
 )
 from triage.db.session import insert_rows, session_scope
-from triage.errors import RateLimited, TransientError, TriageError
+from triage.errors import RateLimited, RequestNotPrepared, TransientError, TriageError
 from triage.metrics import CLASSIFICATIONS, CLASSIFY_LATENCY, TICKETS_CLASSIFIED
 from triage.pipeline.fanout import SLOT_PATIENCE_SECONDS, HeldSlots
 from triage.pipeline.relay import (
@@ -97,8 +97,20 @@ class _Claim:
     generation: int
     received_at: datetime
     request: ClassificationRequest
-    reuse: Classification | None
+    # Another ticket's label to reuse instead of a call.
+    reuse: ClassificationResult | None
     content_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Unprepared:
+    """A claimed ticket whose request could not be prepared: a failed attempt of its own."""
+
+    ticket_id: int
+    attempt: int
+    generation: int
+    received_at: datetime
+    error: Exception
 
 
 _RESULT: TypeAdapter[ClassificationResult] = TypeAdapter(ClassificationResult)
@@ -226,11 +238,11 @@ def _first_or_carried(errors: list[Exception]) -> Exception:
 
 
 def _record_carried(rt: Runtime, carried: list[dict[str, Any]]) -> dict[int, str]:
-    """Record answers brought back by a retried message. A ticket still being classified
-    in the generation they answered takes its label as if it had just arrived. One that has
-    moved on keeps its own course, and the answer is kept as superseded: new text, another
-    worker's label, or a claim the database lost with its last commits (a failover to a
-    lagging replica), after which the ticket is asked again.
+    """Record answers brought back by a retried message. A ticket still under the claim
+    they answered takes its label as if it had just arrived. One that has moved on keeps its
+    own course, and the answer is kept as superseded: new text, another worker's label or
+    claim (the outage outlasted the lease), or a claim the database lost with its last
+    commits (a failover to a lagging replica), after which the ticket is asked again.
 
     An answer whose intent the taxonomy no longer has (a worker with a newer taxonomy took
     the retry) cannot be routed: it is dropped, and its ticket is asked again once its claim's
@@ -398,7 +410,7 @@ def _charge_unadmitted(
 
 def _call_for(rt: Runtime, claim: _Claim) -> Any:
     if claim.reuse is not None:
-        reused = _reuse(claim.reuse)
+        reused = claim.reuse
         return lambda: reused
     return lambda: rt.backend.classify(claim.request)
 
@@ -462,10 +474,15 @@ def _defer(rt: Runtime, claim: _Claim, wait: float) -> str:
 def _begin(
     rt: Runtime, ticket_ids: list[int], reuse: bool, outcomes: dict[int, str]
 ) -> list[_Claim]:
-    """Claim the tickets that are ours to classify; note an outcome for the others."""
+    """Claim the tickets that are ours to classify; note an outcome for the others. A ticket
+    whose request cannot be prepared fails alone, as an attempt of its own (its claim, and the
+    attempt it counts, are committed with the others'), and the guard dead-letters it: were
+    the claim rolled back instead, it would come back from the sweeper for ever."""
     # A ticket another worker is classifying right now is left alone for this long; after it,
     # the holder is presumed dead (the message came back) and the ticket is taken over.
     lease = timedelta(seconds=classify_lease_seconds(rt.settings))
+    claims: list[_Claim] = []
+    unprepared: list[_Unprepared] = []
     with session_scope(rt.sessions) as session:
         now = utcnow()
         claimed = claim_for_classification(
@@ -476,59 +493,95 @@ def _begin(
         if others:
             _not_claimed(session, others, now, lease, outcomes)
         reusable = _find_reusable(rt, session, claimed) if reuse else {}
-        firsts = _first_answers(rt, session, claimed)
-        return [
-            _Claim(
-                ticket_id=ticket.id,
-                attempt=ticket.attempts,
-                generation=ticket.generation,
-                received_at=ticket.received_at,
-                request=_with_first_answer(build_request(rt, ticket), firsts.get(ticket.id)),
-                reuse=reusable.get(ticket.id),
-                content_hash=ticket.content_hash,
-            )
-            for ticket in sorted(claimed, key=lambda t: ticket_ids.index(t.id))
-        ]
+        firsts = _stored_first_answers(session, claimed)
+        for ticket in sorted(claimed, key=lambda t: ticket_ids.index(t.id)):
+            try:
+                claims.append(
+                    _prepare(rt, ticket, reusable.get(ticket.id), firsts.get(ticket.id, []))
+                )
+            except Exception as exc:  # this ticket's failure alone, handled below
+                if is_database_outage(exc):
+                    raise
+                unprepared.append(
+                    _Unprepared(
+                        ticket.id, ticket.attempts, ticket.generation, ticket.received_at, exc
+                    )
+                )
+    for item in unprepared:
+        error = RequestNotPrepared(
+            f"could not prepare the request: {item.error.__class__.__name__}: {item.error}",
+            ticket_id=item.ticket_id,
+        )
+        error.__cause__ = item.error
+        log.error("classify: ticket %s", error, exc_info=item.error)
+        outcomes[item.ticket_id] = handle_failure(rt, _failure(rt, item), error)
+    return claims
 
 
-def _first_answers(rt: Runtime, session: Session, tickets: Sequence[Any]) -> dict[int, FirstAnswer]:
-    """For each ticket on a retry, the newest first answer (`Attempt.answer`) an earlier
-    attempt of its generation paid for, for the cascade to reuse. Another generation's is
-    never reused: re-triaged text, a reprocess and a replayed dead letter all ask afresh. An
-    answer the taxonomy no longer accepts (its intent was dropped, say) is asked again."""
-    retried = {t.id: t.generation for t in tickets if t.attempts > 1}
+def _prepare(
+    rt: Runtime, ticket: Any, reusable: Classification | None, firsts: list[tuple[int, Any]]
+) -> _Claim:
+    """One claimed ticket's request: its text redacted, a label to reuse, a first answer."""
+    return _Claim(
+        ticket_id=ticket.id,
+        attempt=ticket.attempts,
+        generation=ticket.generation,
+        received_at=ticket.received_at,
+        request=_with_first_answer(build_request(rt, ticket), _first_answer(rt, ticket, firsts)),
+        reuse=_reuse(reusable) if reusable is not None else None,
+        content_hash=ticket.content_hash,
+    )
+
+
+def _stored_first_answers(
+    session: Session, tickets: Sequence[Any]
+) -> dict[int, list[tuple[int, Any]]]:
+    """For each ticket on a retry, the first answers (`Attempt.answer`) its earlier attempts
+    stored, oldest first, as stored: each is read for its own ticket (`_first_answer`)."""
+    retried = sorted(t.id for t in tickets if t.attempts > 1)
     if not retried:
         return {}
     rows = session.execute(
         select(Attempt.id, Attempt.ticket_id, Attempt.answer)
         .where(
-            Attempt.ticket_id.in_(sorted(retried)),
+            Attempt.ticket_id.in_(retried),
             Attempt.stage == "classify",
             Attempt.answer.is_not(None),
         )
         .order_by(Attempt.id)
     ).all()
-    newest = {
-        row.ticket_id: (row.id, row.answer["result"])
-        for row in rows
-        if row.answer.get("generation") == retried[row.ticket_id]
-    }
-    answers: dict[int, FirstAnswer] = {}
-    for ticket_id, (attempt_id, data) in newest.items():
-        try:
-            result = _RESULT.validate_python(data)
-            validate_label(rt.config.taxonomy, result.label.model_dump())
-        except ValidationError as exc:
-            log.warning(
-                "classify: ticket %s: the first answer of attempt row %s no longer validates "
-                "(%s); asking again",
-                ticket_id,
-                attempt_id,
-                exc.errors()[0]["msg"] if exc.errors() else exc,
-            )
-            continue
-        answers[ticket_id] = FirstAnswer(attempt_id, result)
-    return answers
+    stored: dict[int, list[tuple[int, Any]]] = {}
+    for row in rows:
+        stored.setdefault(row.ticket_id, []).append((row.id, row.answer))
+    return stored
+
+
+def _first_answer(rt: Runtime, ticket: Any, stored: list[tuple[int, Any]]) -> FirstAnswer | None:
+    """The newest first answer an earlier attempt of this ticket's generation paid for, for
+    the cascade to reuse. Another generation's is never reused: re-triaged text, a reprocess
+    and a replayed dead letter all ask afresh. An answer the taxonomy no longer accepts (its
+    intent was dropped, say) is asked again."""
+    newest = [
+        (attempt_id, answer["result"])
+        for attempt_id, answer in stored
+        if answer.get("generation") == ticket.generation
+    ]
+    if not newest:
+        return None
+    attempt_id, data = newest[-1]
+    try:
+        result = _RESULT.validate_python(data)
+        validate_label(rt.config.taxonomy, result.label.model_dump())
+    except ValidationError as exc:
+        log.warning(
+            "classify: ticket %s: the first answer of attempt row %s no longer validates "
+            "(%s); asking again",
+            ticket.id,
+            attempt_id,
+            exc.errors()[0]["msg"] if exc.errors() else exc,
+        )
+        return None
+    return FirstAnswer(attempt_id, result)
 
 
 def _with_first_answer(
@@ -569,7 +622,7 @@ def _not_claimed(
             outcomes[ticket_id] = "noop"
 
 
-def _age_seconds(rt: Runtime, claim: _Claim) -> float:
+def _age_seconds(rt: Runtime, claim: _Claim | _Unprepared) -> float:
     """The classify stage's age, for the retry decision: from receipt, or from the start of
     the ticket's current generation (new text, a reprocess, a replayed dead letter: each a
     fresh run, not an old one already too old to retry). Asked only when an attempt fails,
@@ -703,24 +756,35 @@ def _reuse(source: Classification) -> ClassificationResult:
     )
 
 
-def _unclaim(session: Session, claim: _Claim, **fields: Any) -> bool:
-    """Put a claimed ticket back to queued. Only this attempt's claim: if the ticket has new
-    text since, another worker may be classifying it now, and that claim is not ours."""
+def _held(claim: _Holder) -> tuple[ColumnElement[bool], ...]:
+    """The ticket row is still under this attempt's claim (with state `classifying`): same
+    generation, and the attempt count this claim set. Every claim counts one, and only the
+    claim's own deferral takes it back, so another worker's claim since (after the lease, the
+    sweeper handed the ticket over) or new text fails the check. Recording a label checks the
+    same (`transition_each` with `attempts`)."""
+    return (Ticket.generation == claim.generation, Ticket.attempts == claim.attempt)
+
+
+def _unclaim(session: Session, claim: _Claim | _Unprepared, **fields: Any) -> bool:
+    """Put a claimed ticket back to queued. Only this attempt's claim (`_held`): another
+    worker may be classifying it now, and that claim is not ours to undo."""
     return transition(
         session,
         claim.ticket_id,
         S.QUEUED,
         only_from=frozenset({S.CLASSIFYING}),
-        where=[Ticket.generation == claim.generation],
+        where=_held(claim),
         **fields,
     )
 
 
-def _failure(rt: Runtime, claim: _Claim, paid: TriageError | None = None) -> StageFailure:
+def _failure(
+    rt: Runtime, claim: _Claim | _Unprepared, paid: TriageError | None = None
+) -> StageFailure:
     """`paid`: the error the attempt's calls ended with, which counts them and their cost."""
 
-    def back_to_queued(session: Session) -> None:
-        _unclaim(session, claim)
+    def back_to_queued(session: Session) -> bool:
+        return _unclaim(session, claim)
 
     return StageFailure(
         ticket_id=claim.ticket_id,
@@ -733,8 +797,11 @@ def _failure(rt: Runtime, claim: _Claim, paid: TriageError | None = None) -> Sta
         on_retry=back_to_queued,
         api_calls=paid.api_calls if paid else 0,
         usage=paid.usage if paid else None,
-        dead_from=CLAIMABLE,
+        # Only from this attempt's claim: a ticket the sweeper put back to queued, or that
+        # another worker holds now, is no longer this attempt's to dead-letter.
+        dead_from=frozenset({S.CLASSIFYING}),
         generation=claim.generation,
+        claim=_held(claim),
         answer=(
             _first_answer_record(claim.generation, paid.first_answer)
             if paid is not None and paid.first_answer is not None
@@ -799,6 +866,7 @@ def _record(
         {i: S.NEEDS_REVIEW if route.needs_review else S.ROUTED for i, route in routes.items()},
         only_from=frozenset({S.CLASSIFYING}),
         generations={claim.ticket_id: claim.generation for claim, _ in done},
+        attempts={claim.ticket_id: claim.attempt for claim, _ in done},
         each={
             "current_classification_id": labels,
             "department": {i: route.department for i, route in routes.items()},
@@ -815,8 +883,9 @@ def _record(
             recorded.label_ids[ticket_id] = labels[ticket_id]
             recorded.outcomes[ticket_id] = "review" if route.needs_review else "routed"
         else:
-            # Another worker finished this ticket first, or it has new text (a re-triage or
-            # reprocess since our claim): the other label stands, or is yet to come; ours goes.
+            # Another worker finished this ticket first or holds it now (our lease ran out),
+            # or it has new text (a re-triage or reprocess since our claim): the other label
+            # stands, or is yet to come; ours goes.
             dropped.append(labels[ticket_id])
             recorded.outcomes[ticket_id] = "superseded"
     if dropped:

@@ -150,6 +150,7 @@ def transition_each(
     only_from: frozenset[TicketState],
     generations: Mapping[int, int],
     each: Mapping[str, Mapping[int, Any]],
+    attempts: Mapping[int, int] | None = None,
     **fields: Any,
 ) -> set[int]:
     """Move each ticket in `moves` to its own state, in one UPDATE: `each` gives per-ticket
@@ -157,9 +158,13 @@ def transition_each(
 
     A ticket moves only while it is still in the generation `generations` names for it: an
     attempt that read an earlier text (the ticket was re-triaged or reprocessed meanwhile,
-    and may be `classifying` again under another worker) must not finish the new one."""
+    and may be `classifying` again under another worker) must not finish the new one. With
+    `attempts`, also only while its attempt count is the one given: every claim counts one,
+    so within a generation the count names the claim, and an attempt that outlived its lease
+    must not finish a ticket another worker has claimed since."""
     if not moves:
         return set()
+
     for to in set(moves.values()):
         if not only_from <= ALLOWED_FROM[to]:
             raise IllegalTransitionError(f"{sorted(only_from - ALLOWED_FROM[to])} -> {to}")
@@ -167,7 +172,7 @@ def transition_each(
     columns = {"state": {i: moves[i].value for i in ids}, **each}
     connection = session.connection()
     plain_fields = not any(isinstance(value, ClauseElement) for value in fields.values())
-    shape = (only_from, tuple(columns), tuple(sorted(fields)))
+    shape = (only_from, tuple(columns), tuple(sorted(fields)), attempts is not None)
     params: dict[str, Any] = {f"f_{name}": value for name, value in fields.items()}
     if len(ids) == 1 and plain_fields:
         # One ticket (the common case at a moderate rate): a plain UPDATE of one row, which
@@ -176,10 +181,14 @@ def transition_each(
         params.update({f"v_{name}": columns[name][ticket_id] for name in columns})
         stmt = _each_one(*shape)
         one = {"one_id": ticket_id, "one_generation": generations[ticket_id], "now": utcnow()}
+        if attempts is not None:
+            one["one_attempts"] = attempts[ticket_id]
         return set(connection.execute(stmt, {**params, **one}).scalars())
     if connection.dialect.name == "postgresql" and plain_fields:
         params.update({f"v_{name}": [columns[name][i] for i in ids] for name in columns})
         params["generations"] = [generations[i] for i in ids]
+        if attempts is not None:
+            params["expected_attempts"] = [attempts[i] for i in ids]
         stmt = _each_by_arrays(*shape)
         return set(connection.execute(stmt, {**params, "ids": ids, "now": utcnow()}).scalars())
     per_ticket = {
@@ -187,10 +196,12 @@ def transition_each(
         for column, values in columns.items()
     }
     allowed = Ticket.state.in_([s.value for s in only_from])
-    current = Ticket.generation == case({i: generations[i] for i in ids}, value=Ticket.id)
+    current = [Ticket.generation == case({i: generations[i] for i in ids}, value=Ticket.id)]
+    if attempts is not None:
+        current.append(Ticket.attempts == case({i: attempts[i] for i in ids}, value=Ticket.id))
     stmt = (
         update(Ticket)
-        .where(allowed, current, _locked_in_id_order(Ticket.id.in_(ids), allowed))
+        .where(allowed, *current, _locked_in_id_order(Ticket.id.in_(ids), allowed))
         .values(state_changed_at=utcnow(), **per_ticket, **fields)
         .returning(Ticket.id)
     )
@@ -199,15 +210,20 @@ def transition_each(
 
 @lru_cache(maxsize=16)
 def _each_one(
-    only_from: frozenset[TicketState], columns: tuple[str, ...], fields: tuple[str, ...]
+    only_from: frozenset[TicketState],
+    columns: tuple[str, ...],
+    fields: tuple[str, ...],
+    with_attempts: bool,
 ) -> Update:
     """`transition_each` for one ticket, built once per shape."""
+    claim = [Ticket.attempts == bindparam("one_attempts")] if with_attempts else []
     return (
         update(Ticket)
         .where(
             Ticket.id == bindparam("one_id"),
             Ticket.state.in_(sorted(s.value for s in only_from)),
             Ticket.generation == bindparam("one_generation"),
+            *claim,
         )
         .values(
             state_changed_at=bindparam("now"),
@@ -220,7 +236,10 @@ def _each_one(
 
 @lru_cache(maxsize=16)
 def _each_by_arrays(
-    only_from: frozenset[TicketState], columns: tuple[str, ...], fields: tuple[str, ...]
+    only_from: frozenset[TicketState],
+    columns: tuple[str, ...],
+    fields: tuple[str, ...],
+    with_attempts: bool,
 ) -> Update:
     """`transition_each` on PostgreSQL: the per-ticket values as one array per column, joined
     by id (`UPDATE ... FROM unnest(...)`). Built once per shape; a CASE per column, by
@@ -229,25 +248,33 @@ def _each_by_arrays(
     table = Ticket.__table__
     assert isinstance(table, Table)
     ids = bindparam("ids", type_=postgresql.ARRAY(BigInteger))
+    expected = ["expected_generation", *(["expected_attempts"] if with_attempts else [])]
     values = (
         func.unnest(
             ids,
             bindparam("generations", type_=postgresql.ARRAY(table.c["generation"].type)),
             *(
+                [bindparam("expected_attempts", type_=postgresql.ARRAY(table.c["attempts"].type))]
+                if with_attempts
+                else []
+            ),
+            *(
                 bindparam(f"v_{name}", type_=postgresql.ARRAY(table.c[name].type))
                 for name in columns
             ),
         )
-        .table_valued("id", "expected_generation", *columns)
+        .table_valued("id", *expected, *columns)
         .render_derived()
     )
     allowed = Ticket.state.in_(sorted(s.value for s in only_from))
+    claim = [Ticket.attempts == values.c.expected_attempts] if with_attempts else []
     return (
         update(Ticket)
         .where(
             Ticket.id == values.c.id,
             allowed,
             Ticket.generation == values.c.expected_generation,
+            *claim,
             _locked_in_id_order(Ticket.id == func.any(ids), allowed),
         )
         .values(

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
 from triage.db.models import (
@@ -42,12 +43,14 @@ def dead_letter(
     payload: dict[str, Any],
     only_from: frozenset[TicketState] | None = None,
     generation: int | None = None,
+    where: Sequence[ColumnElement[bool]] = (),
 ) -> tuple[DeadLetter, int] | None:
     """Record the failure, move the ticket to dead_lettered and announce it on triage.dead,
     all in the caller's transaction. Returns the letter and the announcement's outbox id to
     publish, or None when the ticket is already dead-lettered or finished (a redelivered copy
     of the message lost the race), or has moved past `generation`: one letter per failure,
-    never two, and never one for work that is no longer current."""
+    never two, and never one for work that is no longer current. `where`: further conditions
+    on the ticket row (the failing attempt's claim still current, say)."""
     first_failed = session.scalar(
         select(func.min(Attempt.started_at)).where(
             Attempt.ticket_id == ticket_id,
@@ -72,7 +75,7 @@ def dead_letter(
         ticket_id,
         S.DEAD_LETTERED,
         only_from=only_from,
-        where=[] if generation is None else [Ticket.generation == generation],
+        where=[*where, *([] if generation is None else [Ticket.generation == generation])],
         last_error=str(error)[:4000],
     )
     if not moved:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import ColumnElement, update
 from sqlalchemy.orm import Session
 
 from triage.classify.backends.base import Usage
@@ -34,8 +34,9 @@ class StageFailure:
     task: str
     queue: str
     args: dict[str, Any]
-    # Runs in the failure transaction before a retry is scheduled (e.g. state back to queued).
-    on_retry: Callable[[Any], None] | None = None
+    # Runs in the failure transaction before a retry is scheduled (e.g. state back to queued);
+    # False: the attempt no longer holds the ticket (see `claim`), and nothing is scheduled.
+    on_retry: Callable[[Any], bool] | None = None
     api_calls: int = 0
     # What those calls cost (answers the attempt could not use are billed too).
     usage: Usage | None = None
@@ -49,11 +50,17 @@ class StageFailure:
     generation: int | None = None
     # A paid answer the retry may use instead of paying again (see `Attempt.answer`).
     answer: dict[str, Any] | None = None
+    # Conditions on the ticket row that hold while the attempt's claim is still the one it
+    # took. A worker that outlived its lease (a VM pause, a hung call) and then fails must not
+    # requeue or dead-letter a ticket another worker has claimed since: its outcome is
+    # `superseded`, its calls still on record. Empty: the stage has no claim to check.
+    claim: tuple[ColumnElement[bool], ...] = ()
 
 
 def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> str:
-    """Record the attempt, then schedule a retry through the outbox or dead-letter the ticket.
-    Returns the outcome ("retry" or "dead")."""
+    """Schedule a retry through the outbox or dead-letter the ticket, and record the attempt.
+    Returns the outcome: "retry", "dead", "noop" (the work was no longer current) or
+    "superseded" (the attempt's claim was no longer its own, see `StageFailure.claim`)."""
     error = as_triage_error(exc)
     if error.ticket_id is None:
         error.ticket_id = failure.ticket_id
@@ -75,18 +82,18 @@ def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> st
         decision.reason,
     )
     with session_scope(rt.sessions) as session:
-        _record_attempt(session, failure, error, outcome)
         if decision.retry:
-            if failure.on_retry is not None:
-                failure.on_retry(session)
-            outbox_id = enqueue(
-                session,
-                ticket_id=failure.ticket_id,
-                task=failure.task,
-                queue=failure.queue,
-                args=failure.args,
-                countdown=decision.delay,
-            )
+            if failure.on_retry is None or failure.on_retry(session):
+                outbox_id = enqueue(
+                    session,
+                    ticket_id=failure.ticket_id,
+                    task=failure.task,
+                    queue=failure.queue,
+                    args=failure.args,
+                    countdown=decision.delay,
+                )
+            else:
+                outcome = "superseded"
         else:
             lettered = dead_letter(
                 session,
@@ -96,6 +103,7 @@ def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> st
                 attempts=failure.attempt,
                 only_from=failure.dead_from,
                 generation=failure.generation,
+                where=failure.claim,
                 payload={
                     "task": failure.task,
                     "queue": failure.queue,
@@ -104,17 +112,27 @@ def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> st
                 },
             )
             if lettered is None:
-                outcome = "noop"
+                outcome = "superseded" if failure.claim else "noop"
             else:
                 _letter, outbox_id = lettered
                 log.error(
                     "ticket %s dead-lettered at %s: %s", failure.ticket_id, failure.stage, error
                 )
+        if outcome == "superseded":
+            log.warning(
+                "%s attempt %s of ticket %s no longer holds its claim (lease over, taken by "
+                "another worker or given new text): its failure changes nothing",
+                failure.stage,
+                failure.attempt,
+                failure.ticket_id,
+            )
+        # The attempt's row either way: its calls were paid for.
+        _record_attempt(session, failure, error, outcome)
     # Counted once the outcome is committed: a dead letter is what an operator alerts on.
     STAGE_FAILURES.labels(
         stage=failure.stage, outcome=outcome, error_type=error.__class__.__name__
     ).inc()
-    if outcome != "noop":
+    if outcome in ("retry", "dead"):
         rt.publisher.publish([outbox_id])
     return outcome
 

@@ -17,6 +17,7 @@ import httpx2
 from pydantic import ValidationError
 
 from triage.classify.backends.base import ClassificationRequest, ClassificationResult, Usage
+from triage.classify.backends.deadline import CallDeadline
 from triage.classify.backends.messages import (
     Answer,
     LabelRequest,
@@ -204,7 +205,12 @@ class ThreadClients:
                 api_key=self._api_key,
                 base_url=self._base_url,
                 timeout=self._timeout,
-                http_client=anthropic.DefaultHttpxClient(verify=self._tls, timeout=self._timeout),
+                http_client=anthropic.DefaultHttpxClient(
+                    verify=self._tls,
+                    timeout=self._timeout,
+                    # The timeout bounds each read; the lease needs it to bound the call.
+                    event_hooks=CallDeadline(self._timeout).hooks(),
+                ),
             )
         return client
 
