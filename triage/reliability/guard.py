@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, update
@@ -61,6 +62,9 @@ def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> st
     """Schedule a retry through the outbox or dead-letter the ticket, and record the attempt.
     Returns the outcome: "retry", "dead", "noop" (the work was no longer current) or
     "superseded" (the attempt's claim was no longer its own, see `StageFailure.claim`)."""
+    # When it failed: the attempt row is written last (once its outcome is known), but it
+    # happened before the retry or dead letter it leads to, and a timeline shows it so.
+    failed_at = utcnow()
     error = as_triage_error(exc)
     if error.ticket_id is None:
         error.ticket_id = failure.ticket_id
@@ -127,7 +131,7 @@ def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> st
                 failure.ticket_id,
             )
         # The attempt's row either way: its calls were paid for.
-        _record_attempt(session, failure, error, outcome)
+        _record_attempt(session, failure, error, outcome, failed_at)
     # Counted once the outcome is committed: a dead letter is what an operator alerts on.
     STAGE_FAILURES.labels(
         stage=failure.stage, outcome=outcome, error_type=error.__class__.__name__
@@ -138,10 +142,10 @@ def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> st
 
 
 def _record_attempt(
-    session: Session, failure: StageFailure, error: TriageError, outcome: str
+    session: Session, failure: StageFailure, error: TriageError, outcome: str, failed_at: datetime
 ) -> None:
     fields: dict[str, Any] = {
-        "finished_at": utcnow(),
+        "finished_at": failed_at,
         "outcome": outcome,
         "error_type": error.__class__.__name__,
         "error": error.message[:4000],
@@ -160,7 +164,13 @@ def _record_attempt(
         )
         return
     session.add(
-        Attempt(ticket_id=failure.ticket_id, stage=failure.stage, number=failure.attempt, **fields)
+        Attempt(
+            ticket_id=failure.ticket_id,
+            stage=failure.stage,
+            number=failure.attempt,
+            started_at=failed_at,
+            **fields,
+        )
     )
 
 
