@@ -31,7 +31,14 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy import select
 
-from triage.cli.common import console, fail, guarded, plain
+from triage.cli.common import (
+    console,
+    fail,
+    guarded,
+    load_runtime,
+    plain,
+    stop_if_broker_unreachable,
+)
 from triage.cli.send import post_generic
 
 if TYPE_CHECKING:
@@ -82,6 +89,9 @@ def run(
             redis = EmbeddedRedis(var / "redis").start()
             env["REDIS_URL"] = redis.url
             console.print(f"embedded Redis on {redis.url}")
+        else:
+            # Otherwise the samples wait in the outbox and the table sits at "queued".
+            stop_if_broker_unreachable(load_runtime(), "no ticket could reach the worker")
         own_secret = settings.webhook_secret("generic")
         secret = own_secret or "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
         env["TRIAGE_WEBHOOK_SECRET_GENERIC"] = secret
