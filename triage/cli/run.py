@@ -86,7 +86,9 @@ def run(
     children: list[_Child] = []
     try:
         if not settings.effective_broker_url():
-            redis = EmbeddedRedis(var / "redis").start()
+            # Assigned before it starts, so a Ctrl-C while it starts still stops it.
+            redis = EmbeddedRedis(var / "redis")
+            redis.start()
             env["REDIS_URL"] = redis.url
             console.print(f"embedded Redis on {redis.url}")
         else:
@@ -352,17 +354,39 @@ def _fail_if_exited(children: list[_Child]) -> None:
             fail(gone)
 
 
-def _table(rows: Sequence[Any]) -> Table:
+# Each column's least width; the subject absorbs what is left, up to 40.
+_COLUMNS = {
+    "ticket": 6,
+    "subject": 10,
+    "lang": 4,
+    "intent": 12,
+    "department": 16,
+    "conf": 4,
+    "state": 13,
+    "latency": 8,
+}
+
+
+def _table(rows: Sequence[Any], width: int | None = None) -> Table:
+    width = width or console.width
+    columns = dict(_COLUMNS)
+    # On a narrow screen (80 columns) the latency, then the language, make way: otherwise
+    # the state is cut off the right edge, and the labels, department and state are the point.
+    for optional in ("latency", "lang"):
+        if sum(w + 3 for w in columns.values()) + 1 <= width:
+            break
+        del columns[optional]
+    # Rich does not narrow a no_wrap column to fit: the subject is given what is left.
+    others = sum(w + 3 for col, w in columns.items() if col != "subject") + 1
+    columns["subject"] = max(_COLUMNS["subject"], min(40, width - others - 3))
     table = Table(title="triage: tickets", expand=False)
-    # Every column but the subject keeps its full width; the subject absorbs a narrow screen.
-    widths = {"ticket": 6, "lang": 4, "intent": 12, "department": 16, "conf": 4, "state": 13}
-    for col in ("ticket", "subject", "lang", "intent", "department", "conf", "state", "latency"):
+    for col, least in columns.items():
         table.add_column(
             col,
             overflow="ellipsis",
             no_wrap=True,
-            min_width=widths.get(col, 8 if col == "latency" else 12),
-            max_width=40 if col == "subject" else None,
+            min_width=least,
+            max_width=least if col == "subject" else None,
         )
     styles = {"routed": "green", "needs_review": "yellow", "dead_lettered": "red"}
     for ticket, label in sorted(rows, key=lambda r: r[0].id):
@@ -371,16 +395,17 @@ def _table(rows: Sequence[Any]) -> Table:
             latency = (
                 f"{(ticket.state_changed_at - ticket.received_at).total_seconds() * 1000:.0f} ms"
             )
-        table.add_row(
-            str(ticket.id),
-            plain(ticket.subject or ticket.body[:40]),
-            plain(label.language if label else "-"),
-            label.intent if label else "-",
-            ticket.department or "-",
-            f"{label.confidence:.2f}" if label else "-",
-            f"[{styles.get(ticket.state, 'white')}]{ticket.state}[/]",
-            latency,
-        )
+        cells: dict[str, Any] = {
+            "ticket": str(ticket.id),
+            "subject": plain(ticket.subject or ticket.body[:40]),
+            "lang": plain(label.language if label else "-"),
+            "intent": label.intent if label else "-",
+            "department": ticket.department or "-",
+            "conf": f"{label.confidence:.2f}" if label else "-",
+            "state": f"[{styles.get(ticket.state, 'white')}]{ticket.state}[/]",
+            "latency": latency,
+        }
+        table.add_row(*(cells[col] for col in columns))
     return table
 
 
