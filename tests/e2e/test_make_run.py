@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, func, select, text
 
 from triage.config import PROJECT_ROOT
 from triage.db.models import Classification, Ticket
@@ -152,3 +152,39 @@ def test_a_serving_run_takes_a_pasted_send_and_stops_every_child_cleanly(tmp_pat
     assert not [pid for pid in children if _alive(pid)]
     # The worker's broker outlived it: no reconnect attempts while it shut down.
     assert "Cannot connect" not in (var / "worker.log").read_text()
+
+
+def test_a_run_after_one_stopped_mid_way_triages_what_that_run_left_queued(tmp_path):
+    """The earlier run's messages were in its embedded Redis, which kept nothing: the new
+    run sends its unfinished tickets again at once, not after the sweeper's deadline."""
+    db = tmp_path / "run.sqlite3"
+    command = [sys.executable, "-m", "triage.cli.main", "run", "--exit-when-done"]
+    first = subprocess.run(
+        command, env=_embedded_env(db), cwd=PROJECT_ROOT, capture_output=True, text=True
+    )
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        # As a run stopped between the webhook and the worker leaves a ticket.
+        conn.execute(
+            text(
+                "UPDATE tickets SET state = 'queued', department = NULL, "
+                "current_classification_id = NULL WHERE id <= 3"
+            )
+        )
+        for table in ("dispatches", "attempts", "classifications"):
+            conn.execute(text(f"DELETE FROM {table} WHERE ticket_id <= 3"))
+
+    second = subprocess.run(
+        [*command, "--timeout", "60"],
+        env=_embedded_env(db),
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+    )
+
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "sent 3 tickets an earlier run left unfinished" in second.stdout
+    with engine.connect() as conn:
+        states = conn.execute(select(Ticket.state).where(Ticket.id <= 3)).scalars().all()
+    assert set(states) <= {"routed", "needs_review"}

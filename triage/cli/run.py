@@ -102,6 +102,8 @@ def run(
         console.print(
             f"database {settings.database_url.split('@')[-1]} migrated; backend {backend}"
         )
+        if redis is not None:
+            _resend_unfinished(redis.url)
         port = port or _free_port()
         worker_args = ["worker", "-c", str(concurrency), "--loglevel", "WARNING"]
         children.append(_spawn("the worker", worker_args, env, var))
@@ -150,6 +152,20 @@ class _Child:
         lines = self.log.read_text(encoding="utf-8", errors="replace").strip().splitlines()
         last = f": {lines[-1].strip()}" if lines else ""
         return f"{self.name} exited with {self.proc.returncode}{last} (log: {self.log})"
+
+
+def _resend_unfinished(broker_url: str) -> None:
+    """A new embedded Redis starts empty: messages an earlier run left in its own (stopped
+    mid-way) went with it. Send those tickets again now, not after the sweeper's deadline
+    (`stuck_after_seconds`, minutes), while the table would sit at "queued"."""
+    from triage.config import Settings, load_config
+    from triage.pipeline.runtime import Runtime
+    from triage.reliability.sweeper import sweep_once
+
+    settings = Settings().model_copy(update={"redis_url": broker_url})
+    report = sweep_once(Runtime(load_config(settings)), stuck_after=1)
+    if report.requeued_tickets:
+        console.print(f"sent {report.requeued_tickets} tickets an earlier run left unfinished")
 
 
 def _require_writable(var: Path) -> None:
