@@ -85,6 +85,8 @@ def test_a_second_run_finds_the_samples_instead_of_classifying_them_again(tmp_pa
         tickets = conn.execute(select(func.count()).select_from(Ticket)).scalar_one()
         labels = conn.execute(select(func.count()).select_from(Classification)).scalar_one()
     assert tickets == labels == len(samples)
+    # Its own line, not glued to the table's bottom border (stdout here is not a terminal).
+    assert f"\n{len(samples)} tickets terminal in " in proc.stdout
 
 
 def _children(pid: int) -> list[int]:

@@ -314,6 +314,10 @@ def _watch(url: str, ids: list[int], children: list[_Child], timeout: float | No
                 return False
             _fail_if_exited(children)
             time.sleep(0.25)
+    if not console.is_terminal:
+        # Off a terminal Live leaves its last frame without a line end: the summary would
+        # start on the table's bottom border.
+        console.line()
     counts = Counter(t.state for t, _ in rows)
     summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
     console.print(f"{len(rows)} tickets terminal in {time.monotonic() - started:.1f}s: {summary}")
