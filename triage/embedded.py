@@ -63,6 +63,9 @@ class EmbeddedRedis:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # Own session: a terminal's Ctrl-C would stop it before the worker using it has
+            # shut down; whoever started it stops it last.
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

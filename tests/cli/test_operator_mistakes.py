@@ -247,3 +247,63 @@ def test_worker_help_gives_the_setting_as_the_concurrency_default_not_zero(cli):
 
     assert "TRIAGE_WORKER_CONCURRENCY" in result.output
     assert "[default: 0]" not in result.output
+
+
+def _nothing_starts(monkeypatch):
+    import triage.cli.run
+
+    def started(*args, **kwargs):
+        raise AssertionError("started something")
+
+    monkeypatch.setattr(triage.cli.run, "_spawn", started)
+
+
+def test_run_on_a_port_in_use_says_so_in_one_line_before_starting_anything(cli, monkeypatch):
+    import socket
+
+    _nothing_starts(monkeypatch)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        output = _one_line_error(cli("run", "--port", str(port), code=None), 1)
+
+    assert f"port {port} on 127.0.0.1 is in use" in output
+
+
+def test_run_with_a_var_folder_it_cannot_write_says_so_in_one_line(cli, monkeypatch, tmp_path):
+    _nothing_starts(monkeypatch)
+    not_a_folder = tmp_path / "var"
+    not_a_folder.write_text("")
+
+    output = _one_line_error(cli("run", "--var", str(not_a_folder / "sub"), code=None), 1)
+
+    assert "must be a writable folder" in output
+
+
+def test_send_without_the_generic_secret_is_a_usage_error(cli):
+    output = _one_line_error(
+        cli("send", "--body", "hi", TRIAGE_WEBHOOK_SECRET_GENERIC="", code=None), 2
+    )
+    assert "TRIAGE_WEBHOOK_SECRET_GENERIC is not set" in output
+
+
+def test_send_to_an_api_that_is_not_there_says_so_in_one_line(cli):
+    from triage.embedded import _free_port
+
+    url = f"http://127.0.0.1:{_free_port()}"
+    result = cli("send", "--body", "hi", "--url", url, TRIAGE_WEBHOOK_SECRET_GENERIC="x", code=None)
+    output = _one_line_error(result, 1)
+    assert f"no answer from {url}" in output
+
+
+def test_run_with_a_broker_url_nothing_answers_says_so_in_one_line(cli, monkeypatch):
+    from triage.embedded import _free_port
+
+    _nothing_starts(monkeypatch)
+    down = f"redis://127.0.0.1:{_free_port()}/0"
+
+    output = _one_line_error(cli("run", REDIS_URL=down, code=None), 1)
+
+    assert "broker unreachable" in output and "REDIS_URL" in output

@@ -12,6 +12,7 @@ from triage.cli import (
     doctor,
     reprocess,
     run,
+    send,
     serve,
     stats,
     sweep,
@@ -27,6 +28,7 @@ app = typer.Typer(
 )
 app.registered_commands += serve.app.registered_commands
 app.registered_commands += run.app.registered_commands
+app.registered_commands += send.app.registered_commands
 app.registered_commands += reprocess.app.registered_commands
 app.registered_commands += sweep.app.registered_commands
 app.registered_commands += backfill.app.registered_commands
