@@ -136,7 +136,13 @@ def triage_api(pg_url, clean_redis) -> Iterator[tuple[str, dict[str, str]]]:
         yield f"http://127.0.0.1:{port}", env
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            # runserver has been seen to outlive SIGTERM by 30 s on a loaded machine, after the
+            # test itself passed; its shutdown is not what this test is about.
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 @pytest.fixture()
@@ -160,7 +166,13 @@ def helpdesk(helpdesk_site, triage_api) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            # runserver has been seen to outlive SIGTERM by 30 s on a loaded machine, after the
+            # test itself passed; its shutdown is not what this test is about.
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 QUEUES = {"billing": 1, "support": 2, "accounts": 3, "general": 4}
