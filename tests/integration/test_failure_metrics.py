@@ -7,30 +7,15 @@ Real PostgreSQL and Redis, the real SDK against the fake Messages API.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-
 import pytest
 from prometheus_client import REGISTRY
 
-from tests.fakeanthropic import FakeAnthropic, Fault
-from tests.support.stack import anthropic_env, make_runtime, truncate
+from tests.fakeanthropic import Fault
 from triage.db.repo import accept_ticket
 from triage.db.session import session_scope
 from triage.ingest.models import InboundTicket
 from triage.pipeline.classify_stage import classify_tickets_stage
 from triage.pipeline.runtime import Runtime
-
-
-@pytest.fixture()
-def fake() -> Iterator[FakeAnthropic]:
-    with FakeAnthropic() as server:
-        yield server
-
-
-@pytest.fixture()
-def runtime(pg_url: str, clean_redis: str, fake: FakeAnthropic) -> Callable[[], Runtime]:
-    truncate(pg_url)
-    return lambda: make_runtime(anthropic_env(pg_url, clean_redis, fake.base_url))
 
 
 def _failures(stage: str, outcome: str) -> float:

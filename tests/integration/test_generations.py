@@ -10,22 +10,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 
-from tests.fakeanthropic import FakeAnthropic
 from tests.fakeanthropic.faults import Fault
 from tests.support.fakehttp import Reply, running_api
 from tests.support.stack import (
     SINK_SECRET,
-    anthropic_env,
     config_with_webhook_sink,
-    make_runtime,
-    truncate,
     wait_until,
 )
 from triage.db.models import Attempt, Classification, DeadLetter, Dispatch, Ticket
@@ -42,22 +39,8 @@ BODY = "I was charged twice for order 5531. [[intent:billing]] [[confidence:0.95
 
 
 @pytest.fixture()
-def fake() -> Iterator[FakeAnthropic]:
-    with FakeAnthropic() as api:
-        yield api
-
-
-@pytest.fixture()
-def runtime(pg_url: str, clean_redis: str, fake: FakeAnthropic) -> Callable[..., Runtime]:
-    truncate(pg_url)
-
-    def build(**overrides: str) -> Runtime:
-        env = anthropic_env(
-            pg_url, clean_redis, fake.base_url, TRIAGE_UPDATE_POLICY="retriage", **overrides
-        )
-        return make_runtime(env)
-
-    return build
+def runtime(runtime: Callable[..., Runtime]) -> Callable[..., Runtime]:
+    return partial(runtime, TRIAGE_UPDATE_POLICY="retriage")
 
 
 def _post(

@@ -8,18 +8,17 @@ Real HTTP servers on loopback, the real SDK, real PostgreSQL and Redis.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
 from sqlalchemy import select
 
-from tests.fakeanthropic import FakeAnthropic, Fault
+from tests.fakeanthropic import Fault
 from tests.integration.test_sinks import delivery as sink_delivery
 from tests.integration.test_sinks import zendesk
 from tests.support.fakehttp import FakeApi, Reply, running_api
-from tests.support.stack import anthropic_env, make_runtime, truncate
 from triage.classify.backends.anthropic import AnthropicBackend, ThreadClients
 from triage.classify.backends.base import ClassificationRequest
 from triage.config import get_config
@@ -29,7 +28,6 @@ from triage.db.session import session_scope
 from triage.errors import RateLimited
 from triage.ingest.models import InboundTicket
 from triage.pipeline.classify_stage import classify_tickets_stage
-from triage.pipeline.runtime import Runtime
 from triage.reliability.retry import MAX_RETRY_AFTER_SECONDS
 
 A_YEAR = 365 * 24 * 3600
@@ -92,22 +90,6 @@ def test_a_sink_retry_after_of_a_year_is_capped(api):
     with pytest.raises(RateLimited) as err:
         zendesk(api).deliver(sink_delivery())
     assert err.value.retry_after == MAX_RETRY_AFTER_SECONDS
-
-
-@pytest.fixture()
-def fake() -> Iterator[FakeAnthropic]:
-    with FakeAnthropic() as server:
-        yield server
-
-
-@pytest.fixture()
-def runtime(pg_url: str, clean_redis: str, fake: FakeAnthropic) -> Callable[..., Runtime]:
-    truncate(pg_url)
-
-    def build(**overrides: str) -> Runtime:
-        return make_runtime(anthropic_env(pg_url, clean_redis, fake.base_url, **overrides))
-
-    return build
 
 
 def test_a_429_saying_come_back_in_a_year_neither_dead_letters_nor_pauses_the_fleet_for_a_year(

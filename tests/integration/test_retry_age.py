@@ -8,15 +8,14 @@ Real PostgreSQL and Redis, the real SDK against the fake Messages API.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
+from functools import partial
 
 import pytest
 from sqlalchemy import select, update
 
-from tests.fakeanthropic import FakeAnthropic
 from tests.fakeanthropic.faults import Fault
-from tests.support.stack import anthropic_env, make_runtime, truncate
 from triage.db.models import DeadLetter, Ticket, utcnow
 from triage.db.repo import accept_ticket
 from triage.db.session import session_scope
@@ -30,27 +29,8 @@ BODY = "I was charged twice for order 5531. [[intent:billing]] [[confidence:0.95
 
 
 @pytest.fixture()
-def fake() -> Iterator[FakeAnthropic]:
-    with FakeAnthropic() as api:
-        yield api
-
-
-@pytest.fixture()
-def runtime(pg_url: str, clean_redis: str, fake: FakeAnthropic) -> Callable[..., Runtime]:
-    truncate(pg_url)
-
-    def build(**overrides: str) -> Runtime:
-        env = anthropic_env(
-            pg_url,
-            clean_redis,
-            fake.base_url,
-            TRIAGE_UPDATE_POLICY="retriage",
-            TRIAGE_CLASSIFY_MAX_AGE="3600",
-            **overrides,
-        )
-        return make_runtime(env)
-
-    return build
+def runtime(runtime: Callable[..., Runtime]) -> Callable[..., Runtime]:
+    return partial(runtime, TRIAGE_UPDATE_POLICY="retriage", TRIAGE_CLASSIFY_MAX_AGE="3600")
 
 
 def _post(rt: Runtime, *, key: str | None = None, text: str | None = None) -> int:

@@ -12,16 +12,15 @@ leave it), worker B takes the ticket over and its call is out, then A's call end
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import select, update
 
-from tests.fakeanthropic import FakeAnthropic
 from tests.fakeanthropic.faults import Fault
-from tests.support.stack import anthropic_env, make_runtime, truncate, wait_until
+from tests.support.stack import wait_until
 from triage.db.models import Attempt, DeadLetter, Ticket, utcnow
 from triage.db.repo import accept_ticket
 from triage.db.session import session_scope
@@ -30,22 +29,6 @@ from triage.pipeline.classify_stage import classify_tickets_stage
 from triage.pipeline.runtime import Runtime
 
 BODY = "I was charged twice for order 5531. [[intent:billing]] [[confidence:0.95]]"
-
-
-@pytest.fixture()
-def fake() -> Iterator[FakeAnthropic]:
-    with FakeAnthropic() as api:
-        yield api
-
-
-@pytest.fixture()
-def runtime(pg_url: str, clean_redis: str, fake: FakeAnthropic) -> Callable[..., Runtime]:
-    truncate(pg_url)
-
-    def build(**overrides: str) -> Runtime:
-        return make_runtime(anthropic_env(pg_url, clean_redis, fake.base_url, **overrides))
-
-    return build
 
 
 def _post(rt: Runtime) -> int:
