@@ -23,6 +23,7 @@ from tests.support.fakehttp import Reply, running_api
 from tests.support.stack import (
     SINK_SECRET,
     config_with_webhook_sink,
+    in_background,
     wait_until,
 )
 from triage.db.models import Attempt, Classification, DeadLetter, Dispatch, Ticket
@@ -63,13 +64,6 @@ def _post(
         return accept_ticket(session, inbound, update_policy=rt.settings.update_policy).ticket_id
 
 
-def _in_background(work: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    out: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: out.setdefault("result", work()))
-    thread.start()
-    return thread, out
-
-
 def _ticket(rt: Runtime, tid: int) -> Ticket:
     with rt.sessions() as session:
         ticket = session.get(Ticket, tid)
@@ -83,11 +77,11 @@ def test_an_answer_for_the_old_text_does_not_finish_the_new_generation(runtime, 
     # A's call (old text) answers after 1 s; B's (the new text) after 2.5 s: A answers while
     # B holds the ticket's new generation.
     fake.add_fault(Fault(kind="timeout", delay=1.0))
-    a, a_out = _in_background(lambda: classify_tickets_stage(rt, [tid]))
+    a, a_out = in_background(lambda: classify_tickets_stage(rt, [tid]))
     wait_until(lambda: fake.in_flight() == 1, 10, what="A's call in flight")
     _post(rt, key="c1", text="Also, the app crashes when I open the invoice.")
     fake.add_fault(Fault(kind="timeout", delay=2.5))
-    b, b_out = _in_background(lambda: classify_tickets_stage(rt, [tid]))
+    b, b_out = in_background(lambda: classify_tickets_stage(rt, [tid]))
     wait_until(lambda: fake.in_flight() == 2, 10, what="B's call in flight")
     a.join(30)
     b.join(30)
@@ -117,12 +111,12 @@ def test_a_failing_call_for_the_old_text_does_not_take_the_new_claim_away(runtim
     # A's call never answers in time: a transient failure at 3 s, while B (new text, started
     # at 1.5 s, answering after 2 s) is still in its call.
     fake.add_fault(Fault(kind="timeout", delay=30.0))
-    a, a_out = _in_background(lambda: classify_tickets_stage(rt, [tid]))
+    a, a_out = in_background(lambda: classify_tickets_stage(rt, [tid]))
     wait_until(lambda: fake.in_flight() == 1, 10, what="A's call in flight")
     _post(rt, key="c1", text="Also, the app crashes when I open the invoice.")
     time.sleep(1.5)
     fake.add_fault(Fault(kind="timeout", delay=2.0))
-    b, b_out = _in_background(lambda: classify_tickets_stage(rt, [tid]))
+    b, b_out = in_background(lambda: classify_tickets_stage(rt, [tid]))
     a.join(30)
     b.join(30)
 
@@ -137,7 +131,7 @@ def test_a_last_failing_attempt_on_the_old_text_does_not_dead_letter_the_new_one
     rt = runtime(TRIAGE_API_TIMEOUT_SECONDS="1.5", TRIAGE_CLASSIFY_MAX_ATTEMPTS="1")
     tid = _post(rt)
     fake.add_fault(Fault(kind="timeout", delay=30.0))
-    a, a_out = _in_background(lambda: classify_tickets_stage(rt, [tid]))
+    a, a_out = in_background(lambda: classify_tickets_stage(rt, [tid]))
     wait_until(lambda: fake.in_flight() == 1, 10, what="A's call in flight")
     _post(rt, key="c1", text="Also, the app crashes when I open the invoice.")
     a.join(30)
@@ -167,7 +161,7 @@ def test_a_failing_delivery_of_the_old_routing_does_not_dead_letter_the_new_one(
         receiver.script("POST", "/hook", Reply(status=422, body={"error": "no"}, delay=1.5))
         with rt.sessions() as session:
             (old,) = session.scalars(select(Dispatch.id).where(Dispatch.ticket_id == tid))
-        d, d_out = _in_background(lambda: deliver_many_stage(rt, [old]))
+        d, d_out = in_background(lambda: deliver_many_stage(rt, [old]))
         wait_until(lambda: receiver.requests, 10, what="the old delivery sent")
         # Meanwhile the customer writes again, and the ticket is routed anew.
         _post(rt, key="c1", text="Also, the app crashes when I open the invoice.")

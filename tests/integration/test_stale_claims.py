@@ -11,16 +11,13 @@ leave it), worker B takes the ticket over and its call is out, then A's call end
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
 
 import pytest
 from sqlalchemy import select, update
 
 from tests.fakeanthropic.faults import Fault
-from tests.support.stack import wait_until
+from tests.support.stack import in_background, wait_until
 from triage.db.models import Attempt, DeadLetter, Ticket, utcnow
 from triage.db.repo import accept_ticket
 from triage.db.session import session_scope
@@ -37,13 +34,6 @@ def _post(rt: Runtime) -> int:
     )
     with session_scope(rt.sessions) as session:
         return accept_ticket(session, inbound, update_policy=rt.settings.update_policy).ticket_id
-
-
-def _in_background(work: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    out: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: out.setdefault("result", work()))
-    thread.start()
-    return thread, out
 
 
 def _lease_runs_out(rt: Runtime, tid: int) -> None:
@@ -80,12 +70,12 @@ def test_a_stale_attempt_is_superseded_and_leaves_the_newer_claim_intact(runtime
     worker_b = runtime(TRIAGE_API_TIMEOUT_SECONDS="10")
     tid = _post(worker_a)
     fake.add_fault(Fault(kind="timeout", delay=a_call))
-    a, a_out = _in_background(lambda: classify_tickets_stage(worker_a, [tid]))
+    a, a_out = in_background(lambda: classify_tickets_stage(worker_a, [tid]))
     wait_until(lambda: fake.in_flight() == 1, 10, what="A's call in flight")
     _lease_runs_out(worker_a, tid)
     # B's call answers after A's has ended (at 2 s in every case), within B's timeout.
     fake.add_fault(Fault(kind="timeout", delay=5.0))
-    b, b_out = _in_background(lambda: classify_tickets_stage(worker_b, [tid]))
+    b, b_out = in_background(lambda: classify_tickets_stage(worker_b, [tid]))
     wait_until(lambda: fake.in_flight() == 2, 10, what="B's call in flight")
     b_claimed = _ticket(worker_b, tid)
     assert b_claimed.state == "classifying" and b_claimed.attempts == 2

@@ -168,6 +168,15 @@ def count_rows(rt: Runtime, model: Any) -> int:
         return int(session.scalar(select(func.count()).select_from(model)) or 0)
 
 
+def in_background(work: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run `work` on a thread of its own, as a worker's task thread would; its result lands
+    in the dict under "result" once the thread is joined."""
+    out: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: out.setdefault("result", work()))
+    thread.start()
+    return thread, out
+
+
 def wait_until(
     predicate: Callable[[], Any], timeout: float, *, what: str = "condition", every: float = 0.1
 ) -> Any:
