@@ -190,8 +190,9 @@ def _states(rt):
 def test_sweeper_dead_letters_a_dispatch_to_a_department_no_longer_configured(pg_url, clean_redis):
     truncate(pg_url)
     rt = make_runtime(stack_env(pg_url, clean_redis, TRIAGE_STUCK_AFTER_SECONDS="60"))
-    kept, retired = _tickets(rt, 2, state="routed")
+    kept, retired, added = _tickets(rt, 3, state="routed")
     old = utcnow() - timedelta(seconds=600)
+    older = utcnow() - timedelta(hours=2)
     with session_scope(rt.sessions) as s:
         s.add_all(
             [
@@ -201,8 +202,14 @@ def test_sweeper_dead_letters_a_dispatch_to_a_department_no_longer_configured(pg
                 ),
                 # One since removed from the taxonomy: nothing consumes dept.retired.
                 Dispatch(
-                    ticket_id=retired, route="dept.retired", department="retired", created_at=old
+                    ticket_id=retired,
+                    route="dept.retired",
+                    department="retired",
+                    created_at=older,
                 ),
+                # One this sweeper's config does not know yet, mid-deploy: workers on the new
+                # config consume dept.added. Ten minutes undelivered is a backlog, not a loss.
+                Dispatch(ticket_id=added, route="dept.added", department="added", created_at=old),
             ]
         )
     redis.Redis.from_url(clean_redis).rpush("dept.billing", *[b"{}"] * 5)
@@ -215,7 +222,7 @@ def test_sweeper_dead_letters_a_dispatch_to_a_department_no_longer_configured(pg
     with rt.sessions() as s:
         states = dict(s.execute(select(Ticket.id, Ticket.state)).all())
         (letter,) = s.scalars(select(DeadLetter)).all()
-    assert states == {kept: "routed", retired: "dead_lettered"}
+    assert states == {kept: "routed", retired: "dead_lettered", added: "routed"}
     assert letter.ticket_id == retired and letter.stage == "classify"
     assert "dept.retired" in letter.message
     # Visible once, not again on the next pass.

@@ -11,7 +11,8 @@ that still slips through costs a message, not an effect: every handler is idempo
 A dispatch to a queue no department owns any more (the department was removed from the
 taxonomy while tickets waited for it) would wait for ever: no worker consumes that queue. It
 is dead-lettered instead, visible in `dlq list`; replaying it classifies the ticket again,
-under the current taxonomy.
+under the current taxonomy. Only after an hour (STRANDED_AFTER_SECONDS): a sweeper on an
+older config, mid-deploy, must not dead-letter a newly added department's dispatches.
 
 Deadlines: `received`/`queued` tickets and undelivered dispatches after `stuck_after_seconds`
 with nothing waiting in the outbox (a retry delayed in the outbox is not stuck), and only when
@@ -50,6 +51,12 @@ from triage.reliability.retry import classify_lease_seconds
 log = logging.getLogger(__name__)
 S = TicketState
 STUCK_STATES = (S.RECEIVED.value, S.QUEUED.value, S.CLASSIFYING.value)
+# A dispatch to a queue this sweeper's taxonomy does not know is dead-lettered only after this
+# long (or the stuck deadline, if longer). During a rolling deploy that adds a department, a
+# sweeper still on the old config sees the new department's dispatches as stranded, while the
+# new workers consume them; an hour outlasts a deploy. A department really removed keeps its
+# waiting tickets out of `dlq list` for an hour more.
+STRANDED_AFTER_SECONDS = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,14 +113,14 @@ def sweep_once(rt: Runtime, *, stuck_after: float | None = None, limit: int = 50
     lease_cutoff = now - timedelta(seconds=max(deadline, classify_lease_seconds(rt.settings)))
     outbox_ids: list[int] = []
     depth = BrokerDepths(rt)
+    queues = set(all_queues(rt.config))
     with session_scope(rt.sessions) as session:
         tickets = _requeue_tickets(session, cutoff, lease_cutoff, limit, depth, outbox_ids)
     with session_scope(rt.sessions) as session:
-        stranded = _dead_letter_stranded(
-            session, cutoff, limit, set(all_queues(rt.config)), outbox_ids
-        )
+        stranded_cutoff = now - timedelta(seconds=max(deadline, STRANDED_AFTER_SECONDS))
+        stranded = _dead_letter_stranded(session, stranded_cutoff, limit, queues, outbox_ids)
     with session_scope(rt.sessions) as session:
-        deliveries = _requeue_deliveries(session, cutoff, limit, depth, outbox_ids)
+        deliveries = _requeue_deliveries(session, cutoff, limit, depth, queues, outbox_ids)
     if outbox_ids:
         log.warning("sweeper re-enqueued %d tickets, %d deliveries", tickets, deliveries)
         rt.publisher.publish(outbox_ids)
@@ -264,14 +271,22 @@ def _requeue_deliveries(
     cutoff: datetime,
     limit: int,
     depth: Callable[[str], int | None],
+    consumed: set[str],
     out: list[int],
 ) -> int:
+    """Re-send undelivered dispatches whose queue lost their messages. Only to queues this
+    sweeper's taxonomy knows: another queue is a department removed (the stranded rule takes
+    it) or, mid-deploy, one added that sweepers on the new config look after."""
     recent_delivery_message = exists().where(
         OutboxMessage.ticket_id == Dispatch.ticket_id,
         OutboxMessage.task == DELIVER_TASK,
         or_(OutboxMessage.sent_at.is_(None), OutboxMessage.created_at >= cutoff),
     )
-    query = _undelivered(cutoff).where(~recent_delivery_message).limit(limit)
+    query = (
+        _undelivered(cutoff)
+        .where(~recent_delivery_message, Dispatch.route.in_(sorted(consumed)))
+        .limit(limit)
+    )
     if _postgres(session):
         query = query.with_for_update(skip_locked=True, of=Dispatch)
     undelivered = session.execute(query).all()
