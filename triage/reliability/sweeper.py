@@ -119,6 +119,11 @@ def sweep_once(rt: Runtime, *, stuck_after: float | None = None, limit: int = 50
     with session_scope(rt.sessions) as session:
         stranded_cutoff = now - timedelta(seconds=max(deadline, STRANDED_AFTER_SECONDS))
         stranded = _dead_letter_stranded(session, stranded_cutoff, limit, queues, outbox_ids)
+    if stranded:
+        # Counted once committed, as the guard counts the stages' dead letters.
+        STAGE_FAILURES.labels(
+            stage="classify", outcome="dead", error_type=PermanentError.__name__
+        ).inc(stranded)
     with session_scope(rt.sessions) as session:
         deliveries = _requeue_deliveries(session, cutoff, limit, depth, queues, outbox_ids)
     if outbox_ids:
@@ -258,9 +263,6 @@ def _dead_letter_stranded(
         )
         if lettered is not None:
             log.error("ticket %s dead-lettered: %s", ticket_id, error)
-            STAGE_FAILURES.labels(
-                stage="classify", outcome="dead", error_type="PermanentError"
-            ).inc()
             out.append(lettered[1])
             stranded += 1
     return stranded
