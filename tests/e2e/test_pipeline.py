@@ -127,6 +127,21 @@ def test_200_tickets_are_each_routed_to_the_department_their_label_implies(stack
     assert fake.call_count() == 200 + unsure
 
 
+def test_the_worker_logs_no_line_per_message_or_per_request_at_info(stack, worker, fake):
+    rt, client = stack
+    ids = [
+        post_ticket(client, ticket_payload(f"quiet-{i}", body=f"Ticket {i}")).json()["ticket_id"]
+        for i in range(5)
+    ]
+    wait_terminal(rt, ids, worker)
+    assert fake.call_count() >= 5
+    log = worker.log_path.read_text(errors="replace")
+    assert " ready." in log
+    # Celery's "Task ... received" / "succeeded in", httpx's and the SDK's "HTTP Request:".
+    for line in ("] received", "succeeded in", "HTTP Request:"):
+        assert line not in log, line
+
+
 def test_duplicate_posts_cause_one_classification(stack, worker, fake):
     rt, client = stack
     payloads = [

@@ -65,10 +65,13 @@ def worker(
 
     Example: triage worker -c 200 -Q triage.classify
     """
+    from celery.signals import after_setup_logger
+
     from triage.pipeline import tasks  # noqa: F401 - registers the tasks
     from triage.pipeline.celery_app import all_queues
     from triage.pipeline.fanout import CallPool
     from triage.pipeline.runtime import get_runtime
+    from triage.pipeline.worker_logs import quiet_per_message_logs
     from triage.reliability.sweeper import Periodic, sweep_once
 
     rt = get_runtime()
@@ -105,6 +108,11 @@ def worker(
         "--without-mingle",
         "--without-heartbeat",
     ]
+    def _quiet(**_: object) -> None:
+        quiet_per_message_logs(loglevel)
+
+    after_setup_logger.connect(_quiet, weak=False)
+
     # Deliveries from many classify batches finishing together share publishes and messages.
     rt.start_batching()
     try:
