@@ -5,7 +5,8 @@ throughput is reported as a ratio to it.
 
 The worker side runs as `celery -A bench.anchor worker` with BENCH_BROKER_URL set; the
 Celery settings that change the cost per message (late ack, prefetch of one, JSON, no
-results) are the ones triage uses, so the comparison is of the work, not of the settings.
+results, no log line per message) are the ones triage uses, so the comparison is of the work,
+not of the settings.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from typing import Any
 
 import redis
 from celery import Celery
+from celery.signals import after_setup_logger
 
 from bench.infra import CpuMeter, Proc, wait_until
+from triage.pipeline.worker_logs import quiet_per_message_logs
 
 QUEUE_A = "bench.a"
 QUEUE_B = "bench.b"
@@ -39,6 +42,13 @@ app.conf.update(
     worker_send_task_events=False,
 )
 _counter: redis.Redis[bytes] | None = None
+
+
+def _quiet(**_: Any) -> None:
+    quiet_per_message_logs("INFO")  # the anchor's workers run at INFO, as triage's do
+
+
+after_setup_logger.connect(_quiet, weak=False)
 
 
 def _redis() -> redis.Redis[bytes]:
