@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from tests.support.rows import add_ticket
 from triage.db.erasure import requester_ticket_ids
 from triage.db.migrate import upgrade
-from triage.db.repo import ticket_view
+from triage.db.repo import ticket_timeline, ticket_view
 from triage.db.session import make_engine
 from triage.reliability.deadletter import close_open_letters
 
@@ -83,3 +83,14 @@ def test_a_tickets_dead_letters_are_looked_up_in_an_index(engine):
         assert not _reads_whole_table(plan, "dead_letters"), plan
         # Not the primary key's index walked end to end with a filter on ticket_id.
         assert "ix_dead_letters_ticket" in plan, plan
+
+
+def test_a_tickets_reprocessing_is_looked_up_in_an_index(engine):
+    def timeline(session: Session) -> None:
+        ticket = add_ticket(session, "Where is my refund?")
+        assert ticket_timeline(session, ticket.id)  # triage tickets show
+
+    for plan in _plans(engine, timeline, "reprocess_items"):
+        assert not _reads_whole_table(plan, "reprocess_items"), plan
+        # Not the unique (run_id, ticket_id) index walked end to end.
+        assert "ix_reprocess_items_ticket" in plan, plan

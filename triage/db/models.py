@@ -339,6 +339,8 @@ class ReprocessItem(Base):
     __table_args__ = (
         UniqueConstraint("run_id", "ticket_id", name="uq_reprocess_items_run_ticket"),
         Index("ix_reprocess_items_batch", "batch_id"),
+        # A ticket's items: its timeline, erasure, stats.
+        Index("ix_reprocess_items_ticket", "ticket_id"),
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
