@@ -123,6 +123,10 @@ class Settings(BaseSettings):
     sweep_interval_seconds: float = Field(10.0, gt=0)
     # Tickets stuck in a non-terminal state longer than this are re-enqueued by the sweeper.
     stuck_after_seconds: float = Field(300.0, gt=0)
+    # triage.dead announces each dead letter to whoever watches it. Without a consumer it
+    # would grow for ever in Redis; the sweeper keeps the newest this many (0: no limit). The
+    # dead_letters table is the record, so nothing an operator needs is lost with them.
+    dead_queue_max_length: int = Field(10_000, ge=0)
     # How long past its requests' timeouts a claim (a classify attempt's, a delivery's) still
     # belongs to the worker that made it: admission wait, database work under load. After
     # that the worker is presumed dead and the work may be taken over. Lower recovers from

@@ -56,6 +56,11 @@ SINK_SKIPPED = Counter(
     "Deliveries a sink accepted without writing anything, by sink and reason",
     ["sink", "reason"],
 )
+DEAD_NOTICES_DROPPED = Counter(
+    "triage_dead_notices_dropped_total",
+    "Oldest triage.dead messages dropped to keep the queue to TRIAGE_DEAD_QUEUE_MAX_LENGTH "
+    "(their dead letters stay in the database)",
+)
 BATCH_SIZE = Histogram(
     "triage_batch_ids",
     "Tickets (classify) or dispatches (deliver) per task message",

@@ -39,6 +39,7 @@ def test_sweep_with_the_broker_up_reports_its_pass(cli):
         "requeued_deliveries": 0,
         "stranded_deliveries": 0,
         "pruned_outbox": 0,
+        "dropped_dead_notices": 0,
     }
 
 

@@ -29,8 +29,9 @@ def sweep(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Publish outbox messages left behind, re-enqueue stuck tickets and undelivered
-    dispatches, dead-letter dispatches to departments no longer configured, and delete outbox
-    rows sent longer ago than TRIAGE_OUTBOX_RETENTION_HOURS, once
+    dispatches, dead-letter dispatches to departments no longer configured, delete outbox
+    rows sent longer ago than TRIAGE_OUTBOX_RETENTION_HOURS, and keep triage.dead to
+    TRIAGE_DEAD_QUEUE_MAX_LENGTH messages, once
     (workers run this every TRIAGE_SWEEP_INTERVAL_SECONDS).
 
     Example: triage sweep --stuck-after 600 --json
@@ -48,6 +49,7 @@ def sweep(
         "requeued_deliveries": report.requeued_deliveries,
         "stranded_deliveries": report.stranded_deliveries,
         "pruned_outbox": report.pruned_outbox,
+        "dropped_dead_notices": report.dropped_dead_notices,
     }
     if as_json:
         print_json(data)
@@ -57,6 +59,7 @@ def sweep(
             f"tickets and {report.requeued_deliveries} deliveries; dead-lettered "
             f"{report.stranded_deliveries} routed to a department that no longer exists; "
             f"deleted {report.pruned_outbox} outbox rows sent over "
-            f"{rt.settings.outbox_retention_hours:g} h ago",
+            f"{rt.settings.outbox_retention_hours:g} h ago; dropped "
+            f"{report.dropped_dead_notices} of triage.dead's oldest messages",
             highlight=False,
         )

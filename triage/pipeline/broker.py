@@ -1,5 +1,5 @@
 """Asking the broker how many messages wait on a queue (kombu's passive declare: LLEN on
-Redis, the declare-ok count on AMQP)."""
+Redis, the declare-ok count on AMQP), and keeping a queue nobody may consume to a length."""
 
 from __future__ import annotations
 
@@ -87,3 +87,25 @@ class QueueDepth:
                 conn.release()
             except Exception as exc:  # noqa: BLE001 - it is being thrown away
                 log.debug("closing a broker connection: %s", exc)
+
+
+def trim_queue(celery: Celery, queue: str, keep: int) -> int | None:
+    """Drop the oldest messages of `queue` beyond the newest `keep` on a Redis broker; returns
+    how many were dropped, or None when this broker has no such operation (AMQP: a
+    `max-length` policy does it there) or cannot be reached.
+
+    kombu's Redis transport pushes to the left of the queue's list and consumers pop from the
+    right, so the newest messages are the first `keep`. The count and the trim are one
+    transaction: a message pushed in between is not dropped uncounted."""
+    try:
+        with celery.connection_for_write() as conn:
+            if conn.transport.driver_type != "redis":
+                return None
+            conn.ensure_connection(max_retries=1, timeout=2)
+            channel = conn.default_channel
+            with channel.conn_or_acquire() as client, client.pipeline() as pipe:
+                length, _ = pipe.llen(queue).ltrim(queue, 0, keep - 1).execute()
+            return max(0, int(length) - keep)
+    except Exception as exc:  # noqa: BLE001 - the sweeper tries again on its next pass
+        log.warning("could not trim %s (%s)", queue, exc)
+        return None

@@ -38,11 +38,11 @@ from sqlalchemy.orm import Session
 from triage.db.models import Dispatch, OutboxMessage, Ticket, TicketState, utcnow
 from triage.db.session import session_scope
 from triage.errors import PermanentError
-from triage.metrics import STAGE_FAILURES
-from triage.pipeline.broker import queue_depth
+from triage.metrics import DEAD_NOTICES_DROPPED, STAGE_FAILURES
+from triage.pipeline.broker import queue_depth, trim_queue
 from triage.pipeline.celery_app import all_queues
 from triage.pipeline.relay import CLASSIFY_TASK, DELIVER_TASK, enqueue_classify, enqueue_delivery
-from triage.pipeline.routing import CLASSIFY_QUEUE
+from triage.pipeline.routing import CLASSIFY_QUEUE, DEAD_QUEUE
 from triage.pipeline.runtime import Runtime
 from triage.pipeline.states import transition
 from triage.reliability.deadletter import dead_letter
@@ -68,6 +68,8 @@ class SweepReport:
     stranded_deliveries: int = 0
     # Sent outbox rows past TRIAGE_OUTBOX_RETENTION_HOURS, deleted.
     pruned_outbox: int = 0
+    # Oldest triage.dead messages past TRIAGE_DEAD_QUEUE_MAX_LENGTH, dropped.
+    dropped_dead_notices: int = 0
 
 
 def _no_pending_outbox(ticket_id_col: Any) -> Any:
@@ -140,7 +142,26 @@ def sweep_once(rt: Runtime, *, stuck_after: float | None = None, limit: int = 50
         requeued_deliveries=deliveries,
         stranded_deliveries=stranded,
         pruned_outbox=pruned,
+        dropped_dead_notices=_bound_dead_queue(rt),
     )
+
+
+def _bound_dead_queue(rt: Runtime) -> int:
+    """Keep triage.dead to its configured length on Redis (the only consumer may be none)."""
+    keep = rt.settings.dead_queue_max_length
+    if not keep:
+        return 0
+    dropped = trim_queue(rt.celery, DEAD_QUEUE, keep) or 0
+    if dropped:
+        DEAD_NOTICES_DROPPED.inc(dropped)
+        log.warning(
+            "dropped the %d oldest messages on %s to keep it to %d (TRIAGE_DEAD_QUEUE_MAX_LENGTH);"
+            " their dead letters are in the database: triage dlq list",
+            dropped,
+            DEAD_QUEUE,
+            keep,
+        )
+    return dropped
 
 
 # Rows deleted per pass, at most: every worker sweeps every few seconds, so this keeps up with
