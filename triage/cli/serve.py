@@ -10,6 +10,7 @@ import typer
 
 from triage.cli.common import EXIT_USAGE, fail, guarded
 from triage.db.migrate import require_current_schema
+from triage.ingest.multiprocess_metrics import shared_metrics_dir
 
 app = typer.Typer()
 
@@ -38,9 +39,14 @@ def serve(
     # Warnings and errors only: uvicorn's access log (INFO) prints every request's path and
     # query, which for django-helpdesk hold the webhook secret.
     if workers > 1:
-        uvicorn.run(
-            "triage.ingest.asgi:app", host=host, port=port, workers=workers, log_level="warning"
-        )
+        with shared_metrics_dir():
+            uvicorn.run(
+                "triage.ingest.asgi:app",
+                host=host,
+                port=port,
+                workers=workers,
+                log_level="warning",
+            )
     else:
         uvicorn.run(create_app(), host=host, port=port, log_level="warning")
 

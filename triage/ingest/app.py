@@ -28,6 +28,7 @@ from triage.db.session import session_scope
 from triage.errors import IngestError
 from triage.ingest import problems
 from triage.ingest.models import Ignored, InboundTicket
+from triage.ingest.multiprocess_metrics import process_metrics
 from triage.ingest.sources.registry import SOURCES
 from triage.metrics import INGEST_LATENCY, TICKETS_RECEIVED, WEBHOOKS
 from triage.pipeline.gauges import PipelineGauges
@@ -200,7 +201,7 @@ def create_app(rt: Runtime | None = None, *, relay_interval: float = 2.0) -> Fas
 
     @app.get("/metrics")
     def metrics() -> Response:
-        return Response(generate_latest() + generate_latest(gauges), media_type=CONTENT_TYPE_LATEST)
+        return Response(process_metrics() + generate_latest(gauges), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
