@@ -312,8 +312,13 @@ def start_triage_workers(env: dict[str, str], processes: int, concurrency: int) 
         worker = Proc(f"worker{i}", args, {**env, "TRIAGE_WORKER_METRICS_PORT": str(port)})
         worker.metrics_port = port
         workers.append(worker)
-    for worker in workers:
-        worker.wait_log(b" ready.", timeout=90)
+    try:
+        for worker in workers:
+            worker.wait_log(b" ready.", timeout=90)
+    except BaseException:
+        # The ones that did start would go on consuming the bench's queues after it exits.
+        stop_all(workers)
+        raise
     return workers
 
 
