@@ -12,7 +12,8 @@ from triage.classify.backends.base import ClassificationResult, Usage
 from triage.classify.schema import TicketLabel
 from triage.db.models import Attempt, Ticket, TicketState
 from triage.db.session import session_scope
-from triage.pipeline.classify_stage import _carry, classify_tickets_stage
+from triage.pipeline.classify_labels import _carry
+from triage.pipeline.classify_stage import classify_tickets_stage
 
 
 @pytest.fixture()

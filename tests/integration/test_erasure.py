@@ -25,7 +25,7 @@ from triage.db.repo import APPLIED_UPDATES, accept_ticket
 from triage.db.session import session_scope
 from triage.errors import PermanentError
 from triage.ingest.models import InboundTicket
-from triage.pipeline.classify_stage import reopen
+from triage.pipeline.classify_labels import reopen
 from triage.reliability.deadletter import dead_letter, replay
 
 

@@ -21,7 +21,8 @@ from triage.db.repo import accept_ticket
 from triage.db.session import session_scope
 from triage.errors import PermanentError
 from triage.ingest.models import InboundTicket
-from triage.pipeline.classify_stage import classify_tickets_stage, reopen
+from triage.pipeline.classify_labels import reopen
+from triage.pipeline.classify_stage import classify_tickets_stage
 from triage.pipeline.runtime import Runtime
 from triage.reliability.deadletter import dead_letter, replay
 

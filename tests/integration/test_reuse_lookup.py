@@ -13,7 +13,7 @@ from tests.support.stack import make_runtime, stack_env, truncate
 from triage.db.migrate import upgrade
 from triage.db.models import Classification, Ticket, utcnow
 from triage.db.session import get_sessionmaker, session_scope
-from triage.pipeline.classify_stage import _find_reusable
+from triage.pipeline.classify_requests import _find_reusable
 
 SAME = "0" * 64
 

@@ -15,7 +15,8 @@ from triage.db.models import Ticket, TicketState, utcnow
 from triage.db.repo import accept_ticket
 from triage.db.session import get_sessionmaker, session_scope
 from triage.ingest.models import InboundTicket
-from triage.pipeline.classify_stage import CLAIMABLE, _begin, _record
+from triage.pipeline.classify_claims import CLAIMABLE, _begin
+from triage.pipeline.classify_labels import _record
 from triage.pipeline.states import claim_for_classification, transition_ids
 
 

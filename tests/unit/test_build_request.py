@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from triage.config import Settings, load_config
-from triage.pipeline.classify_stage import CUT_SLACK, build_request
+from triage.pipeline.classify_requests import CUT_SLACK, build_request
 from triage.pipeline.runtime import Runtime
 
 LIMIT = 1000

@@ -10,8 +10,9 @@ The order of things is what makes it survive a restart:
      submitted again, which at worst pays once more for that chunk: every result is imported
      once, by its item's done marker;
   4. results become Classification rows (backend `anthropic-batch`, batch price) through the
-     classify stage's `record_label`; errored, expired, canceled or unusable items go back to
-     the normal path: the ticket is reopened and a classify message enqueued for the workers.
+     classify stage's `record_label` (classify_labels); errored, expired, canceled or
+     unusable items go back to the normal path: the ticket is reopened and a classify message
+     enqueued for the workers.
 
 A ticket's personal data can be erased (`triage tickets erase`) at any point of this. Each
 chunk's requests are built from the tickets as they are when it is sent, so one erased since
@@ -49,13 +50,8 @@ from triage.db.models import (
 )
 from triage.db.session import session_scope
 from triage.errors import ConfigError, PermanentError, TransientError
-from triage.pipeline.classify_stage import (
-    REOPENABLE,
-    build_request,
-    record_label,
-    reopen,
-    unkept_answer,
-)
+from triage.pipeline.classify_labels import REOPENABLE, record_label, reopen, unkept_answer
+from triage.pipeline.classify_requests import build_request
 from triage.pipeline.relay import enqueue_classify
 from triage.pipeline.reprocess import label_changed
 from triage.pipeline.runtime import Runtime

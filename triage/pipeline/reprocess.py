@@ -41,12 +41,9 @@ from triage.db.models import (
 from triage.db.queries import TicketFilter, ticket_ids_select
 from triage.db.session import session_scope
 from triage.errors import ConfigError
-from triage.pipeline.classify_stage import (
-    REOPENABLE,
-    build_request,
-    classify_ticket_stage,
-    reopen,
-)
+from triage.pipeline.classify_labels import REOPENABLE, reopen
+from triage.pipeline.classify_requests import build_request
+from triage.pipeline.classify_stage import classify_ticket_stage
 from triage.pipeline.runtime import Runtime
 
 S = TicketState

@@ -17,7 +17,8 @@ from typing import Any
 from celery import shared_task
 
 from triage.metrics import BATCH_SIZE
-from triage.pipeline.classify_stage import AnswersNotRecorded, classify_tickets_stage
+from triage.pipeline.classify_labels import AnswersNotRecorded
+from triage.pipeline.classify_stage import classify_tickets_stage
 from triage.pipeline.deliver_stage import SinksDone, deliver_many_stage
 from triage.pipeline.runtime import get_runtime
 from triage.reliability.retry import (
