@@ -10,6 +10,8 @@ import logging
 
 import pytest
 import redis
+from celery import Celery, states
+from celery.app.trace import TraceInfo
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
@@ -28,8 +30,10 @@ from tests.support.stack import (
     wait_until,
 )
 from triage.db.models import Attempt, DeadLetter, Ticket
+from triage.errors import PermanentError, loggable_traceback
 from triage.ingest.app import create_app
 from triage.pipeline.routing import DEAD_QUEUE
+from triage.pipeline.worker_logs import content_free_task_failures
 
 # What the customer wrote, as the other side would quote it back.
 CUSTOMER = "Ines Quoted-Refund of Elm Row, Lisbon"
@@ -123,3 +127,43 @@ def test_a_sink_error_answer_quoting_the_ticket_is_stored_but_neither_logged_nor
             wait_until(lambda: _state(rt, tid) == "dead_lettered", 60, what="dead letter")
             _assert_kept_in_the_database_only(rt, tid, worker, caplog, clean_redis, "deliver")
 
+
+def test_celerys_failure_line_names_the_exception_without_its_text(caplog):
+    # A task that raises past triage's guard (a bug) is logged by Celery itself, with the
+    # exception's repr and a traceback: both would print whatever the exception was handed.
+    app = Celery("log-hygiene", set_as_current=False)
+
+    @app.task(name="log_hygiene.fails")
+    def fails() -> None:
+        try:
+            raise ValueError(f"cannot parse {CUSTOMER}")
+        except ValueError as exc:
+            raise PermanentError("preparing failed", quoted=CUSTOMER) from exc
+
+    content_free_task_failures()
+    with caplog.at_level(logging.INFO):
+        try:
+            fails.run()
+        except PermanentError as exc:
+            TraceInfo(states.FAILURE, exc).handle_failure(
+                fails, fails.request, store_errors=False, call_errbacks=False
+            )
+    failures = [r for r in caplog.records if r.name == "celery.app.trace"]
+    assert failures
+    handler = logging.StreamHandler()
+    shown = "\n".join(handler.format(r) for r in failures)
+    assert "PermanentError" in shown and "preparing failed" in shown and "ValueError" in shown
+    assert CUSTOMER not in shown, shown
+
+
+def test_a_logged_traceback_keeps_its_frames_and_drops_every_exceptions_text():
+    try:
+        try:
+            int(CUSTOMER)  # ValueError: invalid literal for int() with base 10: 'Ines ...'
+        except ValueError as exc:
+            raise PermanentError("could not prepare the request", quoted=str(exc)) from exc
+    except PermanentError as exc:
+        shown = loggable_traceback(exc)
+    assert "ValueError" in shown and "could not prepare the request" in shown
+    assert "test_a_logged_traceback_keeps_its_frames" in shown  # the frames are there
+    assert CUSTOMER not in shown

@@ -71,7 +71,7 @@ def worker(
     from triage.pipeline.celery_app import all_queues
     from triage.pipeline.fanout import CallPool
     from triage.pipeline.runtime import get_runtime
-    from triage.pipeline.worker_logs import quiet_per_message_logs
+    from triage.pipeline.worker_logs import content_free_task_failures, quiet_per_message_logs
     from triage.reliability.sweeper import Periodic, sweep_once
 
     rt = get_runtime()
@@ -110,6 +110,7 @@ def worker(
     ]
     def _quiet(**_: object) -> None:
         quiet_per_message_logs(loglevel)
+        content_free_task_failures()
 
     after_setup_logger.connect(_quiet, weak=False)
 

@@ -49,7 +49,13 @@ from triage.db.models import (
     utcnow,
 )
 from triage.db.session import insert_rows, session_scope
-from triage.errors import RateLimited, RequestNotPrepared, TransientError, TriageError
+from triage.errors import (
+    RateLimited,
+    RequestNotPrepared,
+    TransientError,
+    TriageError,
+    loggable_traceback,
+)
 from triage.metrics import CLASSIFICATIONS, CLASSIFY_LATENCY, TICKETS_CLASSIFIED
 from triage.pipeline.fanout import SLOT_PATIENCE_SECONDS, HeldSlots
 from triage.pipeline.relay import (
@@ -231,7 +237,7 @@ def _first_or_carried(errors: list[Exception]) -> Exception:
         return errors[0]
     for other in errors:
         if not isinstance(other, AnswersNotRecorded) and not is_database_outage(other):
-            log.error("classify: a part of the batch failed", exc_info=other)
+            log.error("classify: a part of the batch failed\n%s", loggable_traceback(other))
     merged = AnswersNotRecorded([answer for e in unrecorded for answer in e.carried])
     merged.__cause__ = unrecorded[0].__cause__
     return merged
@@ -508,12 +514,14 @@ def _begin(
                     )
                 )
     for item in unprepared:
+        # What preparing raised may quote the ticket's text it was working on.
         error = RequestNotPrepared(
-            f"could not prepare the request: {item.error.__class__.__name__}: {item.error}",
+            f"could not prepare the request: {item.error.__class__.__name__}",
+            quoted=str(item.error),
             ticket_id=item.ticket_id,
         )
         error.__cause__ = item.error
-        log.error("classify: ticket %s", error, exc_info=item.error)
+        log.error("classify: ticket %s\n%s", error, loggable_traceback(item.error))
         outcomes[item.ticket_id] = handle_failure(rt, _failure(rt, item), error)
     return claims
 
@@ -578,7 +586,8 @@ def _first_answer(rt: Runtime, ticket: Any, stored: list[tuple[int, Any]]) -> Fi
             "(%s); asking again",
             ticket.id,
             attempt_id,
-            exc.errors()[0]["msg"] if exc.errors() else exc,
+            # The field, not the message: a value error's message quotes the stored answer.
+            ".".join(str(p) for p in exc.errors()[0]["loc"]) if exc.errors() else "(root)",
         )
         return None
     return FirstAnswer(attempt_id, result)
