@@ -10,10 +10,19 @@ TriageError
     ├── InvalidOutput      the model's answer failed the schema (after the repair attempt)
     ├── Refused            the model refused (stop_reason "refusal")
     └── SinkRejected       a sink's target answered 4xx (carries the status and body)
+
+An error's text has two parts. `summary` is triage's own words (what failed, the HTTP status,
+the error type): `str(error)`, and so every log line, traceback and Celery failure line, shows
+only it, with the ticket, stage and request id. `quoted` is what the other side said (a
+model's refusal, a helpdesk's error answer), which may echo the ticket: it is kept in
+`message` and `detail`, for the database (attempt rows, dead letters, `tickets.last_error`)
+and the operator's CLI, and never logged. Logs are shipped to places with wider access than
+the database.
 """
 
 from __future__ import annotations
 
+import traceback
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -27,15 +36,21 @@ class TriageError(Exception):
         self,
         message: str,
         *,
+        quoted: str = "",
         ticket_id: int | None = None,
         stage: str | None = None,
         request_id: str | None = None,
     ) -> None:
         # Error text is stored (attempts, dead letters) and may quote what a remote service
         # sent; PostgreSQL text cannot hold NUL.
-        message = message.replace("\x00", "\ufffd")
-        super().__init__(message)
-        self.message = message
+        summary = message.replace("\x00", "\ufffd")
+        quoted = quoted.replace("\x00", "\ufffd")
+        # Only the summary in `args`: Celery and `repr()` show an exception by its args.
+        super().__init__(summary)
+        self.summary = summary
+        self.quoted = quoted
+        # The whole text, as stored.
+        self.message = f"{summary}: {quoted}" if quoted else summary
         self.ticket_id = ticket_id
         self.stage = stage
         self.request_id = request_id
@@ -48,6 +63,15 @@ class TriageError(Exception):
         self.first_answer: ClassificationResult | None = None
 
     def __str__(self) -> str:
+        """What may be logged: the summary and where, never the quoted text."""
+        return self._located(self.summary)
+
+    @property
+    def detail(self) -> str:
+        """The whole text and where, for the database and the operator's CLI."""
+        return self._located(self.message)
+
+    def _located(self, text: str) -> str:
         where = []
         if self.ticket_id is not None:
             where.append(f"ticket {self.ticket_id}")
@@ -55,7 +79,7 @@ class TriageError(Exception):
             where.append(f"stage {self.stage}")
         if self.request_id:
             where.append(f"request {self.request_id}")
-        return f"{self.message} ({', '.join(where)})" if where else self.message
+        return f"{text} ({', '.join(where)})" if where else text
 
 
 class ConfigError(TriageError):
@@ -106,7 +130,7 @@ class SinkRejected(PermanentError):
     (a ticket closed in the helpdesk) from a wrong request."""
 
     def __init__(self, message: str, *, status: int, body: str, **kwargs: object) -> None:
-        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        super().__init__(message, quoted=body, **kwargs)  # type: ignore[arg-type]
         self.status = status
         self.body = body
 
@@ -129,3 +153,30 @@ class OutputTruncated(TransientError):
     """The model hit max_tokens before finishing the label. Transient: the cut is a property
     of that one answer (issue 5 lists truncated JSON among transient faults), and the attempt
     bound caps what a model that always rambles can cost."""
+
+
+def loggable(exc: BaseException) -> str:
+    """How a log line names a failure. A triage error by its summary; any other exception by
+    its type alone: its text may hold anything it was handed (a validation error prints the
+    input it rejected, a driver error the row's values)."""
+    return str(exc) if isinstance(exc, TriageError) else exc.__class__.__name__
+
+
+def detail(exc: BaseException) -> str:
+    """A failure's whole text, for the database and the operator's CLI."""
+    return exc.detail if isinstance(exc, TriageError) else f"{exc.__class__.__name__}: {exc}"
+
+
+def loggable_traceback(exc: BaseException) -> str:
+    """A failure's traceback for a log line: its frames (code, not data) and, for it and each
+    exception it was raised from, `loggable()` in place of the text `exc_info` would print."""
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
+    parts = []
+    for link in reversed(chain):
+        frames = "".join(traceback.format_tb(link.__traceback__))
+        parts.append(f"Traceback (most recent call last):\n{frames}{loggable(link)}")
+    return "\n\nThe above led to:\n\n".join(parts)

@@ -22,11 +22,11 @@ KINDS = frozenset(
         "truncated",  # 200, stop_reason max_tokens, JSON cut in half
         "context_window",  # 200, stop_reason model_context_window_exceeded, JSON cut in half
         "cut_body",  # 200, but the HTTP body is a Message's JSON cut in half (a broken proxy)
-        "refusal",  # 200, stop_reason refusal
+        "refusal",  # 200, stop_reason refusal, its text quoting the ticket's subject
         "schema_violation",  # 200, valid JSON that breaks the schema
         "batch_errored",  # a batch item that ends `errored`
         "batch_expired",  # a batch item that ends `expired`
-        "batch_refusal",  # a batch item that succeeds with stop_reason refusal (billed)
+        "batch_refusal",  # a batch item that succeeds with stop_reason refusal (billed), as above
         "batch_create_error",  # creating a batch answers 500 api_error (no batch is created)
     }
 )

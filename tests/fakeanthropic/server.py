@@ -231,7 +231,7 @@ class FakeAnthropic:
         if kind == "context_window":
             return self._envelope(params, text[: len(text) // 2], "model_context_window_exceeded")
         if kind == "refusal":
-            return self._envelope(params, "I can't help with classifying this.", "refusal")
+            return self._envelope(params, refusal_text(params), "refusal")
         broken = json.loads(text)
         broken["intent"] = "not_an_intent"
         broken.pop("summary", None)
@@ -303,7 +303,7 @@ class FakeAnthropic:
         if fault is not None and fault.kind == "batch_expired":
             return {"custom_id": custom_id, "result": {"type": "expired"}}
         if fault is not None and fault.kind == "batch_refusal":
-            refused = self._envelope(params, "I can't help with classifying this.", "refusal")
+            refused = self._envelope(params, refusal_text(params), "refusal")
             return {"custom_id": custom_id, "result": {"type": "succeeded", "message": refused}}
         if fault is not None:
             return {
@@ -338,6 +338,16 @@ class FakeAnthropic:
             if ended
             else None,
         }
+
+
+def refusal_text(params: dict[str, Any]) -> str:
+    """A refusal as real models word them: often naming what they refuse in the ticket's own
+    words (here its subject line), so what quotes a refusal quotes the customer."""
+    lines = ticket_text(params.get("messages") or []).splitlines()
+    subject = next((line[len("Subject: ") :] for line in lines if line.startswith("Subject: ")), "")
+    if not subject:
+        return "I can't help with classifying this."
+    return f"I can't help with classifying a request about {subject!r}."
 
 
 def _error_body(status: int, message: str) -> dict[str, Any]:

@@ -56,7 +56,8 @@ def clear_errors() -> Iterator[None]:
 
         fail(settings_problems(exc), EXIT_USAGE)
     except TriageError as exc:
-        fail(str(exc))
+        # The operator's own terminal: the whole text, as `triage dlq show` has it.
+        fail(exc.detail)
     except ArgumentError as exc:
         # Raised while parsing DATABASE_URL or loading its dialect, before any connection.
         fail(f"DATABASE_URL: {exc} (`triage doctor` diagnoses)", EXIT_USAGE)

@@ -77,7 +77,7 @@ def worker(
     from triage.pipeline.celery_app import all_queues
     from triage.pipeline.fanout import CallPool
     from triage.pipeline.runtime import get_runtime
-    from triage.pipeline.worker_logs import quiet_per_message_logs
+    from triage.pipeline.worker_logs import content_free_task_failures, quiet_per_message_logs
     from triage.reliability.sweeper import Periodic, sweep_once
 
     rt = get_runtime()
@@ -114,10 +114,12 @@ def worker(
         "--without-mingle",
         "--without-heartbeat",
     ]
-    def _quiet(**_: object) -> None:
-        quiet_per_message_logs(loglevel)
 
-    after_setup_logger.connect(_quiet, weak=False)
+    def _after_logging_setup(**_: object) -> None:
+        quiet_per_message_logs(loglevel)
+        content_free_task_failures()
+
+    after_setup_logger.connect(_after_logging_setup, weak=False)
 
     # Deliveries from many classify batches finishing together share publishes and messages.
     rt.start_batching()

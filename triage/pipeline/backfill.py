@@ -49,7 +49,7 @@ from triage.db.models import (
     utcnow,
 )
 from triage.db.session import session_scope
-from triage.errors import ConfigError, PermanentError, TransientError
+from triage.errors import ConfigError, PermanentError, TransientError, detail
 from triage.pipeline.classify_labels import REOPENABLE, record_label, reopen, unkept_answer
 from triage.pipeline.classify_requests import build_request
 from triage.pipeline.relay import enqueue_classify
@@ -381,7 +381,7 @@ class BatchBackfill:
                 try:
                     label = self._label(ticket.id, message, answer, usage)
                 except (ValidationError, PermanentError) as exc:
-                    why = f"unusable batch answer: {exc}"
+                    why = f"unusable batch answer: {detail(exc)}"
                     # Billed all the same: on record as an attempt whose answer was not kept.
                     session.add(
                         unkept_answer(ticket.id, message.id, usage, "unusable", error=exc, why=why)

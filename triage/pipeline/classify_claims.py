@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from triage.classify.backends.base import ClassificationRequest, ClassificationResult
 from triage.db.models import Classification, Ticket, TicketState, utcnow
 from triage.db.session import session_scope
-from triage.errors import RequestNotPrepared, TriageError
+from triage.errors import RequestNotPrepared, TriageError, loggable_traceback
 from triage.pipeline.classify_requests import (
     _find_reusable,
     _first_answer,
@@ -114,12 +114,14 @@ def _begin(
                     )
                 )
     for item in unprepared:
+        # What preparing raised may quote the ticket's text it was working on.
         error = RequestNotPrepared(
-            f"could not prepare the request: {item.error.__class__.__name__}: {item.error}",
+            f"could not prepare the request: {item.error.__class__.__name__}",
+            quoted=str(item.error),
             ticket_id=item.ticket_id,
         )
         error.__cause__ = item.error
-        log.error("classify: ticket %s", error, exc_info=item.error)
+        log.error("classify: ticket %s\n%s", error, loggable_traceback(item.error))
         outcomes[item.ticket_id] = handle_failure(rt, _failure(rt, item), error)
     return claims
 

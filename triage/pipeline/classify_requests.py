@@ -132,7 +132,8 @@ def _first_answer(rt: Runtime, ticket: Any, stored: list[tuple[int, Any]]) -> Fi
             "(%s); asking again",
             ticket.id,
             attempt_id,
-            exc.errors()[0]["msg"] if exc.errors() else exc,
+            # The field, not the message: a value error's message quotes the stored answer.
+            ".".join(str(p) for p in exc.errors()[0]["loc"]) if exc.errors() else "(root)",
         )
         return None
     return FirstAnswer(attempt_id, result)

@@ -25,7 +25,7 @@ from functools import partial
 from typing import Any
 
 from triage.classify.backends.base import ClassificationResult
-from triage.errors import RateLimited, TransientError, TriageError
+from triage.errors import RateLimited, TransientError, TriageError, loggable_traceback
 from triage.pipeline.classify_calls import (
     _admission_waits,
     _call_for,
@@ -125,7 +125,7 @@ def _first_or_carried(errors: list[Exception]) -> Exception:
         return errors[0]
     for other in errors:
         if not isinstance(other, AnswersNotRecorded) and not is_database_outage(other):
-            log.error("classify: a part of the batch failed", exc_info=other)
+            log.error("classify: a part of the batch failed\n%s", loggable_traceback(other))
     merged = AnswersNotRecorded([answer for e in unrecorded for answer in e.carried])
     merged.__cause__ = unrecorded[0].__cause__
     return merged

@@ -76,7 +76,7 @@ def dead_letter(
         S.DEAD_LETTERED,
         only_from=only_from,
         where=[*where, *([] if generation is None else [Ticket.generation == generation])],
-        last_error=str(error)[:4000],
+        last_error=error.detail[:4000],
     )
     if not moved:
         return None
@@ -92,7 +92,10 @@ def dead_letter(
             "ticket_id": ticket_id,
             "stage": stage,
             "error_type": letter.error_type,
-            "message": letter.message,
+            # Whoever consumes triage.dead need not see the ticket: the summary, not the
+            # quoted text (a refusal, a sink's answer) the letter's row keeps.
+            "message": error.summary[:4000],
+            "request_id": letter.request_id,
         },
     )
     return letter, notice_id

@@ -124,7 +124,8 @@ def as_triage_error(exc: BaseException) -> TriageError:
         return TransientError(f"{exc.__class__.__name__}: {exc}")
     if _is_broker_error(exc):
         return TransientError(f"broker unavailable: {exc.__class__.__name__}: {exc}")
-    return PermanentError(f"{exc.__class__.__name__}: {exc}")
+    # A bug: its text may hold whatever it was handed (a ticket's text, a row's values).
+    return PermanentError(exc.__class__.__name__, quoted=str(exc))
 
 
 def _is_broker_error(exc: BaseException) -> bool:

@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session
 
 from triage.db.models import Dispatch, OutboxMessage, Ticket, TicketState, utcnow
 from triage.db.session import session_scope
-from triage.errors import PermanentError
+from triage.errors import PermanentError, loggable_traceback
 from triage.metrics import DEAD_NOTICES_DROPPED, STAGE_FAILURES
 from triage.pipeline.broker import queue_depth, trim_queue
 from triage.pipeline.celery_app import all_queues
@@ -346,5 +346,5 @@ class Periodic:
         while not self._stop.wait(self._interval):
             try:
                 self._fn()
-            except Exception:
-                log.exception("%s pass failed", self._thread.name)
+            except Exception as exc:  # noqa: BLE001 - logged; the next pass runs
+                log.error("%s pass failed\n%s", self._thread.name, loggable_traceback(exc))

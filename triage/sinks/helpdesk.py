@@ -24,9 +24,11 @@ def ticket_number(delivery: Delivery) -> str:
     another endpoint."""
     number = delivery.external_id
     if not (number.isascii() and number.isdigit()):
+        # The id is whatever the webhook sent: quoted, stored but not logged.
         raise PermanentError(
             f"{delivery.source} write-back for ticket {delivery.ticket_id}: "
-            f"external id {number[:40]!r} is not a {delivery.source} ticket number",
+            f"its external id is not a {delivery.source} ticket number",
+            quoted=repr(number[:40]),
             ticket_id=delivery.ticket_id,
             stage="deliver",
         )

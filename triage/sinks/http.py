@@ -48,7 +48,8 @@ class Answer:
         except ValueError:
             raise PermanentError(
                 f"{self.what}: answered {self.status} with a body that is not JSON "
-                f"(a login page or a wrong base_url?): {self.body[:100]!r}"
+                "(a login page or a wrong base_url?)",
+                quoted=repr(self.body[:100]),
             ) from None
 
 
@@ -106,14 +107,16 @@ def send(client: httpx.Client, method: str, url: str, *, what: str, **kwargs: An
             f"{what}: {method} {where} answered {status} redirecting to {location or '?'}; "
             "redirects are not followed: configure the final URL"
         )
+    # The answer's body may echo the ticket (a validation error quoting the comment sent):
+    # quoted, so that it is stored but not logged.
     text = body[:300].decode("utf-8", errors="replace")
-    detail = f"{what}: {method} {where} answered {status}: {text}"
+    summary = f"{what}: {method} {where} answered {status}"
     retry_after = _retry_after(response)
     if status == 429 or (status == 503 and retry_after is not None):
-        raise RateLimited(detail, retry_after=retry_after)
+        raise RateLimited(summary, quoted=text, retry_after=retry_after)
     if status >= 500 or status in TRANSIENT_STATUSES:
-        raise TransientError(detail)
-    raise SinkRejected(detail, status=status, body=text)
+        raise TransientError(summary, quoted=text)
+    raise SinkRejected(summary, status=status, body=text)
 
 
 def _read_bounded(response: httpx.Response, read_timeout: float | None) -> tuple[bytes, bool]:

@@ -87,10 +87,13 @@ class AnthropicBackend:
                 break
             except ValidationError as exc:
                 if repair:
+                    # Which fields failed is triage's to log; how may quote the model's
+                    # answer (a language "code" that is a sentence of the ticket).
                     raise _paid(
                         InvalidOutput(
-                            f"model output failed validation after a repair attempt: "
-                            f"{_errors(exc)}",
+                            "model output failed validation after a repair attempt "
+                            f"({_fields(exc)})",
+                            quoted=_errors(exc),
                             ticket_id=request.ticket_id,
                             request_id=request_id,
                         ),
@@ -150,19 +153,36 @@ def translate_api_error(exc: anthropic.APIError, ticket_id: int | None = None) -
         return TransientError(f"API connection failed: {exc}", ticket_id=ticket_id)
     if isinstance(exc, anthropic.APIStatusError):
         status = exc.status_code
-        detail = f"API {status}: {exc.message}"
+        # The API's message may quote the request (and so the ticket): its status and error
+        # type say what happened; the message is quoted, kept for the record only.
+        where = {"quoted": exc.message, "ticket_id": ticket_id, "request_id": request_id}
+        summary = f"API {status} {_error_type(exc.body)}".rstrip()
         if status in (429, 529) or (status == 503 and _retry_after(exc) is not None):
-            return RateLimited(
-                detail, retry_after=_retry_after(exc), ticket_id=ticket_id, request_id=request_id
-            )
+            return RateLimited(summary, retry_after=_retry_after(exc), **where)
         if status == 408 or status == 409 or status >= 500:
-            return TransientError(detail, ticket_id=ticket_id, request_id=request_id)
-        return PermanentError(detail, ticket_id=ticket_id, request_id=request_id)
-    return PermanentError(f"API error: {exc}", ticket_id=ticket_id, request_id=request_id)
+            return TransientError(summary, **where)  # type: ignore[arg-type]
+        return PermanentError(summary, **where)  # type: ignore[arg-type]
+    return PermanentError(
+        f"API error: {exc.__class__.__name__}",
+        quoted=str(exc),
+        ticket_id=ticket_id,
+        request_id=request_id,
+    )
+
+
+def _error_type(body: object) -> str:
+    """The `error.type` of an API error body (`overloaded_error`), or ""."""
+    error = body.get("error") if isinstance(body, dict) else None
+    kind = error.get("type") if isinstance(error, dict) else None
+    return kind if isinstance(kind, str) else ""
 
 
 def _retry_after(exc: anthropic.APIStatusError) -> float | None:
     return retry_after_seconds(exc.response.headers)
+
+
+def _fields(exc: ValidationError) -> str:
+    return ", ".join(".".join(str(p) for p in err["loc"]) or "(root)" for err in exc.errors()[:5])
 
 
 def _errors(exc: ValidationError) -> str:

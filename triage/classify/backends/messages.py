@@ -109,8 +109,10 @@ def answer_text(message: Answer, ticket_id: int, request_id: str | None) -> str:
     """The label text of a finished Message; refusal and max_tokens stops are typed errors."""
     text = "".join(block.text for block in message.content if block.type == "text")
     if message.stop_reason == "refusal":
+        # The model's words often paraphrase the ticket: quoted, stored but never logged.
         raise Refused(
-            f"model refused to label the ticket: {text[:200] or 'no explanation'}",
+            "model refused to label the ticket",
+            quoted=text[:200] or "no explanation",
             ticket_id=ticket_id,
             request_id=request_id,
         )
