@@ -7,9 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import httpx
@@ -19,11 +16,9 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
 from tests.support.services import PG_ADMIN_URL
-from tests.support.stack import make_runtime, stack_env, truncate, wait_until
-from triage.config import PROJECT_ROOT
+from tests.support.stack import make_runtime, served_api, stack_env, truncate
 from triage.db.repo import accept_ticket
 from triage.db.session import session_scope
-from triage.embedded import _free_port
 from triage.ingest.app import create_app
 from triage.ingest.sources.django_helpdesk import DjangoHelpdeskSource
 
@@ -131,31 +126,15 @@ def test_served_api_with_several_processes_logs_no_webhook_url_token(pg_url, cle
     # print each request's path and query: the django-helpdesk secret with every ticket.
     truncate(pg_url)
     env = stack_env(pg_url, clean_redis, TRIAGE_WEBHOOK_SECRET_DJANGO_HELPDESK=TOKEN)
-    port = _free_port()
-    args = [sys.executable, "-m", "triage.cli.main", "serve", "--workers", "2", "--port", str(port)]
-    proc = subprocess.Popen(
-        args, env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    try:
-        base = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            try:
-                return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return proc.poll() is not None
-
-        wait_until(up, 60, what="triage serve up")
+    with served_api(env, workers=2) as api:
         headers = {"content-type": "application/json"}
         for n, url in enumerate(
             [
-                f"{base}/webhooks/django-helpdesk/{TOKEN}",
-                f"{base}/webhooks/django-helpdesk?token={TOKEN}",
+                f"{api.url}/webhooks/django-helpdesk/{TOKEN}",
+                f"{api.url}/webhooks/django-helpdesk?token={TOKEN}",
             ]
         ):
             resp = httpx.post(url, content=json.dumps(_ticket(100 + n)), headers=headers)
             assert resp.status_code == 202, resp.text
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        output = proc.communicate(timeout=30)[0].decode(errors="replace")
+    output = api.output
     assert TOKEN not in output, output

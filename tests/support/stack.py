@@ -15,7 +15,9 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -267,3 +269,44 @@ def config_with_webhook_sink(tmp_path: Path, url: str) -> Path:
         "default: [webhook:receiver]\n"
     )
     return config
+
+
+@dataclass
+class ServedApi:
+    """`triage serve` as a real subprocess: its URL, and its output once it has stopped."""
+
+    url: str
+    output: str = ""
+
+
+@contextmanager
+def served_api(env: dict[str, str], *, workers: int = 1) -> Iterator[ServedApi]:
+    """`triage serve --workers N` on a free port, up and answering /healthz; stopped with
+    SIGTERM on the way out, its output kept for the test's assertions."""
+    import httpx
+
+    from triage.embedded import _free_port
+
+    port = _free_port()
+    args = [sys.executable, "-m", "triage.cli.main", "serve", "--workers", str(workers)]
+    proc = subprocess.Popen(
+        [*args, "--port", str(port)],
+        env=env,
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    served = ServedApi(f"http://127.0.0.1:{port}")
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{served.url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return proc.poll() is not None
+
+    try:
+        wait_until(up, 60, what="triage serve up")
+        yield served
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        served.output = proc.communicate(timeout=30)[0].decode(errors="replace")
