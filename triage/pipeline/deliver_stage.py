@@ -319,14 +319,17 @@ def _begin(
         return sorted(jobs, key=lambda job: order[job.delivery.dispatch_id])
 
 
+def _lease_seconds(rt: Runtime, department: str | None) -> float:
+    """How long a delivery to this department holds its dispatch: every request its sinks
+    may make timing out, and the grace for the database work."""
+    return deliver_lease_seconds(
+        rt.sinks.requests_for(department), rt.sinks.timeout_seconds, rt.settings
+    )
+
+
 def _in_flight(rt: Runtime, session: Session, dispatches: Sequence[Dispatch]) -> set[int]:
     """The tickets among these dispatches' that a live delivery attempt holds."""
-    leases = {
-        d.ticket_id: deliver_lease_seconds(
-            len(rt.sinks_for(d.department)), rt.sinks.timeout_seconds, rt.settings
-        )
-        for d in dispatches
-    }
+    leases = {d.ticket_id: _lease_seconds(rt, d.department) for d in dispatches}
     since = utcnow() - timedelta(seconds=max(leases.values()))
     rows = session.execute(
         select(Attempt.ticket_id, Attempt.started_at).where(

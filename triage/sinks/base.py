@@ -32,4 +32,11 @@ class Sink(Protocol):
 
     name: str
 
+    @property
+    def max_requests(self) -> int:
+        """The most HTTP requests one delivery makes. With the sinks' timeout, it is how long
+        a delivery may take before it is presumed dead and sent again
+        (`retry.deliver_lease_seconds`)."""
+        ...
+
     def deliver(self, delivery: Delivery) -> None: ...

@@ -23,6 +23,8 @@ PRIORITIES = {"urgent": 1, "high": 2, "normal": 3, "low": 4}
 
 class DjangoHelpdeskWriter:
     name = "django-helpdesk"
+    # The ticket with its follow-ups, the PATCH, the follow-up.
+    max_requests = 3
 
     def __init__(
         self,

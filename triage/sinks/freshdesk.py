@@ -41,6 +41,9 @@ def note_html(delivery: Delivery) -> str:
 
 class FreshdeskWriter:
     name = "freshdesk"
+    # The ticket read, every page of conversations the search for the note may read, the
+    # update and the note.
+    max_requests = 1 + MAX_CONVERSATION_PAGES + 2
 
     def __init__(
         self,

@@ -40,6 +40,8 @@ PRIORITIES = {"low": "low", "normal": "normal", "high": "high", "urgent": "urgen
 
 class ZendeskWriter:
     name = "zendesk"
+    # The newest comments, then one update.
+    max_requests = 2
 
     def __init__(
         self,
