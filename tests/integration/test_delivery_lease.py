@@ -78,7 +78,7 @@ def _routed_freshdesk_ticket(rt: Runtime) -> int:
 def _long_conversation(api: FakeApi, **answer: float) -> None:
     """A ticket with over a thousand conversations, none of them triage's note: the
     write-back reads every page it may, then updates and notes. Every answer is `answer`
-    slow (as `Reply` takes it)."""
+    slow (as `Reply` takes it: its delay, its trickle)."""
     filler = [{"id": i, "body_text": f"reply {i}", "private": False} for i in range(100)]
     ticket = {"id": 202, "tags": [], "conversations": filler[:10]}
     api.script("GET", FD_TICKET, Reply(body=ticket, **answer))
@@ -123,6 +123,32 @@ def test_a_slow_freshdesk_delivery_paging_its_conversations_is_not_sent_again_by
     assert out["result"] == {dispatch_id: "delivered"}
     assert calls.count(FD_UPDATE) == 1 and calls.count(FD_NOTE) == 1
     assert len(calls) == FRESHDESK_MOST_REQUESTS
+
+
+def test_a_delivery_whose_answers_keep_arriving_ends_its_requests_by_its_deadline(
+    pg_url, clean_redis, tmp_path, freshdesk_key
+):
+    # httpx's timeout bounds each read, not a request: an answer that waits a little under
+    # the timeout for its headers and then arrives a few bytes at a time never trips it, and
+    # each request takes longer than the timeout. Thirteen of them outran the thirteen
+    # timeouts the lease counts on. The delivery's deadline cuts them there, leaving the
+    # grace for the database, and the attempt fails as transient, to be retried.
+    truncate(pg_url)
+    timeout = 0.6
+    with running_api() as api:
+        rt = _runtime(pg_url, clean_redis, tmp_path, api, timeout)
+        dispatch_id = _routed_freshdesk_ticket(rt)
+        _long_conversation(api, delay=0.4, trickle=0.35)
+
+        began = time.monotonic()
+        outcome = deliver_many_stage(rt, [dispatch_id])
+        took = time.monotonic() - began
+        calls = api.calls()
+
+    assert outcome == {dispatch_id: "retry"}
+    assert took < FRESHDESK_MOST_REQUESTS * timeout + 1.0
+    # Cut while paging: neither the update nor the note was sent.
+    assert FD_UPDATE not in calls and FD_NOTE not in calls
 
 
 # --- what each sink declares is what it makes at most -------------------------------------------

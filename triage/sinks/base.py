@@ -24,6 +24,9 @@ class Delivery:
     # When triage routed the ticket (the dispatch was made): the event's time, the same on
     # every retry of its delivery.
     routed_at: datetime
+    # This attempt's deadline, on `time.monotonic()`'s clock: its lease less the grace
+    # (`retry.deliver_seconds`). The sinks' requests end by then (`http.send`).
+    deadline: float
 
 
 class Sink(Protocol):

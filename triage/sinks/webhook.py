@@ -55,6 +55,7 @@ class WebhookSink:
             "POST",
             self.url,
             what=f"{self.name} for ticket {delivery.ticket_id}",
+            deadline=delivery.deadline,
             content=body,
             headers={
                 "content-type": "application/json",
