@@ -63,6 +63,8 @@ def delivery(source: str = "zendesk", external_id: str = "101", **changes: Any) 
         label=LABEL,
         metadata={"tags": ["vip"]},
         routed_at=ROUTED_AT,
+        # Far off: these tests are about the requests, not the deadline's cut.
+        deadline=time.monotonic() + 60,
     )
     return replace(base, **changes)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -154,3 +155,42 @@ def test_an_answer_that_does_not_decode_is_a_transient_error_naming_the_sink(api
         zendesk(api).deliver(delivery())
     assert "DecodingError" in str(err.value)
     assert ("PUT", "/api/v2/tickets/101.json") not in api.calls()
+
+
+# --- the delivery's deadline --------------------------------------------------------------------
+
+
+def test_no_request_is_started_once_the_deliverys_deadline_has_passed(api):
+    # Its lease is over, or about to be: a second copy of its message may be sending it now.
+    with pytest.raises(TransientError, match="not sent: the delivery's deadline had passed"):
+        zendesk(api).deliver(delivery(deadline=time.monotonic() - 0.01))
+    assert api.calls() == []
+
+
+def test_an_answer_still_arriving_at_the_deliverys_deadline_is_cut_there_as_transient(api):
+    # Each piece of it well within the 2 s timeout, the whole far past the deadline.
+    listing = "/api/v2/tickets/101/comments.json?sort_order=desc&per_page=100"
+    api.script("GET", listing, Reply(body={"comments": []}, delay=0.2, trickle=2.0))
+    began = time.monotonic()
+    with pytest.raises(TransientError, match="deadline"):
+        zendesk(api).deliver(delivery(deadline=began + 0.8))
+    assert time.monotonic() - began < 1.3
+    assert ("PUT", "/api/v2/tickets/101.json") not in api.calls()
+
+
+def test_a_webhook_answered_before_the_deadline_is_delivered_though_its_body_is_cut(api):
+    # The 2xx is the receiver's word; the body is not read for anything.
+    api.script("POST", "/hooks", Reply(body={"echo": "x" * 1000}, trickle=2.0))
+    sink = WebhookSink("crm", api.url + "/hooks", secret=WEBHOOK_SECRET, timeout_seconds=2)
+    began = time.monotonic()
+    sink.deliver(delivery(deadline=began + 0.5))
+    assert time.monotonic() - began < 1.0
+    assert api.calls() == [("POST", "/hooks")]
+
+
+def test_a_request_waiting_for_its_answer_at_the_deliverys_deadline_times_out_there(api):
+    api.script("PUT", "/api/v2/tickets/101.json", Reply(delay=2.0))
+    began = time.monotonic()
+    with pytest.raises(TransientError, match="timed out at the delivery's deadline"):
+        zendesk(api, timeout=5).deliver(delivery(deadline=began + 0.5))
+    assert time.monotonic() - began < 1.0

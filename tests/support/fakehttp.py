@@ -30,6 +30,9 @@ class Reply:
     body: Any = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
+    # Seconds over which the body is written, a few bytes at a time: an answer that keeps
+    # arriving, so no single read waits as long as a client's read timeout.
+    trickle: float = 0.0
 
 
 class FakeApi:
@@ -67,7 +70,7 @@ class FakeApi:
                     for key, value in reply.headers.items():
                         self.send_header(key, value)
                     self.end_headers()
-                    self.wfile.write(payload)
+                    _write(self.wfile, payload, reply.trickle)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client timed out and left, which is what the test wanted
 
@@ -86,6 +89,20 @@ class FakeApi:
 
     def calls(self) -> list[tuple[str, str]]:
         return [(r.method, r.path) for r in self.requests]
+
+
+TRICKLE_PIECES = 5
+
+
+def _write(out: Any, payload: bytes, trickle: float) -> None:
+    if not trickle:
+        out.write(payload)
+        return
+    size = -(-len(payload) // TRICKLE_PIECES)
+    for start in range(0, len(payload), size):
+        time.sleep(trickle / TRICKLE_PIECES)
+        out.write(payload[start : start + size])
+        out.flush()
 
 
 @contextmanager

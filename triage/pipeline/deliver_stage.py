@@ -6,6 +6,7 @@ message itself is the delivery, and this stage only records that it was consumed
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,7 +22,12 @@ from triage.errors import TransientError
 from triage.pipeline.relay import DELIVER_TASK
 from triage.pipeline.runtime import Runtime
 from triage.reliability.guard import StageFailure, handle_failure
-from triage.reliability.retry import deliver_lease_seconds, is_database_outage, policy_for
+from triage.reliability.retry import (
+    deliver_lease_seconds,
+    deliver_seconds,
+    is_database_outage,
+    policy_for,
+)
 from triage.sinks.base import Delivery
 
 S = TicketState
@@ -266,6 +272,9 @@ def _begin(
             )
         if not ready:
             return []
+        # Before the markers' `started_at`: each delivery's requests end by its deadline, and
+        # so before the lease another copy of its message counts from that marker.
+        began = time.monotonic()
         marker_ids = insert_rows(
             session,
             Attempt,
@@ -305,6 +314,7 @@ def _begin(
                     k: v for k, v in (ticket.extra or {}).items() if k != APPLIED_UPDATES
                 },
                 routed_at=dispatch.created_at,
+                deadline=began + _delivery_seconds(rt, dispatch.department),
             )
             jobs.append(
                 _Job(
@@ -319,14 +329,22 @@ def _begin(
         return sorted(jobs, key=lambda job: order[job.delivery.dispatch_id])
 
 
+def _delivery_seconds(rt: Runtime, department: str | None) -> float:
+    """How long a delivery to this department may spend on its requests: its deadline."""
+    return deliver_seconds(rt.sinks.requests_for(department), rt.sinks.timeout_seconds)
+
+
+def _lease_seconds(rt: Runtime, department: str | None) -> float:
+    """How long a delivery to this department holds its dispatch: every request its sinks
+    may make timing out, and the grace for the database work."""
+    return deliver_lease_seconds(
+        rt.sinks.requests_for(department), rt.sinks.timeout_seconds, rt.settings
+    )
+
+
 def _in_flight(rt: Runtime, session: Session, dispatches: Sequence[Dispatch]) -> set[int]:
     """The tickets among these dispatches' that a live delivery attempt holds."""
-    leases = {
-        d.ticket_id: deliver_lease_seconds(
-            len(rt.sinks_for(d.department)), rt.sinks.timeout_seconds, rt.settings
-        )
-        for d in dispatches
-    }
+    leases = {d.ticket_id: _lease_seconds(rt, d.department) for d in dispatches}
     since = utcnow() - timedelta(seconds=max(leases.values()))
     rows = session.execute(
         select(Attempt.ticket_id, Attempt.started_at).where(

@@ -168,11 +168,22 @@ def classify_lease_seconds(settings: Settings) -> float:
     return MAX_CALLS_PER_ATTEMPT * settings.api_timeout_seconds + settings.claim_grace_seconds
 
 
-def deliver_lease_seconds(sinks: int, sink_timeout_seconds: float, settings: Settings) -> float:
-    """The longest a healthy delivery can take: each sink's request timing out (a write-back
-    makes up to three requests), plus the database work. While a delivery is this fresh, a
-    second copy of its message leaves it alone instead of sending it again."""
-    return max(1, sinks) * 3 * sink_timeout_seconds + settings.claim_grace_seconds
+def deliver_seconds(requests: int, sink_timeout_seconds: float) -> float:
+    """How long a delivery may spend on its sinks' requests: every one of them timing out,
+    where `requests` is the most one delivery makes (its sinks' `Sink.max_requests`, summed:
+    a Freshdesk write-back that pages through a long conversation makes 13). It is the
+    delivery's deadline, counted from its `started` attempt: a request not started by then is
+    not started, and one still running is cut (`triage/sinks/http.py`), so however slowly a
+    helpdesk answers, the delivery's requests end within its lease."""
+    return max(1, requests) * sink_timeout_seconds
+
+
+def deliver_lease_seconds(requests: int, sink_timeout_seconds: float, settings: Settings) -> float:
+    """How long a delivery in flight holds its dispatch: its requests' deadline
+    (`deliver_seconds`) plus the database work. While a delivery is this fresh, a second copy
+    of its message leaves it alone instead of sending it again; after it, the holder is
+    presumed dead."""
+    return deliver_seconds(requests, sink_timeout_seconds) + settings.claim_grace_seconds
 
 
 def policy_for(stage: str, settings: Settings) -> RetryPolicy:

@@ -24,6 +24,9 @@ class Delivery:
     # When triage routed the ticket (the dispatch was made): the event's time, the same on
     # every retry of its delivery.
     routed_at: datetime
+    # This attempt's deadline, on `time.monotonic()`'s clock: its lease less the grace
+    # (`retry.deliver_seconds`). The sinks' requests end by then (`http.send`).
+    deadline: float
 
 
 class Sink(Protocol):
@@ -31,5 +34,12 @@ class Sink(Protocol):
     retried after a timeout that in fact succeeded. Raises TransientError / PermanentError."""
 
     name: str
+
+    @property
+    def max_requests(self) -> int:
+        """The most HTTP requests one delivery makes. With the sinks' timeout, it is how long
+        a delivery may take before it is presumed dead and sent again
+        (`retry.deliver_lease_seconds`)."""
+        ...
 
     def deliver(self, delivery: Delivery) -> None: ...

@@ -23,6 +23,8 @@ PRIORITIES = {"urgent": 1, "high": 2, "normal": 3, "low": 4}
 
 class DjangoHelpdeskWriter:
     name = "django-helpdesk"
+    # The ticket with its follow-ups, the PATCH, the follow-up.
+    max_requests = 3
 
     def __init__(
         self,
@@ -50,7 +52,9 @@ class DjangoHelpdeskWriter:
         what = f"django-helpdesk write-back for ticket {delivery.ticket_id}"
         number = ticket_number(delivery)
         ticket_path = f"/api/tickets/{number}/"
-        current = send(self.client, "GET", ticket_path, what=what).json()
+        current = send(
+            self.client, "GET", ticket_path, what=what, deadline=delivery.deadline
+        ).json()
         followups = current.get("followup_set") if isinstance(current, dict) else None
         if has_note(followups, note_title(delivery), "title"):
             return
@@ -62,12 +66,20 @@ class DjangoHelpdeskWriter:
         if priority:
             change["priority"] = priority
         if change:
-            send(self.client, "PATCH", ticket_path, what=what, json=change)
+            send(
+                self.client,
+                "PATCH",
+                ticket_path,
+                what=what,
+                deadline=delivery.deadline,
+                json=change,
+            )
         send(
             self.client,
             "POST",
             "/api/followups/",
             what=what,
+            deadline=delivery.deadline,
             json={
                 "ticket": int(number),
                 "title": note_title(delivery),

@@ -41,6 +41,9 @@ def note_html(delivery: Delivery) -> str:
 
 class FreshdeskWriter:
     name = "freshdesk"
+    # The ticket read, every page of conversations the search for the note may read, the
+    # update and the note.
+    max_requests = 1 + MAX_CONVERSATION_PAGES + 2
 
     def __init__(
         self,
@@ -64,7 +67,12 @@ class FreshdeskWriter:
         # One read for both: the tags as they are now, and (most tickets have fewer than ten)
         # all of the ticket's conversations, so a write-back is three requests as a rule.
         current = send(
-            self.client, "GET", path, what=what, params={"include": "conversations"}
+            self.client,
+            "GET",
+            path,
+            what=what,
+            deadline=delivery.deadline,
+            params={"include": "conversations"},
         ).json()
         if not isinstance(current, dict):
             current = {}
@@ -80,12 +88,13 @@ class FreshdeskWriter:
         priority = PRIORITIES.get(str(delivery.label.get("priority")))
         if priority:
             update["priority"] = priority
-        send(self.client, "PUT", path, what=what, json=update)
+        send(self.client, "PUT", path, what=what, deadline=delivery.deadline, json=update)
         send(
             self.client,
             "POST",
             f"{path}/notes",
             what=what,
+            deadline=delivery.deadline,
             json={"body": note_html(delivery), "private": True},
         )
 
@@ -104,6 +113,7 @@ class FreshdeskWriter:
                 "GET",
                 f"{path}/conversations",
                 what=what,
+                deadline=delivery.deadline,
                 params={"page": page, "per_page": CONVERSATION_PAGE},
             ).json()
             if not isinstance(conversations, list):

@@ -103,6 +103,11 @@ class HelpdeskWriteBack:
     def __init__(self, writers: Mapping[str, Sink]) -> None:
         self.writers = dict(writers)
 
+    @property
+    def max_requests(self) -> int:
+        # A department's tickets may come from any source: the most of any writer.
+        return max((writer.max_requests for writer in self.writers.values()), default=0)
+
     def deliver(self, delivery: Delivery) -> None:
         writer = self.writers.get(delivery.source)
         if writer is None:

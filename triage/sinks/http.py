@@ -5,6 +5,13 @@ transient (the retry policy in triage/reliability decides when to try again, nev
 retry-after); any other 4xx is permanent: the request itself is wrong and repeating it cannot
 help. So is a redirect: it is not followed (it would carry the credentials elsewhere) and it
 is not a success either, since nothing was written. Sinks do not retry.
+
+Every request belongs to a delivery with a deadline (`Delivery.deadline`, its lease less the
+grace): past it no request is started, a request's timeouts are cut to the time left, and an
+answer still arriving is abandoned. httpx's timeouts bound each read, not a request, so without
+this a helpdesk answering a little under the timeout at every read could hold a delivery past
+its lease, and a second copy of its message would write it again. A delivery cut so fails as
+transient: nothing says which of its writes were applied, and its retry looks for its note.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import httpx
 
 from triage.errors import PermanentError, RateLimited, SinkRejected, TransientError
 from triage.reliability.retry import retry_after_seconds
+from triage.reliability.timeleft import TimeLeft
 
 # 409: Zendesk answers it to concurrent updates of one ticket; 425: "too early".
 TRANSIENT_STATUSES = frozenset({408, 409, 425, 429})
@@ -36,8 +44,15 @@ class Answer:
     body: bytes
     complete: bool
     what: str
+    # The body was still arriving at the delivery's deadline.
+    late: bool
 
     def json(self) -> Any:
+        if self.late:
+            raise TransientError(
+                f"{self.what}: answered {self.status}, the body still arriving at the "
+                "delivery's deadline"
+            )
         if not self.complete:
             raise PermanentError(
                 f"{self.what}: answered {self.status} with a body too large "
@@ -78,19 +93,29 @@ def make_client(timeout_seconds: float, **kwargs: Any) -> httpx.Client:
     return httpx.Client(timeout=timeout, **kwargs)
 
 
-def send(client: httpx.Client, method: str, url: str, *, what: str, **kwargs: Any) -> Answer:
-    """Make one request; return the answer if it is a success, else raise by meaning."""
+def send(
+    client: httpx.Client, method: str, url: str, *, what: str, deadline: float, **kwargs: Any
+) -> Answer:
+    """Make one request, ended by `deadline` (`time.monotonic()`'s clock); return the answer
+    if it is a success, else raise by meaning."""
     where = shown_url(url)
+    if time.monotonic() >= deadline:
+        raise TransientError(
+            f"{what}: {method} {where} not sent: the delivery's deadline had passed "
+            "(its earlier requests were slow)"
+        )
     try:
         request = client.build_request(method, url, **kwargs)
+        request.extensions["timeout"] = TimeLeft(request.extensions.get("timeout", {}), deadline)
         response = client.send(request, stream=True)
         try:
-            body, complete = _read_bounded(response, client.timeout.read)
+            body, complete, late = _read_bounded(response, client.timeout.read, deadline)
         finally:
             response.close()
     except httpx.TimeoutException as exc:
+        at = " at the delivery's deadline" if time.monotonic() >= deadline else ""
         raise TransientError(
-            f"{what}: {method} {where} timed out ({exc.__class__.__name__})"
+            f"{what}: {method} {where} timed out{at} ({exc.__class__.__name__})"
         ) from exc
     except httpx.RequestError as exc:
         # A transport failure, or a body that does not decode as its content-encoding says
@@ -100,7 +125,7 @@ def send(client: httpx.Client, method: str, url: str, *, what: str, **kwargs: An
         ) from exc
     status = response.status_code
     if status < 300:
-        return Answer(status, body, complete, f"{what}: {method} {where}")
+        return Answer(status, body, complete, f"{what}: {method} {where}", late)
     if status < 400:
         location = shown_url(response.headers.get("location", ""))
         raise PermanentError(
@@ -119,17 +144,22 @@ def send(client: httpx.Client, method: str, url: str, *, what: str, **kwargs: An
     raise SinkRejected(summary, status=status, body=text)
 
 
-def _read_bounded(response: httpx.Response, read_timeout: float | None) -> tuple[bytes, bool]:
-    """The body up to MAX_BODY_BYTES, within one more read timeout; whether that was all."""
-    deadline = time.monotonic() + (read_timeout or 60.0)
+def _read_bounded(
+    response: httpx.Response, read_timeout: float | None, deadline: float
+) -> tuple[bytes, bool, bool]:
+    """The body up to MAX_BODY_BYTES, within one more read timeout and before the delivery's
+    deadline; whether that was all, and whether the deadline cut it."""
+    until = time.monotonic() + (read_timeout or 60.0)
     chunks: list[bytes] = []
     size = 0
     for chunk in response.iter_bytes():
         chunks.append(chunk)
         size += len(chunk)
-        if size > MAX_BODY_BYTES or time.monotonic() > deadline:
-            return b"".join(chunks)[:MAX_BODY_BYTES], False
-    return b"".join(chunks), True
+        now = time.monotonic()
+        if size > MAX_BODY_BYTES or now > until or now > deadline:
+            late = size <= MAX_BODY_BYTES and now > deadline
+            return b"".join(chunks)[:MAX_BODY_BYTES], False, late
+    return b"".join(chunks), True, False
 
 
 def shown_url(url: str) -> str:

@@ -16,7 +16,8 @@ from triage.sinks.base import Sink
 class SinkTable:
     by_department: dict[str, tuple[Sink, ...]] = field(default_factory=dict)
     default: tuple[Sink, ...] = ()
-    # Per HTTP request; with the number of sinks it bounds how long one delivery can take.
+    # Per HTTP request; with the requests a delivery makes (`requests_for`) it bounds how
+    # long one delivery can take (`retry.deliver_seconds`).
     timeout_seconds: float = 10.0
 
     def queue_only(self) -> tuple[bool, list[str]]:
@@ -31,6 +32,11 @@ class SinkTable:
         if department is None:
             return self.default
         return self.by_department.get(department, self.default)
+
+    def requests_for(self, department: str | None) -> int:
+        """The most HTTP requests one delivery to this department makes: its sinks run one
+        after another."""
+        return sum(sink.max_requests for sink in self.for_department(department))
 
 
 def load_sinks(config: AppConfig) -> SinkTable:

@@ -38,6 +38,8 @@ def webhook_body(delivery: Delivery) -> dict[str, Any]:
 
 
 class WebhookSink:
+    max_requests = 1
+
     def __init__(self, name: str, url: str, *, secret: str, timeout_seconds: float) -> None:
         self.name = f"webhook:{name}"
         self.url = url
@@ -53,6 +55,7 @@ class WebhookSink:
             "POST",
             self.url,
             what=f"{self.name} for ticket {delivery.ticket_id}",
+            deadline=delivery.deadline,
             content=body,
             headers={
                 "content-type": "application/json",

@@ -40,6 +40,8 @@ PRIORITIES = {"low": "low", "normal": "normal", "high": "high", "urgent": "urgen
 
 class ZendeskWriter:
     name = "zendesk"
+    # The newest comments, then one update.
+    max_requests = 2
 
     def __init__(
         self,
@@ -78,7 +80,14 @@ class ZendeskWriter:
         if priority:
             ticket["priority"] = priority
         try:
-            send(self.client, "PUT", f"{path}.json", what=what, json={"ticket": ticket})
+            send(
+                self.client,
+                "PUT",
+                f"{path}.json",
+                what=what,
+                deadline=delivery.deadline,
+                json={"ticket": ticket},
+            )
         except SinkRejected as exc:
             if exc.status != 422 or CLOSED not in exc.body:
                 raise
@@ -93,6 +102,7 @@ class ZendeskWriter:
             "GET",
             f"{path}/comments.json",
             what=what,
+            deadline=delivery.deadline,
             params={"sort_order": "desc", "per_page": 100},
         ).json()
         comments = listing.get("comments") if isinstance(listing, dict) else None

@@ -17,20 +17,7 @@ from typing import Any
 
 import httpx2
 
-
-class _TimeLeft(dict[str, Any]):
-    """A request's `timeout` extension, each value cut to the time left before the deadline.
-    httpcore reads it at each phase of the exchange (pool, connect, write, read)."""
-
-    def __init__(self, timeouts: dict[str, Any], deadline: float) -> None:
-        super().__init__(timeouts)
-        self.deadline = deadline
-
-    def get(self, key: str, default: Any = None) -> Any:
-        configured = super().get(key, default)
-        # Never 0 or less: httpcore reads that as "no wait at all" only on some paths.
-        left = max(0.001, self.deadline - time.monotonic())
-        return left if configured is None else min(float(configured), left)
+from triage.reliability.timeleft import TimeLeft
 
 
 class _BodyBeforeDeadline(httpx2.SyncByteStream):
@@ -63,14 +50,14 @@ class CallDeadline:
 
     def _on_request(self, request: httpx2.Request) -> None:
         timeouts = request.extensions.get("timeout", {})
-        if isinstance(timeouts, _TimeLeft):
+        if isinstance(timeouts, TimeLeft):
             return  # a redirect: the deadline is the first request's
         deadline = time.monotonic() + self.seconds
-        request.extensions["timeout"] = _TimeLeft(dict(timeouts), deadline)
+        request.extensions["timeout"] = TimeLeft(dict(timeouts), deadline)
 
     def _on_response(self, response: httpx2.Response) -> None:
         timeouts = response.request.extensions.get("timeout")
-        if isinstance(timeouts, _TimeLeft) and isinstance(response.stream, httpx2.SyncByteStream):
+        if isinstance(timeouts, TimeLeft) and isinstance(response.stream, httpx2.SyncByteStream):
             response.stream = _BodyBeforeDeadline(
                 response.stream, response.request, timeouts.deadline
             )
