@@ -160,7 +160,9 @@ def _freshdesk_worst_case(api: FakeApi) -> None:
 
 
 def _zendesk_worst_case(api: FakeApi) -> None:
-    pass  # no comment of ours among the newest: the update follows
+    # No comment of ours among the newest: its tags are added, the taxonomy's other triage
+    # tags removed, and the update follows.
+    pass
 
 
 def _django_helpdesk_worst_case(api: FakeApi) -> None:

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import REGISTRY
 from standardwebhooks import Webhook
 
-from tests.support.fakehttp import FakeApi, Reply, running_api
+from tests.support.fakehttp import ZENDESK_CLOSED, FakeApi, FakeZendesk, Reply, running_api
 from triage.config import PROJECT_ROOT, Settings, load_config
 from triage.errors import ConfigError, PermanentError, RateLimited, TransientError
 from triage.sinks.base import Delivery
@@ -32,6 +32,20 @@ WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"sink-test-secret-0123456789abcdef
 @pytest.fixture()
 def api() -> Iterator[FakeApi]:
     with running_api() as fake:
+        yield fake
+
+
+@pytest.fixture()
+def zd() -> FakeZendesk:
+    """Zendesk's tickets, kept as Zendesk keeps them: ticket 101 carries an agent's tag."""
+    helpdesk = FakeZendesk()
+    helpdesk.ticket(101, tags=["vip"])
+    return helpdesk
+
+
+@pytest.fixture()
+def zd_api(zd: FakeZendesk) -> Iterator[FakeApi]:
+    with running_api(zd) as fake:
         yield fake
 
 
@@ -83,29 +97,43 @@ def basic(user: str, password: str) -> str:
 # --- exact write-back calls -------------------------------------------------------------------
 
 
-def test_zendesk_writes_group_priority_tags_and_private_comment_in_one_put(api):
+ZD_COMMENTS = "/api/v2/tickets/101/comments.json?sort_order=desc&per_page=100"
+ZD_TAGS = "/api/v2/tickets/101/tags"
+ZD_UPDATE = ("PUT", "/api/v2/tickets/101.json")
+# Adding tags, removing the stale ones, then the update with the comment.
+ZD_WRITES = [("PUT", ZD_TAGS), ("DELETE", ZD_TAGS), ZD_UPDATE]
+
+
+def test_zendesk_adds_its_tags_beside_the_agents_then_sets_group_priority_and_private_comment(
+    zd_api, zd
+):
+    # Zendesk documents additional_tags only for the bulk Update Many Tickets, not for the
+    # update of one ticket. Its Tags endpoint adds without replacing.
+    zd.tickets[101].tags.append("escalated")
     writer = ZendeskWriter(
-        api.url,
+        zd_api.url,
         email="bot@acme.test",
         api_token="tok",
         groups={"billing": 360001},
         timeout_seconds=2,
     )
     writer.deliver(delivery("zendesk", "101"))
-    assert api.calls() == [
-        ("GET", "/api/v2/tickets/101/comments.json?sort_order=desc&per_page=100"),
-        ("PUT", "/api/v2/tickets/101.json"),
-    ]
-    sent = api.requests[1]
-    assert sent.headers["authorization"] == basic("bot@acme.test/token", "tok")
-    assert sent.json() == {
+    assert zd_api.calls() == [("GET", ZD_COMMENTS), ("PUT", ZD_TAGS), ZD_UPDATE]
+    _listing, tags, update = zd_api.requests
+    assert tags.headers["authorization"] == basic("bot@acme.test/token", "tok")
+    assert tags.json() == {"tags": ["triage_refund", "triage_billing"]}
+    # No tags in the update: plain `tags` would replace the agent's.
+    assert update.json() == {
         "ticket": {
             "group_id": 360001,
             "priority": "high",
-            "additional_tags": ["triage_refund", "triage_billing"],
             "comment": {"body": NOTE, "public": False},
         }
     }
+    ticket = zd.tickets[101]
+    assert ticket.tags == ["vip", "escalated", "triage_refund", "triage_billing"]
+    assert (ticket.group_id, ticket.priority) == (360001, "high")
+    assert [(c["body"], c["public"]) for c in ticket.comments] == [(NOTE, False)]
 
 
 FD_TICKET = "/api/v2/tickets/202?include=conversations"
@@ -315,17 +343,7 @@ default: [helpdesk]
     assert [s.name for s in table.for_department("general")] == ["helpdesk"]
     for sink in table.for_department("billing"):
         sink.deliver(delivery())
-    assert [c for c in api.calls() if c[0] != "GET"] == [
-        ("PUT", "/api/v2/tickets/101.json"),
-        ("POST", "/hooks"),
-    ]
-
-
-ZENDESK_CLOSED = {
-    "error": "RecordInvalid",
-    "description": "Record validation errors",
-    "details": {"status": [{"description": "Status: closed prevents ticket update"}]},
-}
+    assert [c for c in api.calls() if c[0] != "GET"] == [*ZD_WRITES, ("POST", "/hooks")]
 
 
 def _skipped_closed() -> float:
@@ -334,7 +352,7 @@ def _skipped_closed() -> float:
 
 
 def test_a_ticket_closed_in_zendesk_skips_the_write_back_and_the_departments_other_sinks_run(
-    api, tmp_path, app_config, monkeypatch
+    zd_api, zd, tmp_path, app_config, monkeypatch
 ):
     # An agent closed (or merged) the ticket before triage wrote back, or a reprocess routed an
     # old, closed one: Zendesk takes no update to it, and no retry changes that. Not a reason
@@ -345,22 +363,34 @@ def test_a_ticket_closed_in_zendesk_skips_the_write_back_and_the_departments_oth
         tmp_path,
         f"""
 helpdesks:
-  zendesk: {{base_url: "{api.url}", email: bot@acme.test, api_token_env: T_ZD_TOKEN}}
+  zendesk: {{base_url: "{zd_api.url}", email: bot@acme.test, api_token_env: T_ZD_TOKEN}}
 webhooks:
-  crm: {{url: "{api.url}/hooks", secret_env: T_HOOK_SECRET}}
+  crm: {{url: "{zd_api.url}/hooks", secret_env: T_HOOK_SECRET}}
 departments:
   billing: [helpdesk, webhook:crm]
 """,
     )
-    api.script("PUT", "/api/v2/tickets/101.json", Reply(status=422, body=ZENDESK_CLOSED))
+    zd.tickets[101].status = "closed"
     before = _skipped_closed()
     for sink in build_sink_table(path, app_config).for_department("billing"):
         sink.deliver(delivery())
-    assert [c for c in api.calls() if c[0] != "GET"] == [
-        ("PUT", "/api/v2/tickets/101.json"),
-        ("POST", "/hooks"),
-    ]
+    # The first write met the closed ticket: none after it was tried.
+    assert [c for c in zd_api.calls() if c[0] != "GET"] == [("PUT", ZD_TAGS), ("POST", "/hooks")]
     assert _skipped_closed() == before + 1
+    assert (zd.tickets[101].tags, zd.tickets[101].comments) == (["vip"], [])
+
+
+def test_a_ticket_closed_after_triage_added_its_tags_skips_the_update(zd_api, zd):
+    # Closed by an agent between the tag requests and the update.
+    zd_api.script(*ZD_UPDATE, Reply(status=422, body=ZENDESK_CLOSED))
+    before = _skipped_closed()
+    zendesk(zd_api).deliver(delivery())
+    assert zd_api.calls() == [("GET", ZD_COMMENTS), ("PUT", ZD_TAGS), ZD_UPDATE]
+    assert _skipped_closed() == before + 1
+    assert (zd.tickets[101].tags, zd.tickets[101].comments) == (
+        ["vip", "triage_refund", "triage_billing"],
+        [],
+    )
 
 
 def test_any_other_422_from_zendesk_is_still_permanent(api):
@@ -434,14 +464,52 @@ def test_shipped_example_file_is_valid():
 # --- a retried delivery writes its note once ----------------------------------------------------
 
 
-def test_zendesk_retried_delivery_neither_comments_twice_nor_updates_the_ticket_again(api):
-    # Its comment is there, and it went in the same update as group, priority and tags: all
-    # were applied. An agent may have changed them since; setting them again would undo that.
-    ours = {"id": 5, "body": NOTE, "public": False}
-    listing = "/api/v2/tickets/101/comments.json?sort_order=desc&per_page=100"
-    api.script("GET", listing, Reply(body={"comments": [ours]}))
-    zendesk(api).deliver(delivery())
-    assert api.calls() == [("GET", listing)]
+def test_zendesk_retried_delivery_neither_comments_twice_nor_updates_the_ticket_again(zd_api, zd):
+    # Its comment is there, and it went in the last request, after the tags and with group
+    # and priority: all were applied. An agent changed them since; setting them again would
+    # undo that.
+    writer = ZendeskWriter(
+        zd_api.url, email="b", api_token="t", groups={"billing": 1}, timeout_seconds=2
+    )
+    writer.deliver(delivery())
+    ticket = zd.tickets[101]
+    assert ticket.tags == ["vip", "triage_refund", "triage_billing"]
+    ticket.group_id, ticket.tags = 2, ["vip", "triage_billing"]
+    sent = len(zd_api.requests)
+    writer.deliver(delivery())
+    assert zd_api.calls()[sent:] == [("GET", ZD_COMMENTS)]
+    assert (ticket.group_id, ticket.tags) == (2, ["vip", "triage_billing"])
+    assert len(ticket.comments) == 1
+
+
+def test_zendesk_retry_after_a_failed_update_sends_the_tags_again_and_comments_once(zd_api, zd):
+    # The tag requests were applied, the update was not: no comment, so the retry writes
+    # everything again. Adding a tag already there and removing one already gone change
+    # nothing.
+    zd.tickets[101].tags.append("triage_technical")
+    zd_api.script(*ZD_UPDATE, Reply(status=503, body={"error": "down"}))
+    writer = ZendeskWriter(
+        zd_api.url, email="b", api_token="t", groups={}, timeout_seconds=2, own_tags=OWN_TAGS
+    )
+    with pytest.raises(TransientError, match="503"):
+        writer.deliver(delivery())
+    ticket = zd.tickets[101]
+    assert (ticket.tags, ticket.comments) == (["vip", "triage_refund", "triage_billing"], [])
+    writer.deliver(delivery())
+    assert zd_api.calls() == [("GET", ZD_COMMENTS), *ZD_WRITES] * 2
+    assert ticket.tags == ["vip", "triage_refund", "triage_billing"]
+    assert [c["body"] for c in ticket.comments] == [NOTE]
+
+
+def test_zendesk_with_no_tag_of_its_own_to_add_only_removes_the_stale_ones(zd_api, zd):
+    zd.tickets[101].tags.append("triage_refund")
+    writer = ZendeskWriter(
+        zd_api.url, email="b", api_token="t", groups={}, timeout_seconds=2, own_tags=OWN_TAGS
+    )
+    # No intent, no department, no review: no tag to add.
+    writer.deliver(delivery(department=None, route="queue", label={**LABEL, "intent": None}))
+    assert zd_api.calls() == [("GET", ZD_COMMENTS), ("DELETE", ZD_TAGS), ZD_UPDATE]
+    assert zd.tickets[101].tags == ["vip"]
 
 
 def test_zendesk_comment_of_another_dispatch_does_not_count(api):
@@ -496,15 +564,19 @@ def rerouted() -> Delivery:
     return delivery(dispatch_id=8, department="tech_support", label=REROUTED)
 
 
-def test_zendesk_takes_off_its_tags_of_an_earlier_routing_and_only_its_own(api):
+def test_zendesk_takes_off_its_tags_of_an_earlier_routing_and_keeps_the_agents(zd_api, zd):
+    zd.tickets[101].tags = ["vip", "triage_refund", "triage_billing", "triage_needed"]
     writer = ZendeskWriter(
-        api.url, email="b", api_token="t", groups={}, timeout_seconds=2, own_tags=OWN_TAGS
+        zd_api.url, email="b", api_token="t", groups={}, timeout_seconds=2, own_tags=OWN_TAGS
     )
     writer.deliver(rerouted())
-    ticket = api.requests[-1].json()["ticket"]
-    assert ticket["additional_tags"] == ["triage_technical", "triage_tech_support"]
+    assert zd_api.calls() == [("GET", ZD_COMMENTS), *ZD_WRITES]
     # Left, a view on triage_billing would still show a ticket now with tech_support.
-    assert ticket["remove_tags"] == ["triage_billing", "triage_refund", "triage_review"]
+    removed = zd_api.requests[2].json()["tags"]
+    assert removed == ["triage_billing", "triage_refund", "triage_review"]
+    # triage_needed is not a tag triage writes: an agent's, kept.
+    kept = ["vip", "triage_needed", "triage_technical", "triage_tech_support"]
+    assert zd.tickets[101].tags == kept
 
 
 def test_freshdesk_takes_off_its_tags_of_an_earlier_routing_and_keeps_the_agents(api):
@@ -529,7 +601,8 @@ def test_the_sink_table_gives_the_writers_the_taxonomys_tags(
     table = build_sink_table(write_yaml(tmp_path, text + "default: [helpdesk]\n"), app_config)
     for sink in table.for_department("tech_support"):
         sink.deliver(rerouted())
-    removed = api.requests[-1].json()["ticket"]["remove_tags"]
+    (removal,) = [r for r in api.requests if r.method == "DELETE"]
+    removed = removal.json()["tags"]
     assert "triage_billing" in removed and "triage_refund" in removed
     assert "triage_tech_support" not in removed and "triage_technical" not in removed
 

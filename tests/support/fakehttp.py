@@ -4,9 +4,10 @@ for a helpdesk's REST API or a department's webhook receiver in tests."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,13 +36,19 @@ class Reply:
     trickle: float = 0.0
 
 
-class FakeApi:
-    """A real HTTP server on loopback that records requests and answers from a script
-    (default: 200 {})."""
+# What answers a request with no scripted reply left: (method, path, body) to a reply, or None
+# for the default.
+Behaviour = Callable[[str, str, bytes], "Reply | None"]
 
-    def __init__(self) -> None:
+
+class FakeApi:
+    """A real HTTP server on loopback that records requests and answers from a script, then
+    from `behaviour` (a helpdesk's own, such as FakeZendesk), then with `default` (200 {})."""
+
+    def __init__(self, behaviour: Behaviour | None = None) -> None:
         self.requests: list[Recorded] = []
         self.replies: dict[tuple[str, str], list[Reply]] = {}
+        self.behaviour = behaviour
         # Answer for requests with no scripted reply left.
         self.default = Reply()
         api = self
@@ -59,10 +66,13 @@ class FakeApi:
                     )
                 )
                 queue = api.replies.get((self.command, self.path)) or []
-                reply = queue.pop(0) if queue else api.default
+                reply = queue.pop(0) if queue else None
+                if reply is None and api.behaviour is not None:
+                    reply = api.behaviour(self.command, self.path, body)
+                reply = reply or api.default
                 if reply.delay:
                     time.sleep(reply.delay)
-                payload = json.dumps(reply.body).encode()
+                payload = b"" if reply.status == 204 else json.dumps(reply.body).encode()
                 try:
                     self.send_response(reply.status)
                     self.send_header("content-type", "application/json")
@@ -74,7 +84,8 @@ class FakeApi:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client timed out and left, which is what the test wanted
 
-            do_GET = do_POST = do_PUT = do_PATCH = _handle  # noqa: N815 - http.server names
+            # http.server's names.
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle  # noqa: N815
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -105,9 +116,76 @@ def _write(out: Any, payload: bytes, trickle: float) -> None:
         out.flush()
 
 
+ZENDESK_CLOSED = {
+    "error": "RecordInvalid",
+    "description": "Record validation errors",
+    "details": {"status": [{"description": "Status: closed prevents ticket update"}]},
+}
+
+
+@dataclass
+class ZendeskTicket:
+    tags: list[str] = field(default_factory=list)
+    status: str = "open"
+    group_id: int | None = None
+    priority: str | None = None
+    # Oldest first, as Zendesk keeps them.
+    comments: list[dict[str, Any]] = field(default_factory=list)
+
+
+_ZD_TICKET = re.compile(r"/api/v2/tickets/(\d+)(\.json|/tags|/comments\.json)(\?.*)?$")
+
+
+class FakeZendesk:
+    """Zendesk's ticket API as far as the write-back uses it, with Zendesk's semantics, as
+    documented: a ticket's newest comments; `PUT .../tags` adds the tags listed, keeping the
+    others; `DELETE .../tags` removes only those listed; an update of one ticket sets group,
+    priority and `tags` (all of them, replacing) and adds its comment. `additional_tags` and
+    `remove_tags` are documented only for Update Many Tickets: an update of one ticket ignores
+    them. A closed ticket answers any write 422 "closed prevents ticket update"."""
+
+    def __init__(self) -> None:
+        self.tickets: dict[int, ZendeskTicket] = {}
+        self.lock = threading.Lock()
+
+    def ticket(self, number: int, **fields: Any) -> ZendeskTicket:
+        self.tickets[number] = ZendeskTicket(**fields)
+        return self.tickets[number]
+
+    def __call__(self, method: str, path: str, body: bytes) -> Reply | None:
+        match = _ZD_TICKET.match(path)
+        if not match or int(match[1]) not in self.tickets:
+            return None
+        with self.lock:
+            return self._answer(method, self.tickets[int(match[1])], match[2], body)
+
+    def _answer(self, method: str, ticket: ZendeskTicket, what: str, body: bytes) -> Reply:
+        if method == "GET" and what == "/comments.json":
+            return Reply(body={"comments": list(reversed(ticket.comments))})
+        if (method, what) not in {("PUT", "/tags"), ("DELETE", "/tags"), ("PUT", ".json")}:
+            return Reply(status=404, body={"error": "InvalidEndpoint"})
+        if ticket.status == "closed":
+            return Reply(status=422, body=ZENDESK_CLOSED)
+        sent = json.loads(body)
+        if what == "/tags":
+            listed = sent["tags"]
+            if method == "PUT":
+                ticket.tags += [tag for tag in listed if tag not in ticket.tags]
+                return Reply(body={"tags": ticket.tags})
+            ticket.tags = [tag for tag in ticket.tags if tag not in listed]
+            return Reply(status=204)
+        update = sent["ticket"]
+        ticket.group_id = update.get("group_id", ticket.group_id)
+        ticket.priority = update.get("priority", ticket.priority)
+        ticket.tags = update.get("tags", ticket.tags)
+        if "comment" in update:
+            ticket.comments.append({"id": len(ticket.comments) + 1, **update["comment"]})
+        return Reply(body={"ticket": {"tags": ticket.tags, "group_id": ticket.group_id}})
+
+
 @contextmanager
-def running_api() -> Iterator[FakeApi]:
-    fake = FakeApi()
+def running_api(behaviour: Behaviour | None = None) -> Iterator[FakeApi]:
+    fake = FakeApi(behaviour)
     fake.thread.start()
     try:
         yield fake

@@ -1,20 +1,28 @@
-"""Zendesk write-back: group, priority, tags and a private comment in one ticket update.
+"""Zendesk write-back: triage's tags, then group, priority and a private comment in one update.
 
-PUT /api/v2/tickets/{id}.json with API-token auth (`{email}/token:{token}`).
-`additional_tags` adds triage's tags without replacing the agent's (plain `tags` would);
-`remove_tags` takes off triage's own tags of an earlier routing that no longer apply.
-Each PUT with a comment adds one, and Zendesk has no idempotency key for updates: a retried
+API-token auth (`{email}/token:{token}`). Tags go through the ticket's Tags endpoints:
+`PUT /api/v2/tickets/{id}/tags` adds triage's tags without replacing the agent's (plain `tags`
+in an update would replace them all), and `DELETE /api/v2/tickets/{id}/tags` takes off
+triage's own tags of an earlier routing that no longer apply. (`additional_tags` and
+`remove_tags` are documented only for the bulk, asynchronous Update Many Tickets, not for a
+single ticket's update.) Then `PUT /api/v2/tickets/{id}.json` sets group and priority and adds
+the comment.
+
+Each update with a comment adds one, and Zendesk has no idempotency key for updates: a retried
 delivery (a timeout that in fact succeeded, or a later sink of the department failing) first
-looks among the ticket's newest comments for its own (by dispatch id in the title). Comment,
-group, priority and tags went in one update, so finding it means all of them were applied:
-the retry sends nothing. Setting them again would undo what an agent changed since (moved the
-ticket to another group, removed a tag), minutes or hours after triage wrote them.
+looks among the ticket's newest comments for its own (by dispatch id in the title). The comment
+goes in the last request, after the tags, so finding it means all of them were applied: the
+retry sends nothing. Setting them again would undo what an agent changed since (moved the
+ticket to another group, removed a tag), minutes or hours after triage wrote them. A retry that
+does not find it sends the tag requests again (adding a tag already there, or removing one
+already gone, changes nothing) and then the update.
 
 A closed ticket takes no updates: Zendesk answers 422 "Status: closed prevents ticket update".
 That happens to a ticket an agent closed (or merged into another) before triage wrote back,
 and to old tickets a reprocess or backfill routes again. There is nothing left to write to, and
-nothing a retry could change: the write-back is skipped (logged, and counted in
-`triage_sink_skipped_total`), not dead-lettered, and the department's other sinks still run.
+nothing a retry could change: at the first write so answered the write-back stops and is
+skipped (logged, and counted in `triage_sink_skipped_total`), not dead-lettered, and the
+department's other sinks still run.
 """
 
 from __future__ import annotations
@@ -31,7 +39,9 @@ from triage.sinks.http import make_client, send
 
 log = logging.getLogger(__name__)
 
-# What Zendesk says, in a 422's validation details, to any update of a closed ticket.
+# What Zendesk says, in a 422's validation details, to any update of a closed ticket. Its
+# documentation shows it for ticket updates; the Tags endpoints are assumed to answer a closed
+# ticket the same way, since adding or removing a tag is an update of the ticket too.
 CLOSED = "closed prevents ticket update"
 
 # Triage's priorities are Zendesk's.
@@ -40,8 +50,8 @@ PRIORITIES = {"low": "low", "normal": "normal", "high": "high", "urgent": "urgen
 
 class ZendeskWriter:
     name = "zendesk"
-    # The newest comments, then one update.
-    max_requests = 2
+    # The newest comments, adding tags, removing tags, the update.
+    max_requests = 4
 
     def __init__(
         self,
@@ -65,34 +75,36 @@ class ZendeskWriter:
         path = f"/api/v2/tickets/{ticket_number(delivery)}"
         if self._commented(path, delivery, what):
             return
+        try:
+            self._write(path, delivery, what)
+        except SinkRejected as exc:
+            # Whichever write meets it first: the ones after it would meet it too.
+            if exc.status != 422 or CLOSED not in exc.body:
+                raise
+            log.warning("%s: the ticket is closed in Zendesk; nothing more written", what)
+            SINK_SKIPPED.labels(sink=self.name, reason="ticket_closed").inc()
+
+    def _write(self, path: str, delivery: Delivery, what: str) -> None:
+        """The tags first, the update with the comment last: the comment is the sign, for a
+        retry, that everything before it was applied."""
         tags = triage_tags(delivery)
-        ticket: dict[str, Any] = {
-            "additional_tags": tags,
-            "comment": {"body": note_text(delivery), "public": False},
-        }
+        # None to add (no intent, no department, no review): no request.
+        if tags:
+            self._send(delivery, what, "PUT", f"{path}/tags", json={"tags": tags})
         stale = sorted(self.own_tags.difference(tags))
         if stale:
-            ticket["remove_tags"] = stale
+            self._send(delivery, what, "DELETE", f"{path}/tags", json={"tags": stale})
+        ticket: dict[str, Any] = {"comment": {"body": note_text(delivery), "public": False}}
         group = self.groups.get(delivery.department or "")
         if group is not None:
             ticket["group_id"] = group
         priority = PRIORITIES.get(str(delivery.label.get("priority")))
         if priority:
             ticket["priority"] = priority
-        try:
-            send(
-                self.client,
-                "PUT",
-                f"{path}.json",
-                what=what,
-                deadline=delivery.deadline,
-                json={"ticket": ticket},
-            )
-        except SinkRejected as exc:
-            if exc.status != 422 or CLOSED not in exc.body:
-                raise
-            log.warning("%s: the ticket is closed in Zendesk; nothing written", what)
-            SINK_SKIPPED.labels(sink=self.name, reason="ticket_closed").inc()
+        self._send(delivery, what, "PUT", f"{path}.json", json={"ticket": ticket})
+
+    def _send(self, delivery: Delivery, what: str, method: str, url: str, **kwargs: Any) -> None:
+        send(self.client, method, url, what=what, deadline=delivery.deadline, **kwargs)
 
     def _commented(self, path: str, delivery: Delivery, what: str) -> bool:
         """Whether this dispatch's comment is already on the ticket. Newest first: a retry
