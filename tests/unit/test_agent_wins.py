@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from triage.sinks.helpdesk import UNREPORTED, FieldWrite, agent_wins, needs_current
+from triage.sinks.helpdesk import (
+    UNREPORTED,
+    FieldWrite,
+    agent_wins,
+    needs_current,
+    reported_number,
+)
 
 
 def test_a_field_still_as_the_webhook_reported_it_is_set_to_triages_value():
@@ -41,3 +47,19 @@ def test_the_current_value_is_needed_only_to_compare_a_reported_field_triage_wou
     assert needs_current(360001, 360009) and needs_current(360001, None)
     assert not needs_current(360001, UNREPORTED)
     assert not needs_current(None, 360009)
+
+
+@pytest.mark.parametrize(
+    ("sent", "reported"),
+    [
+        (360009, 360009),
+        ("360009", 360009),  # a placeholder renders text
+        ("", None),  # {{ticket.group.id}} of a ticket with no group
+        (None, UNREPORTED),
+        ("Support", UNREPORTED),
+        (True, UNREPORTED),
+    ],
+)
+def test_a_reported_group_or_queue_is_read_as_a_number_none_or_unreported(sent, reported):
+    assert reported_number({"group_id": sent}, "group_id") == reported
+    assert reported_number({}, "group_id") is UNREPORTED

@@ -15,17 +15,15 @@ and named in the follow-up.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from triage.sinks.base import Delivery
 from triage.sinks.helpdesk import (
-    UNREPORTED,
-    Unreported,
     agent_wins,
     has_note,
     left_fields,
     note_text,
     note_title,
+    reported_number,
     ticket_number,
 )
 from triage.sinks.http import make_client, send
@@ -33,11 +31,6 @@ from triage.sinks.http import make_client, send
 # django-helpdesk: 1 critical, 2 high, 3 normal, 4 low, 5 very low.
 PRIORITIES = {"urgent": 1, "high": 2, "normal": 3, "low": 4}
 
-
-def reported(metadata: Mapping[str, Any], key: str) -> int | Unreported:
-    """A queue id or priority the webhook reported (TicketSerializer sends both as numbers)."""
-    value = metadata.get(key)
-    return value if isinstance(value, int) and not isinstance(value, bool) else UNREPORTED
 
 
 class DjangoHelpdeskWriter:
@@ -81,13 +74,13 @@ class DjangoHelpdeskWriter:
         queue = agent_wins(
             "queue",
             self.queue_id(delivery.department),
-            reported(delivery.metadata, "queue_id"),
+            reported_number(delivery.metadata, "queue_id"),
             current.get("queue"),
         )
         priority = agent_wins(
             "priority",
             PRIORITIES.get(str(delivery.label.get("priority"))),
-            reported(delivery.metadata, "priority"),
+            reported_number(delivery.metadata, "priority"),
             current.get("priority"),
         )
         change = {write.name: write.value for write in (queue, priority) if write.value is not None}

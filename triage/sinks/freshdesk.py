@@ -36,6 +36,7 @@ from triage.sinks.helpdesk import (
     left_fields,
     note_text,
     note_title,
+    reported_number,
     ticket_number,
     triage_tags,
 )
@@ -55,17 +56,6 @@ INCLUDED_CONVERSATIONS = 10
 
 def note_html(delivery: Delivery, left: list[str]) -> str:
     return "<br>".join(html.escape(line) for line in note_text(delivery, left).splitlines())
-
-
-def reported_group(metadata: Mapping[str, Any]) -> int | Unreported | None:
-    """The group id the webhook reported, if it sent one (`ticket_group_id`; blank: none)."""
-    value = metadata.get("group_id")
-    if value is None:
-        return UNREPORTED
-    text = str(value).strip()
-    if not text:
-        return None
-    return int(text) if text.isascii() and text.isdigit() else UNREPORTED
 
 
 def reported_priority(metadata: Mapping[str, Any]) -> int | Unreported:
@@ -125,7 +115,7 @@ class FreshdeskWriter:
         group = agent_wins(
             "group",
             self.groups.get(delivery.department or ""),
-            reported_group(delivery.metadata),
+            reported_number(delivery.metadata, "group_id"),
             current.get("group_id"),
         )
         priority = agent_wins(

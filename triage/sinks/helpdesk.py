@@ -97,6 +97,18 @@ class FieldWrite:
     left: bool = False
 
 
+def reported_number(metadata: Mapping[str, object], key: str) -> int | Unreported | None:
+    """A group, queue or priority number as the webhook reported it: a number, or the text of
+    one (a placeholder renders text); blank for none. Missing, or anything else: unreported."""
+    value = metadata.get(key)
+    if value is None or isinstance(value, bool):
+        return UNREPORTED
+    text = str(value).strip()
+    if not text:
+        return None
+    return int(text) if text.isascii() and text.isdigit() else UNREPORTED
+
+
 def needs_current(ours: FieldValue | None, reported: FieldValue | Unreported | None) -> bool:
     """Whether deciding the field takes the helpdesk's current value (a request to read it)."""
     return ours is not None and reported is not UNREPORTED

@@ -49,6 +49,7 @@ from triage.sinks.helpdesk import (
     needs_current,
     note_text,
     note_title,
+    reported_number,
     ticket_number,
     triage_tags,
 )
@@ -63,17 +64,6 @@ CLOSED = "closed prevents ticket update"
 
 # Triage's priorities are Zendesk's.
 PRIORITIES = {"low": "low", "normal": "normal", "high": "high", "urgent": "urgent"}
-
-
-def reported_group(metadata: Mapping[str, Any]) -> int | Unreported | None:
-    """The group id the webhook reported (`{{ticket.group.id}}`, blank for no group)."""
-    value = metadata.get("group_id")
-    if value is None:
-        return UNREPORTED
-    text = str(value).strip()
-    if not text:
-        return None
-    return int(text) if text.isascii() and text.isdigit() else UNREPORTED
 
 
 def reported_priority(metadata: Mapping[str, Any]) -> str | Unreported | None:
@@ -147,7 +137,7 @@ class ZendeskWriter:
     def _fields(self, path: str, delivery: Delivery, what: str) -> tuple[FieldWrite, FieldWrite]:
         group = self.groups.get(delivery.department or "")
         priority = PRIORITIES.get(str(delivery.label.get("priority")))
-        was_group = reported_group(delivery.metadata)
+        was_group = reported_number(delivery.metadata, "group_id")
         was_priority = reported_priority(delivery.metadata)
         current: dict[str, Any] = {}
         if needs_current(group, was_group) or needs_current(priority, was_priority):
