@@ -161,24 +161,28 @@ def _freshdesk_worst_case(api: FakeApi) -> None:
 
 def _zendesk_worst_case(api: FakeApi) -> None:
     # No comment of ours among the newest: its tags are added, the taxonomy's other triage
-    # tags removed, and the update follows.
+    # tags removed, the ticket read (the webhook reported its group and priority, so they are
+    # compared), and the update follows.
     pass
 
 
 def _django_helpdesk_worst_case(api: FakeApi) -> None:
-    api.script("GET", "/api/tickets/303/", Reply(body={"id": 303, "followup_set": []}))
+    # Queue and priority still as the webhook reported them: the PATCH is made.
+    ticket = {"id": 303, "queue": 9, "priority": 4, "followup_set": []}
+    api.script("GET", "/api/tickets/303/", Reply(body=ticket))
 
 
+# Each webhook reported the ticket's group and priority.
 @pytest.mark.parametrize(
-    ("source", "external_id", "script"),
+    ("source", "external_id", "script", "reported"),
     [
-        ("freshdesk", "202", _freshdesk_worst_case),
-        ("zendesk", "101", _zendesk_worst_case),
-        ("django-helpdesk", "303", _django_helpdesk_worst_case),
+        ("freshdesk", "202", _freshdesk_worst_case, {"group_id": 9, "priority": "Low"}),
+        ("zendesk", "101", _zendesk_worst_case, {"group_id": 9, "priority": "low"}),
+        ("django-helpdesk", "303", _django_helpdesk_worst_case, {"queue_id": 9, "priority": 4}),
     ],
 )
 def test_a_write_back_makes_at_most_the_requests_its_sink_declares_and_the_lease_counts(
-    source, external_id, script, tmp_path, monkeypatch
+    source, external_id, script, reported, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("T_FD_KEY", "k")
     monkeypatch.setenv("T_ZD_TOKEN", "t")
@@ -199,7 +203,7 @@ def test_a_write_back_makes_at_most_the_requests_its_sink_declares_and_the_lease
         )
         script(api)
         for sink in table.for_department("billing"):
-            sink.deliver(delivery(source, external_id))
+            sink.deliver(delivery(source, external_id, metadata=reported))
         calls = api.calls()
     assert calls[-1] == ("POST", "/hooks")
     helpdesk, webhook = table.for_department("billing")

@@ -138,11 +138,12 @@ _ZD_TICKET = re.compile(r"/api/v2/tickets/(\d+)(\.json|/tags|/comments\.json)(\?
 
 class FakeZendesk:
     """Zendesk's ticket API as far as the write-back uses it, with Zendesk's semantics, as
-    documented: a ticket's newest comments; `PUT .../tags` adds the tags listed, keeping the
-    others; `DELETE .../tags` removes only those listed; an update of one ticket sets group,
-    priority and `tags` (all of them, replacing) and adds its comment. `additional_tags` and
-    `remove_tags` are documented only for Update Many Tickets: an update of one ticket ignores
-    them. A closed ticket answers any write 422 "closed prevents ticket update"."""
+    documented: a ticket (its group, priority, status, tags); its newest comments;
+    `PUT .../tags` adds the tags listed, keeping the others; `DELETE .../tags` removes only
+    those listed; an update of one ticket sets group, priority and `tags` (all of them,
+    replacing) and adds its comment. `additional_tags` and `remove_tags` are documented only
+    for Update Many Tickets: an update of one ticket ignores them. A closed ticket answers
+    any write 422 "closed prevents ticket update"."""
 
     def __init__(self) -> None:
         self.tickets: dict[int, ZendeskTicket] = {}
@@ -162,6 +163,8 @@ class FakeZendesk:
     def _answer(self, method: str, ticket: ZendeskTicket, what: str, body: bytes) -> Reply:
         if method == "GET" and what == "/comments.json":
             return Reply(body={"comments": list(reversed(ticket.comments))})
+        if method == "GET" and what == ".json":
+            return Reply(body={"ticket": self._shown(ticket)})
         if (method, what) not in {("PUT", "/tags"), ("DELETE", "/tags"), ("PUT", ".json")}:
             return Reply(status=404, body={"error": "InvalidEndpoint"})
         if ticket.status == "closed":
@@ -180,7 +183,16 @@ class FakeZendesk:
         ticket.tags = update.get("tags", ticket.tags)
         if "comment" in update:
             ticket.comments.append({"id": len(ticket.comments) + 1, **update["comment"]})
-        return Reply(body={"ticket": {"tags": ticket.tags, "group_id": ticket.group_id}})
+        return Reply(body={"ticket": self._shown(ticket)})
+
+    @staticmethod
+    def _shown(ticket: ZendeskTicket) -> dict[str, Any]:
+        return {
+            "tags": ticket.tags,
+            "status": ticket.status,
+            "group_id": ticket.group_id,
+            "priority": ticket.priority,
+        }
 
 
 @contextmanager

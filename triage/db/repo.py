@@ -164,7 +164,13 @@ def _retriage(
         body=body,
         clean_text=clean,
         content_hash=content_hash(ticket.subject, clean),
-        extra={**(ticket.extra or {}), APPLIED_UPDATES: [*applied, inbound.update_key]},
+        # The fields as this webhook reports them: the new routing's write-back sets group
+        # and priority only while they are still these (sinks.helpdesk.agent_wins).
+        extra={
+            **(ticket.extra or {}),
+            **inbound.metadata,
+            APPLIED_UPDATES: [*applied, inbound.update_key],
+        },
         generation=ticket.generation + 1,
         # New text is new work: the attempt and age bounds start again, as for a reprocessed
         # ticket.

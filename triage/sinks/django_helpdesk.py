@@ -6,19 +6,31 @@ helpdesk's follow-up webhook reports it back. A retried delivery looks for its o
 (by dispatch id in the title) first: the PATCH is made before the follow-up, so finding it
 means both were applied, and the retry sends nothing (patching again would undo a queue or
 priority an agent changed since).
+
+Queue and priority are set only while they are what the webhook reported
+(`helpdesk.agent_wins`), compared with the ticket as read: one an agent changed since is left,
+and named in the follow-up.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from triage.sinks.base import Delivery
-from triage.sinks.helpdesk import has_note, note_text, note_title, ticket_number
+from triage.sinks.helpdesk import (
+    agent_wins,
+    has_note,
+    left_fields,
+    note_text,
+    note_title,
+    reported_number,
+    ticket_number,
+)
 from triage.sinks.http import make_client, send
 
 # django-helpdesk: 1 critical, 2 high, 3 normal, 4 low, 5 very low.
 PRIORITIES = {"urgent": 1, "high": 2, "normal": 3, "low": 4}
+
 
 
 class DjangoHelpdeskWriter:
@@ -55,16 +67,24 @@ class DjangoHelpdeskWriter:
         current = send(
             self.client, "GET", ticket_path, what=what, deadline=delivery.deadline
         ).json()
-        followups = current.get("followup_set") if isinstance(current, dict) else None
-        if has_note(followups, note_title(delivery), "title"):
+        if not isinstance(current, dict):
+            current = {}
+        if has_note(current.get("followup_set"), note_title(delivery), "title"):
             return
-        change: dict[str, Any] = {}
-        queue = self.queue_id(delivery.department)
-        if queue is not None:
-            change["queue"] = queue
-        priority = PRIORITIES.get(str(delivery.label.get("priority")))
-        if priority:
-            change["priority"] = priority
+        queue = agent_wins(
+            "queue",
+            self.queue_id(delivery.department),
+            reported_number(delivery.metadata, "queue_id"),
+            current.get("queue"),
+        )
+        priority = agent_wins(
+            "priority",
+            PRIORITIES.get(str(delivery.label.get("priority"))),
+            reported_number(delivery.metadata, "priority"),
+            current.get("priority"),
+        )
+        change = {write.name: write.value for write in (queue, priority) if write.value is not None}
+        left = left_fields((queue, priority), what)
         if change:
             send(
                 self.client,
@@ -83,7 +103,7 @@ class DjangoHelpdeskWriter:
             json={
                 "ticket": int(number),
                 "title": note_title(delivery),
-                "comment": note_text(delivery),
+                "comment": note_text(delivery, left),
                 "public": False,
             },
         )

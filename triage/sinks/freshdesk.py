@@ -13,6 +13,12 @@ succeeded, or a later sink of the department failing) first looks through the ti
 conversations for its own note (by dispatch id in the title). The update is made before the
 note, so finding the note means it was applied: the retry sends nothing, rather than undo what
 an agent changed since (group, priority, a removed tag).
+
+Group and priority are set only while they are what the webhook reported
+(`helpdesk.agent_wins`), compared with the ticket as read: one an agent changed since is left,
+and named in the note. The simple-mode webhook carries the group's name, not its id, and the
+ticket read gives only the id, so the group is compared only when the webhook also sends
+`ticket_group_id`; without it the group is set as before.
 """
 
 from __future__ import annotations
@@ -22,11 +28,24 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from triage.sinks.base import Delivery
-from triage.sinks.helpdesk import has_note, note_text, note_title, ticket_number, triage_tags
+from triage.sinks.helpdesk import (
+    UNREPORTED,
+    Unreported,
+    agent_wins,
+    has_note,
+    left_fields,
+    note_text,
+    note_title,
+    reported_number,
+    ticket_number,
+    triage_tags,
+)
 from triage.sinks.http import make_client, send
 
 # Freshdesk: 1 low, 2 medium, 3 high, 4 urgent.
 PRIORITIES = {"low": 1, "normal": 2, "high": 3, "urgent": 4}
+# What `{{ticket.priority}}` renders in a webhook.
+PRIORITY_NAMES = {"low": 1, "medium": 2, "high": 3, "urgent": 4}
 # Conversations come oldest first, at most 100 a page. The search for a note stops after this
 # many pages (1,000 conversations): a bound on the calls one delivery makes.
 CONVERSATION_PAGE = 100
@@ -35,8 +54,19 @@ MAX_CONVERSATION_PAGES = 10
 INCLUDED_CONVERSATIONS = 10
 
 
-def note_html(delivery: Delivery) -> str:
-    return "<br>".join(html.escape(line) for line in note_text(delivery).splitlines())
+def note_html(delivery: Delivery, left: list[str]) -> str:
+    return "<br>".join(html.escape(line) for line in note_text(delivery, left).splitlines())
+
+
+def reported_priority(metadata: Mapping[str, Any]) -> int | Unreported:
+    """The priority the webhook reported, by name ("Medium") or number (2)."""
+    value = metadata.get("priority")
+    if value is None:
+        return UNREPORTED
+    text = str(value).strip().lower()
+    if text.isascii() and text.isdigit():
+        return int(text) if int(text) in PRIORITY_NAMES.values() else UNREPORTED
+    return PRIORITY_NAMES.get(text, UNREPORTED)
 
 
 class FreshdeskWriter:
@@ -82,12 +112,23 @@ class FreshdeskWriter:
         stale = self.own_tags.difference(ours)
         tags = [str(t) for t in current.get("tags") or [] if str(t) not in stale]
         update: dict[str, Any] = {"tags": list(dict.fromkeys([*tags, *ours]))}
-        group = self.groups.get(delivery.department or "")
-        if group is not None:
-            update["group_id"] = group
-        priority = PRIORITIES.get(str(delivery.label.get("priority")))
-        if priority:
-            update["priority"] = priority
+        group = agent_wins(
+            "group",
+            self.groups.get(delivery.department or ""),
+            reported_number(delivery.metadata, "group_id"),
+            current.get("group_id"),
+        )
+        priority = agent_wins(
+            "priority",
+            PRIORITIES.get(str(delivery.label.get("priority"))),
+            reported_priority(delivery.metadata),
+            current.get("priority"),
+        )
+        if group.value is not None:
+            update["group_id"] = group.value
+        if priority.value is not None:
+            update["priority"] = priority.value
+        left = left_fields((group, priority), what)
         send(self.client, "PUT", path, what=what, deadline=delivery.deadline, json=update)
         send(
             self.client,
@@ -95,7 +136,7 @@ class FreshdeskWriter:
             f"{path}/notes",
             what=what,
             deadline=delivery.deadline,
-            json={"body": note_html(delivery), "private": True},
+            json={"body": note_html(delivery, left), "private": True},
         )
 
     def _noted(self, path: str, delivery: Delivery, what: str, included: Any) -> bool:

@@ -7,8 +7,10 @@ configured writer (e.g. `generic`) are left to the queue.
 
 from __future__ import annotations
 
+import enum
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from triage.errors import PermanentError
 from triage.ingest.models import TRIAGE_NOTE_MARKER
@@ -54,7 +56,9 @@ def note_title(delivery: Delivery) -> str:
     return f"{TRIAGE_NOTE_MARKER} dispatch {delivery.dispatch_id}: routed to {where}"
 
 
-def note_text(delivery: Delivery) -> str:
+def note_text(delivery: Delivery, left: Sequence[str] = ()) -> str:
+    """The note; `left` names the fields (group, priority) triage did not set because an agent
+    had changed them (`agent_wins`)."""
     label = delivery.label
     lines = [note_title(delivery)]
     if label:
@@ -66,7 +70,75 @@ def note_text(delivery: Delivery) -> str:
         lines.append(f"summary: {label.get('summary')}")
     if delivery.review_reason:
         lines.append(f"review: {delivery.review_reason}")
+    lines.extend(f"{name} left as an agent set it" for name in left)
     return "\n".join(lines)
+
+
+class Unreported(enum.Enum):
+    """A field the webhook did not carry: what the ticket had then is not known."""
+
+    UNREPORTED = "unreported"
+
+
+UNREPORTED = Unreported.UNREPORTED
+
+# A group, queue or priority as a helpdesk's API names it: an id or a word.
+FieldValue = int | str
+
+
+@dataclass(frozen=True, slots=True)
+class FieldWrite:
+    """What a write-back does with one field of the ticket (its group, its priority)."""
+
+    name: str
+    # The value to send; None: the field is not sent.
+    value: FieldValue | None
+    # An agent changed it since the webhook: triage leaves it and says so in its note.
+    left: bool = False
+
+
+def reported_number(metadata: Mapping[str, object], key: str) -> int | Unreported | None:
+    """A group, queue or priority number as the webhook reported it: a number, or the text of
+    one (a placeholder renders text); blank for none. Missing, or anything else: unreported."""
+    value = metadata.get(key)
+    if value is None or isinstance(value, bool):
+        return UNREPORTED
+    text = str(value).strip()
+    if not text:
+        return None
+    return int(text) if text.isascii() and text.isdigit() else UNREPORTED
+
+
+def needs_current(ours: FieldValue | None, reported: FieldValue | Unreported | None) -> bool:
+    """Whether deciding the field takes the helpdesk's current value (a request to read it)."""
+    return ours is not None and reported is not UNREPORTED
+
+
+def agent_wins(
+    name: str,
+    ours: FieldValue | None,
+    reported: FieldValue | Unreported | None,
+    current: FieldValue | None,
+) -> FieldWrite:
+    """The rule for group and priority: triage sets its value only while the field is still
+    what the helpdesk reported with the webhook triage routed; a person who changed it since
+    (a write-back late after an outage, a reprocess of old tickets) keeps their value. A field
+    the webhook did not carry is set, as there is nothing to tell a change by. Values are
+    compared as the writer normalised them (None: the ticket had none)."""
+    if ours is None:
+        return FieldWrite(name, None)
+    if reported is UNREPORTED or current == reported:
+        return FieldWrite(name, ours)
+    # Already what triage would set: nothing to write, and nothing lost to mention.
+    return FieldWrite(name, None, left=current != ours)
+
+
+def left_fields(writes: Iterable[FieldWrite], what: str) -> list[str]:
+    """The names of the fields left as an agent set them, logged (no customer text)."""
+    left = [write.name for write in writes if write.left]
+    for name in left:
+        log.info("%s: %s left as an agent set it since the webhook", what, name)
+    return left
 
 
 REVIEW_TAG = "triage_review"

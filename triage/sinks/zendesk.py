@@ -8,6 +8,11 @@ triage's own tags of an earlier routing that no longer apply. (`additional_tags`
 single ticket's update.) Then `PUT /api/v2/tickets/{id}.json` sets group and priority and adds
 the comment.
 
+Group and priority are set only while they are what the webhook reported
+(`helpdesk.agent_wins`): the ticket is read (`GET /api/v2/tickets/{id}.json`) just before the
+update, and a field an agent changed since is left, and named in the comment. The read is
+skipped when the webhook carried neither field (nothing to compare with: both are set).
+
 Each update with a comment adds one, and Zendesk has no idempotency key for updates: a retried
 delivery (a timeout that in fact succeeded, or a later sink of the department failing) first
 looks among the ticket's newest comments for its own (by dispatch id in the title). The comment
@@ -34,7 +39,20 @@ from typing import Any
 from triage.errors import SinkRejected
 from triage.metrics import SINK_SKIPPED
 from triage.sinks.base import Delivery
-from triage.sinks.helpdesk import has_note, note_text, note_title, ticket_number, triage_tags
+from triage.sinks.helpdesk import (
+    UNREPORTED,
+    FieldWrite,
+    Unreported,
+    agent_wins,
+    has_note,
+    left_fields,
+    needs_current,
+    note_text,
+    note_title,
+    reported_number,
+    ticket_number,
+    triage_tags,
+)
 from triage.sinks.http import make_client, send
 
 log = logging.getLogger(__name__)
@@ -48,10 +66,23 @@ CLOSED = "closed prevents ticket update"
 PRIORITIES = {"low": "low", "normal": "normal", "high": "high", "urgent": "urgent"}
 
 
+def reported_priority(metadata: Mapping[str, Any]) -> str | Unreported | None:
+    """The priority the webhook reported: `{{ticket.priority}}` renders its name ("High"),
+    blank for none. A word that is no Zendesk priority (a translated name) tells nothing."""
+    value = metadata.get("priority")
+    if value is None:
+        return UNREPORTED
+    text = str(value).strip().lower()
+    if not text:
+        return None
+    return PRIORITIES.get(text, UNREPORTED)
+
+
 class ZendeskWriter:
     name = "zendesk"
-    # The newest comments, adding tags, removing tags, the update.
-    max_requests = 4
+    # The newest comments, adding tags, removing tags, the ticket's group and priority, the
+    # update.
+    max_requests = 5
 
     def __init__(
         self,
@@ -94,14 +125,33 @@ class ZendeskWriter:
         stale = sorted(self.own_tags.difference(tags))
         if stale:
             self._send(delivery, what, "DELETE", f"{path}/tags", json={"tags": stale})
-        ticket: dict[str, Any] = {"comment": {"body": note_text(delivery), "public": False}}
-        group = self.groups.get(delivery.department or "")
-        if group is not None:
-            ticket["group_id"] = group
-        priority = PRIORITIES.get(str(delivery.label.get("priority")))
-        if priority:
-            ticket["priority"] = priority
+        group, priority = self._fields(path, delivery, what)
+        left = left_fields((group, priority), what)
+        ticket: dict[str, Any] = {"comment": {"body": note_text(delivery, left), "public": False}}
+        if group.value is not None:
+            ticket["group_id"] = group.value
+        if priority.value is not None:
+            ticket["priority"] = priority.value
         self._send(delivery, what, "PUT", f"{path}.json", json={"ticket": ticket})
+
+    def _fields(self, path: str, delivery: Delivery, what: str) -> tuple[FieldWrite, FieldWrite]:
+        group = self.groups.get(delivery.department or "")
+        priority = PRIORITIES.get(str(delivery.label.get("priority")))
+        was_group = reported_number(delivery.metadata, "group_id")
+        was_priority = reported_priority(delivery.metadata)
+        current: dict[str, Any] = {}
+        if needs_current(group, was_group) or needs_current(priority, was_priority):
+            # Read after the tags, just before the update: the narrowest window for an
+            # agent's change to fall between the two.
+            answer = send(
+                self.client, "GET", f"{path}.json", what=what, deadline=delivery.deadline
+            ).json()
+            found = answer.get("ticket") if isinstance(answer, dict) else None
+            current = found if isinstance(found, dict) else {}
+        return (
+            agent_wins("group", group, was_group, current.get("group_id")),
+            agent_wins("priority", priority, was_priority, current.get("priority")),
+        )
 
     def _send(self, delivery: Delivery, what: str, method: str, url: str, **kwargs: Any) -> None:
         send(self.client, method, url, what=what, deadline=delivery.deadline, **kwargs)

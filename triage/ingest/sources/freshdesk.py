@@ -11,6 +11,7 @@ Body: the "simple" content mode with the ticket fields ticked, which Freshdesk w
     {"freshdesk_webhook": {"ticket_id": 42, "ticket_subject": "...",
       "ticket_description": "<div>HTML</div>", "ticket_priority": "High" or 3,
       "ticket_tags": "a, b" or ["a", "b"], "ticket_group_name": "...", "ticket_source": "Email",
+      "ticket_group_id": 7,                      # optional (see sinks/freshdesk.py)
       "ticket_contact_email": "...", "ticket_requester_email": "...",
       "ticket_contact_name": "...", "ticket_created_at": "...",
       "ticket_latest_public_comment": "..."}}
@@ -70,6 +71,9 @@ class FreshdeskTicket(BaseModel):
     ticket_priority: int | str | None = None
     ticket_tags: list[str] = Field(default_factory=list)
     ticket_group_name: str | None = None
+    # Lets the write-back tell whether an agent moved the ticket since: the ticket read it
+    # compares with names the group by id only.
+    ticket_group_id: int | str | None = None
     ticket_source: str | int | None = None
     ticket_status: str | int | None = None
     ticket_contact_email: str | None = Field(None, max_length=320)
@@ -137,6 +141,7 @@ class FreshdeskSource:
                 "priority": ticket.ticket_priority,
                 "tags": ticket.ticket_tags,
                 "group": ticket.ticket_group_name,
+                "group_id": ticket.ticket_group_id,
                 "status": ticket.ticket_status,
             },
             update_key=f"comment:{text_key(comment)}" if comment else None,
