@@ -8,7 +8,6 @@ Real HTTP servers on loopback, the real SDK, real PostgreSQL and Redis.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
@@ -18,7 +17,7 @@ from sqlalchemy import select
 from tests.fakeanthropic import Fault
 from tests.integration.test_sinks import delivery as sink_delivery
 from tests.integration.test_sinks import zendesk
-from tests.support.fakehttp import FakeApi, Reply, running_api
+from tests.support.fakehttp import Reply
 from triage.classify.backends.anthropic import AnthropicBackend, ThreadClients
 from triage.classify.backends.base import ClassificationRequest
 from triage.config import get_config
@@ -31,12 +30,6 @@ from triage.pipeline.classify_stage import classify_tickets_stage
 from triage.reliability.retry import MAX_RETRY_AFTER_SECONDS
 
 A_YEAR = 365 * 24 * 3600
-
-
-@pytest.fixture()
-def api() -> Iterator[FakeApi]:
-    with running_api() as fake:
-        yield fake
 
 
 def _backend(base_url: str) -> AnthropicBackend:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from prometheus_client import REGISTRY
 from standardwebhooks import Webhook
 
-from tests.support.fakehttp import ZENDESK_CLOSED, FakeApi, FakeZendesk, Reply, running_api
+from tests.support.fakehttp import ZENDESK_CLOSED, FakeApi, Reply
 from triage.config import PROJECT_ROOT, Settings, load_config
 from triage.errors import ConfigError, PermanentError, RateLimited, TransientError
 from triage.sinks.base import Delivery
@@ -27,26 +26,6 @@ from triage.sinks.webhook import WebhookSink
 from triage.sinks.zendesk import ZendeskWriter
 
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"sink-test-secret-0123456789abcdef").decode()
-
-
-@pytest.fixture()
-def api() -> Iterator[FakeApi]:
-    with running_api() as fake:
-        yield fake
-
-
-@pytest.fixture()
-def zd() -> FakeZendesk:
-    """Zendesk's tickets, kept as Zendesk keeps them: ticket 101 carries an agent's tag."""
-    helpdesk = FakeZendesk()
-    helpdesk.ticket(101, tags=["vip"])
-    return helpdesk
-
-
-@pytest.fixture()
-def zd_api(zd: FakeZendesk) -> Iterator[FakeApi]:
-    with running_api(zd) as fake:
-        yield fake
 
 
 LABEL = {

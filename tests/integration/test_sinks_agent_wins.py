@@ -6,9 +6,6 @@ stand in for each helpdesk's REST API."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-
-import pytest
 
 from tests.integration.test_sinks import (
     FD_TICKET,
@@ -19,30 +16,11 @@ from tests.integration.test_sinks import (
     delivery,
     dh_writer,
 )
-from tests.support.fakehttp import FakeApi, FakeZendesk, Reply, running_api
+from tests.support.fakehttp import Reply
 from triage.sinks.freshdesk import FreshdeskWriter
 from triage.sinks.zendesk import ZendeskWriter
 
 ZD_TICKET = ("GET", "/api/v2/tickets/101.json")
-
-
-@pytest.fixture()
-def api() -> Iterator[FakeApi]:
-    with running_api() as fake:
-        yield fake
-
-
-@pytest.fixture()
-def zd() -> FakeZendesk:
-    helpdesk = FakeZendesk()
-    helpdesk.ticket(101, tags=["vip"])
-    return helpdesk
-
-
-@pytest.fixture()
-def zd_api(zd: FakeZendesk) -> Iterator[FakeApi]:
-    with running_api(zd) as fake:
-        yield fake
 
 
 # What the Zendesk trigger rendered: {{ticket.group.id}}, {{ticket.priority}}.

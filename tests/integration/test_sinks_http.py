@@ -14,17 +14,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tests.integration.test_sinks import WEBHOOK_SECRET, delivery, zendesk
-from tests.support.fakehttp import FakeApi, Reply, running_api
+from tests.support.fakehttp import Reply
 from triage.errors import PermanentError, RateLimited, TransientError
 from triage.sinks.django_helpdesk import DjangoHelpdeskWriter
 from triage.sinks.http import MAX_BODY_BYTES
 from triage.sinks.webhook import WebhookSink
-
-
-@pytest.fixture()
-def api() -> Iterator[FakeApi]:
-    with running_api() as fake:
-        yield fake
 
 
 def test_redirect_is_a_permanent_error_not_a_delivery_and_is_not_followed(api):
