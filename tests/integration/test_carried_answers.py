@@ -12,7 +12,7 @@ from triage.classify.backends.base import ClassificationResult, Usage
 from triage.classify.schema import TicketLabel
 from triage.db.models import Attempt, Ticket, TicketState
 from triage.db.session import session_scope
-from triage.pipeline.classify_labels import _carry
+from triage.pipeline.classify_labels import carry_answers
 from triage.pipeline.classify_stage import classify_tickets_stage
 
 
@@ -59,7 +59,7 @@ class _Held:
 
 def test_a_carried_answer_is_recorded_without_a_call_and_one_for_a_removed_intent_waits(rt):
     kept, orphan = _classifying(rt, 1), _classifying(rt, 2)
-    carried = _carry([(_Held(kept), _answer("billing")), (_Held(orphan), _answer("gone"))])
+    carried = carry_answers([(_Held(kept), _answer("billing")), (_Held(orphan), _answer("gone"))])
 
     outcomes = classify_tickets_stage(rt, [kept, orphan], carried=carried)
 

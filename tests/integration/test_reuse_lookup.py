@@ -13,7 +13,7 @@ from tests.support.stack import make_runtime, stack_env, truncate
 from triage.db.migrate import upgrade
 from triage.db.models import Classification, Ticket, utcnow
 from triage.db.session import get_sessionmaker, session_scope
-from triage.pipeline.classify_requests import _find_reusable
+from triage.pipeline.classify_requests import reusable_labels
 
 SAME = "0" * 64
 
@@ -80,11 +80,11 @@ def test_the_newest_first_hand_label_in_the_window_is_reused(database_url, clean
         ids = [t.id for t in tickets]
     with sessions() as s:
         asking = s.scalars(select(Ticket).where(Ticket.id.in_([ids[5], ids[6]]))).all()
-        found = _find_reusable(rt, s, asking)
+        found = reusable_labels(rt, s, asking)
     assert {t: c.summary for t, c in found.items()} == {ids[5]: "label of ticket 1"}
 
     # Outside the window nothing is reused.
     rt.settings.reuse_window_hours = 0.25
     with sessions() as s:
         asking = s.scalars(select(Ticket).where(Ticket.id == ids[5])).all()
-        assert _find_reusable(rt, s, asking) == {}
+        assert reusable_labels(rt, s, asking) == {}

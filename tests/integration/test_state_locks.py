@@ -15,8 +15,8 @@ from triage.db.models import Ticket, TicketState, utcnow
 from triage.db.repo import accept_ticket
 from triage.db.session import get_sessionmaker, session_scope
 from triage.ingest.models import InboundTicket
-from triage.pipeline.classify_claims import CLAIMABLE, _begin
-from triage.pipeline.classify_labels import _record
+from triage.pipeline.classify_claims import CLAIMABLE, claim_chunk
+from triage.pipeline.classify_labels import store_labels
 from triage.pipeline.states import claim_for_classification, transition_ids
 
 
@@ -128,7 +128,7 @@ def test_recording_labels_locks_tickets_in_id_order(pg_url, clean_redis):
             for i in range(2)
         )
     outcomes: dict[int, str] = {}
-    claims = {c.ticket_id: c for c in _begin(rt, [a, b], reuse=False, outcomes=outcomes)}
+    claims = {c.ticket_id: c for c in claim_chunk(rt, [a, b], reuse=False, outcomes=outcomes)}
     assert sorted(claims) == [a, b]
     answers = [(claims[i], rt.backend.classify(claims[i].request)) for i in (b, a)]
     engine = create_engine(pg_url)
@@ -138,7 +138,7 @@ def test_recording_labels_locks_tickets_in_id_order(pg_url, clean_redis):
 
     def finish() -> None:
         with session_scope(rt.sessions) as session:
-            recorded.append(_record(rt, session, answers).outcomes)
+            recorded.append(store_labels(rt, session, answers).outcomes)
 
     # Waiting on a (held above), it must not hold b yet: b is after a in id order.
     _while_blocked(

@@ -1,8 +1,8 @@
 """The classify stage's calls: which of a chunk's claims call now, and what the calls cost.
 
 Before the calls, the shared API budget and the circuit breaker (reliability.limits) say how
-long each must wait (`_admission_waits`), and a text that several tickets of a batch share is
-asked once (`_one_call_per_text`). After them, the budget is charged for what it was not asked
+long each must wait (`admission_waits`), and a text that several tickets of a batch share is
+asked once (`one_call_per_text`). After them, the budget is charged for what it was not asked
 about, the breaker hears of answers and 429s, and each answer is counted. Redis trouble here
 is logged and never fails a ticket.
 """
@@ -17,7 +17,7 @@ from triage.classify.backends.base import ClassificationResult, Usage
 from triage.classify.prompt import estimate_input_tokens
 from triage.errors import RateLimited, TriageError
 from triage.metrics import CLASSIFICATIONS, CLASSIFY_LATENCY
-from triage.pipeline.classify_claims import _Claim, _defer
+from triage.pipeline.classify_claims import Claim, defer_claim
 from triage.pipeline.runtime import Runtime
 from triage.reliability.limits import Admission
 
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 SAME_TEXT_WAIT = 3.0
 
 
-def _one_call_per_text(rt: Runtime, claims: list[_Claim], outcomes: dict[int, str]) -> list[_Claim]:
+def one_call_per_text(rt: Runtime, claims: list[Claim], outcomes: dict[int, str]) -> list[Claim]:
     """One call per text in a batch: the others with the same text are deferred (no attempt
     spent) and reuse that label when they come back. An outage brings bursts of identical
     tickets, often into one batch, where the reuse lookup (recorded labels only) found none
@@ -37,18 +37,18 @@ def _one_call_per_text(rt: Runtime, claims: list[_Claim], outcomes: dict[int, st
     if rt.settings.reuse_window_hours <= 0:
         return claims
     calling: set[str] = set()
-    kept: list[_Claim] = []
+    kept: list[Claim] = []
     for claim in claims:
         if claim.reuse is None:
             if claim.content_hash in calling:
-                outcomes[claim.ticket_id] = _defer(rt, claim, SAME_TEXT_WAIT)
+                outcomes[claim.ticket_id] = defer_claim(rt, claim, SAME_TEXT_WAIT)
                 continue
             calling.add(claim.content_hash)
         kept.append(claim)
     return kept
 
 
-def _admission_waits(rt: Runtime, claims: list[_Claim], max_inline_wait: float) -> dict[int, float]:
+def admission_waits(rt: Runtime, claims: list[Claim], max_inline_wait: float) -> dict[int, float]:
     """Per ticket, the seconds its call must still wait for the shared budget or an open
     circuit after sleeping up to `max_inline_wait` (absent or 0: go now)."""
     if rt.admission is None or not claims:
@@ -78,17 +78,17 @@ def _admission_waits(rt: Runtime, claims: list[_Claim], max_inline_wait: float) 
     return {claim.ticket_id: wait for claim, wait in zip(claims, waits, strict=True)}
 
 
-def _call_for(rt: Runtime, claim: _Claim) -> Any:
+def call_for(rt: Runtime, claim: Claim) -> Any:
     if claim.reuse is not None:
         reused = claim.reuse
         return lambda: reused
     return lambda: rt.backend.classify(claim.request)
 
 
-def _charge_unadmitted(
+def charge_unadmitted(
     rt: Runtime,
     admission: Admission,
-    answers: list[tuple[_Claim, ClassificationResult | Exception]],
+    answers: list[tuple[Claim, ClassificationResult | Exception]],
 ) -> None:
     """Charge the shared budget for what went without asking it: each ticket was admitted for
     one call of its estimated size, but a repair call or an escalation makes more, and a
@@ -117,21 +117,21 @@ def _charge_unadmitted(
             log.warning("API budget not charged for %s calls, %s tokens: %s", calls, tokens, exc)
 
 
-def _record_success(admission: Admission, count: int) -> None:
+def report_success(admission: Admission, count: int) -> None:
     try:
         admission.breaker.record_success(count)
     except Exception as exc:  # noqa: BLE001 - the label is good; a lost count must not undo it
         log.warning("circuit breaker not updated: %s", exc)
 
 
-def _record_overload(admission: Admission, exc: RateLimited) -> None:
+def report_overload(admission: Admission, exc: RateLimited) -> None:
     try:
         admission.breaker.record_overload(exc.retry_after)
     except Exception as err:  # noqa: BLE001 - the retry decision must not depend on Redis
         log.warning("circuit breaker not updated: %s", err)
 
 
-def _observe(result: ClassificationResult) -> None:
+def count_answer(result: ClassificationResult) -> None:
     outcome = "reused" if result.reused_from_id else "labelled"
     CLASSIFICATIONS.labels(backend=result.backend, outcome=outcome).inc()
     if result.reused_from_id:

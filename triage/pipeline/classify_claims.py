@@ -23,13 +23,13 @@ from triage.db.models import Classification, Ticket, TicketState, utcnow
 from triage.db.session import session_scope
 from triage.errors import RequestNotPrepared, TriageError, loggable_traceback
 from triage.pipeline.classify_requests import (
-    _find_reusable,
-    _first_answer,
-    _first_answer_record,
-    _reuse,
-    _stored_first_answers,
-    _with_first_answer,
     build_request,
+    first_answer_for,
+    first_answer_record,
+    reusable_labels,
+    reused_result,
+    stored_first_answers,
+    with_first_answer,
 )
 from triage.pipeline.relay import CLASSIFY_TASK, enqueue_classify
 from triage.pipeline.routing import CLASSIFY_QUEUE
@@ -43,7 +43,7 @@ S = TicketState
 CLAIMABLE = frozenset({S.RECEIVED, S.QUEUED, S.CLASSIFYING})
 
 
-class _Holder(Protocol):
+class Holder(Protocol):
     """Whose answer a label is: the ticket, and the generation and attempt of its claim."""
 
     @property
@@ -55,7 +55,7 @@ class _Holder(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class _Claim:
+class Claim:
     ticket_id: int
     attempt: int
     generation: int
@@ -77,9 +77,9 @@ class _Unprepared:
     error: Exception
 
 
-def _begin(
+def claim_chunk(
     rt: Runtime, ticket_ids: list[int], reuse: bool, outcomes: dict[int, str]
-) -> list[_Claim]:
+) -> list[Claim]:
     """Claim the tickets that are ours to classify; note an outcome for the others. A ticket
     whose request cannot be prepared fails alone, as an attempt of its own (its claim, and the
     attempt it counts, are committed with the others'), and the guard dead-letters it: were
@@ -87,7 +87,7 @@ def _begin(
     # A ticket another worker is classifying right now is left alone for this long; after it,
     # the holder is presumed dead (the message came back) and the ticket is taken over.
     lease = timedelta(seconds=classify_lease_seconds(rt.settings))
-    claims: list[_Claim] = []
+    claims: list[Claim] = []
     unprepared: list[_Unprepared] = []
     with session_scope(rt.sessions) as session:
         now = utcnow()
@@ -98,8 +98,8 @@ def _begin(
         others = [i for i in ticket_ids if i not in taken]
         if others:
             _not_claimed(session, others, now, lease, outcomes)
-        reusable = _find_reusable(rt, session, claimed) if reuse else {}
-        firsts = _stored_first_answers(session, claimed)
+        reusable = reusable_labels(rt, session, claimed) if reuse else {}
+        firsts = stored_first_answers(session, claimed)
         for ticket in sorted(claimed, key=lambda t: ticket_ids.index(t.id)):
             try:
                 claims.append(
@@ -122,21 +122,21 @@ def _begin(
         )
         error.__cause__ = item.error
         log.error("classify: ticket %s\n%s", error, loggable_traceback(item.error))
-        outcomes[item.ticket_id] = handle_failure(rt, _failure(rt, item), error)
+        outcomes[item.ticket_id] = handle_failure(rt, failure_of(rt, item), error)
     return claims
 
 
 def _prepare(
     rt: Runtime, ticket: Any, reusable: Classification | None, firsts: list[tuple[int, Any]]
-) -> _Claim:
+) -> Claim:
     """One claimed ticket's request: its text redacted, a label to reuse, a first answer."""
-    return _Claim(
+    return Claim(
         ticket_id=ticket.id,
         attempt=ticket.attempts,
         generation=ticket.generation,
         received_at=ticket.received_at,
-        request=_with_first_answer(build_request(rt, ticket), _first_answer(rt, ticket, firsts)),
-        reuse=_reuse(reusable) if reusable is not None else None,
+        request=with_first_answer(build_request(rt, ticket), first_answer_for(rt, ticket, firsts)),
+        reuse=reused_result(reusable) if reusable is not None else None,
         content_hash=ticket.content_hash,
     )
 
@@ -167,7 +167,7 @@ def _not_claimed(
             outcomes[ticket_id] = "noop"
 
 
-def _defer(rt: Runtime, claim: _Claim, wait: float) -> str:
+def defer_claim(rt: Runtime, claim: Claim, wait: float) -> str:
     """Back on the queue for later, without spending an attempt: waiting for our own budget
     or for the API to recover is not the ticket's failure."""
     with session_scope(rt.sessions) as session:
@@ -179,7 +179,7 @@ def _defer(rt: Runtime, claim: _Claim, wait: float) -> str:
     return "deferred"
 
 
-def _held(claim: _Holder) -> tuple[ColumnElement[bool], ...]:
+def _held(claim: Holder) -> tuple[ColumnElement[bool], ...]:
     """The ticket row is still under this attempt's claim (with state `classifying`): same
     generation, and the attempt count this claim set. Every claim counts one, and only the
     claim's own deferral takes it back, so another worker's claim since (after the lease, the
@@ -188,7 +188,7 @@ def _held(claim: _Holder) -> tuple[ColumnElement[bool], ...]:
     return (Ticket.generation == claim.generation, Ticket.attempts == claim.attempt)
 
 
-def _unclaim(session: Session, claim: _Claim | _Unprepared, **fields: Any) -> bool:
+def _unclaim(session: Session, claim: Claim | _Unprepared, **fields: Any) -> bool:
     """Put a claimed ticket back to queued. Only this attempt's claim (`_held`): another
     worker may be classifying it now, and that claim is not ours to undo."""
     return transition(
@@ -201,8 +201,8 @@ def _unclaim(session: Session, claim: _Claim | _Unprepared, **fields: Any) -> bo
     )
 
 
-def _failure(
-    rt: Runtime, claim: _Claim | _Unprepared, paid: TriageError | None = None
+def failure_of(
+    rt: Runtime, claim: Claim | _Unprepared, paid: TriageError | None = None
 ) -> StageFailure:
     """`paid`: the error the attempt's calls ended with, which counts them and their cost."""
 
@@ -226,14 +226,14 @@ def _failure(
         generation=claim.generation,
         claim=_held(claim),
         answer=(
-            _first_answer_record(claim.generation, paid.first_answer)
+            first_answer_record(claim.generation, paid.first_answer)
             if paid is not None and paid.first_answer is not None
             else None
         ),
     )
 
 
-def _age_seconds(rt: Runtime, claim: _Claim | _Unprepared) -> float:
+def _age_seconds(rt: Runtime, claim: Claim | _Unprepared) -> float:
     """The classify stage's age, for the retry decision: from receipt, or from the start of
     the ticket's current generation (new text, a reprocess, a replayed dead letter: each a
     fresh run, not an old one already too old to retry). Asked only when an attempt fails,

@@ -1,10 +1,10 @@
 """The classify stage's finish: answers become labels, routes and dispatches.
 
-`_record` stores a batch's labels, routes them and writes their dispatches and delivery
-messages, a statement per table, in the caller's transaction; `_finish` is that transaction
+`store_labels` stores a batch's labels, routes them and writes their dispatches and delivery
+messages, a statement per table, in the caller's transaction; `commit_labels` is that transaction
 for the workers. Answers the database could not take were paid for: they travel with the
 task's retry (`AnswersNotRecorded`) and are recorded first when it comes back
-(`_record_carried`). Labels made outside the queue come in here too: reprocessing reopens a
+(`record_carried`). Labels made outside the queue come in here too: reprocessing reopens a
 finished ticket (`reopen`), and Message Batches results are recorded by `record_label`.
 """
 
@@ -22,8 +22,8 @@ from triage.classify.backends.base import ClassificationResult, Usage
 from triage.db.models import Attempt, Classification, Dispatch, Ticket, TicketState, utcnow
 from triage.db.session import insert_rows, session_scope
 from triage.metrics import TICKETS_CLASSIFIED
-from triage.pipeline.classify_claims import _Claim, _Holder
-from triage.pipeline.classify_requests import _RESULT, build_request
+from triage.pipeline.classify_claims import Claim, Holder
+from triage.pipeline.classify_requests import RESULT_ADAPTER, build_request
 from triage.pipeline.relay import Pending, delivery_values, write_outbox
 from triage.pipeline.routing import Route, decide_route
 from triage.pipeline.runtime import Runtime
@@ -53,29 +53,29 @@ class AnswersNotRecorded(Exception):
         self.carried = carried
 
 
-def _carry(answers: Sequence[tuple[_Holder, ClassificationResult]]) -> list[dict[str, Any]]:
+def carry_answers(answers: Sequence[tuple[Holder, ClassificationResult]]) -> list[dict[str, Any]]:
     return [
         {
             "ticket_id": holder.ticket_id,
             "attempt": holder.attempt,
             "generation": holder.generation,
-            "result": _RESULT.dump_python(result, mode="json"),
+            "result": RESULT_ADAPTER.dump_python(result, mode="json"),
         }
         for holder, result in answers
     ]
 
 
-def _uncarry(carried: list[dict[str, Any]]) -> list[tuple[_Holder, ClassificationResult]]:
+def _uncarry(carried: list[dict[str, Any]]) -> list[tuple[Holder, ClassificationResult]]:
     return [
         (
             _Carried(int(c["ticket_id"]), int(c["attempt"]), int(c["generation"])),
-            _RESULT.validate_python(c["result"]),
+            RESULT_ADAPTER.validate_python(c["result"]),
         )
         for c in carried
     ]
 
 
-def _record_carried(rt: Runtime, carried: list[dict[str, Any]]) -> dict[int, str]:
+def record_carried(rt: Runtime, carried: list[dict[str, Any]]) -> dict[int, str]:
     """Record answers brought back by a retried message. A ticket still under the claim
     they answered takes its label as if it had just arrived. One that has moved on keeps its
     own course, and the answer is kept as superseded: new text, another worker's label or
@@ -95,18 +95,20 @@ def _record_carried(rt: Runtime, carried: list[dict[str, Any]]) -> dict[int, str
             len(answers) - len(routable),
         )
     try:
-        return _finish(rt, routable)
+        return commit_labels(rt, routable)
     except Exception as exc:
         if is_database_outage(exc):
             raise AnswersNotRecorded(carried) from exc
         raise
 
 
-def _finish(rt: Runtime, done: Sequence[tuple[_Holder, ClassificationResult]]) -> dict[int, str]:
+def commit_labels(
+    rt: Runtime, done: Sequence[tuple[Holder, ClassificationResult]]
+) -> dict[int, str]:
     if not done:
         return {}
     with session_scope(rt.sessions) as session:
-        recorded = _record(rt, session, done, write=rt.publisher.write)
+        recorded = store_labels(rt, session, done, write=rt.publisher.write)
     for outcome in recorded.outcomes.values():
         TICKETS_CLASSIFIED.labels(outcome=outcome).inc()
     rt.publish_after_commit(recorded.outbox)
@@ -126,10 +128,10 @@ class _Recorded:
     outbox: list[Pending]
 
 
-def _record(
+def store_labels(
     rt: Runtime,
     session: Session,
-    done: Sequence[tuple[_Holder, ClassificationResult]],
+    done: Sequence[tuple[Holder, ClassificationResult]],
     *,
     write: Callable[[Session, list[dict[str, Any]]], list[Pending]] = _unclaimed,
 ) -> _Recorded:
@@ -166,7 +168,7 @@ def _record(
         },
         last_error=None,
     )
-    kept: list[tuple[_Holder, ClassificationResult, Route, int]] = []
+    kept: list[tuple[Holder, ClassificationResult, Route, int]] = []
     dropped: list[int] = []
     for claim, result in done:
         ticket_id, route = claim.ticket_id, routes[claim.ticket_id]
@@ -239,7 +241,7 @@ def _record(
 
 
 def _classification_values(
-    rt: Runtime, claim: _Holder, result: ClassificationResult
+    rt: Runtime, claim: Holder, result: ClassificationResult
 ) -> dict[str, Any]:
     label, usage = result.label, result.usage
     return {
@@ -302,7 +304,7 @@ def record_label(
     commit), or None when the ticket is not in a finished state any more."""
     generation = ticket.generation
     if not reopen(session, ticket.id, generation):
-        # The answer was paid for: on record, as a label recorded too late is (see _record).
+        # The answer was paid for: on record, as a label recorded too late is (see store_labels).
         session.add(unkept_answer(ticket.id, result.request_id, result.usage, "superseded"))
         return None
     transition(
@@ -312,7 +314,7 @@ def record_label(
         only_from=frozenset({S.QUEUED}),
         attempts=Ticket.attempts + 1,
     )
-    claim = _Claim(
+    claim = Claim(
         ticket_id=ticket.id,
         attempt=1,
         generation=generation + 1,
@@ -321,7 +323,7 @@ def record_label(
         reuse=None,
         content_hash=ticket.content_hash,
     )
-    recorded = _record(rt, session, [(claim, result)])
+    recorded = store_labels(rt, session, [(claim, result)])
     if ticket.id not in recorded.label_ids:
         return None
     outbox = recorded.outbox[0].id

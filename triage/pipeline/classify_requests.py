@@ -1,12 +1,12 @@
 """What the backend is asked for a claimed ticket: its text, cut and redacted
-(`build_request`); another ticket's label to reuse instead of a call (`_find_reusable`); and
+(`build_request`); another ticket's label to reuse instead of a call (`reusable_labels`); and
 a first answer an earlier attempt paid for.
 
 Answers the database could not take go back on the broker with the task's retry
 (classify_labels.AnswersNotRecorded). A cascade's first answer whose escalation failed
 transiently is kept in the database instead, on the failed attempt's row (the database is up
 then): the retry finds it there however it comes back (outbox, sweeper, another worker after
-this one died) and pays only for the escalation (`_first_answer`).
+this one died) and pays only for the escalation (`first_answer_for`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from triage.pipeline.runtime import Runtime
 log = logging.getLogger(__name__)
 
 
-_RESULT: TypeAdapter[ClassificationResult] = TypeAdapter(ClassificationResult)
+RESULT_ADAPTER: TypeAdapter[ClassificationResult] = TypeAdapter(ClassificationResult)
 
 
 class TicketText(Protocol):
@@ -87,11 +87,11 @@ def build_request(rt: Runtime, ticket: TicketText) -> ClassificationRequest:
     )
 
 
-def _stored_first_answers(
+def stored_first_answers(
     session: Session, tickets: Sequence[Any]
 ) -> dict[int, list[tuple[int, Any]]]:
     """For each ticket on a retry, the first answers (`Attempt.answer`) its earlier attempts
-    stored, oldest first, as stored: each is read for its own ticket (`_first_answer`)."""
+    stored, oldest first, as stored: each is read for its own ticket (`first_answer_for`)."""
     retried = sorted(t.id for t in tickets if t.attempts > 1)
     if not retried:
         return {}
@@ -110,7 +110,7 @@ def _stored_first_answers(
     return stored
 
 
-def _first_answer(rt: Runtime, ticket: Any, stored: list[tuple[int, Any]]) -> FirstAnswer | None:
+def first_answer_for(rt: Runtime, ticket: Any, stored: list[tuple[int, Any]]) -> FirstAnswer | None:
     """The newest first answer an earlier attempt of this ticket's generation paid for, for
     the cascade to reuse. Another generation's is never reused: re-triaged text, a reprocess
     and a replayed dead letter all ask afresh. An answer the taxonomy no longer accepts (its
@@ -124,7 +124,7 @@ def _first_answer(rt: Runtime, ticket: Any, stored: list[tuple[int, Any]]) -> Fi
         return None
     attempt_id, data = newest[-1]
     try:
-        result = _RESULT.validate_python(data)
+        result = RESULT_ADAPTER.validate_python(data)
         validate_label(rt.config.taxonomy, result.label.model_dump())
     except ValidationError as exc:
         log.warning(
@@ -139,19 +139,19 @@ def _first_answer(rt: Runtime, ticket: Any, stored: list[tuple[int, Any]]) -> Fi
     return FirstAnswer(attempt_id, result)
 
 
-def _with_first_answer(
+def with_first_answer(
     request: ClassificationRequest, first: FirstAnswer | None
 ) -> ClassificationRequest:
     # Most tickets are on their first attempt: no copy for them.
     return request if first is None else replace(request, first_answer=first)
 
 
-def _first_answer_record(generation: int, result: ClassificationResult) -> dict[str, Any]:
+def first_answer_record(generation: int, result: ClassificationResult) -> dict[str, Any]:
     """What `Attempt.answer` holds: a paid first answer and the generation it answered."""
-    return {"generation": generation, "result": _RESULT.dump_python(result, mode="json")}
+    return {"generation": generation, "result": RESULT_ADAPTER.dump_python(result, mode="json")}
 
 
-def _find_reusable(
+def reusable_labels(
     rt: Runtime, session: Session, tickets: Sequence[Any]
 ) -> dict[int, Classification]:
     """For each ticket, the newest first-hand label of another ticket with the same text,
@@ -210,7 +210,7 @@ _REUSABLE = (
 )
 
 
-def _reuse(source: Classification) -> ClassificationResult:
+def reused_result(source: Classification) -> ClassificationResult:
     return ClassificationResult(
         label=TicketLabel(**source.label_fields()),
         backend=source.backend,

@@ -27,16 +27,21 @@ from typing import Any
 from triage.classify.backends.base import ClassificationResult
 from triage.errors import RateLimited, TransientError, TriageError, loggable_traceback
 from triage.pipeline.classify_calls import (
-    _admission_waits,
-    _call_for,
-    _charge_unadmitted,
-    _observe,
-    _one_call_per_text,
-    _record_overload,
-    _record_success,
+    admission_waits,
+    call_for,
+    charge_unadmitted,
+    count_answer,
+    one_call_per_text,
+    report_overload,
+    report_success,
 )
-from triage.pipeline.classify_claims import _begin, _Claim, _defer, _failure
-from triage.pipeline.classify_labels import AnswersNotRecorded, _carry, _finish, _record_carried
+from triage.pipeline.classify_claims import Claim, claim_chunk, defer_claim, failure_of
+from triage.pipeline.classify_labels import (
+    AnswersNotRecorded,
+    carry_answers,
+    commit_labels,
+    record_carried,
+)
 from triage.pipeline.fanout import SLOT_PATIENCE_SECONDS, HeldSlots
 from triage.pipeline.runtime import Runtime
 from triage.reliability.guard import handle_failure
@@ -83,7 +88,7 @@ def classify_tickets_stage(
     has finished before this returns (or raises): the message is acknowledged only then."""
     outcomes: dict[int, str] = {}
     if carried:
-        outcomes.update(_record_carried(rt, carried))
+        outcomes.update(record_carried(rt, carried))
     pending = [i for i in dict.fromkeys(ticket_ids) if i not in outcomes]
     beside: list[Future[dict[int, str]]] = []
     errors: list[Exception] = []
@@ -144,9 +149,9 @@ def _classify_chunk(
     rt: Runtime, ticket_ids: list[int], reuse: bool, max_inline_wait: float, held: HeldSlots
 ) -> dict[int, str]:
     outcomes: dict[int, str] = {}
-    claims = _begin(rt, ticket_ids, reuse, outcomes)
+    claims = claim_chunk(rt, ticket_ids, reuse, outcomes)
     max_attempts = policy_for("classify", rt.settings).max_attempts
-    going: list[_Claim] = []
+    going: list[Claim] = []
     for claim in claims:
         if claim.attempt > max_attempts:
             # Earlier attempts ended without an outcome (the worker died mid-call, say, every
@@ -156,17 +161,17 @@ def _classify_chunk(
                 f"{claim.attempt - 1} attempts started, none finished with an outcome "
                 "(worker lost mid-attempt?)"
             )
-            outcomes[claim.ticket_id] = handle_failure(rt, _failure(rt, claim), lost)
+            outcomes[claim.ticket_id] = handle_failure(rt, failure_of(rt, claim), lost)
         else:
             going.append(claim)
     if reuse:
-        going = _one_call_per_text(rt, going, outcomes)
-    waits = _admission_waits(rt, [c for c in going if c.reuse is None], max_inline_wait)
-    calling: list[_Claim] = []
+        going = one_call_per_text(rt, going, outcomes)
+    waits = admission_waits(rt, [c for c in going if c.reuse is None], max_inline_wait)
+    calling: list[Claim] = []
     for claim in going:
         wait = waits.get(claim.ticket_id, 0.0)
         if wait > 0:
-            outcomes[claim.ticket_id] = _defer(rt, claim, wait)
+            outcomes[claim.ticket_id] = defer_claim(rt, claim, wait)
         else:
             calling.append(claim)
     # Slots are for calls: tickets that make none (not claimed, deferred, out of attempts)
@@ -176,7 +181,7 @@ def _classify_chunk(
     # With the database gone, the later waves' answers are paid for too: take them all
     # before failing, so the retry carries every one.
     outages: list[Exception] = []
-    for wave in rt.calls.waves([_call_for(rt, claim) for claim in calling]):
+    for wave in rt.calls.waves([call_for(rt, claim) for claim in calling]):
         held.give(len(wave))
         try:
             outcomes.update(_settle(rt, [(calling[i], result) for i, result in wave]))
@@ -190,35 +195,35 @@ def _classify_chunk(
 
 
 def _settle(
-    rt: Runtime, answers: list[tuple[_Claim, ClassificationResult | Exception]]
+    rt: Runtime, answers: list[tuple[Claim, ClassificationResult | Exception]]
 ) -> dict[int, str]:
     """Outcomes for the calls that have finished: labels recorded together, failures to the
     guard one by one. Labels go first: if the database is gone, they are what was paid for
     (`AnswersNotRecorded`); an unrecorded failure is retried once its claim's lease is over."""
     outcomes: dict[int, str] = {}
-    done: list[tuple[_Claim, ClassificationResult]] = []
-    failed: list[tuple[_Claim, Exception]] = []
+    done: list[tuple[Claim, ClassificationResult]] = []
+    failed: list[tuple[Claim, Exception]] = []
     answered = 0
     for claim, result in answers:
         if isinstance(result, Exception):
             if isinstance(result, RateLimited) and rt.admission is not None:
-                _record_overload(rt.admission, result)
+                report_overload(rt.admission, result)
             failed.append((claim, result))
             continue
         answered += 1 if result.paid_now()[0] else 0
-        _observe(result)
+        count_answer(result)
         done.append((claim, result))
     if answered and rt.admission is not None:
-        _record_success(rt.admission, answered)
+        report_success(rt.admission, answered)
     if rt.admission is not None and rt.admission.limiter.enabled:
-        _charge_unadmitted(rt, rt.admission, answers)
+        charge_unadmitted(rt, rt.admission, answers)
     try:
-        outcomes.update(_finish(rt, done))
+        outcomes.update(commit_labels(rt, done))
     except Exception as exc:
         if is_database_outage(exc):
-            raise AnswersNotRecorded(_carry(done)) from exc
+            raise AnswersNotRecorded(carry_answers(done)) from exc
         raise
     for claim, error in failed:
         paid = error if isinstance(error, TriageError) else None
-        outcomes[claim.ticket_id] = handle_failure(rt, _failure(rt, claim, paid), error)
+        outcomes[claim.ticket_id] = handle_failure(rt, failure_of(rt, claim, paid), error)
     return outcomes

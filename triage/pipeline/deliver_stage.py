@@ -143,7 +143,8 @@ def _record_queue_only(rt: Runtime, dispatch_ids: list[int]) -> dict[int, str]:
                         "started_at": now,
                         "finished_at": now,
                     }
-                    # Ticket order: the foreign key check locks them (see classify_labels._record).
+                    # Ticket order: the foreign key check locks them (see
+                    # classify_labels.store_labels).
                     for _id, ticket_id, number in sorted(rows, key=lambda row: row[1])
                 ],
                 returning=None,
