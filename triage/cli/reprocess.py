@@ -249,9 +249,7 @@ def _print_estimate(est: Any) -> None:
     )
 
 
-def _print_summary(
-    summary: Any, as_json: bool, interrupted: bool, skipped: dict[int, str]
-) -> None:
+def _print_summary(summary: Any, as_json: bool, interrupted: bool, skipped: dict[int, str]) -> None:
     data = {
         "run_id": summary.run_id,
         "total": summary.total,

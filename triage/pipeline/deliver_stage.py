@@ -311,9 +311,7 @@ def _begin(
                 review_reason=ticket.review_reason,
                 label={**label.label_fields(), "model": label.model} if label else {},
                 # What the source sent; which updates were applied is triage's own record.
-                metadata={
-                    k: v for k, v in (ticket.extra or {}).items() if k != APPLIED_UPDATES
-                },
+                metadata={k: v for k, v in (ticket.extra or {}).items() if k != APPLIED_UPDATES},
                 routed_at=dispatch.created_at,
                 deadline=began + _delivery_seconds(rt, dispatch.department),
             )

@@ -40,9 +40,7 @@ def _matches(cond: RuleCondition, label: TicketLabel, owner: str) -> bool:
     )
 
 
-def decide_route(
-    taxonomy: Taxonomy, label: TicketLabel, review_reason: str | None = None
-) -> Route:
+def decide_route(taxonomy: Taxonomy, label: TicketLabel, review_reason: str | None = None) -> Route:
     """Low confidence, or a backend's `review_reason`, goes to a person; otherwise the first
     matching override, otherwise the department that owns the intent. The model's own
     `department` guess is recorded but not trusted for routing: the taxonomy owns that

@@ -32,7 +32,6 @@ from triage.sinks.http import make_client, send
 PRIORITIES = {"urgent": 1, "high": 2, "normal": 3, "low": 4}
 
 
-
 class DjangoHelpdeskWriter:
     name = "django-helpdesk"
     # The ticket with its follow-ups, the PATCH, the follow-up.
