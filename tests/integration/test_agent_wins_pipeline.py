@@ -23,10 +23,11 @@ from tests.integration.test_sources import (
 from tests.support.fakehttp import FakeApi, FakeZendesk, running_api
 from tests.support.stack import make_runtime, truncate
 from triage.config import PROJECT_ROOT
-from triage.db.models import Dispatch, Ticket
+from triage.db.models import Attempt, Dispatch, OutboxMessage, Ticket
 from triage.ingest.app import create_app
 from triage.pipeline.classify_stage import classify_tickets_stage
 from triage.pipeline.deliver_stage import deliver_many_stage
+from triage.pipeline.relay import DELIVER_TASK
 from triage.pipeline.runtime import Runtime
 
 AGENTS_GROUP = 360777
@@ -106,6 +107,46 @@ def test_an_agents_group_change_before_the_write_back_survives_it_and_the_note_s
     assert f"triage_{department}" in ticket.tags and {"billing", "vip"} <= set(ticket.tags)
     (comment,) = ticket.comments
     assert comment["public"] is False
+    assert comment["body"].startswith(f"[triage] dispatch {dispatch_id}: routed to ")
+    assert comment["body"].endswith("\ngroup left as an agent set it")
+
+
+def test_an_agents_group_change_between_the_write_backs_read_and_update_survives_its_retry(
+    rt, helpdesk
+):
+    # The write-back reads the ticket (still as the webhook reported it) and decides to set
+    # the group; an agent moves the ticket right then. Zendesk refuses the guarded update
+    # (409), the deliver policy retries it, and the retry decides again on the agent's group.
+    zendesk, _api = helpdesk
+    with TestClient(create_app(rt, relay_interval=3600)) as client:
+        sent = zendesk_ticket(101, group_id="360009", priority="Normal")
+        ticket_id = ZENDESK.post(client, sent).json()["ticket_id"]
+    dispatch_id = _route(rt, ticket_id)
+    department = _department(rt, ticket_id)
+
+    zendesk.after_next_read(101, lambda: zendesk.update_by_agent(101, group_id=AGENTS_GROUP))
+    assert deliver_many_stage(rt, [dispatch_id]) == {dispatch_id: "retry"}
+    ticket = zendesk.tickets[101]
+    assert (ticket.group_id, ticket.comments) == (AGENTS_GROUP, [])
+    with rt.sessions() as session:
+        failed = session.scalars(
+            select(Attempt).where(Attempt.ticket_id == ticket_id, Attempt.stage == "deliver")
+        ).one()
+        messages = session.scalars(
+            select(OutboxMessage)
+            .where(OutboxMessage.ticket_id == ticket_id, OutboxMessage.task == DELIVER_TASK)
+            .order_by(OutboxMessage.id)
+        ).all()
+    assert failed.outcome == "retry" and "409" in (failed.error or "")
+    # The first delivery's message, then the retry's, after the deliver policy's delay.
+    first, retry = messages
+    assert first.countdown == 0 and retry.countdown > 0
+
+    # The retry's message, as a worker consumes it.
+    assert deliver_many_stage(rt, [retry.args["dispatch_id"]]) == {dispatch_id: "delivered"}
+    assert ticket.group_id == AGENTS_GROUP
+    assert f"triage_{department}" in ticket.tags and {"billing", "vip"} <= set(ticket.tags)
+    (comment,) = ticket.comments
     assert comment["body"].startswith(f"[triage] dispatch {dispatch_id}: routed to ")
     assert comment["body"].endswith("\ngroup left as an agent set it")
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 from tests.integration.test_sinks import (
     FD_TICKET,
     NOTE,
@@ -17,6 +19,7 @@ from tests.integration.test_sinks import (
     dh_writer,
 )
 from tests.support.fakehttp import Reply
+from triage.errors import TransientError
 from triage.sinks.freshdesk import FreshdeskWriter
 from triage.sinks.zendesk import ZendeskWriter
 
@@ -76,10 +79,65 @@ def test_zendesk_leaves_both_when_an_agent_changed_both_and_still_comments(zd_ap
     ticket.group_id, ticket.priority = 360777, "low"
     zd_writer(zd_api.url).deliver(delivery(metadata=ZD_REPORTED))
     assert (ticket.group_id, ticket.priority) == (360777, "low")
-    assert zd_api.requests[-1].json()["ticket"].keys() == {"comment"}
+    sent = zd_api.requests[-1].json()["ticket"]
+    assert sent.keys() == {"comment", "safe_update", "updated_stamp"}
     assert ticket.comments[-1]["body"].endswith(
         "\ngroup left as an agent set it\npriority left as an agent set it"
     )
+
+
+# --- an agent's change between the read and the update (Zendesk's safe_update) -----------------
+
+
+def test_zendesk_update_after_its_read_is_guarded_by_the_updated_at_it_read(zd_api, zd):
+    ticket = zd.tickets[101]
+    ticket.group_id, ticket.priority = 360009, "normal"
+    read: list[str] = []
+    zd.after_next_read(101, lambda: read.append(ticket.stamp))
+    zd_writer(zd_api.url).deliver(delivery(metadata=ZD_REPORTED))
+    assert zd_api.calls() == [("GET", ZD_COMMENTS), ("PUT", ZD_TAGS), ZD_TICKET, ZD_UPDATE]
+    sent = zd_api.requests[-1].json()["ticket"]
+    assert (sent["safe_update"], sent["updated_stamp"]) == (True, read[0])
+    assert (ticket.group_id, ticket.priority) == (360001, "high")
+    assert [c["body"] for c in ticket.comments] == [NOTE]
+
+
+def test_zendesk_agents_group_change_between_its_read_and_its_update_survives_the_retry(zd_api, zd):
+    # The webhook's group and priority are still the ticket's when it is read; right after,
+    # an agent moves the ticket. Unguarded, the update would move it back to billing.
+    ticket = zd.tickets[101]
+    ticket.group_id, ticket.priority = 360009, "normal"
+    zd.after_next_read(101, lambda: zd.update_by_agent(101, group_id=360777))
+    writer = zd_writer(zd_api.url)
+    with pytest.raises(TransientError, match="409") as refused:
+        writer.deliver(delivery(metadata=ZD_REPORTED))
+    assert "UpdateConflict" in refused.value.quoted
+    # Zendesk applied nothing of the update: the agent's group, no comment.
+    assert (ticket.group_id, ticket.priority, ticket.comments) == (360777, "normal", [])
+    # The deliver policy's retry: no comment found, tags again, a new read, a new decision.
+    writer.deliver(delivery(metadata=ZD_REPORTED))
+    once = [("GET", ZD_COMMENTS), ("PUT", ZD_TAGS), ZD_TICKET, ZD_UPDATE]
+    assert zd_api.calls() == once * 2
+    assert (ticket.group_id, ticket.priority) == (360777, "high")
+    assert ticket.tags == ["vip", "triage_refund", "triage_billing"]
+    assert [c["body"] for c in ticket.comments] == [f"{NOTE}\ngroup left as an agent set it"]
+
+
+def test_zendesk_without_a_read_sends_its_update_unguarded(zd_api, zd):
+    # The webhook carried neither group nor priority: nothing read, nothing to guard.
+    zd_writer(zd_api.url).deliver(delivery(metadata={"tags": ["vip"]}))
+    assert zd_api.calls() == [("GET", ZD_COMMENTS), ("PUT", ZD_TAGS), ZD_UPDATE]
+    sent = zd_api.requests[-1].json()["ticket"]
+    assert "safe_update" not in sent and "updated_stamp" not in sent
+    assert (zd.tickets[101].group_id, zd.tickets[101].priority) == (360001, "high")
+
+
+def test_zendesk_read_without_updated_at_sends_its_update_unguarded(zd_api, zd):
+    zd_api.script(*ZD_TICKET, Reply(body={"ticket": {"group_id": 360009, "priority": "normal"}}))
+    zd_writer(zd_api.url).deliver(delivery(metadata=ZD_REPORTED))
+    assert zd_api.calls() == [("GET", ZD_COMMENTS), ("PUT", ZD_TAGS), ZD_TICKET, ZD_UPDATE]
+    sent = zd_api.requests[-1].json()["ticket"]
+    assert sent.keys() == {"group_id", "priority", "comment"}
 
 
 def test_freshdesk_leaves_a_priority_an_agent_raised_and_still_sets_group_tags_and_note(api):

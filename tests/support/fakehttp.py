@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -121,6 +122,10 @@ ZENDESK_CLOSED = {
     "description": "Record validation errors",
     "details": {"status": [{"description": "Status: closed prevents ticket update"}]},
 }
+ZENDESK_CONFLICT = {
+    "error": "UpdateConflict",
+    "description": "The ticket was updated after the updated_stamp given with safe_update",
+}
 
 
 @dataclass
@@ -131,6 +136,13 @@ class ZendeskTicket:
     priority: str | None = None
     # Oldest first, as Zendesk keeps them.
     comments: list[dict[str, Any]] = field(default_factory=list)
+    # Advanced by every write (`FakeZendesk.updated`); what `updated_stamp` is compared with.
+    updated_at: datetime = field(default_factory=lambda: datetime(2026, 11, 27, 9, tzinfo=UTC))
+
+    @property
+    def stamp(self) -> str:
+        # As Zendesk renders it: ISO 8601, whole seconds, UTC.
+        return self.updated_at.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 _ZD_TICKET = re.compile(r"/api/v2/tickets/(\d+)(\.json|/tags|/comments\.json)(\?.*)?$")
@@ -143,22 +155,48 @@ class FakeZendesk:
     those listed; an update of one ticket sets group, priority and `tags` (all of them,
     replacing) and adds its comment. `additional_tags` and `remove_tags` are documented only
     for Update Many Tickets: an update of one ticket ignores them. A closed ticket answers
-    any write 422 "closed prevents ticket update"."""
+    any write 422 "closed prevents ticket update". Every write advances the ticket's
+    `updated_at`; an update with `safe_update` whose `updated_stamp` is older (or missing)
+    answers 409 "UpdateConflict" and changes nothing.
+
+    `after_next_read` runs a change once, right after the next read of the ticket is answered:
+    an agent's update landing between a writer's read and its update."""
 
     def __init__(self) -> None:
         self.tickets: dict[int, ZendeskTicket] = {}
-        self.lock = threading.Lock()
+        # Reentrant: a change run after a read (under the lock) may call `update_by_agent`.
+        self.lock = threading.RLock()
+        self.after_read: dict[int, Callable[[], None]] = {}
 
     def ticket(self, number: int, **fields: Any) -> ZendeskTicket:
         self.tickets[number] = ZendeskTicket(**fields)
         return self.tickets[number]
 
+    def update_by_agent(self, number: int, **fields: Any) -> None:
+        """An agent's update of the ticket in Zendesk's UI: these fields, a new `updated_at`."""
+        with self.lock:
+            ticket = self.tickets[number]
+            for name, value in fields.items():
+                setattr(ticket, name, value)
+            self.updated(ticket)
+
+    def after_next_read(self, number: int, change: Callable[[], None]) -> None:
+        self.after_read[number] = change
+
+    @staticmethod
+    def updated(ticket: ZendeskTicket) -> None:
+        ticket.updated_at += timedelta(seconds=1)
+
     def __call__(self, method: str, path: str, body: bytes) -> Reply | None:
         match = _ZD_TICKET.match(path)
         if not match or int(match[1]) not in self.tickets:
             return None
+        number = int(match[1])
         with self.lock:
-            return self._answer(method, self.tickets[int(match[1])], match[2], body)
+            reply = self._answer(method, self.tickets[number], match[2], body)
+            if method == "GET" and match[2] == ".json" and number in self.after_read:
+                self.after_read.pop(number)()
+            return reply
 
     def _answer(self, method: str, ticket: ZendeskTicket, what: str, body: bytes) -> Reply:
         if method == "GET" and what == "/comments.json":
@@ -172,12 +210,16 @@ class FakeZendesk:
         sent = json.loads(body)
         if what == "/tags":
             listed = sent["tags"]
+            self.updated(ticket)
             if method == "PUT":
                 ticket.tags += [tag for tag in listed if tag not in ticket.tags]
                 return Reply(body={"tags": ticket.tags})
             ticket.tags = [tag for tag in ticket.tags if tag not in listed]
             return Reply(status=204)
         update = sent["ticket"]
+        if update.get("safe_update") and _stale(ticket, update.get("updated_stamp")):
+            return Reply(status=409, body=ZENDESK_CONFLICT)
+        self.updated(ticket)
         ticket.group_id = update.get("group_id", ticket.group_id)
         ticket.priority = update.get("priority", ticket.priority)
         ticket.tags = update.get("tags", ticket.tags)
@@ -192,7 +234,17 @@ class FakeZendesk:
             "status": ticket.status,
             "group_id": ticket.group_id,
             "priority": ticket.priority,
+            "updated_at": ticket.stamp,
         }
+
+
+def _stale(ticket: ZendeskTicket, stamp: object) -> bool:
+    """Whether the ticket was updated after `stamp`. One that does not parse, or has no zone
+    (comparing it raises TypeError), says nothing: an update guarded by it is refused too."""
+    try:
+        return ticket.updated_at > datetime.fromisoformat(str(stamp))
+    except (TypeError, ValueError):
+        return True
 
 
 @contextmanager

@@ -13,6 +13,17 @@ Group and priority are set only while they are what the webhook reported
 update, and a field an agent changed since is left, and named in the comment. The read is
 skipped when the webhook carried neither field (nothing to compare with: both are set).
 
+An agent's change can still land between that read and the update. The update after a read
+carries Zendesk's guard against update collisions (`safe_update` with `updated_stamp`, the
+ticket's `updated_at` as read): if the ticket was updated since, Zendesk answers 409
+"UpdateConflict" and applies nothing. A 409 is transient (`http.TRANSIENT_STATUSES`): the
+delivery is retried by the deliver policy, and the retry, not finding its comment, sends the
+tags again, reads the ticket again and decides group and priority against what the agent set.
+The retry is left to the policy rather than made at once: the conflict means someone is working
+on the ticket right now (and their update may set off triggers that update it again), so the
+policy's delay lets it settle, and a delivery's requests, and so its lease, stay as they were.
+A ticket read without `updated_at` is updated unguarded, as before.
+
 Each update with a comment adds one, and Zendesk has no idempotency key for updates: a retried
 delivery (a timeout that in fact succeeded, or a later sink of the department failing) first
 looks among the ticket's newest comments for its own (by dispatch id in the title). The comment
@@ -78,6 +89,16 @@ def reported_priority(metadata: Mapping[str, Any]) -> str | Unreported | None:
     return PRIORITIES.get(text, UNREPORTED)
 
 
+def collision_guard(current: Mapping[str, Any]) -> dict[str, Any]:
+    """What makes an update depend on the ticket as read (`current`): Zendesk refuses it, 409,
+    if the ticket was updated after `updated_stamp`. Nothing when it was not read (no decision
+    rests on it) or its read gave no `updated_at`."""
+    stamp = current.get("updated_at")
+    if not isinstance(stamp, str) or not stamp:
+        return {}
+    return {"safe_update": True, "updated_stamp": stamp}
+
+
 class ZendeskWriter:
     name = "zendesk"
     # The newest comments, adding tags, removing tags, the ticket's group and priority, the
@@ -125,16 +146,21 @@ class ZendeskWriter:
         stale = sorted(self.own_tags.difference(tags))
         if stale:
             self._send(delivery, what, "DELETE", f"{path}/tags", json={"tags": stale})
-        group, priority = self._fields(path, delivery, what)
+        group, priority, current = self._fields(path, delivery, what)
         left = left_fields((group, priority), what)
         ticket: dict[str, Any] = {"comment": {"body": note_text(delivery, left), "public": False}}
         if group.value is not None:
             ticket["group_id"] = group.value
         if priority.value is not None:
             ticket["priority"] = priority.value
+        ticket.update(collision_guard(current))
         self._send(delivery, what, "PUT", f"{path}.json", json={"ticket": ticket})
 
-    def _fields(self, path: str, delivery: Delivery, what: str) -> tuple[FieldWrite, FieldWrite]:
+    def _fields(
+        self, path: str, delivery: Delivery, what: str
+    ) -> tuple[FieldWrite, FieldWrite, dict[str, Any]]:
+        """Group and priority as `agent_wins` decides them, and the ticket as read for that
+        (empty: not read)."""
         group = self.groups.get(delivery.department or "")
         priority = PRIORITIES.get(str(delivery.label.get("priority")))
         was_group = reported_number(delivery.metadata, "group_id")
@@ -151,6 +177,7 @@ class ZendeskWriter:
         return (
             agent_wins("group", group, was_group, current.get("group_id")),
             agent_wins("priority", priority, was_priority, current.get("priority")),
+            current,
         )
 
     def _send(self, delivery: Delivery, what: str, method: str, url: str, **kwargs: Any) -> None:
