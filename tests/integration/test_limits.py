@@ -127,9 +127,7 @@ def test_one_rejected_key_opens_the_breaker_at_once_for_the_auth_cooldown(clean_
 
 
 def test_a_rejected_key_probe_opens_the_breaker_again_and_a_good_one_closes_it(clean_redis):
-    breaker = CircuitBreaker(
-        redis.Redis.from_url(clean_redis), auth_cooldown=0.2, probe_interval=5
-    )
+    breaker = CircuitBreaker(redis.Redis.from_url(clean_redis), auth_cooldown=0.2, probe_interval=5)
     breaker.record_key_rejected()
     wait_until(lambda: breaker.open_seconds() == 0, 5, what="cool-down over")
     assert breaker.wait_seconds() == 0  # this caller is the probe

@@ -40,9 +40,7 @@ def test_a_401_is_a_rejected_key_retried_like_an_overload_not_dead_lettered():
     assert not decide(policy, error, attempt=6, age_seconds=0).retry
 
 
-@pytest.mark.parametrize(
-    ("status", "kind"), [(403, "permission_error"), (404, "not_found_error")]
-)
+@pytest.mark.parametrize(("status", "kind"), [(403, "permission_error"), (404, "not_found_error")])
 def test_a_403_or_404_stays_permanent(status, kind):
     error = translate_api_error(status_error(status, kind, "model: claude-sonnet-5"))
     assert type(error) is PermanentError
