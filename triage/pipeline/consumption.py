@@ -25,6 +25,7 @@ from celery.worker import state
 
 from triage.pipeline.relay import CLASSIFY_TASK
 from triage.pipeline.routing import CLASSIFY_QUEUE
+from triage.reliability.limits import Admission
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class PauseClassifyWhileCircuitOpen(bootsteps.StartStopStep):  # type: ignore[mi
             self.paused = False
 
 
-def _reason(admission: Any) -> str:
+def _reason(admission: Admission) -> str:
     try:
         return admission.breaker.open_reason() or "unknown"
     except Exception:  # noqa: BLE001 - only a log line's detail
