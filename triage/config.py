@@ -119,6 +119,9 @@ class Settings(BaseSettings):
     circuit_threshold: int = Field(20, ge=1)
     circuit_window_seconds: float = Field(30.0, gt=0)
     circuit_cooldown_seconds: float = Field(30.0, gt=0)
+    # One 401 (the API key rejected) opens the circuit at once for this long: a key is fixed
+    # by a person, in minutes, and each probe after it costs one ticket one attempt.
+    circuit_auth_cooldown_seconds: float = Field(300.0, gt=0)
     # How often each worker's sweeper relays the outbox and looks for stuck tickets.
     sweep_interval_seconds: float = Field(10.0, gt=0)
     # Tickets stuck in a non-terminal state longer than this are re-enqueued by the sweeper.

@@ -5,6 +5,7 @@ TriageError
 ├── IngestError            a webhook that cannot be accepted (carries an HTTP status)
 ├── TransientError         worth retrying: rate limits, overload, 5xx, timeouts, disconnects
 │   ├── RateLimited        the server said when to come back (retry_after)
+│   ├── ApiKeyRejected     401 authentication_error: the key, not the ticket (pauses the fleet)
 │   └── OutputTruncated    stop_reason "max_tokens": the label was cut off (truncated JSON)
 └── PermanentError         retrying cannot help: dead-letter at once
     ├── InvalidOutput      the model's answer failed the schema (after the repair attempt)
@@ -118,6 +119,16 @@ class RateLimited(TransientError):
     def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: object) -> None:
         super().__init__(message, **kwargs)  # type: ignore[arg-type]
         self.retry_after = retry_after
+
+
+class ApiKeyRejected(TransientError):
+    """The API answered 401 authentication_error: the API key is wrong, revoked or expired.
+
+    Transient although retrying the same call cannot help: the fault is the deployment's, not
+    the ticket's, and every ticket would meet it. Dead-lettering each one would turn the whole
+    inflow into dead letters an operator must replay; instead the first one opens the shared
+    circuit breaker (see `triage/reliability/limits.py`), tickets wait on the broker, and a
+    probe call after the cool-down finds out whether the key works again."""
 
 
 class PermanentError(TriageError):

@@ -519,7 +519,9 @@ class _Handler(BaseHTTPRequestHandler):
                 headers["retry-after"] = str(fault.retry_after if fault.retry_after else 1)
             elif fault.retry_after is not None:
                 headers["retry-after"] = str(fault.retry_after)
-            return self._send(status, _error_body(status, f"injected {fault.kind}"), headers)
+            # A rejected key is answered as the real API words it.
+            message = "invalid x-api-key" if status == 401 else f"injected {fault.kind}"
+            return self._send(status, _error_body(status, message), headers)
         if fault.kind == "timeout":
             fake._stopping.wait(fault.delay)
             try:

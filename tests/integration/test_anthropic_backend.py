@@ -15,6 +15,7 @@ from triage.classify.backends.cascade import CascadeBackend
 from triage.classify.schema import output_schema
 from triage.config import get_config
 from triage.errors import (
+    ApiKeyRejected,
     InvalidOutput,
     OutputTruncated,
     PermanentError,
@@ -134,11 +135,17 @@ def test_an_answer_trickling_within_the_timeout_is_read_whole(fake):
     assert result.label.intent == "shipping" and result.calls == 1
 
 
-@pytest.mark.parametrize("kind", ["bad_request", "auth"])
-def test_client_errors_are_permanent(fake, kind):
-    fake.add_fault(Fault(kind))
+def test_a_bad_request_is_permanent(fake):
+    fake.add_fault(Fault("bad_request"))
     with pytest.raises(PermanentError):
         backend(fake).classify(request())
+
+
+def test_a_rejected_key_is_its_own_transient_error(fake):
+    fake.add_fault(Fault("auth"))
+    with pytest.raises(ApiKeyRejected, match="401 authentication_error") as info:
+        backend(fake).classify(request())
+    assert info.value.api_calls == 1 and "invalid x-api-key" in info.value.quoted
 
 
 def test_refusal_is_a_typed_error_not_a_label(fake):

@@ -114,6 +114,43 @@ def test_an_overload_during_the_probe_opens_the_breaker_again(clean_redis):
     assert breaker.open_seconds() > 0
 
 
+def test_one_rejected_key_opens_the_breaker_at_once_for_the_auth_cooldown(clean_redis):
+    breaker = CircuitBreaker(
+        redis.Redis.from_url(clean_redis), threshold=20, cooldown=5, auth_cooldown=40
+    )
+    breaker.record_success(1000)
+    assert breaker.record_key_rejected() is True
+    assert 39 < breaker.open_seconds() <= 40 and breaker.open_reason() == "api_key_rejected"
+    # The calls in flight with it answer 401 too: the same opening, announced once.
+    assert [breaker.record_key_rejected() for _ in range(5)] == [False] * 5
+    assert 39 < breaker.open_seconds() <= 40
+
+
+def test_a_rejected_key_probe_opens_the_breaker_again_and_a_good_one_closes_it(clean_redis):
+    breaker = CircuitBreaker(redis.Redis.from_url(clean_redis), auth_cooldown=0.2, probe_interval=5)
+    breaker.record_key_rejected()
+    wait_until(lambda: breaker.open_seconds() == 0, 5, what="cool-down over")
+    assert breaker.wait_seconds() == 0  # this caller is the probe
+    assert breaker.wait_seconds() > 0  # everyone else waits for it
+    assert breaker.record_key_rejected() is True  # the key is still bad
+    assert breaker.open_seconds() > 0 and breaker.open_reason() == "api_key_rejected"
+    wait_until(lambda: breaker.open_seconds() == 0, 5, what="second cool-down over")
+    breaker.record_success()  # the key works again
+    assert breaker.wait_seconds() == 0 and breaker.wait_seconds() == 0
+    assert breaker.open_reason() is None
+
+
+def test_a_rejected_key_while_open_for_overload_holds_it_open_for_the_key(clean_redis):
+    breaker = CircuitBreaker(
+        redis.Redis.from_url(clean_redis), threshold=1, cooldown=5, auth_cooldown=40
+    )
+    assert breaker.record_overload() is True and breaker.open_reason() == "overload"
+    assert breaker.record_key_rejected() is True
+    assert 39 < breaker.open_seconds() <= 40 and breaker.open_reason() == "api_key_rejected"
+    # A later overload answer neither shortens it nor changes why.
+    assert breaker.record_overload() is False and breaker.open_reason() == "api_key_rejected"
+
+
 def test_calls_made_without_asking_are_charged_and_later_calls_wait_for_them(clean_redis):
     limiter = ApiLimiter(redis.Redis.from_url(clean_redis), Limits(calls_per_minute=60))
     assert [limiter.acquire(1) for _ in range(50)] == [0.0] * 50

@@ -132,6 +132,25 @@ def test_metrics_show_the_circuit_breaker_open(pg_url, clean_redis):
         seen = scrape(client)
     assert seen[("triage_circuit_open", ())] == 1
     assert 30 < seen[("triage_circuit_open_seconds", ())] <= 60
+    assert seen[("triage_circuit_open_reason", (("reason", "overload"),))] == 1
+    assert seen[("triage_circuit_open_reason", (("reason", "api_key_rejected"),))] == 0
+
+
+def test_metrics_show_the_circuit_open_for_a_rejected_key(pg_url, clean_redis):
+    truncate(pg_url)
+    env = anthropic_env(pg_url, clean_redis, "http://127.0.0.1:9")
+    rt = make_runtime(env)
+    with TestClient(create_app(rt, relay_interval=3600)) as client:
+        closed = scrape(client)
+        assert rt.admission is not None
+        rt.admission.breaker.record_key_rejected()
+        seen = scrape(client)
+    assert closed[("triage_circuit_open_reason", (("reason", "api_key_rejected"),))] == 0
+    assert closed[("triage_circuit_open_reason", (("reason", "overload"),))] == 0
+    assert seen[("triage_circuit_open", ())] == 1
+    assert 290 < seen[("triage_circuit_open_seconds", ())] <= 300  # the auth cool-down's default
+    assert seen[("triage_circuit_open_reason", (("reason", "api_key_rejected"),))] == 1
+    assert seen[("triage_circuit_open_reason", (("reason", "overload"),))] == 0
 
 
 def test_labels_are_counted_by_outcome_and_timed_by_backend_and_model(client, runtime):

@@ -118,9 +118,10 @@ def reprocess(
     summary = rp.summarize(rt, run.id, finish=True)
     _print_summary(summary, as_json, interrupted, skipped)
     if outcomes["dead"]:
-        # A permanent API error (a revoked key, say) dead-letters every ticket it meets: a
-        # script must not read that run as a success. Nor retry it blindly: a finished run is
-        # not resumed, the same command starts a new one and pays for every ticket again.
+        # A permanent API error (a model the key may not use, say) dead-letters every ticket
+        # it meets: a script must not read that run as a success. Nor retry it blindly: a
+        # finished run is not resumed, the same command starts a new one and pays for every
+        # ticket again.
         again = (
             "; running this command again would start a new run over every ticket"
             if summary.done >= summary.total

@@ -49,7 +49,7 @@ from triage.db.models import (
     utcnow,
 )
 from triage.db.session import session_scope
-from triage.errors import ConfigError, PermanentError, TransientError, detail
+from triage.errors import ApiKeyRejected, ConfigError, PermanentError, TransientError, detail
 from triage.pipeline.classify_labels import REOPENABLE, record_label, reopen, unkept_answer
 from triage.pipeline.classify_requests import build_request
 from triage.pipeline.relay import enqueue_classify
@@ -294,7 +294,9 @@ class BatchBackfill:
             batch = self.client.messages.batches.retrieve(row.api_batch_id)
         except anthropic.APIError as exc:
             error = translate_api_error(exc)
-            if isinstance(error, TransientError):
+            # A rejected key is transient for the workers (they wait for it to be fixed);
+            # here an operator waits at the terminal and is told now instead.
+            if isinstance(error, TransientError) and not isinstance(error, ApiKeyRejected):
                 log.warning("batch %s: %s; will poll again", row.api_batch_id, error)
                 return False
             raise error from exc

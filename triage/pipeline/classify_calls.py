@@ -3,8 +3,8 @@
 Before the calls, the shared API budget and the circuit breaker (reliability.limits) say how
 long each must wait (`admission_waits`), and a text that several tickets of a batch share is
 asked once (`one_call_per_text`). After them, the budget is charged for what it was not asked
-about, the breaker hears of answers and 429s, and each answer is counted. Redis trouble here
-is logged and never fails a ticket.
+about, the breaker hears of answers, 429s and 401s, and each answer is counted. Redis trouble
+here is logged and never fails a ticket.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from typing import Any
 
 from triage.classify.backends.base import ClassificationResult, Usage
 from triage.classify.prompt import estimate_input_tokens
-from triage.errors import RateLimited, TriageError
+from triage.errors import ApiKeyRejected, RateLimited, TriageError
 from triage.metrics import CLASSIFICATIONS, CLASSIFY_LATENCY
 from triage.pipeline.classify_claims import Claim, defer_claim
+from triage.pipeline.routing import CLASSIFY_QUEUE
 from triage.pipeline.runtime import Runtime
 from triage.reliability.limits import Admission
 
@@ -129,6 +130,25 @@ def report_overload(admission: Admission, exc: RateLimited) -> None:
         admission.breaker.record_overload(exc.retry_after)
     except Exception as err:  # noqa: BLE001 - the retry decision must not depend on Redis
         log.warning("circuit breaker not updated: %s", err)
+
+
+def report_key_rejected(admission: Admission, exc: ApiKeyRejected) -> None:
+    """A 401 opens the circuit at once. Said at ERROR by the one worker whose answer opened
+    it, not per ticket: a fleet of workers would otherwise log every in-flight ticket's 401."""
+    try:
+        opened = admission.breaker.record_key_rejected()
+    except Exception as err:  # noqa: BLE001 - the retry decision must not depend on Redis
+        log.warning("circuit breaker not updated: %s", err)
+        return
+    if opened:
+        log.error(
+            "API key rejected (%s): circuit open, every worker stops taking %s for %.0fs; "
+            "tickets wait on the broker. Check ANTHROPIC_API_KEY: a probe call after the "
+            "cool-down resumes classification once the key works",
+            exc.summary,
+            CLASSIFY_QUEUE,
+            admission.breaker.auth_cooldown,
+        )
 
 
 def count_answer(result: ClassificationResult) -> None:

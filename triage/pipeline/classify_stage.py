@@ -25,13 +25,20 @@ from functools import partial
 from typing import Any
 
 from triage.classify.backends.base import ClassificationResult
-from triage.errors import RateLimited, TransientError, TriageError, loggable_traceback
+from triage.errors import (
+    ApiKeyRejected,
+    RateLimited,
+    TransientError,
+    TriageError,
+    loggable_traceback,
+)
 from triage.pipeline.classify_calls import (
     admission_waits,
     call_for,
     charge_unadmitted,
     count_answer,
     one_call_per_text,
+    report_key_rejected,
     report_overload,
     report_success,
 )
@@ -208,6 +215,8 @@ def _settle(
         if isinstance(result, Exception):
             if isinstance(result, RateLimited) and rt.admission is not None:
                 report_overload(rt.admission, result)
+            elif isinstance(result, ApiKeyRejected) and rt.admission is not None:
+                report_key_rejected(rt.admission, result)
             failed.append((claim, result))
             continue
         answered += 1 if result.paid_now()[0] else 0

@@ -25,6 +25,7 @@ from celery.worker import state
 
 from triage.pipeline.relay import CLASSIFY_TASK
 from triage.pipeline.routing import CLASSIFY_QUEUE
+from triage.reliability.limits import Admission
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +80,25 @@ class PauseClassifyWhileCircuitOpen(bootsteps.StartStopStep):  # type: ignore[mi
             log.warning("circuit state unavailable (%s); consumption unchanged", exc)
             return
         if open_for > 0 and not self.paused:
-            log.warning("circuit open for %.0fs: pausing %s", open_for, CLASSIFY_QUEUE)
+            log.warning(
+                "circuit open for %.0fs (%s): pausing %s",
+                open_for,
+                _reason(admission),
+                CLASSIFY_QUEUE,
+            )
             c.cancel_task_queue(CLASSIFY_QUEUE)
             self.paused = True
         elif open_for <= 0 and self.paused:
             log.warning("circuit no longer open: resuming %s", CLASSIFY_QUEUE)
             c.add_task_queue(CLASSIFY_QUEUE)
             self.paused = False
+
+
+def _reason(admission: Admission) -> str:
+    try:
+        return admission.breaker.open_reason() or "unknown"
+    except Exception:  # noqa: BLE001 - only a log line's detail
+        return "unknown"
 
 
 def held_tickets(requests: Iterable[Any]) -> int:

@@ -17,6 +17,7 @@ from triage.pipeline.broker import queue_depths
 from triage.pipeline.celery_app import all_queues
 from triage.pipeline.routing import DEAD_QUEUE
 from triage.pipeline.runtime import Runtime
+from triage.reliability.limits import REASONS
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class PipelineGauges(Collector):
             return
         try:
             open_for = admission.breaker.open_seconds()
+            reason = admission.breaker.open_reason() if open_for > 0 else None
         except Exception as exc:  # noqa: BLE001 - a scrape must not fail over one source
             log.warning("circuit state unavailable for /metrics: %s", exc.__class__.__name__)
             return
@@ -95,3 +97,14 @@ class PipelineGauges(Collector):
             "Seconds until the open circuit lets a probe call through (0 when not open)",
             value=open_for,
         )
+        # Every reason always present (1 for the one the circuit is open for): a series that
+        # appears only while open would leave an alert nothing to compare with.
+        why = GaugeMetricFamily(
+            "triage_circuit_open_reason",
+            "1 for the reason the API circuit breaker is open (overload: sustained 429/529; "
+            "api_key_rejected: a 401), else 0",
+            labels=["reason"],
+        )
+        for each in REASONS:
+            why.add_metric([each], 1.0 if each == reason else 0.0)
+        yield why

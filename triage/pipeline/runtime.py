@@ -108,6 +108,7 @@ class Runtime:
             threshold=settings.circuit_threshold,
             window=settings.circuit_window_seconds,
             cooldown=settings.circuit_cooldown_seconds,
+            auth_cooldown=settings.circuit_auth_cooldown_seconds,
         )
         return Admission(limiter, breaker)
 

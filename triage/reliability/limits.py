@@ -2,10 +2,11 @@
 
 - `ApiLimiter`: calls and input tokens per minute (GCRA: a ticket may go when the account's
   rate allows it; bursts up to one minute's budget). Configure it to the account's tier.
-- `CircuitBreaker`: after sustained 429/529 answers the API is left alone for a cool-down, and
-  tickets wait on the broker instead of spending their attempts into the dead-letter queue:
-  workers stop consuming `triage.classify` while it is open (see
-  `triage/pipeline/consumption.py`) and resume by themselves when a probe call succeeds.
+- `CircuitBreaker`: after sustained 429/529 answers, or a single 401 (the API key rejected),
+  the API is left alone for a cool-down, and tickets wait on the broker instead of spending
+  their attempts into the dead-letter queue: workers stop consuming `triage.classify` while
+  it is open (see `triage/pipeline/consumption.py`) and resume by themselves when a probe
+  call succeeds.
 
 Both answer "go now" or "come back in N seconds"; the classify stage decides what to do with
 that (sleep briefly, or put the ticket back on the queue without using an attempt).
@@ -139,7 +140,12 @@ local now = second + tonumber(clock[2]) / 1000000
 local calls_key = ARGV[1] .. ':calls:' .. second
 """
 
-# KEYS: open-until key, half-open key, overloads-in-a-row key.
+# Why the circuit is open, in its reason key: for the gauge and the operator.
+OVERLOAD = "overload"
+API_KEY_REJECTED = "api_key_rejected"
+REASONS = (OVERLOAD, API_KEY_REJECTED)
+
+# KEYS: open-until key, half-open key, overloads-in-a-row key, reason key.
 # ARGV: prefix, window (s), threshold, min ratio, cooldown, retry_after.
 # Counts one overload answer; opens the circuit when the window holds at least `threshold`
 # overloads and they are at least `ratio` of the answers (or at once when half-open). Open is
@@ -169,6 +175,24 @@ if not trip then return 0 end
 local until_ = now + math.max(cooldown, retry_after)
 redis.call('SET', KEYS[1], tostring(until_), 'PX', math.ceil((until_ - now) * 1000))
 redis.call('SET', KEYS[2], '1', 'PX', math.ceil((until_ - now + 3600) * 1000))
+redis.call('SET', KEYS[4], 'overload', 'PX', math.ceil((until_ - now + 3600) * 1000))
+return 1
+"""
+
+# KEYS: open-until key, half-open key, reason key. ARGV: cooldown (s).
+# A rejected API key opens the circuit at once: one 401 is conclusive, every other call would
+# get one too. Already open for that reason: nothing (returns 0, so an opening is announced
+# once). Open for an overload: now for the key too, at least the key's cool-down, since the
+# key must be fixed whatever the overload does (returns 1).
+_KEY_REJECTED = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local open = redis.call('PTTL', KEYS[1])
+if open > 0 and redis.call('GET', KEYS[3]) == 'api_key_rejected' then return 0 end
+local until_ = now + math.max(tonumber(ARGV[1]), math.max(open, 0) / 1000)
+redis.call('SET', KEYS[1], tostring(until_), 'PX', math.ceil((until_ - now) * 1000))
+redis.call('SET', KEYS[2], '1', 'PX', math.ceil((until_ - now + 3600) * 1000))
+redis.call('SET', KEYS[3], 'api_key_rejected', 'PX', math.ceil((until_ - now + 3600) * 1000))
 return 1
 """
 
@@ -178,7 +202,7 @@ return 1
 _SUCCESS = _NOW_S + """
 redis.call('INCRBY', calls_key, ARGV[3]); redis.call('EXPIRE', calls_key, tonumber(ARGV[2]) + 5)
 redis.call('DEL', KEYS[3])
-if redis.call('PTTL', KEYS[1]) <= 0 then redis.call('DEL', KEYS[2]) end
+if redis.call('PTTL', KEYS[1]) <= 0 then redis.call('DEL', KEYS[2], KEYS[4]) end
 return 0
 """
 
@@ -205,7 +229,11 @@ class CircuitBreaker:
     hundreds of good answers, and an outage that began then took as many overloads (and the
     tickets' attempts) to reach the ratio. Stays open for `cooldown` seconds (or
     the server's retry-after, if longer); then half-open: one probe call per `probe_interval`
-    is let through. A good answer closes the circuit; another overload opens it again."""
+    is let through. A good answer closes the circuit; another overload opens it again.
+
+    A 401 (`record_key_rejected`) opens it at once, for `auth_cooldown`: the key is wrong for
+    every call, and only a person can fix it. The probe after the cool-down closes it (the key
+    works again) or meets another 401 and opens it for another cool-down."""
 
     def __init__(
         self,
@@ -214,6 +242,7 @@ class CircuitBreaker:
         threshold: int = 20,
         window: float = 30.0,
         cooldown: float = 30.0,
+        auth_cooldown: float = 300.0,
         ratio: float = 0.5,
         probe_interval: float = 2.0,
         prefix: str = "triage:circuit",
@@ -222,6 +251,7 @@ class CircuitBreaker:
         self.threshold = threshold
         self.window = max(1, int(window))
         self.cooldown = cooldown
+        self.auth_cooldown = auth_cooldown
         self.ratio = ratio
         self.probe_interval = probe_interval
         self._prefix = prefix
@@ -229,8 +259,10 @@ class CircuitBreaker:
         self._half_open = f"{prefix}:half-open"
         self._probe = f"{prefix}:probe"
         self._run = f"{prefix}:overloads-in-a-row"
-        self._keys = [self._open_until, self._half_open, self._run]
+        self._reason = f"{prefix}:reason"
+        self._keys = [self._open_until, self._half_open, self._run, self._reason]
         self._overload: Any = client.register_script(_OVERLOAD)
+        self._key_rejected: Any = client.register_script(_KEY_REJECTED)
         self._success: Any = client.register_script(_SUCCESS)
         self._check: Any = client.register_script(_CHECK)
 
@@ -238,6 +270,12 @@ class CircuitBreaker:
         """Seconds the circuit stays fully open (0.0 when closed or half-open). Consumers stop
         taking new work while it is open, and take it again for the half-open probe."""
         return max(0, int(self._client.pttl(self._open_until))) / 1000
+
+    def open_reason(self) -> str | None:
+        """Why the circuit last opened (OVERLOAD or API_KEY_REJECTED), until a probe closes
+        it; None when closed."""
+        reason = self._client.get(self._reason)
+        return reason.decode() if reason is not None else None
 
     def wait_seconds(self) -> float:
         """0.0 when a call may go (closed, or this caller won the half-open probe); otherwise
@@ -268,6 +306,14 @@ class CircuitBreaker:
         opened = self._overload(
             keys=self._keys,
             args=[self._prefix, self.window, self.threshold, self.ratio, self.cooldown, wait],
+        )
+        return bool(opened)
+
+    def record_key_rejected(self) -> bool:
+        """Open the circuit for `auth_cooldown` after a 401; True when this answer opened it
+        for that reason (not when it already was), so an opening is announced once."""
+        opened = self._key_rejected(
+            keys=[self._open_until, self._half_open, self._reason], args=[self.auth_cooldown]
         )
         return bool(opened)
 

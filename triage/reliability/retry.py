@@ -8,8 +8,10 @@ Retries live here and only here:
   retry-after, while the stage's attempts (`TRIAGE_<STAGE>_MAX_ATTEMPTS`) and age
   (`..._MAX_AGE`, counted from the stage's start: for classify, receipt or the start of the
   ticket's current generation (new text, a reprocess, a replay); for deliver, the dispatch or
-  its latest replay) allow. Then dead letter.
-- Permanent (400/401/403/404, output still invalid after the one repair call, refusal, a bug):
+  its latest replay) allow. Then dead letter. A 401 (`ApiKeyRejected`) is transient too: the
+  key is at fault, not the ticket, and it opens the circuit breaker at once, so tickets wait
+  for the key rather than spend their attempts (`triage/reliability/limits.py`).
+- Permanent (400/403/404, output still invalid after the one repair call, refusal, a bug):
   dead letter at once.
 
 SDK retries and task retries do not stack. The Anthropic client is built with

@@ -28,6 +28,7 @@ from triage.classify.backends.messages import (
 from triage.classify.schema import TicketLabel, validate_label
 from triage.config import ModelSpec
 from triage.errors import (
+    ApiKeyRejected,
     InvalidOutput,
     PermanentError,
     RateLimited,
@@ -161,6 +162,12 @@ def translate_api_error(exc: anthropic.APIError, ticket_id: int | None = None) -
             return RateLimited(summary, retry_after=_retry_after(exc), **where)
         if status == 408 or status == 409 or status >= 500:
             return TransientError(summary, **where)  # type: ignore[arg-type]
+        if status == 401:
+            return ApiKeyRejected(summary, **where)  # type: ignore[arg-type]
+        # 403 (permission_error) and 404 stay permanent: a key that works but may not use one
+        # model (perhaps only the escalation model, which the cascade then sends to review) or
+        # a model name that does not exist is a configuration fault a retry cannot mend, and
+        # pausing the fleet would also stop the tickets the other model can label.
         return PermanentError(summary, **where)  # type: ignore[arg-type]
     return PermanentError(
         f"API error: {exc.__class__.__name__}",
