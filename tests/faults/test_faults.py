@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 
 from tests.fakeanthropic import FakeAnthropic, Fault
 from tests.faults.harness import (
+    Figures,
     assert_nothing_lost_or_doubled,
     audit,
     post_tickets,
@@ -293,11 +294,17 @@ def test_poison_tickets_dead_letter_after_one_call_and_fail_once_tickets_are_rou
     ids = post_tickets(client, bodies)
     with workers(fault_env) as pool:
         settle(rt, receiver, ids, pool)
-        check_poison_and_fail_once(rt, client, fake, receiver, ids, bodies, poison, once, started)
-        replay_the_dead_letters_once_the_api_accepts_them(rt, fake, receiver, ids, pool, poison)
+        before = check_poison_and_fail_once(
+            rt, client, fake, receiver, ids, bodies, poison, once, started
+        )
+        replay_the_dead_letters_once_the_api_accepts_them(
+            rt, fake, receiver, ids, pool, poison, repeats_before=before.redelivered_same_id
+        )
 
 
-def check_poison_and_fail_once(rt, client, fake, receiver, ids, bodies, poison, once, started):
+def check_poison_and_fail_once(
+    rt, client, fake, receiver, ids, bodies, poison, once, started
+) -> Figures:
     n = len(bodies)
     fig, per_ticket = audited(
         "poison (always 400) + fail-once tickets",
@@ -334,9 +341,12 @@ def check_poison_and_fail_once(rt, client, fake, receiver, ids, bodies, poison, 
             )
         ).all()
         assert len(retries) == len(once), [r.error for r in retries if "500" not in (r.error or "")]
+    return fig
 
 
-def replay_the_dead_letters_once_the_api_accepts_them(rt, fake, receiver, ids, pool, poison):
+def replay_the_dead_letters_once_the_api_accepts_them(
+    rt, fake, receiver, ids, pool, poison, *, repeats_before
+):
     fake.clear_faults()
     outbox_ids = []
     with session_scope(rt.sessions) as s:
@@ -357,7 +367,11 @@ def replay_the_dead_letters_once_the_api_accepts_them(rt, fake, receiver, ids, p
     assert len(letters) == len(poison) and all(dl.replayed_at for dl in letters)
     assert all(per_ticket[f"mixed-{i}"] == 2 for i in poison)
     received, _ = receiver.snapshot()
-    assert len(received) == len(ids) and max(received.values()) == 1
+    # Every dispatch arrived, and the replayed ones once: the only repeats are those the first
+    # phase already saw and explained (a recorded delivery attempt whose answer was lost, as
+    # on a loaded machine).
+    assert len(received) == len(ids)
+    assert sum(n - 1 for n in received.values()) == repeats_before, received.most_common(3)
 
 
 # How long the API keeps answering 529 once the circuit has opened. How soon it opens depends
