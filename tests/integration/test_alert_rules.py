@@ -292,7 +292,10 @@ def exposed(pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactor
             worker_url = f"http://127.0.0.1:{worker_port}/metrics"
 
             def worker_done() -> str | None:
-                text = httpx.get(worker_url, timeout=5).text
+                try:
+                    text = httpx.get(worker_url, timeout=5).text
+                except httpx.HTTPError:  # its metrics port not listening yet
+                    return None
                 return text if all(series in text for series in WORKER_SERIES) else None
 
             try:
