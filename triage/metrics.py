@@ -14,7 +14,8 @@ WEBHOOKS = Counter(
 TICKETS_RECEIVED = Counter(
     "triage_tickets_received_total",
     "Webhooks answered 202, by source and outcome: new, duplicate, updated (new text on a "
-    "known ticket, classified again) or ignored (triage's own note, an event it does not use)",
+    "known ticket, classified again), ignored (triage's own note, an event it does not use) or "
+    "spooled (the database was down: kept on the broker until a worker can store it)",
     ["source", "outcome"],
 )
 INGEST_LATENCY = Histogram(

@@ -12,10 +12,10 @@ from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select
 
 from tests.fakeanthropic import FakeAnthropic
-from tests.support.services import PG_ADMIN_URL, fresh_database
+from tests.support.services import bring_database_back, fresh_database, take_database_away
 from tests.support.stack import (
     WorkerProcess,
     anthropic_env,
@@ -39,24 +39,6 @@ def own_db() -> Iterator[tuple[str, str]]:
         yield db
 
 
-def _take_away(name: str) -> None:
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
-        conn.execute(
-            text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
-            {"n": name},
-        )
-    admin.dispose()
-
-
-def _bring_back(name: str) -> None:
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
-    admin.dispose()
-
-
 def test_answers_that_arrive_during_an_outage_are_recorded_after_it_without_a_second_call(
     own_db: tuple[str, str], clean_redis: str
 ) -> None:
@@ -74,11 +56,11 @@ def test_answers_that_arrive_during_an_outage_are_recorded_after_it_without_a_se
             ]
         with WorkerProcess(env, concurrency=10) as worker:
             wait_until(lambda: fake.in_flight() == TICKETS, 30, what="every call in flight")
-            _take_away(name)
+            take_database_away(name)
             # The answers arrive meanwhile, with no database to record them in.
             wait_until(lambda: fake.in_flight() == 0, 10, what="the answers")
             time.sleep(2)
-            _bring_back(name)
+            bring_database_back(name)
             back = time.monotonic()
             try:
                 wait_until(lambda: _terminal(rt, ids) == TICKETS, lease / 2, what="labels recorded")

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
 
 from tests.support.services import RABBITMQ_URL, require_service
 from tests.support.stack import (
@@ -22,6 +23,7 @@ from tests.support.stack import (
     wait_until,
 )
 from triage.db.models import Ticket
+from triage.embedded import _free_port
 from triage.ingest.app import create_app
 
 
@@ -84,3 +86,29 @@ def test_metrics_read_queue_depths_from_rabbitmq(pg_url, clean_redis, amqp_url):
     }
     assert depths["triage.classify"] >= 1
     assert depths["dept.billing"] == 0 and depths["triage.dead"] == 0
+
+
+def test_a_webhook_spooled_on_rabbitmq_while_the_database_is_down_is_triaged_once_it_is_back(
+    pg_url, clean_redis, amqp_url
+):
+    # A fresh vhost: the spool's publish must declare triage.classify itself, or RabbitMQ
+    # drops the message as unroutable and the ticket answered 202 is lost.
+    truncate(pg_url)
+    down = pg_url.rsplit("@", 1)[0] + f"@127.0.0.1:{_free_port()}/test"
+    api_rt = make_runtime(stack_env(down, clean_redis, TRIAGE_BROKER_URL=amqp_url))
+    with TestClient(create_app(api_rt, relay_interval=3600)) as client:
+        resp = post_ticket(client, ticket_payload("amqp-spooled", body="My parcel is lost"))
+    assert resp.json() == {"ticket_id": None, "status": "spooled", "duplicate": False}
+    env = stack_env(pg_url, clean_redis, TRIAGE_BROKER_URL=amqp_url)
+    rt = make_runtime(env)
+
+    def triaged() -> bool:
+        with rt.sessions() as s:
+            ticket = s.scalars(select(Ticket).where(Ticket.external_id == "amqp-spooled")).first()
+            return ticket is not None and ticket.state in ("routed", "needs_review")
+
+    with WorkerProcess(env, concurrency=4) as worker:
+        try:
+            wait_until(triaged, 60, what="the spooled ticket triaged", every=0.3)
+        except AssertionError:
+            raise AssertionError(worker.log()) from None

@@ -95,7 +95,8 @@ def test_database_failover_during_a_webhook_logs_no_url_token_ticket_text_or_ema
     assert post(1).status_code == 202
     with _database_down(pg_url), caplog.at_level(logging.INFO):
         resp = post(2)
-    assert resp.status_code == 503, resp.text
+    # Spooled through the broker (Redis is up); the outage is logged all the same.
+    assert resp.status_code == 202 and resp.json()["status"] == "spooled", resp.text
     logged = "\n".join(
         record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
         for record in caplog.records

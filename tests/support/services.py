@@ -57,6 +57,30 @@ def fresh_database(prefix: str = "triage_test") -> Iterator[tuple[str, str]]:
         admin.dispose()
 
 
+def take_database_away(name: str) -> None:
+    """A database outage as PostgreSQL plays it: the database stops taking connections and
+    its sessions are terminated, as a failover or a restart would do to them."""
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+        conn.execute(
+            text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
+            {"n": name},
+        )
+    admin.dispose()
+
+
+def bring_database_back(name: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+    admin.dispose()
+
+
 class RedisDbLease:
     """Holds one of Redis's numbered databases (1-15) for this process via a lock key in db 0."""
 

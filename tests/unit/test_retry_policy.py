@@ -93,6 +93,17 @@ def test_database_outage_backs_off_briefly_within_the_broker_countdown_limit():
     assert not is_database_outage(KeyError("x"))
 
 
+def test_a_spooled_tickets_unbounded_retries_keep_a_short_delay_however_many():
+    # A spooled webhook waits for the database without a bound: after 1,024 retries (about
+    # two hours at 8 s each) 2.0**retries overflowed, and the ticket's only copy was dropped.
+    from triage.pipeline.relay import MAX_BROKER_COUNTDOWN_SECONDS
+    from triage.reliability.retry import infrastructure_delay
+
+    rng = random.Random(5)
+    for retries in (1_023, 1_024, 100_000):
+        assert 0.5 <= infrastructure_delay(retries, rng) <= MAX_BROKER_COUNTDOWN_SECONDS
+
+
 def test_the_sdk_never_retries_behind_the_policy():
     from triage.classify.backends.anthropic import ThreadClients, make_client
 

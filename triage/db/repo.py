@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
@@ -72,6 +73,7 @@ def accept_ticket(
     *,
     update_policy: str = "ignore",
     publisher: Publisher | None = None,
+    received_at: datetime | None = None,
 ) -> Accepted:
     """Store a new ticket and its classify message in the caller's transaction, or report the
     existing one. `ON CONFLICT DO NOTHING` makes concurrent duplicate deliveries safe.
@@ -79,7 +81,8 @@ def accept_ticket(
     An update with new customer text for a stored ticket is ignored (a duplicate), or with
     `update_policy="retriage"` appended to the ticket and classified again. With `publisher`,
     the message is written for it to send after the commit (`Publisher.write`); without, it
-    waits for the relay or an explicit publish."""
+    waits for the relay or an explicit publish. `received_at`: when the webhook arrived, for a
+    ticket stored later than that (the spool, `triage.ingest.spool`); now when None."""
     body = inbound.body
     if inbound.update_text:
         body = _appended(body, inbound.update_key, inbound.update_text)
@@ -87,24 +90,24 @@ def accept_ticket(
     extra = dict(inbound.metadata)
     if inbound.update_key:
         extra[APPLIED_UPDATES] = [inbound.update_key]
+    values: dict[str, Any] = {
+        "source": inbound.source,
+        "external_id": inbound.external_id,
+        "subject": inbound.subject,
+        "body": body,
+        "clean_text": clean,
+        "content_hash": content_hash(inbound.subject, clean),
+        "requester_email": inbound.requester_email,
+        "requester_name": inbound.requester_name,
+        "channel": inbound.channel,
+        "external_created_at": inbound.created_at,
+        "metadata": extra,
+        "state": TicketState.RECEIVED.value,
+    }
+    if received_at is not None:
+        values["received_at"] = received_at
     connection = session.connection()
-    ticket_id = connection.execute(
-        _accept_statement(connection.dialect.name),
-        {
-            "source": inbound.source,
-            "external_id": inbound.external_id,
-            "subject": inbound.subject,
-            "body": body,
-            "clean_text": clean,
-            "content_hash": content_hash(inbound.subject, clean),
-            "requester_email": inbound.requester_email,
-            "requester_name": inbound.requester_name,
-            "channel": inbound.channel,
-            "external_created_at": inbound.created_at,
-            "metadata": extra,
-            "state": TicketState.RECEIVED.value,
-        },
-    ).scalar()
+    ticket_id = connection.execute(_accept_statement(connection.dialect.name), values).scalar()
     if ticket_id is None:
         retriage = update_policy == "retriage" and inbound.update_key and inbound.update_text
         query = select(Ticket).where(

@@ -1,5 +1,6 @@
 """The webhook API. A ticket enters at POST /webhooks/{source}: verified, parsed, committed
-with its outbox message, answered 202, and only then published to the broker.
+with its outbox message, answered 202, and only then published to the broker. While the
+database is unreachable it is spooled through the broker instead (`spool.py`).
 
 No model or outbound call happens inside a request: helpdesks wait on us synchronously.
 """
@@ -12,6 +13,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -22,14 +24,15 @@ from pydantic import SecretStr
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
-from triage.db.models import is_row_id
+from triage.db.models import is_row_id, utcnow
 from triage.db.repo import Accepted, accept_ticket, ticket_view
 from triage.db.session import session_scope
-from triage.errors import IngestError
+from triage.errors import IngestError, loggable
 from triage.ingest import problems
 from triage.ingest.models import Ignored, InboundTicket
 from triage.ingest.multiprocess_metrics import process_metrics
 from triage.ingest.sources.registry import SOURCES
+from triage.ingest.spool import spool_ticket
 from triage.metrics import INGEST_LATENCY, TICKETS_RECEIVED, WEBHOOKS
 from triage.pipeline.gauges import PipelineGauges
 from triage.pipeline.runtime import Runtime, get_runtime
@@ -105,11 +108,37 @@ def create_app(rt: Runtime | None = None, *, relay_interval: float = 2.0) -> Fas
     problems.install(app)
     settings = runtime.settings
 
-    def _store(inbound: InboundTicket) -> Accepted:
-        with session_scope(runtime.sessions) as session:
-            return accept_ticket(
-                session, inbound, update_policy=settings.update_policy, publisher=runtime.publisher
+    def _store(inbound: InboundTicket, arrived_at: datetime) -> Accepted | None:
+        """Store the ticket; None when the database is unreachable and the ticket went to the
+        spool instead. With the broker unreachable too, the database's error stands (a 503)."""
+        try:
+            with session_scope(runtime.sessions) as session:
+                return accept_ticket(
+                    session,
+                    inbound,
+                    update_policy=settings.update_policy,
+                    publisher=runtime.publisher,
+                )
+        except Exception as exc:
+            if not is_database_outage(exc):
+                raise
+            try:
+                spool_ticket(runtime.celery, inbound, arrived_at)
+            except Exception as publish_error:  # noqa: BLE001 - any: the 503 below stands
+                log.warning(
+                    "webhook %s: database unavailable (%s), broker too (%s); answered 503",
+                    inbound.source,
+                    loggable(exc),
+                    loggable(publish_error),
+                )
+                raise exc from None
+            log.warning(
+                "webhook %s: database unavailable (%s); ticket spooled on the broker until it "
+                "is back",
+                inbound.source,
+                loggable(exc),
             )
+            return None
 
     @app.post("/webhooks/{source}", status_code=202)
     async def receive_webhook(source: str, request: Request) -> JSONResponse:
@@ -126,6 +155,7 @@ def create_app(rt: Runtime | None = None, *, relay_interval: float = 2.0) -> Fas
 
     async def _receive(source: str, request: Request, token: str | None) -> JSONResponse:
         started = time.perf_counter()
+        arrived_at = utcnow()
         status = 500
         try:
             handler = SOURCES.get(source)
@@ -143,7 +173,13 @@ def create_app(rt: Runtime | None = None, *, relay_interval: float = 2.0) -> Fas
                 status = 202
                 TICKETS_RECEIVED.labels(source=source, outcome="ignored").inc()
                 return JSONResponse({"status": "ignored", "reason": inbound.reason}, 202)
-            accepted = await run_in_threadpool(_store, inbound)
+            accepted = await run_in_threadpool(_store, inbound, arrived_at)
+            if accepted is None:
+                status = 202
+                TICKETS_RECEIVED.labels(source=source, outcome="spooled").inc()
+                return JSONResponse(
+                    {"ticket_id": None, "status": "spooled", "duplicate": False}, 202
+                )
             if accepted.outbox is not None:
                 # Published off the request path: the helpdesk's wait does not include the
                 # broker, and a burst of webhooks is published in batches.

@@ -7,6 +7,7 @@ write the outbox without it, so the message itself goes back on the broker for a
 jittered while (`retry.infrastructure_delay`) instead of being acked and left to the sweeper.
 What was done but not recorded rides with it, so the retry records it instead of doing it
 again: a classify message carries the model's answers, a delivery message says the sinks took it.
+A spooled webhook (`triage.ingest.spool`) waits for the database without that bound.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 
 from celery import shared_task
 
+from triage.errors import loggable
+from triage.ingest.spool import SPOOL_TASK, spooled_ticket_name, store_spooled
 from triage.metrics import BATCH_SIZE
 from triage.pipeline.classify_labels import AnswersNotRecorded
 from triage.pipeline.classify_stage import classify_tickets_stage
@@ -100,6 +103,39 @@ def deliver(
     except Exception as exc:
         _retry_on_database_outage(self, exc)
         raise
+
+
+# max_retries=None: no bound on the retries (see accept_spooled).
+@shared_task(bind=True, name=SPOOL_TASK, ignore_result=True, max_retries=None)  # type: ignore[untyped-decorator]
+def accept_spooled(self: Any, ticket: dict[str, Any], arrived_at: str) -> int:
+    """Store a ticket whose webhook arrived while the database was down (published on
+    triage.classify by the API); returns its id."""
+    message = {"ticket": ticket, "arrived_at": arrived_at}
+    try:
+        return store_spooled(get_runtime(), message).ticket_id
+    except Exception as exc:
+        if not is_database_outage(exc):
+            # Not retried: the message is acked as failed, and the ticket is not stored. The
+            # helpdesk was answered 202, so the operator needs its name to have it sent again.
+            log.error(
+                "%s: spooled %s not stored (%s); message dropped, send it again from the helpdesk",
+                self.name,
+                spooled_ticket_name(message),
+                loggable(exc),
+            )
+            raise
+        # Back on the broker without the other tasks' bound: this message is the ticket's only
+        # copy (the sweeper cannot recover what the database never held).
+        retries = int(self.request.retries or 0)
+        delay = infrastructure_delay(retries)
+        log.warning(
+            "%s: database unavailable (%s); back on the broker in %.1fs (retry %d)",
+            self.name,
+            loggable(exc),
+            delay,
+            retries + 1,
+        )
+        raise self.retry(exc=exc, countdown=delay) from exc
 
 
 def _ids(one: int | None, many: list[int] | None) -> list[int]:

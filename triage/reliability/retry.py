@@ -200,6 +200,8 @@ def policy_for(stage: str, settings: Settings) -> RetryPolicy:
 
 # A database that cannot be reached at a task's boundary: the message goes back on the broker
 # this many times, after `infrastructure_delay`, before the sweeper is left to recover it.
+# Not for a spooled webhook (`triage.ingest.spool`): the message is the ticket's only copy, and
+# it waits for the database however long that takes.
 INFRASTRUCTURE_RETRIES = 40
 
 
@@ -213,5 +215,7 @@ def is_database_outage(exc: BaseException) -> bool:
 def infrastructure_delay(retries: int, rng: random.Random | None = None) -> float:
     """Full jitter up to 1, 2, 4 ... 15 s: short enough to ride on the broker as a countdown
     (see relay.MAX_BROKER_COUNTDOWN_SECONDS), spread so a recovering database is not hit by
-    every waiting task in the same instant."""
-    return (rng or _rng).uniform(0.5, min(15.0, 2.0**retries))
+    every waiting task in the same instant. Any count: a spooled ticket's retries have no
+    bound, and 2.0**1024 overflows."""
+    ceiling = 15.0 if retries >= 4 else 2.0**retries
+    return (rng or _rng).uniform(0.5, ceiling)
