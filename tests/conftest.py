@@ -7,11 +7,14 @@ parts, and a silent skip would report green for work that was never checked.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
 
+from tests.faults.harness import FIGURES_FILE, Figures
 from tests.support.services import (
     PG_ADMIN_URL,
     REDIS_ADMIN_URL,
@@ -45,3 +48,23 @@ def clean_redis(redis_url: str) -> Iterator[str]:
     yield redis_url
     client.flushdb()
     client.close()
+
+
+def _controller(config: Any) -> bool:
+    """This process reports the run: the only one, or `pytest -n`'s controller."""
+    return not hasattr(config, "workerinput")
+
+
+def pytest_sessionstart(session: Any) -> None:
+    if _controller(session.config):
+        FIGURES_FILE.unlink(missing_ok=True)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The fault scenarios' figures, from the file they record to (whichever process ran
+    them). Here, not in tests/faults/conftest.py: `pytest -n`'s controller never loads that."""
+    if not _controller(terminalreporter.config) or not FIGURES_FILE.exists():
+        return
+    terminalreporter.section("fault figures")
+    for figures in json.loads(FIGURES_FILE.read_text()).values():
+        terminalreporter.write_line(Figures(**figures).line())

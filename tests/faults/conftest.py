@@ -101,12 +101,8 @@ def stack(
         yield rt, client
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not COLLECTED:
-        return
-    terminalreporter.section("fault figures")
-    for figures in COLLECTED:
-        terminalreporter.write_line(figures.line())
-    # Again, now that every test has added its notes.
+def pytest_sessionfinish(session: Any) -> None:
+    # Again, now that every test has added its notes. The root conftest prints the file: under
+    # `pytest -n` these tests run in a worker process, whose summary nobody sees.
     for figures in COLLECTED:
         record_file(figures)

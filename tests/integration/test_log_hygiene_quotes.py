@@ -71,6 +71,12 @@ def _assert_kept_in_the_database_only(rt, ticket_id, worker, caplog, redis_url, 
     api_log = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.INFO)
     assert CUSTOMER not in api_log, api_log
 
+    # The notice goes out after the dead letter's commit, from the worker's publishing thread.
+    wait_until(
+        lambda: any(n["ticket_id"] == ticket_id for n in _dead_notices(redis_url)),
+        15,
+        what="the triage.dead notice",
+    )
     notices = [n for n in _dead_notices(redis_url) if n["ticket_id"] == ticket_id]
     assert len(notices) == 1
     assert notices[0]["dead_letter_id"] == letter.id and notices[0]["message"]
