@@ -67,39 +67,6 @@ def test_pool_returns_results_and_exceptions_in_order_and_runs_the_first_inline(
     pool.shutdown()
 
 
-def test_a_delivery_does_not_wait_behind_busy_model_calls():
-    pool = CallPool(2)
-    released = threading.Event()
-    calls_running = threading.Barrier(3)
-    finished: list[str] = []
-
-    def model_call() -> str:
-        calls_running.wait(5)
-        # Held until the delivery's requests have run (at most 5 s: on one shared queue with
-        # the calls, the second request waits for this).
-        released.wait(5)
-        finished.append("answer")
-        return "answer"
-
-    answers: list[object] = []
-    caller = threading.Thread(target=lambda: answers.extend(pool.waves([model_call] * 2)))
-    caller.start()
-    calls_running.wait(5)  # both call threads are taken
-
-    def send(name: str) -> str:
-        return f"{name} sent with {len(finished)} model calls finished"
-
-    results = pool.run([lambda: send("first"), lambda: send("second")])
-    released.set()
-    caller.join(10)
-    pool.shutdown()
-    assert results == [
-        "first sent with 0 model calls finished",
-        "second sent with 0 model calls finished",
-    ]
-    assert sum(len(wave) for wave in answers) == 2
-
-
 def test_pool_lets_a_base_exception_through():
     pool = CallPool(2)
 

@@ -90,8 +90,8 @@ class HeldSlots:
 
 
 class CallPool:
-    """Runs a batch's calls concurrently: model calls (`waves`) on a shared pool as large as
-    the slot limit, a delivery's sink requests (`run`) on a pool of their own."""
+    """Runs a batch's calls concurrently. The first runs on the caller's own thread (a batch
+    of one never changes threads); the rest on a shared pool as large as the slot limit."""
 
     def __init__(self, limit: int) -> None:
         self.slots = CallSlots(limit)
@@ -99,19 +99,12 @@ class CallPool:
         # calls, which need the call threads.
         self._calls = ThreadPoolExecutor(self.slots.limit, thread_name_prefix="triage-call")
         self._parts = ThreadPoolExecutor(self.slots.limit, thread_name_prefix="triage-part")
-        # Deliveries get their own threads: behind model calls in one queue, a delivery's
-        # requests waited for a call thread while its deadline ran (0.4-0.7 s in a burst
-        # against the fake API; a model call's whole timeout behind slow ones), and were then
-        # cut at that deadline and sent again.
-        self._sends = ThreadPoolExecutor(self.slots.limit, thread_name_prefix="triage-send")
 
     def run(self, calls: Sequence[Callable[[], T]]) -> list[T | Exception]:
-        """Each call's result, or the exception it raised, in order. The first runs on the
-        caller's own thread (a batch of one never changes threads), the rest on the sending
-        threads, never behind model calls."""
+        """Each call's result, or the exception it raised, in order."""
         if not calls:
             return []
-        futures: list[Future[T]] = [self._sends.submit(call) for call in calls[1:]]
+        futures: list[Future[T]] = [self._calls.submit(call) for call in calls[1:]]
         results: list[T | Exception] = [_capture(calls[0])]
         for future in futures:
             outcome: T | Exception = _outcome(future)
@@ -149,7 +142,6 @@ class CallPool:
     def shutdown(self) -> None:
         self._parts.shutdown(wait=True)
         self._calls.shutdown(wait=True)
-        self._sends.shutdown(wait=True)
 
 
 def _capture(call: Callable[[], T]) -> T | Exception:
