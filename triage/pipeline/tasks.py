@@ -33,16 +33,27 @@ from triage.reliability.retry import (
 log = logging.getLogger(__name__)
 
 
-def _retry_on_database_outage(task: Any, exc: Exception) -> None:
+def _retry_on_database_outage(
+    task: Any, exc: Exception, bound: int | None = INFRASTRUCTURE_RETRIES
+) -> None:
+    """Put the message back on the broker if `exc` is a database outage, up to `bound` times
+    (None: no bound). Returns when it is not, or past the bound."""
     if not is_database_outage(exc):
         return
     retries = int(task.request.retries or 0)
-    if retries >= INFRASTRUCTURE_RETRIES:
+    if bound is not None and retries >= bound:
         # Beyond this the sweeper recovers the ticket once the database is back.
         return
     delay = infrastructure_delay(retries)
-    log.warning("%s: database unavailable (%s); back on the broker in %.1fs", task.name, exc, delay)
-    raise task.retry(exc=exc, countdown=delay, max_retries=INFRASTRUCTURE_RETRIES)
+    # The error by its type: a driver error's text can carry the row's values.
+    log.warning(
+        "%s: database unavailable (%s); back on the broker in %.1fs (retry %d)",
+        task.name,
+        loggable(exc),
+        delay,
+        retries + 1,
+    )
+    raise task.retry(exc=exc, countdown=delay, max_retries=bound)
 
 
 @shared_task(bind=True, name="triage.classify_ticket", ignore_result=True)  # type: ignore[untyped-decorator]
@@ -114,28 +125,18 @@ def accept_spooled(self: Any, ticket: dict[str, Any], arrived_at: str) -> int:
     try:
         return store_spooled(get_runtime(), message).ticket_id
     except Exception as exc:
-        if not is_database_outage(exc):
-            # Not retried: the message is acked as failed, and the ticket is not stored. The
-            # helpdesk was answered 202, so the operator needs its name to have it sent again.
-            log.error(
-                "%s: spooled %s not stored (%s); message dropped, send it again from the helpdesk",
-                self.name,
-                spooled_ticket_name(message),
-                loggable(exc),
-            )
-            raise
         # Back on the broker without the other tasks' bound: this message is the ticket's only
         # copy (the sweeper cannot recover what the database never held).
-        retries = int(self.request.retries or 0)
-        delay = infrastructure_delay(retries)
-        log.warning(
-            "%s: database unavailable (%s); back on the broker in %.1fs (retry %d)",
+        _retry_on_database_outage(self, exc, bound=None)
+        # Not retried: the message is acked as failed, and the ticket is not stored. The
+        # helpdesk was answered 202, so the operator needs its name to have it sent again.
+        log.error(
+            "%s: spooled %s not stored (%s); message dropped, send it again from the helpdesk",
             self.name,
+            spooled_ticket_name(message),
             loggable(exc),
-            delay,
-            retries + 1,
         )
-        raise self.retry(exc=exc, countdown=delay) from exc
+        raise
 
 
 def _ids(one: int | None, many: list[int] | None) -> list[int]:
