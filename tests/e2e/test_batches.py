@@ -171,25 +171,30 @@ def _routed(rt, ids: list[int]) -> int:
 
 
 def test_a_worker_holds_no_more_tickets_than_it_has_call_slots(env, clean_redis, fake):
-    """Six 4-ticket messages and a worker with 4 call slots: it takes one message (and at
+    """Ten 4-ticket messages and a worker with 4 call slots: it takes one message (and at
     most one more that a fetch already had on its way) and leaves the rest on the broker,
     where a second worker finds them, instead of hoarding batches it cannot run."""
     env = {**env, "TRIAGE_BATCH_SIZE": "4"}
     rt = make_runtime(env)
-    ids, broker = _queued(rt, clean_redis, 24, "b", messages=6)
-    fake.latency = 1.5
+    # Enough work that the first worker alone needs ~16 s for what it leaves behind: a second
+    # worker that starts slowly on a loaded machine still finds messages to take.
+    ids, broker = _queued(rt, clean_redis, 40, "b", messages=10)
+    fake.latency = 2.0
     try:
         with WorkerProcess(env, concurrency=4) as first:
             wait_until(lambda: fake.in_flight() == 4, 30, what="4 calls in flight")
             # Long enough for a hoarding consumer to fill its prefetch (4 messages).
             time.sleep(0.5)
-            assert broker.llen(CLASSIFY_QUEUE) >= 4, first.log()
+            assert broker.llen(CLASSIFY_QUEUE) >= 8, first.log()
             with WorkerProcess(env, concurrency=4):
-                wait_until(lambda: fake.in_flight() == 8, 30, what="both workers calling")
-                wait_until(lambda: _routed(rt, ids) == 24, 60, what="24 routed")
+                # The fake's high-water mark, not a sample: 8 at once needs both workers.
+                wait_until(lambda: fake.peak_in_flight >= 8, 30, what="both workers calling")
+                wait_until(lambda: _routed(rt, ids) == 40, 60, what="40 routed")
     finally:
         fake.latency = 0.05
-    assert fake.call_count() == 24
+    # Neither worker ran more calls than its 4 slots.
+    assert fake.peak_in_flight == 8
+    assert fake.call_count() == 40
 
 
 def test_a_slow_call_does_not_keep_its_batch_mates_slots(env, clean_redis, fake):
