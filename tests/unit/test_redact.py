@@ -233,3 +233,33 @@ def test_a_shouted_sentence_of_an_iban_s_shape_is_not_an_iban():
 def test_a_date_with_its_time_is_not_a_phone_number():
     text = "Charged on 24.11.2026 10:30 and again on 2026-11-24 14:05 UTC"
     assert redact(text) == text
+
+
+def test_the_requesters_literals_are_found_where_the_alternation_pattern_finds_them():
+    """The requester's name and email are found by a scan, not a pattern compiled per
+    ticket; it must find exactly what `\\b(?:a|b)\\b` (or `(?:a|b)`) finds, leftmost first and
+    the earlier literal first where two start together, across word characters (letters,
+    digits, underscore, accented letters) and the separators between them."""
+    import random
+    import re
+
+    from triage.classify.redact import _literal_spans
+
+    rng = random.Random(20261127)
+    alphabet = ["a", "n", "ab", "an", "Ä", "ä", "_", "1", " ", "-", ".", "'", "ß"]
+    checked = 0
+    for _ in range(4000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        literals = list(
+            dict.fromkeys(
+                "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4))) for _ in range(3)
+            )
+        )
+        for word in (True, False):
+            body = "|".join(re.escape(lit) for lit in literals)
+            pattern = rf"\b(?:{body})\b" if word else f"(?:{body})"
+            expected = [m.span() for m in re.finditer(pattern, text)]
+            assert _literal_spans(text, literals, word=word) == expected, (text, literals, word)
+            checked += bool(expected)
+    # Most cases found something, so the comparison is not between empty lists.
+    assert checked > 2000
