@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 
 from tests.cli.conftest import seed_routed
 from tests.fakeanthropic import Fault
-from tests.support.stack import wait_until
+from tests.support.stack import make_runtime, wait_until
 from triage.db.models import Classification, ReprocessItem, Ticket
 
 
@@ -251,3 +251,25 @@ def test_many_skipped_ids_are_summed_up_not_listed_one_by_one(cli, rt, fake, tmp
     assert "ticket 1009 not found; and 15 more" in result.stderr
     assert "ticket 1010 " not in result.stderr
     assert len(json.loads(result.stdout)["skipped"]) == 25
+
+
+def test_a_run_stalled_on_an_open_circuit_says_why_and_goes_on_when_it_closes(cli, env, fake):
+    """A 401 opened the fleet's circuit: the run's calls wait for it. Instead of a progress
+    bar that stops for the whole cool-down, the run says it is paused, why and what to do,
+    then that it goes on once the probe call closes the circuit."""
+    env = {**env, "TRIAGE_CIRCUIT_AUTH_COOLDOWN_SECONDS": "4"}
+    rt = make_runtime(env)
+    ids = seed_routed(rt, [f"Charged twice {n} [[intent:billing]]" for n in range(3)])
+    assert rt.admission is not None
+    assert rt.admission.breaker.record_key_rejected()
+
+    result = cli("reprocess", *map(str, ids), "--yes", "--json", **env)
+
+    summary = json.loads(result.stdout)
+    assert summary["outcomes"] == {"routed": 3}
+    paused = result.stderr.index("paused: the API circuit is open (api_key_rejected)")
+    assert "check ANTHROPIC_API_KEY" in result.stderr
+    assert result.stderr.index("circuit closed: reprocessing goes on") > paused
+    # One call per ticket, all after the circuit closed.
+    assert fake.call_count() == 3
+    assert rt.admission.breaker.open_reason() is None

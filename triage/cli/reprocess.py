@@ -205,14 +205,15 @@ def _work(rt: Any, item_ids: list[int], concurrency: int, outcomes: Counter[str]
     in_flight: set[Future[Any]] = set()
     interrupted = False
     with progress_bar() as bar, ThreadPoolExecutor(concurrency, "reprocess") as pool:
-        task = bar.add_task("reprocessing", total=len(item_ids))
+        task = bar.add_task(RUNNING, total=len(item_ids))
+        pause = _PauseNotice(rt, bar, task)
         try:
             for item_id in queue:
                 in_flight.add(pool.submit(reprocess_item, rt, item_id))
                 if len(in_flight) >= concurrency * 2:
-                    in_flight = _drain(in_flight, bar, task, outcomes)
+                    in_flight = _drain(in_flight, bar, task, outcomes, pause)
             while in_flight:
-                in_flight = _drain(in_flight, bar, task, outcomes)
+                in_flight = _drain(in_flight, bar, task, outcomes, pause)
         except KeyboardInterrupt:
             interrupted = True
             err_console.print("interrupted: finishing the tickets in flight…")
@@ -226,10 +227,75 @@ def _work(rt: Any, item_ids: list[int], concurrency: int, outcomes: Counter[str]
     return interrupted
 
 
+RUNNING = "reprocessing"
+# How long the run waits for a ticket to finish before it looks at the circuit breaker, to
+# say why nothing moves.
+PAUSE_CHECK_SECONDS = 2.0
+
+
+class _PauseNotice:
+    """Says so when the run stalls on an open circuit: the calls wait for it without a bound
+    (this process has nothing else to do), and a bar that stops moving for a cool-down of
+    minutes, after a 401 say, looks like a hang. One line when the pause begins (why, and
+    what to do) and one when calls go again."""
+
+    def __init__(self, rt: Any, bar: Any, task: Any) -> None:
+        self._rt = rt
+        self._bar = bar
+        self._task = task
+        self._paused = False
+
+    def check(self) -> None:
+        admission = self._rt.admission
+        if admission is None:
+            return
+        try:
+            reason = admission.breaker.open_reason()
+            left = admission.breaker.open_seconds()
+        except Exception:  # noqa: BLE001 - only a notice; the calls decide without Redis too
+            return
+        if reason is not None and not self._paused:
+            self._paused = True
+            self._bar.update(self._task, description=f"paused: circuit open ({reason})")
+            err_console.print(_pause_message(reason, left), highlight=False, soft_wrap=True)
+        elif reason is None and self._paused:
+            self._paused = False
+            self._bar.update(self._task, description=RUNNING)
+            err_console.print("circuit closed: reprocessing goes on", highlight=False)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+
+def _pause_message(reason: str, left: float) -> str:
+    from triage.reliability.limits import API_KEY_REJECTED
+
+    when = f"the next try in {left:.0f}s" if left > 0 else "a probe call under way"
+    if reason == API_KEY_REJECTED:
+        why = "the API rejected the key (401); check ANTHROPIC_API_KEY (the workers are paused too)"
+    else:
+        why = "the API answered overloaded or rate-limited too often"
+    return (
+        f"paused: the API circuit is open ({reason}): {why}. The run waits for it to close "
+        f"({when}); Ctrl-C stops it, and the same command continues later"
+    )
+
+
 def _drain(
-    in_flight: set[Future[Any]], bar: Any, task: Any, outcomes: Counter[str]
+    in_flight: set[Future[Any]],
+    bar: Any,
+    task: Any,
+    outcomes: Counter[str],
+    pause: _PauseNotice,
 ) -> set[Future[Any]]:
-    done, rest = wait(in_flight, return_when=FIRST_COMPLETED)
+    while True:
+        done, rest = wait(in_flight, timeout=PAUSE_CHECK_SECONDS, return_when=FIRST_COMPLETED)
+        if done:
+            break
+        pause.check()
+    if pause.paused:
+        pause.check()
     _collect(done, bar, task, outcomes)
     return rest
 
