@@ -89,15 +89,34 @@ class HeldSlots:
         self.give(self._held)
 
 
+def send_reserve(limit: int) -> int:
+    """Threads the call pool keeps beyond its call slots for deliveries' sink requests."""
+    return max(SEND_RESERVE_MIN, limit // SEND_RESERVE_SHARE)
+
+
+# Model calls hold at most the slot limit's threads, so these are always a delivery's: with
+# none, every thread could be held by a call (tens of seconds each when the model API is
+# slow) while a delivery's requests waited for one and its deadline ran out, and healthy
+# sinks' deliveries failed as "not sent" and were retried, in the end dead-lettered. Few,
+# so deliveries stay throttled while calls are busy: unthrottled (a thread per send), a
+# burst of them flooded a slow receiver into cut requests sent again (bench/RESULTS.md,
+# session 16).
+SEND_RESERVE_MIN = 2
+SEND_RESERVE_SHARE = 8
+
+
 class CallPool:
     """Runs a batch's calls concurrently. The first runs on the caller's own thread (a batch
-    of one never changes threads); the rest on a shared pool as large as the slot limit."""
+    of one never changes threads); the rest on a shared pool as large as the slot limit, plus
+    a few threads (`send_reserve`) that model calls never fill."""
 
     def __init__(self, limit: int) -> None:
         self.slots = CallSlots(limit)
         # Threads start on first use, not here. Parts get their own: a part waits on its
         # calls, which need the call threads.
-        self._calls = ThreadPoolExecutor(self.slots.limit, thread_name_prefix="triage-call")
+        self._calls = ThreadPoolExecutor(
+            self.slots.limit + send_reserve(self.slots.limit), thread_name_prefix="triage-call"
+        )
         self._parts = ThreadPoolExecutor(self.slots.limit, thread_name_prefix="triage-part")
 
     def run(self, calls: Sequence[Callable[[], T]]) -> list[T | Exception]:
