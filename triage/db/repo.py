@@ -318,6 +318,8 @@ def ticket_timeline(session: Session, ticket_id: int) -> list[dict[str, Any]]:
                     "rule": d.rule,
                     "generation": d.generation,
                     "delivery_attempts": d.delivery_attempts,
+                    # Sinks that accepted it before a later one failed: not sent it again.
+                    "sinks_done": list(d.sinks_done or []),
                 },
             }
         )
