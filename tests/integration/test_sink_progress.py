@@ -16,6 +16,7 @@ import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
@@ -209,6 +210,8 @@ def test_a_dead_letter_replayed_after_a_zendesk_403_does_not_send_the_webhook_ag
     timeline = json.loads(cli.invoke(app, ["tickets", "show", str(tid), "--json"], env=env).stdout)
     (dispatched,) = [e["detail"] for e in timeline["timeline"] if e["event"] == "dispatch"]
     assert dispatched["sinks_done"] == ["webhook:crm"]
+    # The ticket's view too, as GET /tickets/{id} gives it.
+    assert [d["sinks_done"] for d in timeline["dispatches"]] == [["webhook:crm"]]
 
 
 def test_a_delivery_every_sink_accepts_writes_no_progress(
@@ -223,7 +226,7 @@ def test_a_delivery_every_sink_accepts_writes_no_progress(
     statements: list[str] = []
     engine = rt.sessions.kw["bind"]
 
-    def seen(_conn, _cursor, statement, *_args) -> None:  # type: ignore[no-untyped-def]
+    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         statements.append(statement)
 
     event.listen(engine, "before_cursor_execute", seen)
@@ -275,3 +278,46 @@ def test_a_sink_recorded_as_done_that_the_config_no_longer_has_blocks_nothing(
 
     assert deliver_many_stage(rt, [dispatch_id]) == {dispatch_id: "delivered"}
     assert (_posts(api, "/crm", dispatch_id), _posts(api, "/audit", dispatch_id)) == (1, 0)
+
+
+def test_a_ticket_routed_anew_after_a_partial_delivery_starts_with_every_sink_to_run(
+    pg_url, clean_redis, tmp_path, zendesk, secrets
+):
+    # The progress belongs to the dispatch: new customer text makes a new generation and a
+    # new dispatch, whose webhook (a new webhook-id) every receiver is to get.
+    _zd, api = zendesk
+    truncate(pg_url)
+    env = _env(pg_url, clean_redis, tmp_path, api, "webhook:crm, webhook:audit")
+    rt = make_runtime({**env, "TRIAGE_UPDATE_POLICY": "retriage"})
+
+    def post(**update: str) -> int:
+        inbound = InboundTicket(
+            source="generic",
+            external_id="again-1",
+            subject="Refund",
+            body="Charged twice",
+            **update,
+        )
+        with session_scope(rt.sessions) as session:
+            return accept_ticket(session, inbound, update_policy="retriage").ticket_id
+
+    tid = post()
+    assert classify_tickets_stage(rt, [tid])[tid] in ("routed", "review")
+    with rt.sessions() as session:
+        (old,) = session.scalars(select(Dispatch.id).where(Dispatch.ticket_id == tid))
+    api.script("POST", "/audit", Reply(status=503))
+    assert deliver_many_stage(rt, [old]) == {old: "retry"}
+    assert _dispatch(rt, old).sinks_done == ["webhook:crm"]
+
+    post(update_key="c1", update_text="And the app crashes when I open the invoice.")
+    assert classify_tickets_stage(rt, [tid])[tid] in ("routed", "review")
+    with rt.sessions() as session:
+        (new,) = session.scalars(
+            select(Dispatch.id).where(Dispatch.ticket_id == tid, Dispatch.generation == 1)
+        )
+    # The old routing's retry changes nothing; the new one goes to both receivers.
+    assert deliver_many_stage(rt, [old]) == {old: "superseded"}
+    assert deliver_many_stage(rt, [new]) == {new: "delivered"}
+    assert (_posts(api, "/crm", new), _posts(api, "/audit", new)) == (1, 1)
+    assert (_posts(api, "/crm", old), _posts(api, "/audit", old)) == (1, 1)
+    assert _dispatch(rt, new).sinks_done is None

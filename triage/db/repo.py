@@ -230,6 +230,7 @@ def ticket_view(session: Session, ticket_id: int) -> dict[str, Any] | None:
                 "rule": d.rule,
                 "generation": d.generation,
                 "delivered_at": d.delivered_at.isoformat() if d.delivered_at else None,
+                "sinks_done": list(d.sinks_done or []),
             }
             for d in dispatches
         ],
