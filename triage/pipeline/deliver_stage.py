@@ -233,11 +233,10 @@ def _keep_done(dispatch_id: int, accepted: list[str]) -> Callable[[Session], Non
         recorded = session.scalar(
             select(Dispatch.sinks_done).where(Dispatch.id == dispatch_id).with_for_update()
         )
-        done = list(recorded or [])
         session.execute(
             update(Dispatch)
             .where(Dispatch.id == dispatch_id)
-            .values(sinks_done=done + [name for name in accepted if name not in done])
+            .values(sinks_done=list(dict.fromkeys([*(recorded or []), *accepted])))
             .execution_options(synchronize_session=False)
         )
 
