@@ -15,12 +15,14 @@ import json
 import logging
 import shutil
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from prometheus_client import REGISTRY
-from sqlalchemy import event, select, update
+from sqlalchemy import delete, event, select, update
 from typer.testing import CliRunner
 
 from tests.integration.test_sinks import WEBHOOK_SECRET
@@ -28,7 +30,7 @@ from tests.support.fakehttp import FakeApi, FakeZendesk, Reply, running_api
 from tests.support.stack import WorkerProcess, make_runtime, stack_env, truncate, wait_until
 from triage.cli.main import app
 from triage.config import PROJECT_ROOT
-from triage.db.models import Dispatch, OutboxMessage, Ticket
+from triage.db.models import Dispatch, OutboxMessage, Ticket, utcnow
 from triage.db.repo import accept_ticket
 from triage.db.session import session_scope
 from triage.ingest.models import InboundTicket
@@ -36,6 +38,7 @@ from triage.pipeline.classify_stage import classify_tickets_stage
 from triage.pipeline.deliver_stage import deliver_many_stage
 from triage.pipeline.relay import DELIVER_TASK
 from triage.pipeline.runtime import Runtime
+from triage.reliability.sweeper import sweep_once
 
 ZD_COMMENTS = "/api/v2/tickets/101/comments.json?sort_order=desc&per_page=100"
 ZD_UPDATE = ("PUT", "/api/v2/tickets/101.json")
@@ -321,3 +324,26 @@ def test_a_ticket_routed_anew_after_a_partial_delivery_starts_with_every_sink_to
     assert (_posts(api, "/crm", new), _posts(api, "/audit", new)) == (1, 1)
     assert (_posts(api, "/crm", old), _posts(api, "/audit", old)) == (1, 1)
     assert _dispatch(rt, new).sinks_done is None
+
+
+def test_the_sweepers_resend_of_a_lost_retry_skips_the_sinks_done_too(
+    pg_url, clean_redis, tmp_path, zendesk, secrets
+):
+    # The retry's message is lost with the broker's data: the sweeper finds the dispatch
+    # undelivered and sends it again, and that attempt too skips what the first got through.
+    _zd, api = zendesk
+    truncate(pg_url)
+    rt = make_runtime(_env(pg_url, clean_redis, tmp_path, api, "webhook:crm, webhook:audit"))
+    tid, dispatch_id = _routed(rt)
+    api.script("POST", "/audit", Reply(status=503))
+    assert deliver_many_stage(rt, [dispatch_id]) == {dispatch_id: "retry"}
+    redis.Redis.from_url(clean_redis).flushdb()
+    long_ago = utcnow() - timedelta(hours=1)
+    with session_scope(rt.sessions) as session:
+        session.execute(delete(OutboxMessage).where(OutboxMessage.task == DELIVER_TASK))
+        session.execute(update(Dispatch).values(created_at=long_ago))
+
+    assert sweep_once(rt, stuck_after=60).requeued_deliveries == 1
+    resent = _retry_message(rt, tid)
+    assert deliver_many_stage(rt, [resent.args["dispatch_id"]]) == {dispatch_id: "delivered"}
+    assert (_posts(api, "/crm", dispatch_id), _posts(api, "/audit", dispatch_id)) == (1, 2)
