@@ -54,7 +54,9 @@ TICKETS_CLASSIFIED = Counter(
 )
 SINK_SKIPPED = Counter(
     "triage_sink_skipped_total",
-    "Deliveries a sink accepted without writing anything, by sink and reason",
+    "Deliveries a sink did not write, by sink and reason: one the sink accepted without "
+    "writing anything (ticket_closed), or one not sent to it because it accepted the same "
+    "dispatch in an earlier attempt (already_done)",
     ["sink", "reason"],
 )
 DEAD_NOTICES_DROPPED = Counter(

@@ -106,7 +106,10 @@ def _detail(event: dict[str, Any]) -> str:
             + (f", reused #{d['reused_from_id']}" if d["reused_from_id"] else "")
         )
     if kind == "dispatch":
-        return f"{d['route']} (rule {d['rule']}, generation {d['generation']})"
+        text = f"{d['route']} (rule {d['rule']}, generation {d['generation']})"
+        if d["sinks_done"]:
+            text += f"\nsinks done (not sent again): {', '.join(d['sinks_done'])}"
+        return text
     if kind == "dead_letter":
         return (
             f"#{d['id']} at {d['stage']} after {d['attempts']} attempts: "

@@ -223,6 +223,11 @@ class Dispatch(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None]
     delivery_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The names of the sinks that accepted this dispatch in an attempt that then failed at a
+    # later sink, in the order they ran: later attempts (retry, sweeper, replay) skip them, so
+    # a webhook receiver is not sent the dispatch again. Written only with a failed attempt;
+    # None when no attempt has failed part-way.
+    sinks_done: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
 
 
 class OutboxMessage(Base):

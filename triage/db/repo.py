@@ -230,6 +230,7 @@ def ticket_view(session: Session, ticket_id: int) -> dict[str, Any] | None:
                 "rule": d.rule,
                 "generation": d.generation,
                 "delivered_at": d.delivered_at.isoformat() if d.delivered_at else None,
+                "sinks_done": list(d.sinks_done or []),
             }
             for d in dispatches
         ],
@@ -318,6 +319,8 @@ def ticket_timeline(session: Session, ticket_id: int) -> list[dict[str, Any]]:
                     "rule": d.rule,
                     "generation": d.generation,
                     "delivery_attempts": d.delivery_attempts,
+                    # Sinks that accepted it before a later one failed: not sent it again.
+                    "sinks_done": list(d.sinks_done or []),
                 },
             }
         )

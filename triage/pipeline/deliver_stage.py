@@ -2,10 +2,15 @@
 
 Consumed from `dept.<department>` (or `triage.review`). With no sinks configured the queue
 message itself is the delivery, and this stage only records that it was consumed.
+
+The sinks run one after another. When one fails after others accepted the delivery, the
+failed attempt records those (`Dispatch.sinks_done`), and every later attempt of the dispatch
+(the deliver policy's retry, the sweeper's, a dead letter's replay) skips them.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +24,7 @@ from triage.db.models import Attempt, Classification, Dispatch, Ticket, TicketSt
 from triage.db.repo import APPLIED_UPDATES
 from triage.db.session import insert_rows, session_scope
 from triage.errors import TransientError
+from triage.metrics import SINK_SKIPPED
 from triage.pipeline.relay import DELIVER_TASK
 from triage.pipeline.runtime import Runtime
 from triage.reliability.guard import StageFailure, handle_failure
@@ -29,6 +35,8 @@ from triage.reliability.retry import (
     policy_for,
 )
 from triage.sinks.base import Delivery
+
+log = logging.getLogger(__name__)
 
 S = TicketState
 # The outcome of a delivery attempt in progress: the marker another copy of the message sees.
@@ -43,6 +51,8 @@ class _Job:
     attempt_id: int
     # The ticket generation the dispatch belongs to.
     generation: int
+    # The sinks an earlier attempt of this dispatch got through before another failed.
+    sinks_done: frozenset[str] = frozenset()
 
 
 class SinksDone(Exception):
@@ -76,7 +86,11 @@ def deliver_many_stage(
     if not sinks_done:
         jobs = sent = _within_attempts(rt, jobs, outcomes)
         with_sinks = [job for job in jobs if rt.sinks_for(job.delivery.department)]
-        results = rt.calls.run([_send_for(rt, job) for job in with_sinks])
+        # Each delivery's sinks that accept it, in order, as they do: kept if a later one fails.
+        accepted: dict[int, list[str]] = {job.delivery.dispatch_id: [] for job in with_sinks}
+        results = rt.calls.run(
+            [_send_for(rt, job, accepted[job.delivery.dispatch_id]) for job in with_sinks]
+        )
         failed = [
             (job, result)
             for job, result in zip(with_sinks, results, strict=True)
@@ -92,7 +106,8 @@ def deliver_many_stage(
         raise
     outcomes.update({job.delivery.dispatch_id: "delivered" for job in sent})
     for job, error in failed:
-        outcomes[job.delivery.dispatch_id] = handle_failure(rt, _failure(job), error)
+        failure = _failure(job, accepted[job.delivery.dispatch_id])
+        outcomes[job.delivery.dispatch_id] = handle_failure(rt, failure, error)
     return outcomes
 
 
@@ -178,12 +193,54 @@ def _queue_only_statement(everything_but: bool, names: tuple[str, ...]) -> Updat
     )
 
 
-def _send_for(rt: Runtime, job: _Job) -> Callable[[], None]:
+def _send_for(rt: Runtime, job: _Job, accepted: list[str]) -> Callable[[], None]:
+    """The delivery's sinks in their configured order, less those an earlier attempt got
+    through; each that accepts it is added to `accepted`."""
+
     def send() -> None:
-        for sink in rt.sinks_for(job.delivery.department):
-            sink.deliver(job.delivery)
+        sinks = rt.sinks_for(job.delivery.department)
+        if job.sinks_done:
+            _skipped_as_done(job, [sink.name for sink in sinks if sink.name in job.sinks_done])
+        for sink in sinks:
+            if sink.name not in job.sinks_done:
+                sink.deliver(job.delivery)
+                accepted.append(sink.name)
 
     return send
+
+
+def _skipped_as_done(job: _Job, names: list[str]) -> None:
+    # A name the config no longer has is not among `names`: it neither runs nor is skipped.
+    if not names:
+        return
+    log.info(
+        "dispatch %s of ticket %s (attempt %s): %s skipped, already accepted in an earlier attempt",
+        job.delivery.dispatch_id,
+        job.delivery.ticket_id,
+        job.attempt,
+        ", ".join(names),
+    )
+    for name in names:
+        SINK_SKIPPED.labels(sink=name, reason="already_done").inc()
+
+
+def _keep_done(dispatch_id: int, accepted: list[str]) -> Callable[[Session], None]:
+    """Add the sinks this failed attempt got through to the dispatch's, in the failure's
+    transaction. Added to, not replaced: an attempt that outlived its lease, failing late,
+    must not drop what a later one recorded."""
+
+    def keep(session: Session) -> None:
+        recorded = session.scalar(
+            select(Dispatch.sinks_done).where(Dispatch.id == dispatch_id).with_for_update()
+        )
+        session.execute(
+            update(Dispatch)
+            .where(Dispatch.id == dispatch_id)
+            .values(sinks_done=list(dict.fromkeys([*(recorded or []), *accepted])))
+            .execution_options(synchronize_session=False)
+        )
+
+    return keep
 
 
 def _record_delivered(rt: Runtime, jobs: list[_Job]) -> None:
@@ -322,6 +379,7 @@ def _begin(
                     age_seconds=(now - dispatch.created_at).total_seconds(),
                     attempt_id=marker_id,
                     generation=dispatch.generation,
+                    sinks_done=frozenset(dispatch.sinks_done or ()),
                 )
             )
         order = {dispatch_id: i for i, dispatch_id in enumerate(dispatch_ids)}
@@ -361,7 +419,7 @@ def _in_flight(rt: Runtime, session: Session, dispatches: Sequence[Dispatch]) ->
     }
 
 
-def _failure(job: _Job) -> StageFailure:
+def _failure(job: _Job, accepted: Sequence[str] = ()) -> StageFailure:
     return StageFailure(
         ticket_id=job.delivery.ticket_id,
         stage="deliver",
@@ -375,4 +433,6 @@ def _failure(job: _Job) -> StageFailure:
         # A dispatch of an earlier generation failing (its sink was slow, and the ticket was
         # re-triaged and routed again meanwhile) must not dead-letter the new routing.
         generation=job.generation,
+        # Only what this attempt added: nothing to write when its first sink to run failed.
+        progress=_keep_done(job.delivery.dispatch_id, list(accepted)) if accepted else None,
     )

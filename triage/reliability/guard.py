@@ -56,6 +56,10 @@ class StageFailure:
     # requeue or dead-letter a ticket another worker has claimed since: its outcome is
     # `superseded`, its calls still on record. Empty: the stage has no claim to check.
     claim: tuple[ColumnElement[bool], ...] = ()
+    # Runs in the failure transaction whatever the outcome: what the attempt got done before
+    # it failed, kept for the attempts after it (a delivery's sinks that accepted it). In the
+    # transaction that records the failure, so the one is never kept without the other.
+    progress: Callable[[Session], None] | None = None
 
 
 def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> str:
@@ -130,6 +134,8 @@ def handle_failure(rt: Runtime, failure: StageFailure, exc: BaseException) -> st
                 failure.attempt,
                 failure.ticket_id,
             )
+        if failure.progress is not None:
+            failure.progress(session)
         # The attempt's row either way: its calls were paid for.
         _record_attempt(session, failure, error, outcome, failed_at)
     # Counted once the outcome is committed: a dead letter is what an operator alerts on.
