@@ -19,17 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
 
 from tests.integration.test_sinks import WEBHOOK_SECRET, delivery
 from tests.support.fakehttp import FakeApi, Reply, running_api
-from tests.support.stack import in_background, make_runtime, stack_env, truncate
+from tests.support.stack import in_background, make_runtime, routed_dispatch, stack_env, truncate
 from triage.config import PROJECT_ROOT, Settings, load_config
-from triage.db.models import Dispatch
-from triage.db.repo import accept_ticket
-from triage.db.session import session_scope
-from triage.ingest.models import InboundTicket
-from triage.pipeline.classify_stage import classify_tickets_stage
 from triage.pipeline.deliver_stage import deliver_many_stage
 from triage.pipeline.runtime import Runtime
 from triage.sinks.loader import build_sink_table
@@ -64,15 +58,7 @@ def _runtime(pg_url: str, redis_url: str, tmp_path: Path, api: FakeApi, timeout:
 
 
 def _routed_freshdesk_ticket(rt: Runtime) -> int:
-    inbound = InboundTicket(
-        source="freshdesk", external_id="202", subject="Refund", body="I want a refund"
-    )
-    with session_scope(rt.sessions) as session:
-        tid = accept_ticket(session, inbound).ticket_id
-    assert classify_tickets_stage(rt, [tid])[tid] in ("routed", "review")
-    with rt.sessions() as session:
-        (dispatch_id,) = session.scalars(select(Dispatch.id).where(Dispatch.ticket_id == tid))
-    return int(dispatch_id)
+    return routed_dispatch(rt, source="freshdesk", external_id="202", body="I want a refund")[1]
 
 
 def _long_conversation(api: FakeApi, **answer: float) -> None:

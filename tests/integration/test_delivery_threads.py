@@ -13,22 +13,23 @@ real HTTP server as the webhook's receiver.
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 
 import pytest
 from sqlalchemy import select
 
-from tests.integration.test_sinks import WEBHOOK_SECRET
 from tests.support.fakehttp import running_api
-from tests.support.stack import in_background, make_runtime, stack_env, truncate
-from triage.config import PROJECT_ROOT
+from tests.support.stack import (
+    SINK_SECRET,
+    config_with_webhook_sink,
+    in_background,
+    make_runtime,
+    routed_dispatch,
+    stack_env,
+    truncate,
+)
 from triage.db.models import Dispatch
-from triage.db.repo import accept_ticket
-from triage.db.session import session_scope
-from triage.ingest.models import InboundTicket
-from triage.pipeline.classify_stage import classify_tickets_stage
 from triage.pipeline.deliver_stage import deliver_many_stage
 
 SINK_TIMEOUT = 1.0
@@ -39,7 +40,7 @@ CALLS_HOLD = 3.0 * SINK_TIMEOUT
 @pytest.fixture()
 def hook_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     # The sink table is read when first used, from this process's environment.
-    monkeypatch.setenv("T_HOOK_SECRET", WEBHOOK_SECRET)
+    monkeypatch.setenv("TRIAGE_SINK_SECRET_RECEIVER", SINK_SECRET)
 
 
 def test_a_delivery_batch_is_not_held_behind_model_calls_past_its_deadline(
@@ -47,14 +48,7 @@ def test_a_delivery_batch_is_not_held_behind_model_calls_past_its_deadline(
 ):
     truncate(pg_url)
     with running_api() as api:
-        config = tmp_path / "config"
-        shutil.copytree(PROJECT_ROOT / "config", config, ignore=shutil.ignore_patterns("samples"))
-        (config / "sinks.yaml").write_text(
-            f"timeout_seconds: {SINK_TIMEOUT}\n"
-            "webhooks:\n"
-            f"  crm: {{url: '{api.url}/hooks', secret_env: T_HOOK_SECRET}}\n"
-            "default: [webhook:crm]\n"
-        )
+        config = config_with_webhook_sink(tmp_path, api.url, timeout_seconds=SINK_TIMEOUT)
         rt = make_runtime(
             stack_env(
                 pg_url,
@@ -63,21 +57,16 @@ def test_a_delivery_batch_is_not_held_behind_model_calls_past_its_deadline(
                 TRIAGE_WORKER_CONCURRENCY="2",
             )
         )
-        ticket_ids = []
-        with session_scope(rt.sessions) as session:
-            for n in range(3):
-                inbound = InboundTicket(
-                    source="generic",
-                    external_id=f"t-{n}",
-                    subject="Refund",
-                    body=f"I was charged twice for order {n}, please refund me",
-                )
-                ticket_ids.append(accept_ticket(session, inbound).ticket_id)
-        classify_tickets_stage(rt, ticket_ids)
-        with rt.sessions() as session:
-            dispatches = session.scalars(select(Dispatch).where(Dispatch.ticket_id.in_(ticket_ids)))
-            dispatch_ids = sorted(d.id for d in dispatches if rt.sinks_for(d.department))
-        assert len(dispatch_ids) == 3
+        dispatch_ids = [
+            routed_dispatch(
+                rt,
+                source="generic",
+                external_id=f"t-{n}",
+                body=f"I was charged twice for order {n}, please refund me",
+            )[1]
+            for n in range(3)
+        ]
+        assert all(rt.sinks_for(d.department) for d in _dispatches(rt, dispatch_ids))
 
         # Both of the process's call slots taken by model calls that take a while.
         started = threading.Barrier(3)
@@ -98,6 +87,11 @@ def test_a_delivery_batch_is_not_held_behind_model_calls_past_its_deadline(
             calls.join(10)
 
     assert outcomes == {d: "delivered" for d in dispatch_ids}, outcomes
-    assert [c for c in api.calls() if c == ("POST", "/hooks")] == [("POST", "/hooks")] * 3
+    assert [c for c in api.calls() if c == ("POST", "/hook")] == [("POST", "/hook")] * 3
     # Sent while the calls still held their threads, not after them.
     assert took < CALLS_HOLD, took
+
+
+def _dispatches(rt, ids: list[int]) -> list[Dispatch]:
+    with rt.sessions() as session:
+        return list(session.scalars(select(Dispatch).where(Dispatch.id.in_(ids))))

@@ -22,14 +22,12 @@ from tests.support.stack import (
     SINK_SECRET,
     config_with_webhook_sink,
     make_runtime,
+    routed_dispatch,
     stack_env,
     truncate,
 )
 from triage.db.models import Attempt, DeadLetter, Dispatch, Ticket, utcnow
-from triage.db.repo import accept_ticket
 from triage.db.session import session_scope
-from triage.ingest.models import InboundTicket
-from triage.pipeline.classify_stage import classify_tickets_stage
 from triage.pipeline.deliver_stage import STARTED, deliver_many_stage
 from triage.pipeline.runtime import Runtime
 
@@ -37,15 +35,7 @@ MAX_ATTEMPTS = 3
 
 
 def _routed(rt: Runtime) -> tuple[int, int]:
-    inbound = InboundTicket(
-        source="generic", external_id="lost-1", subject="Refund", body="I want a refund"
-    )
-    with session_scope(rt.sessions) as session:
-        tid = accept_ticket(session, inbound).ticket_id
-    assert classify_tickets_stage(rt, [tid])[tid] in ("routed", "review")
-    with rt.sessions() as session:
-        (dispatch_id,) = session.scalars(select(Dispatch.id).where(Dispatch.ticket_id == tid))
-    return tid, dispatch_id
+    return routed_dispatch(rt, source="generic", external_id="lost-1", body="I want a refund")
 
 
 def _lost_attempts(rt: Runtime, tid: int, dispatch_id: int, count: int) -> None:

@@ -27,7 +27,14 @@ from typer.testing import CliRunner
 
 from tests.integration.test_sinks import WEBHOOK_SECRET
 from tests.support.fakehttp import FakeApi, FakeZendesk, Reply, running_api
-from tests.support.stack import WorkerProcess, make_runtime, stack_env, truncate, wait_until
+from tests.support.stack import (
+    WorkerProcess,
+    make_runtime,
+    routed_dispatch,
+    stack_env,
+    truncate,
+    wait_until,
+)
 from triage.cli.main import app
 from triage.config import PROJECT_ROOT
 from triage.db.models import Dispatch, OutboxMessage, Ticket, utcnow
@@ -80,15 +87,7 @@ def _env(pg_url: str, redis_url: str, tmp_path: Path, api: FakeApi, sinks: str) 
 
 def _routed(rt: Runtime) -> tuple[int, int]:
     """Zendesk ticket 101 accepted and classified: its id and its dispatch's, not delivered."""
-    inbound = InboundTicket(
-        source="zendesk", external_id="101", subject="Refund", body="I was charged twice"
-    )
-    with session_scope(rt.sessions) as session:
-        tid = accept_ticket(session, inbound).ticket_id
-    assert classify_tickets_stage(rt, [tid])[tid] in ("routed", "review")
-    with rt.sessions() as session:
-        (dispatch_id,) = session.scalars(select(Dispatch.id).where(Dispatch.ticket_id == tid))
-    return tid, dispatch_id
+    return routed_dispatch(rt, source="zendesk", external_id="101", body="I was charged twice")
 
 
 def _posts(api: FakeApi, path: str, dispatch_id: int) -> int:

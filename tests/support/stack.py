@@ -257,12 +257,16 @@ def queued_ids(redis_url: str, queue: str) -> list[int]:
     return ids
 
 
-def config_with_webhook_sink(tmp_path: Path, url: str) -> Path:
-    """config/ as shipped, with every department delivered to a webhook receiver at `url`."""
+def config_with_webhook_sink(
+    tmp_path: Path, url: str, *, timeout_seconds: float | None = None
+) -> Path:
+    """config/ as shipped, with every department delivered to a webhook receiver at `url`
+    (`{url}/hook`), its requests' timeout `timeout_seconds` (None: the default)."""
     config = tmp_path / "config"
     shutil.copytree(PROJECT_ROOT / "config", config, ignore=shutil.ignore_patterns("samples"))
+    timeout = "" if timeout_seconds is None else f"timeout_seconds: {timeout_seconds}\n"
     (config / "sinks.yaml").write_text(
-        "webhooks:\n"
+        timeout + "webhooks:\n"
         "  receiver:\n"
         f"    url: {url}/hook\n"
         "    secret_env: TRIAGE_SINK_SECRET_RECEIVER\n"
@@ -310,3 +314,24 @@ def served_api(env: dict[str, str], *, workers: int = 1) -> Iterator[ServedApi]:
     finally:
         proc.send_signal(signal.SIGTERM)
         served.output = proc.communicate(timeout=30)[0].decode(errors="replace")
+
+
+def routed_dispatch(
+    rt: Runtime, *, source: str, external_id: str, subject: str = "Refund", body: str
+) -> tuple[int, int]:
+    """A ticket accepted and classified in-process, its delivery not yet made: the ticket's id
+    and its dispatch's."""
+    from triage.db.models import Dispatch
+    from triage.db.repo import accept_ticket
+    from triage.db.session import session_scope
+    from triage.ingest.models import InboundTicket
+    from triage.pipeline.classify_stage import classify_tickets_stage
+
+    inbound = InboundTicket(source=source, external_id=external_id, subject=subject, body=body)
+    with session_scope(rt.sessions) as session:
+        tid = accept_ticket(session, inbound).ticket_id
+    assert tid is not None
+    assert classify_tickets_stage(rt, [tid])[tid] in ("routed", "review")
+    with rt.sessions() as session:
+        (dispatch_id,) = session.scalars(select(Dispatch.id).where(Dispatch.ticket_id == tid))
+    return tid, int(dispatch_id)
