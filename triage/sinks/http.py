@@ -102,7 +102,8 @@ def send(
     if time.monotonic() >= deadline:
         raise TransientError(
             f"{what}: {method} {where} not sent: the delivery's deadline had passed "
-            "(its earlier requests were slow)"
+            "(its earlier requests, or its wait for a thread behind other deliveries, took "
+            "that long)"
         )
     try:
         request = client.build_request(method, url, **kwargs)
