@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tests.integration.test_sinks import WEBHOOK_SECRET, delivery, zendesk
-from tests.support.fakehttp import Reply
+from tests.support.fakehttp import FakeApi, Reply, running_api
 from triage.errors import PermanentError, RateLimited, TransientError
 from triage.sinks.django_helpdesk import DjangoHelpdeskWriter
 from triage.sinks.http import MAX_BODY_BYTES
@@ -188,3 +188,88 @@ def test_a_request_waiting_for_its_answer_at_the_deliverys_deadline_times_out_th
     with pytest.raises(TransientError, match="timed out at the delivery's deadline"):
         zendesk(api, timeout=5).deliver(delivery(deadline=began + 0.5))
     assert time.monotonic() - began < 1.0
+
+
+def test_headers_trickling_in_past_the_deliverys_deadline_time_out_there(api):
+    # A byte every 0.3 s: no read waits the 1 s read timeout, and the headers never end.
+    api.script("POST", "/hooks", Reply(header_pace=0.3))
+    sink = WebhookSink("crm", api.url + "/hooks", secret=WEBHOOK_SECRET, timeout_seconds=1)
+    began = time.monotonic()
+    with pytest.raises(TransientError, match="timed out at the delivery's deadline"):
+        sink.deliver(delivery(deadline=began + 1.5))
+    assert time.monotonic() - began < 2.0
+
+
+def test_headers_trickling_in_past_the_deadline_through_an_environment_proxy_time_out_there(
+    api, monkeypatch
+):
+    # HTTP_PROXY is honoured as httpx honours it, and the deadline holds through the proxy.
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", api.url)
+    url = "http://hooks.example.invalid/hooks"
+    api.script("POST", url, Reply(header_pace=0.3))
+    sink = WebhookSink("crm", url, secret=WEBHOOK_SECRET, timeout_seconds=1)
+    began = time.monotonic()
+    with pytest.raises(TransientError, match="timed out at the delivery's deadline"):
+        sink.deliver(delivery(deadline=began + 1.5))
+    assert time.monotonic() - began < 2.0
+    assert api.calls() == [("POST", url)]
+
+
+def test_no_proxy_sends_directly(api, monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    for name in ("no_proxy", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    WebhookSink("crm", api.url + "/hooks", secret=WEBHOOK_SECRET, timeout_seconds=2).deliver(
+        delivery()
+    )
+    assert api.calls() == [("POST", "/hooks")]
+
+
+def test_a_body_stalled_at_the_deliverys_deadline_is_cut_there_not_at_its_next_chunk(api):
+    # Pieces 0.9 s apart: the second, due at 1.8 s, is within a read timeout of the first and
+    # of the time left when the body began, but past the deadline at 1 s.
+    api.script("POST", "/hooks", Reply(body={"echo": "x" * 1000}, trickle=4.5))
+    sink = WebhookSink("crm", api.url + "/hooks", secret=WEBHOOK_SECRET, timeout_seconds=5)
+    began = time.monotonic()
+    sink.deliver(delivery(deadline=began + 1.0))
+    assert time.monotonic() - began < 1.4
+    assert api.calls() == [("POST", "/hooks")]
+
+
+def test_a_webhook_whose_body_is_awaited_at_the_deliverys_deadline_is_still_delivered(api):
+    # Answered 200 at once, its body's first piece due after the deadline: the 2xx stands.
+    api.script("POST", "/hooks", Reply(body={"echo": "x" * 1000}, trickle=10.0))
+    sink = WebhookSink("crm", api.url + "/hooks", secret=WEBHOOK_SECRET, timeout_seconds=5)
+    began = time.monotonic()
+    sink.deliver(delivery(deadline=began + 0.5))
+    assert time.monotonic() - began < 1.0
+    assert api.calls() == [("POST", "/hooks")]
+
+
+def test_a_json_body_stalled_at_the_deliverys_deadline_is_a_transient_error_there(api):
+    listing = "/api/v2/tickets/101/comments.json?sort_order=desc&per_page=100"
+    api.script("GET", listing, Reply(body={"comments": []}, trickle=10.0))
+    began = time.monotonic()
+    with pytest.raises(TransientError, match="body still arriving at the delivery's deadline"):
+        zendesk(api, timeout=5).deliver(delivery(deadline=began + 0.5))
+    assert time.monotonic() - began < 1.0
+    assert ("PUT", "/api/v2/tickets/101.json") not in api.calls()
+
+
+@pytest.fixture()
+def kept_alive() -> Iterator[FakeApi]:
+    """A receiver that keeps each connection open for the next request, as helpdesks do."""
+    with running_api(keep_alive=True) as fake:
+        yield fake
+
+
+def test_quick_answers_are_delivered_and_share_one_connection(kept_alive):
+    sink = WebhookSink("crm", kept_alive.url + "/hooks", secret=WEBHOOK_SECRET, timeout_seconds=2)
+    sink.deliver(delivery())
+    sink.deliver(delivery())
+    first, second = kept_alive.requests
+    assert (first.method, first.path) == (second.method, second.path) == ("POST", "/hooks")
+    assert first.port == second.port

@@ -21,6 +21,8 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: bytes
+    # The client's port: two requests on one kept-alive connection share it.
+    port: int = 0
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -35,6 +37,9 @@ class Reply:
     # Seconds over which the body is written, a few bytes at a time: an answer that keeps
     # arriving, so no single read waits as long as a client's read timeout.
     trickle: float = 0.0
+    # Seconds before each byte of the status line and headers, sent one at a time: an answer
+    # whose headers never finish, though no single read waits as long as the read timeout.
+    header_pace: float = 0.0
 
 
 # What answers a request with no scripted reply left: (method, path, body) to a reply, or None
@@ -46,7 +51,7 @@ class FakeApi:
     """A real HTTP server on loopback that records requests and answers from a script, then
     from `behaviour` (a helpdesk's own, such as FakeZendesk), then with `default` (200 {})."""
 
-    def __init__(self, behaviour: Behaviour | None = None) -> None:
+    def __init__(self, behaviour: Behaviour | None = None, *, keep_alive: bool = False) -> None:
         self.requests: list[Recorded] = []
         self.replies: dict[tuple[str, str], list[Reply]] = {}
         self.behaviour = behaviour
@@ -55,6 +60,9 @@ class FakeApi:
         api = self
 
         class Handler(BaseHTTPRequestHandler):
+            # HTTP/1.0 closes the connection after each answer; 1.1 keeps it for the next.
+            protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+
             def _handle(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length)
@@ -64,6 +72,7 @@ class FakeApi:
                         self.path,
                         {k.lower(): v for k, v in self.headers.items()},
                         body,
+                        self.client_address[1],
                     )
                 )
                 queue = api.replies.get((self.command, self.path)) or []
@@ -80,10 +89,24 @@ class FakeApi:
                     self.send_header("content-length", str(len(payload)))
                     for key, value in reply.headers.items():
                         self.send_header(key, value)
-                    self.end_headers()
+                    if reply.header_pace:
+                        self._paced_headers(reply.header_pace)
+                    else:
+                        self.end_headers()
                     _write(self.wfile, payload, reply.trickle)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client timed out and left, which is what the test wanted
+
+            def _paced_headers(self, pace: float) -> None:
+                # What end_headers would send at once (http.server keeps the lines in
+                # _headers_buffer until then), a byte at a time.
+                self._headers_buffer.append(b"\r\n")
+                head = b"".join(self._headers_buffer)
+                self._headers_buffer = []
+                for byte in head:
+                    time.sleep(pace)
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
 
             # http.server's names.
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle  # noqa: N815
@@ -248,8 +271,10 @@ def _stale(ticket: ZendeskTicket, stamp: object) -> bool:
 
 
 @contextmanager
-def running_api(behaviour: Behaviour | None = None) -> Iterator[FakeApi]:
-    fake = FakeApi(behaviour)
+def running_api(
+    behaviour: Behaviour | None = None, *, keep_alive: bool = False
+) -> Iterator[FakeApi]:
+    fake = FakeApi(behaviour, keep_alive=keep_alive)
     fake.thread.start()
     try:
         yield fake

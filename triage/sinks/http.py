@@ -7,11 +7,14 @@ help. So is a redirect: it is not followed (it would carry the credentials elsew
 is not a success either, since nothing was written. Sinks do not retry.
 
 Every request belongs to a delivery with a deadline (`Delivery.deadline`, its lease less the
-grace): past it no request is started, a request's timeouts are cut to the time left, and an
-answer still arriving is abandoned. httpx's timeouts bound each read, not a request, so without
-this a helpdesk answering a little under the timeout at every read could hold a delivery past
-its lease, and a second copy of its message would write it again. A delivery cut so fails as
-transient: nothing says which of its writes were applied, and its retry looks for its note.
+grace): past it no request is started, and a request started ends by it, whatever it is
+waiting for: a connection, its headers (even arriving a byte at a time), the rest of its body
+(cut there; a 2xx already answered still counts). httpx's timeouts bound each read, not a
+request, so the sinks' transport (triage/sinks/transport.py) caps every socket operation at
+the time left; without it a helpdesk answering a little under the timeout at every read could
+hold a delivery past its lease, and a second copy of its message would write it again. A
+delivery cut so fails as transient: nothing says which of its writes were applied, and its
+retry looks for its note.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import httpx
 from triage.errors import PermanentError, RateLimited, SinkRejected, TransientError
 from triage.reliability.retry import retry_after_seconds
 from triage.reliability.timeleft import TimeLeft
+from triage.sinks.transport import DeadlineTransport, ending_by, environment_mounts
 
 # 409: Zendesk answers it to concurrent updates of one ticket; 425: "too early".
 TRANSIENT_STATUSES = frozenset({408, 409, 425, 429})
@@ -38,7 +42,7 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 @dataclass(frozen=True, slots=True)
 class Answer:
     """A successful answer, its body read up to MAX_BODY_BYTES (and the client's read timeout
-    once more, for a body that trickles in)."""
+    once more, for a body that trickles in), and never past the delivery's deadline."""
 
     status: int
     body: bytes
@@ -88,9 +92,13 @@ logging.getLogger("httpx").addFilter(_URL_FILTER)
 
 
 def make_client(timeout_seconds: float, **kwargs: Any) -> httpx.Client:
-    """A client with explicit timeouts: a helpdesk that hangs must not hold a worker thread."""
+    """A client with explicit timeouts (a helpdesk that hangs must not hold a worker thread)
+    whose requests `send` ends by their delivery's deadline; `kwargs` are the client's own
+    (base_url, auth, headers), the transport being fixed."""
     timeout = httpx.Timeout(timeout_seconds, connect=min(5.0, timeout_seconds))
-    return httpx.Client(timeout=timeout, **kwargs)
+    return httpx.Client(
+        timeout=timeout, transport=DeadlineTransport(), mounts=environment_mounts(), **kwargs
+    )
 
 
 def send(
@@ -108,11 +116,12 @@ def send(
     try:
         request = client.build_request(method, url, **kwargs)
         request.extensions["timeout"] = TimeLeft(request.extensions.get("timeout", {}), deadline)
-        response = client.send(request, stream=True)
-        try:
-            body, complete, late = _read_bounded(response, client.timeout.read, deadline)
-        finally:
-            response.close()
+        with ending_by(deadline):
+            response = client.send(request, stream=True)
+            try:
+                body, complete, late = _read_bounded(response, client.timeout.read, deadline)
+            finally:
+                response.close()
     except httpx.TimeoutException as exc:
         at = " at the delivery's deadline" if time.monotonic() >= deadline else ""
         raise TransientError(
@@ -153,13 +162,20 @@ def _read_bounded(
     until = time.monotonic() + (read_timeout or 60.0)
     chunks: list[bytes] = []
     size = 0
-    for chunk in response.iter_bytes():
-        chunks.append(chunk)
-        size += len(chunk)
-        now = time.monotonic()
-        if size > MAX_BODY_BYTES or now > until or now > deadline:
-            late = size <= MAX_BODY_BYTES and now > deadline
-            return b"".join(chunks)[:MAX_BODY_BYTES], False, late
+    try:
+        for chunk in response.iter_bytes():
+            chunks.append(chunk)
+            size += len(chunk)
+            now = time.monotonic()
+            if size > MAX_BODY_BYTES or now > until or now > deadline:
+                late = size <= MAX_BODY_BYTES and now > deadline
+                return b"".join(chunks)[:MAX_BODY_BYTES], False, late
+    except httpx.ReadTimeout:
+        # The transport ends a read waiting at the deadline: the body is cut there, as at a
+        # chunk past it. A read timing out before it is the helpdesk's, raised as ever.
+        if time.monotonic() < deadline:
+            raise
+        return b"".join(chunks), False, True
     return b"".join(chunks), True, False
 
 
