@@ -118,3 +118,26 @@ def test_a_ticket_failing_since_its_receipt_longer_than_the_max_age_is_still_dea
     fake.add_fault(Fault(kind="overloaded"))
 
     assert classify_tickets_stage(rt, [tid]) == {tid: "dead"}
+
+
+def test_a_ticket_spooled_through_a_database_outage_longer_than_the_max_age_is_retried(
+    runtime, fake
+):
+    """A webhook spooled while the database was down is stored later with its arrival as
+    `received_at` (stats count the outage). Its first run starts when it is stored: a
+    transient failure then is retried, not dead-lettered as too old."""
+    rt = runtime()
+    inbound = InboundTicket(
+        source="generic", external_id="spooled-1", subject="Charged twice", body=BODY
+    )
+    arrived = utcnow() - timedelta(hours=2)
+    with session_scope(rt.sessions) as session:
+        tid = accept_ticket(session, inbound, received_at=arrived).ticket_id
+    fake.add_fault(Fault(kind="overloaded"))
+
+    assert classify_tickets_stage(rt, [tid]) == {tid: "retry"}
+    assert classify_tickets_stage(rt, [tid]) == {tid: "routed"}
+    with rt.sessions() as session:
+        ticket = session.get(Ticket, tid)
+        assert ticket is not None
+        assert ticket.received_at.replace(tzinfo=None) == arrived.replace(tzinfo=None)

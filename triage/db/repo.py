@@ -106,6 +106,10 @@ def accept_ticket(
     }
     if received_at is not None:
         values["received_at"] = received_at
+        # Its first run starts now, not at its arrival: the classify stage's age bound is for
+        # a ticket failing too long, and this one could not start while the database was
+        # down (a spooled webhook, triage.ingest.spool).
+        values["generation_started_at"] = utcnow()
     connection = session.connection()
     ticket_id = connection.execute(_accept_statement(connection.dialect.name), values).scalar()
     if ticket_id is None:
