@@ -6,7 +6,6 @@ and a fake Zendesk keeping the ticket's state."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 
 import pytest
@@ -21,8 +20,7 @@ from tests.integration.test_sources import (
     zendesk_ticket,
 )
 from tests.support.fakehttp import FakeApi, FakeZendesk, running_api
-from tests.support.stack import make_runtime, truncate
-from triage.config import PROJECT_ROOT
+from tests.support.stack import config_with_sinks, make_runtime, truncate
 from triage.db.models import Attempt, Dispatch, OutboxMessage, Ticket
 from triage.ingest.app import create_app
 from triage.pipeline.classify_stage import classify_tickets_stage
@@ -50,10 +48,9 @@ def helpdesk() -> Iterator[tuple[FakeZendesk, FakeApi]]:
 def rt(pg_url, clean_redis, tmp_path, helpdesk, monkeypatch) -> Runtime:
     truncate(pg_url)
     _zendesk, api = helpdesk
-    config = tmp_path / "config"
-    shutil.copytree(PROJECT_ROOT / "config", config, ignore=shutil.ignore_patterns("samples"))
     groups = "".join(f"      {dept}: {group}\n" for dept, group in GROUPS.items())
-    (config / "sinks.yaml").write_text(
+    config = config_with_sinks(
+        tmp_path,
         "timeout_seconds: 2\n"
         "helpdesks:\n"
         "  zendesk:\n"
@@ -61,7 +58,7 @@ def rt(pg_url, clean_redis, tmp_path, helpdesk, monkeypatch) -> Runtime:
         "    email: bot@acme.test\n"
         "    api_token_env: TRIAGE_TEST_ZD_TOKEN\n"
         f"    groups:\n{groups}"
-        "default: [helpdesk]\n"
+        "default: [helpdesk]\n",
     )
     # The sink table is read when first used, from this process's environment.
     monkeypatch.setenv("TRIAGE_TEST_ZD_TOKEN", "zd-token")

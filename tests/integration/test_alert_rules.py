@@ -27,6 +27,7 @@ from tests.support.fakehttp import FakeZendesk, running_api
 from tests.support.stack import (
     WorkerProcess,
     anthropic_env,
+    config_with_sinks,
     served_api,
     signed_headers,
     ticket_payload,
@@ -232,17 +233,15 @@ WORKER_SERIES = (
 
 
 def _config_with_zendesk_sink(tmp: Path, zendesk_url: str) -> Path:
-    config = tmp / "config"
-    shutil.copytree(PROJECT_ROOT / "config", config, ignore=shutil.ignore_patterns("samples"))
-    (config / "sinks.yaml").write_text(
+    return config_with_sinks(
+        tmp,
         "helpdesks:\n"
         "  zendesk:\n"
         f"    base_url: {zendesk_url}\n"
         "    email: bot@acme.test\n"
         "    api_token_env: T_ZD_TOKEN\n"
-        "default: [helpdesk]\n"
+        "default: [helpdesk]\n",
     )
-    return config
 
 
 def _post(url: str, path: str, body: bytes, headers: dict[str, str]) -> int:

@@ -14,7 +14,6 @@ real HTTP server standing in for Freshdesk, answering slowly.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -22,7 +21,14 @@ import pytest
 
 from tests.integration.test_sinks import WEBHOOK_SECRET, delivery
 from tests.support.fakehttp import FakeApi, Reply, running_api
-from tests.support.stack import in_background, make_runtime, routed_dispatch, stack_env, truncate
+from tests.support.stack import (
+    config_with_sinks,
+    in_background,
+    make_runtime,
+    routed_dispatch,
+    stack_env,
+    truncate,
+)
 from triage.config import PROJECT_ROOT, Settings, load_config
 from triage.pipeline.deliver_stage import deliver_many_stage
 from triage.pipeline.runtime import Runtime
@@ -39,13 +45,12 @@ FRESHDESK_MOST_REQUESTS = 13
 
 
 def _runtime(pg_url: str, redis_url: str, tmp_path: Path, api: FakeApi, timeout: float) -> Runtime:
-    config = tmp_path / "config"
-    shutil.copytree(PROJECT_ROOT / "config", config, ignore=shutil.ignore_patterns("samples"))
-    (config / "sinks.yaml").write_text(
+    config = config_with_sinks(
+        tmp_path,
         f"timeout_seconds: {timeout}\n"
         "helpdesks:\n"
         f"  freshdesk: {{base_url: '{api.url}', api_key_env: TRIAGE_TEST_FD_KEY}}\n"
-        "default: [helpdesk]\n"
+        "default: [helpdesk]\n",
     )
     return make_runtime(
         stack_env(

@@ -7,7 +7,6 @@ follow-up webhook that note causes is ignored, so nothing loops.
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,7 +18,14 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from tests.support.stack import WorkerProcess, make_runtime, stack_env, truncate, wait_until
+from tests.support.stack import (
+    WorkerProcess,
+    config_with_sinks,
+    make_runtime,
+    stack_env,
+    truncate,
+    wait_until,
+)
 from triage.config import PROJECT_ROOT
 from triage.db.models import Classification, Dispatch, OutboxMessage, Ticket
 from triage.sinks.django_helpdesk import PRIORITIES
@@ -180,10 +186,9 @@ QUEUES = {"billing": 1, "support": 2, "accounts": 3, "general": 4}
 
 def sinks_config(tmp_path: Path, helpdesk_url: str) -> Path:
     """config/ as shipped plus a sinks.yaml that writes every department back to the helpdesk."""
-    config = tmp_path / "config"
-    shutil.copytree(PROJECT_ROOT / "config", config, ignore=shutil.ignore_patterns("samples"))
     queue_ids = "".join(f"      {slug}: {qid}\n" for slug, qid in QUEUES.items())
-    (config / "sinks.yaml").write_text(
+    return config_with_sinks(
+        tmp_path,
         "helpdesks:\n"
         "  django-helpdesk:\n"
         f"    base_url: {helpdesk_url}\n"
@@ -193,9 +198,8 @@ def sinks_config(tmp_path: Path, helpdesk_url: str) -> Path:
         f"{queue_ids}"
         "    queues: {tech_support: support, logistics: general, sales: general,\n"
         "             customer_success: general, escalations: support}\n"
-        "default: [helpdesk]\n"
+        "default: [helpdesk]\n",
     )
-    return config
 
 
 def test_real_django_helpdesk_ticket_is_classified_and_written_back(

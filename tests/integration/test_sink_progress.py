@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -29,6 +28,7 @@ from tests.integration.test_sinks import WEBHOOK_SECRET
 from tests.support.fakehttp import FakeApi, FakeZendesk, Reply, running_api
 from tests.support.stack import (
     WorkerProcess,
+    config_with_sinks,
     make_runtime,
     routed_dispatch,
     stack_env,
@@ -36,7 +36,6 @@ from tests.support.stack import (
     wait_until,
 )
 from triage.cli.main import app
-from triage.config import PROJECT_ROOT
 from triage.db.models import Dispatch, OutboxMessage, Ticket, utcnow
 from triage.db.repo import accept_ticket
 from triage.db.session import session_scope
@@ -70,9 +69,8 @@ def secrets(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _env(pg_url: str, redis_url: str, tmp_path: Path, api: FakeApi, sinks: str) -> dict[str, str]:
     """Every department delivered to `sinks`, in that order."""
-    config = tmp_path / "config"
-    shutil.copytree(PROJECT_ROOT / "config", config, ignore=shutil.ignore_patterns("samples"))
-    (config / "sinks.yaml").write_text(
+    config = config_with_sinks(
+        tmp_path,
         "timeout_seconds: 2\n"
         "helpdesks:\n"
         f"  zendesk: {{base_url: '{api.url}', email: bot@acme.test,"
@@ -80,7 +78,7 @@ def _env(pg_url: str, redis_url: str, tmp_path: Path, api: FakeApi, sinks: str) 
         "webhooks:\n"
         f"  crm: {{url: '{api.url}/crm', secret_env: TRIAGE_TEST_HOOK_SECRET}}\n"
         f"  audit: {{url: '{api.url}/audit', secret_env: TRIAGE_TEST_HOOK_SECRET}}\n"
-        f"default: [{sinks}]\n"
+        f"default: [{sinks}]\n",
     )
     return stack_env(pg_url, redis_url, TRIAGE_CONFIG_DIR=str(config), **SECRETS)
 

@@ -257,22 +257,28 @@ def queued_ids(redis_url: str, queue: str) -> list[int]:
     return ids
 
 
+def config_with_sinks(tmp_path: Path, sinks_yaml: str) -> Path:
+    """config/ as shipped (less the samples), with `sinks_yaml` as its sinks.yaml."""
+    config = tmp_path / "config"
+    shutil.copytree(PROJECT_ROOT / "config", config, ignore=shutil.ignore_patterns("samples"))
+    (config / "sinks.yaml").write_text(sinks_yaml)
+    return config
+
+
 def config_with_webhook_sink(
     tmp_path: Path, url: str, *, timeout_seconds: float | None = None
 ) -> Path:
     """config/ as shipped, with every department delivered to a webhook receiver at `url`
     (`{url}/hook`), its requests' timeout `timeout_seconds` (None: the default)."""
-    config = tmp_path / "config"
-    shutil.copytree(PROJECT_ROOT / "config", config, ignore=shutil.ignore_patterns("samples"))
     timeout = "" if timeout_seconds is None else f"timeout_seconds: {timeout_seconds}\n"
-    (config / "sinks.yaml").write_text(
+    return config_with_sinks(
+        tmp_path,
         timeout + "webhooks:\n"
         "  receiver:\n"
         f"    url: {url}/hook\n"
         "    secret_env: TRIAGE_SINK_SECRET_RECEIVER\n"
-        "default: [webhook:receiver]\n"
+        "default: [webhook:receiver]\n",
     )
-    return config
 
 
 @dataclass
