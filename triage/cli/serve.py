@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 
@@ -28,10 +27,10 @@ def serve(
     """
     import uvicorn
 
-    from triage.ingest.app import create_app
+    from triage.ingest.app import create_app, log_to_stderr
     from triage.pipeline.runtime import get_runtime
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    log_to_stderr()
     rt = get_runtime()
     # Fail at start-up, not on the first webhook: schema behind the code, or no broker config.
     require_current_schema(rt.settings.database_url)
@@ -48,7 +47,7 @@ def serve(
                 log_level="warning",
             )
     else:
-        uvicorn.run(create_app(), host=host, port=port, log_level="warning")
+        uvicorn.run(create_app(freeze_gc=True), host=host, port=port, log_level="warning")
 
 
 @app.command()
@@ -71,8 +70,9 @@ def worker(
 
     Example: triage worker -c 200 -Q triage.classify
     """
-    from celery.signals import after_setup_logger
+    from celery.signals import after_setup_logger, worker_ready
 
+    from triage.gc_pauses import freeze_startup_objects
     from triage.pipeline import tasks  # noqa: F401 - registers the tasks
     from triage.pipeline.celery_app import all_queues
     from triage.pipeline.fanout import CallPool
@@ -120,6 +120,11 @@ def worker(
         content_free_task_failures()
 
     after_setup_logger.connect(_after_logging_setup, weak=False)
+
+    def _after_startup(**_: object) -> None:
+        freeze_startup_objects("worker")
+
+    worker_ready.connect(_after_startup, weak=False)
 
     # Deliveries from many classify batches finishing together share publishes and messages.
     rt.start_batching()

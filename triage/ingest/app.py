@@ -28,6 +28,7 @@ from triage.db.models import is_row_id, utcnow
 from triage.db.repo import Accepted, accept_ticket, ticket_view
 from triage.db.session import session_scope
 from triage.errors import IngestError, loggable
+from triage.gc_pauses import freeze_startup_objects
 from triage.ingest import problems
 from triage.ingest.models import Ignored, InboundTicket
 from triage.ingest.multiprocess_metrics import process_metrics
@@ -88,7 +89,18 @@ def _require_json(request: Request) -> None:
         )
 
 
-def create_app(rt: Runtime | None = None, *, relay_interval: float = 2.0) -> FastAPI:
+def log_to_stderr() -> None:
+    """The API's log lines, INFO and above, on stderr: for `triage serve` and for each process
+    `--workers N` starts (uvicorn sets up only its own loggers there)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def create_app(
+    rt: Runtime | None = None, *, relay_interval: float = 2.0, freeze_gc: bool = False
+) -> FastAPI:
+    """The webhook API. `freeze_gc`: once started, freeze the objects the process holds
+    (`triage.gc_pauses`). For a process that is this API (`triage serve`, the ASGI entry point);
+    an application that mounts it in its own process decides that for itself."""
     runtime = rt or get_runtime()
 
     @asynccontextmanager
@@ -98,6 +110,8 @@ def create_app(rt: Runtime | None = None, *, relay_interval: float = 2.0) -> Fas
         # Webhooks arriving close together share classify messages: their tickets then share
         # the worker's claim too. (A worker's deliveries come in bursts per batch already.)
         runtime.start_batching(gather_stream=True)
+        if freeze_gc:
+            freeze_startup_objects("api")
         try:
             yield
         finally:

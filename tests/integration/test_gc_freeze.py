@@ -1,0 +1,33 @@
+"""The long-running processes freeze their start-up objects once started (`triage.gc_pauses`):
+`triage worker` when it is ready, `triage serve` when its app has started, in every process of
+`--workers N`. Real processes over PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.support.stack import WorkerProcess, served_api, stack_env, truncate, wait_until
+
+# Celery, SQLAlchemy, pydantic and the SDK alone are several hundred thousand objects.
+AT_LEAST = 100_000
+
+
+def _frozen(output: str, process: str) -> list[int]:
+    return [int(n) for n in re.findall(rf"{process}: (\d+) start-up objects frozen", output)]
+
+
+def test_a_ready_worker_has_frozen_its_start_up_objects(pg_url, clean_redis):
+    truncate(pg_url)
+    with WorkerProcess(stack_env(pg_url, clean_redis), concurrency=4) as worker:
+        counts = wait_until(lambda: _frozen(worker.log(), "worker"), 30, what="the freeze")
+    assert len(counts) == 1 and counts[0] > AT_LEAST, worker.log()
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_every_api_process_freezes_its_start_up_objects(pg_url, clean_redis, processes):
+    with served_api(stack_env(pg_url, clean_redis), workers=processes) as api:
+        pass
+    counts = _frozen(api.output, "api")
+    assert len(counts) == processes and min(counts) > AT_LEAST, api.output[-3000:]
