@@ -16,7 +16,7 @@ them without spending an attempt. Delivery queues are not paused: sinks are not 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from types import MethodType
 from typing import Any, ClassVar
 
@@ -101,6 +101,28 @@ def _reason(admission: Admission) -> str:
         return "unknown"
 
 
+# Passes `waiting_requests` may make over a set other threads keep changing (see there).
+SNAPSHOT_TRIES = 100
+
+
+def waiting_requests(reserved: Iterable[Any], active: Container[Any]) -> list[Any]:
+    """The requests in `reserved` that are not in `active`: taken from the broker, not yet
+    running.
+
+    Celery's `reserved_requests` is a WeakSet that the pool's threads discard from as their
+    tasks end, while the consumer thread reads it here. A WeakSet iterates in Python, so a
+    thread switch mid-way that changes it makes the iteration raise RuntimeError ("Set changed
+    size during iteration"): raised in the consumer loop, that is an unrecoverable error that
+    stopped the worker (seen in `make bench`; a stress test fails thousands of times in two
+    seconds). The window is a few microseconds, so another pass succeeds."""
+    for _ in range(SNAPSHOT_TRIES - 1):
+        try:
+            return [r for r in list(reserved) if r not in active]
+        except RuntimeError:
+            continue
+    return [r for r in list(reserved) if r not in active]
+
+
 def held_tickets(requests: Iterable[Any]) -> int:
     """Tickets in these messages: a classify message counts its ids, since each needs a call
     slot; any other message counts one."""
@@ -147,8 +169,7 @@ class HoldOnlyWhatCanRun(bootsteps.StartStopStep):  # type: ignore[misc]
         by_prefetch = qos.can_consume
 
         def can_consume(_qos: Any) -> bool:
-            active = state.active_requests
-            waiting = [r for r in list(state.reserved_requests) if r not in active]
+            waiting = waiting_requests(state.reserved_requests, state.active_requests)
             return held_tickets(waiting) + slots.waiting < slots.free + reserve and by_prefetch()
 
         # A consumer restart (broker reconnect) builds a new channel, and this step runs
