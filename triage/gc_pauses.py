@@ -1,10 +1,10 @@
 """Short pauses for the garbage collector's full passes in long-running processes.
 
-By the time a worker takes its first message it holds over a million objects (Celery,
+By the time a worker takes its first message the collector tracks some 280,000 objects (Celery,
 SQLAlchemy, pydantic and the SDK imported; config, pools and clients built) that live as long as
 the process. CPython's full collection (generation 2) walks every one of them while it holds the
 GIL, so all of a worker's threads stand still for it: 150-490 ms a pass on the 2-core bench
-machine, a few times a minute under load. Those passes were the steps in the tail of a ticket's
+machine, about every half minute under load. Those passes were the steps in the tail of a ticket's
 time in triage (bench/RESULTS.md, session 18).
 
 `gc.freeze()` once start-up is over moves those objects to a permanent generation that no
