@@ -4,11 +4,21 @@
 
 from __future__ import annotations
 
+import gc
 import re
 
 import pytest
+from fastapi.testclient import TestClient
 
-from tests.support.stack import WorkerProcess, served_api, stack_env, truncate, wait_until
+from tests.support.stack import (
+    WorkerProcess,
+    make_runtime,
+    served_api,
+    stack_env,
+    truncate,
+    wait_until,
+)
+from triage.ingest.app import create_app
 
 # Once started, a worker's collector tracks some 280,000 objects, the API's some 158,000.
 AT_LEAST = 100_000
@@ -31,3 +41,17 @@ def test_every_api_process_freezes_its_start_up_objects(pg_url, clean_redis, pro
         pass
     counts = _frozen(api.output, "api")
     assert len(counts) == processes and min(counts) > AT_LEAST, api.output[-3000:]
+
+
+def test_an_app_mounted_in_another_process_leaves_its_heap_alone(pg_url, clean_redis):
+    # `create_app()` is also what an application embedding the API calls (and the in-process
+    # tests): freezing is for processes that are the API, which ask for it.
+    truncate(pg_url)
+    gc.unfreeze()
+    with TestClient(create_app(make_runtime(stack_env(pg_url, clean_redis)))) as client:
+        assert client.get("/healthz").status_code == 200
+        assert gc.get_freeze_count() == 0
+    with TestClient(create_app(make_runtime(stack_env(pg_url, clean_redis)), freeze_gc=True)):
+        frozen = gc.get_freeze_count()
+    gc.unfreeze()
+    assert frozen > AT_LEAST
