@@ -117,10 +117,13 @@ def waiting_requests(reserved: Iterable[Any], active: Container[Any]) -> list[An
     seconds). The window is a few microseconds, so another pass succeeds."""
     for _ in range(SNAPSHOT_TRIES - 1):
         try:
-            return [r for r in list(reserved) if r not in active]
+            snapshot = list(reserved)
+            break
         except RuntimeError:
             continue
-    return [r for r in list(reserved) if r not in active]
+    else:
+        snapshot = list(reserved)  # the last try raises what it meets
+    return [r for r in snapshot if r not in active]
 
 
 def held_tickets(requests: Iterable[Any]) -> int:
