@@ -30,7 +30,8 @@ def test_objects_in_use_are_frozen_out_of_the_collectors_generations(thawed):
 
     frozen = freeze_startup_objects("test")
 
-    assert frozen == gc.get_freeze_count() > 0
+    # Frozen objects may still be freed (their last reference dropped) but none are added.
+    assert 0 < gc.get_freeze_count() <= frozen
     assert not any(obj is held for obj in gc.get_objects())
     # Objects made afterwards are the collector's again.
     later = [_Node()]
