@@ -83,6 +83,36 @@ def accept_ticket(
     the message is written for it to send after the commit (`Publisher.write`); without, it
     waits for the relay or an explicit publish. `received_at`: when the webhook arrived, for a
     ticket stored later than that (the spool, `triage.ingest.spool`); now when None."""
+    values = ticket_values(inbound, received_at)
+    connection = session.connection()
+    ticket_id = connection.execute(_accept_statement(connection.dialect.name), values).scalar()
+    if ticket_id is None:
+        retriage = update_policy == "retriage" and inbound.update_key and inbound.update_text
+        query = select(Ticket).where(
+            Ticket.source == inbound.source, Ticket.external_id == inbound.external_id
+        )
+        if retriage:
+            # Concurrent updates of one ticket take turns here, each appending to what the one
+            # before it committed. Without the lock, two different comments arriving together
+            # both read one generation, one lost the compare-and-set in `_retriage`, and was
+            # answered as a duplicate: its text was never stored.
+            query = query.with_for_update()
+        existing = session.scalars(query.execution_options(populate_existing=True)).one()
+        if retriage:
+            retriaged = _retriage(session, existing, inbound, publisher)
+            if retriaged is not None:
+                return retriaged
+        return Accepted(ticket_id=existing.id, duplicate=True, status=existing.state)
+    return Accepted(
+        ticket_id=ticket_id,
+        duplicate=False,
+        status=TicketState.RECEIVED,
+        outbox=_classify_message(session, ticket_id, publisher),
+    )
+
+
+def ticket_values(inbound: InboundTicket, received_at: datetime | None = None) -> dict[str, Any]:
+    """A new ticket's columns, as `accept_ticket` inserts them (see there for `received_at`)."""
     body = inbound.body
     if inbound.update_text:
         body = _appended(body, inbound.update_key, inbound.update_text)
@@ -110,31 +140,7 @@ def accept_ticket(
         # a ticket failing too long, and this one could not start while the database was
         # down (a spooled webhook, triage.ingest.spool).
         values["generation_started_at"] = utcnow()
-    connection = session.connection()
-    ticket_id = connection.execute(_accept_statement(connection.dialect.name), values).scalar()
-    if ticket_id is None:
-        retriage = update_policy == "retriage" and inbound.update_key and inbound.update_text
-        query = select(Ticket).where(
-            Ticket.source == inbound.source, Ticket.external_id == inbound.external_id
-        )
-        if retriage:
-            # Concurrent updates of one ticket take turns here, each appending to what the one
-            # before it committed. Without the lock, two different comments arriving together
-            # both read one generation, one lost the compare-and-set in `_retriage`, and was
-            # answered as a duplicate: its text was never stored.
-            query = query.with_for_update()
-        existing = session.scalars(query.execution_options(populate_existing=True)).one()
-        if retriage:
-            retriaged = _retriage(session, existing, inbound, publisher)
-            if retriaged is not None:
-                return retriaged
-        return Accepted(ticket_id=existing.id, duplicate=True, status=existing.state)
-    return Accepted(
-        ticket_id=ticket_id,
-        duplicate=False,
-        status=TicketState.RECEIVED,
-        outbox=_classify_message(session, ticket_id, publisher),
-    )
+    return values
 
 
 def _classify_message(session: Session, ticket_id: int, publisher: Publisher | None) -> Pending:

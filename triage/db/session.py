@@ -15,6 +15,7 @@ import psycopg
 from sqlalchemy import (
     JSON,
     Column,
+    Connection,
     Engine,
     Insert,
     Table,
@@ -182,6 +183,22 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+@contextmanager
+def one_statement(factory: sessionmaker[Session]) -> Iterator[Connection]:
+    """A connection for a transaction that is a single statement: in autocommit mode, so the
+    statement commits by itself.
+
+    psycopg sends BEGIN and COMMIT as round trips of their own, so a one-statement transaction
+    costs three. Each round trip costs more CPU than its bytes suggest in a busy process: the
+    thread gives up the GIL to wait and queues to take it back. With webhooks posted flat out
+    (`make bench`, 4b), storing a ticket and its classify message as one statement instead of
+    a transaction of two took the API from 3.5-4.3 ms of CPU per request to 2.1-2.3, and
+    PostgreSQL from 0.8-1.1 ms to 0.55-0.6 (bench/RESULTS.md, session 19)."""
+    engine = factory.kw["bind"]
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        yield connection
 
 
 def insert_rows(

@@ -24,9 +24,9 @@ from pydantic import SecretStr
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
+from triage.db.intake import store_ticket
 from triage.db.models import is_row_id, utcnow
-from triage.db.repo import Accepted, accept_ticket, ticket_view
-from triage.db.session import session_scope
+from triage.db.repo import Accepted, ticket_view
 from triage.errors import IngestError, loggable
 from triage.gc_pauses import freeze_startup_objects
 from triage.ingest import problems
@@ -126,13 +126,12 @@ def create_app(
         """Store the ticket; None when the database is unreachable and the ticket went to the
         spool instead. With the broker unreachable too, the database's error stands (a 503)."""
         try:
-            with session_scope(runtime.sessions) as session:
-                return accept_ticket(
-                    session,
-                    inbound,
-                    update_policy=settings.update_policy,
-                    publisher=runtime.publisher,
-                )
+            return store_ticket(
+                runtime.sessions,
+                inbound,
+                update_policy=settings.update_policy,
+                publisher=runtime.publisher,
+            )
         except Exception as exc:
             if not is_database_outage(exc):
                 raise

@@ -113,11 +113,7 @@ def write_outbox(session: Session, rows: list[dict[str, Any]], *, claimed: bool)
     broker was down) is the relay's. Only rows due now can be claimed: later ones wait for the
     relay."""
     if claimed:
-        lease_until = utcnow() + CLAIM_LEASE
-        for values in rows:
-            if values["available_at"] > values["created_at"]:
-                raise ValueError("an outbox row due later cannot be claimed as it is written")
-        rows = [{**values, "available_at": lease_until, "publish_attempts": 1} for values in rows]
+        rows = claimed_values(rows)
     ids = insert_rows(session, OutboxMessage, rows)
     return [
         Pending(
@@ -131,6 +127,15 @@ def write_outbox(session: Session, rows: list[dict[str, Any]], *, claimed: bool)
         )
         for row_id, values in zip(ids, rows, strict=True)
     ]
+
+
+def claimed_values(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Outbox rows (`outbox_values`) as their writer claims them (`write_outbox`)."""
+    lease_until = utcnow() + CLAIM_LEASE
+    for values in rows:
+        if values["available_at"] > values["created_at"]:
+            raise ValueError("an outbox row due later cannot be claimed as it is written")
+    return [{**values, "available_at": lease_until, "publish_attempts": 1} for values in rows]
 
 
 def _insert_one(session: Session, values: dict[str, Any]) -> int:
