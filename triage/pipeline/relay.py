@@ -17,7 +17,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from triage.db.models import OutboxMessage, TicketState, utcnow
-from triage.db.session import insert_rows, session_scope
+from triage.db.session import insert_rows, one_statement, session_scope
 from triage.pipeline.routing import CLASSIFY_QUEUE
 from triage.pipeline.states import transition_ids
 
@@ -266,16 +266,18 @@ class Publisher:
 
     def mark_sent(self, rows: Sequence[Pending]) -> None:
         """Record rows as sent (and their classify tickets as queued), in one transaction."""
+        params = {"ids": [r.id for r in rows], "now": utcnow()}
+        classify = [row.ticket_id for row in rows if row.task == CLASSIFY_TASK]
+        if not classify:
+            # A worker's delivery messages: the one statement commits alone.
+            with one_statement(self._sessions) as connection:
+                connection.execute(_MARK_SENT, params)
+            return
         with session_scope(self._sessions) as session:
-            session.connection().execute(_MARK_SENT, {"ids": [r.id for r in rows], "now": utcnow()})
-            classify = [row.ticket_id for row in rows if row.task == CLASSIFY_TASK]
-            if classify:
-                transition_ids(
-                    session,
-                    classify,
-                    TicketState.QUEUED,
-                    only_from=frozenset({TicketState.RECEIVED}),
-                )
+            session.connection().execute(_MARK_SENT, params)
+            transition_ids(
+                session, classify, TicketState.QUEUED, only_from=frozenset({TicketState.RECEIVED})
+            )
 
 
 @dataclass(frozen=True, slots=True)
