@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select, update
 
-from tests.support.stack import truncate
-from triage.db.migrate import upgrade
+from tests.support.stack import empty_database
 from triage.db.models import OutboxMessage, Ticket, TicketState, utcnow
 from triage.db.session import get_sessionmaker, insert_rows, session_scope
 from triage.pipeline.relay import classify_values
@@ -18,13 +17,7 @@ S = TicketState
 
 @pytest.fixture(params=["postgresql", "sqlite"])
 def sessions(request, pg_url, tmp_path):
-    if request.param == "postgresql":
-        truncate(pg_url)
-        url = pg_url
-    else:
-        url = f"sqlite:///{tmp_path / 'batch.db'}"
-        upgrade(url)
-    return get_sessionmaker(url, 4)
+    return get_sessionmaker(empty_database(request.param, pg_url, tmp_path), 4)
 
 
 def _tickets(sessions, states: list[str]) -> list[int]:

@@ -9,9 +9,8 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import func, select
 
-from tests.support.stack import truncate
+from tests.support.stack import empty_database
 from triage.db.intake import store_ticket
-from triage.db.migrate import upgrade
 from triage.db.models import OutboxMessage, Ticket
 from triage.db.repo import accept_ticket
 from triage.db.session import get_sessionmaker, session_scope
@@ -21,13 +20,7 @@ from triage.pipeline.relay import CLAIM_LEASE, Publisher, classify_values
 
 @pytest.fixture(params=["postgresql", "sqlite"])
 def sessions(request, pg_url, tmp_path):
-    if request.param == "postgresql":
-        truncate(pg_url)
-        url = pg_url
-    else:
-        url = f"sqlite:///{tmp_path / 'intake.db'}"
-        upgrade(url)
-    return get_sessionmaker(url, 4)
+    return get_sessionmaker(empty_database(request.param, pg_url, tmp_path), 4)
 
 
 def inbound(external_id: str, **fields) -> InboundTicket:

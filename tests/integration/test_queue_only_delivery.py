@@ -8,20 +8,14 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from tests.support.stack import anthropic_env, make_runtime, routed_dispatch, truncate
-from triage.db.migrate import upgrade
+from tests.support.stack import anthropic_env, empty_database, make_runtime, routed_dispatch
 from triage.db.models import Attempt, Dispatch
 from triage.pipeline.deliver_stage import deliver_many_stage
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
 def rt(request, pg_url, clean_redis, fake, tmp_path):
-    if request.param == "postgresql":
-        truncate(pg_url)
-        url = pg_url
-    else:
-        url = f"sqlite:///{tmp_path / 'deliver.db'}"
-        upgrade(url)
+    url = empty_database(request.param, pg_url, tmp_path)
     return make_runtime(anthropic_env(url, clean_redis, fake.base_url))
 
 

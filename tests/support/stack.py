@@ -96,6 +96,19 @@ def truncate(database_url: str) -> None:
                 conn.execute(text(f"DELETE FROM {table}"))
 
 
+def empty_database(kind: str, pg_url: str, tmp_path: Path) -> str:
+    """An empty database of this kind at head, for tests that run on both: the session's
+    PostgreSQL truncated ("postgresql"), or a new SQLite file in `tmp_path` ("sqlite")."""
+    if kind == "postgresql":
+        truncate(pg_url)
+        return pg_url
+    from triage.db.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'triage.db'}"
+    upgrade(url)
+    return url
+
+
 class WorkerProcess:
     """`triage worker` as a real subprocess, its output kept in a log file for failures.
 
