@@ -149,7 +149,7 @@ def _record_queue_only(rt: Runtime, dispatch_ids: list[int]) -> dict[int, str]:
             marking = _queue_only_statement(everything_but, names)
             rows = session.connection().execute(marking, params).all()
             if rows:
-                insert_rows(session, Attempt, _delivered_attempts(rows, now))
+                insert_rows(session, Attempt, _delivered_attempts(rows, now), returning=None)
     return {dispatch_id: "delivered" for dispatch_id, _t, _n in rows}
 
 
