@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from triage.db.models import OutboxMessage, Ticket, TicketState, utcnow
 from triage.db.repo import Accepted, accept_ticket, ticket_values
-from triage.db.session import one_statement, session_scope
+from triage.db.session import engine_of, one_statement, session_scope
 from triage.ingest.models import InboundTicket
 from triage.pipeline.relay import Pending, Publisher, claimed_values, classify_values
 
@@ -53,8 +53,7 @@ def store_ticket(
 ) -> Accepted:
     """`repo.accept_ticket` in a transaction of its own, for a webhook that has just arrived;
     a new ticket on PostgreSQL in one statement (see the module)."""
-    engine = sessions.kw["bind"]
-    if engine.dialect.name == "postgresql":
+    if engine_of(sessions).dialect.name == "postgresql":
         accepted = _insert_new(sessions, inbound, publisher)
         if accepted is not None:
             return accepted

@@ -185,6 +185,12 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         session.close()
 
 
+def engine_of(factory: sessionmaker[Session]) -> Engine:
+    """The engine a session factory of `get_sessionmaker` is bound to."""
+    engine: Engine = factory.kw["bind"]
+    return engine
+
+
 @contextmanager
 def one_statement(factory: sessionmaker[Session]) -> Iterator[Connection]:
     """A connection for a transaction that is a single statement: in autocommit mode, so the
@@ -196,8 +202,7 @@ def one_statement(factory: sessionmaker[Session]) -> Iterator[Connection]:
     (`make bench`, 4b), storing a ticket and its classify message as one statement instead of
     a transaction of two took the API from 3.5-4.3 ms of CPU per request to 2.1-2.3, and
     PostgreSQL from 0.8-1.1 ms to 0.55-0.6 (bench/RESULTS.md, session 19)."""
-    engine = factory.kw["bind"]
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+    with engine_of(factory).connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         yield connection
 
 

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from triage.db.models import Attempt, Classification, Dispatch, Ticket, TicketState, utcnow
 from triage.db.repo import APPLIED_UPDATES
-from triage.db.session import insert_rows, one_statement, session_scope
+from triage.db.session import engine_of, insert_rows, one_statement, session_scope
 from triage.errors import TransientError
 from triage.metrics import SINK_SKIPPED
 from triage.pipeline.relay import DELIVER_TASK
@@ -141,7 +141,7 @@ def _record_queue_only(rt: Runtime, dispatch_ids: list[int]) -> dict[int, str]:
     names = tuple(listed)
     now = utcnow()
     params = {"ids": sorted(dispatch_ids), "now": now}
-    if rt.sessions.kw["bind"].dialect.name == "postgresql":
+    if engine_of(rt.sessions).dialect.name == "postgresql":
         with one_statement(rt.sessions) as connection:
             rows = connection.execute(_queue_only_recorded(everything_but, names), params).all()
     else:
