@@ -28,11 +28,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy triage
 
-# Two processes, a test file each at a time: most tests wait on workers, servers and timeouts
-# rather than compute, and the fault scenarios (a third of the run) use servers of their own.
-# Each process leases its own Redis database and creates its own PostgreSQL databases.
+# Three processes on two cores, a test file each at a time: most tests wait on workers,
+# servers and timeouts rather than compute (two processes kept the cores about 60% busy), and
+# the fault scenarios (a quarter of the run) use servers of their own. Each process leases its
+# own Redis database and creates its own PostgreSQL databases.
 pytest: $(STAMP)
-	$(BIN)/pytest -n 2 --dist loadfile
+	$(BIN)/pytest -n 3 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

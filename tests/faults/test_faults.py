@@ -139,6 +139,21 @@ def audited(scenario, rt, receiver, fake: FakeAnthropic, *, sent, ids, started):
     return fig, per_ticket
 
 
+@pytest.fixture
+def slower_model(fake: FakeAnthropic) -> Iterator[None]:
+    """Calls of 0.4-0.8 s instead of 0.05-0.2 s: a run of several seconds between each round's
+    progress mark and its end, so that a test process kept off the CPU by its neighbours
+    still finds a call in flight to kill a worker under (at 0.05-0.2 s a starved poll once
+    saw all 700 tickets finished before its first kill)."""
+    before = fake.latency
+    fake.latency = (0.4, 0.8)
+    try:
+        yield
+    finally:
+        fake.latency = before
+
+
+@pytest.mark.usefixtures("slower_model")
 def test_kill9_workers_mid_classification_repeatedly(stack, fault_env, fake, receiver):
     rt, client = stack
     started = time.monotonic()
@@ -211,6 +226,7 @@ def test_redis_killed_and_restarted_mid_run(stack, fault_env, fake, receiver, pr
     assert fig.dead_lettered == 0, fig.line()
 
 
+@pytest.mark.usefixtures("slower_model")
 def test_postgres_stopped_and_restarted_mid_run(stack, fault_env, fake, receiver, private_pg):
     rt, client = stack
     started = time.monotonic()
@@ -391,14 +407,18 @@ def test_sustained_overload_pauses_consumption_instead_of_spending_attempts(
     started = time.monotonic()
     env = {**fault_env, "TRIAGE_CIRCUIT_COOLDOWN_SECONDS": "5"}
     bodies = ticket_bodies("overload", TICKETS)
-    ids = post_tickets(client, bodies)
+    # A fifth before the outage and the rest once it has begun, so that there are calls to
+    # answer 529 however far the workers got while this process was off the CPU (a starved
+    # poll once found every ticket finished before the outage, and no circuit to open).
+    ids = post_tickets(client, bodies[: TICKETS // 5])
     with workers(env) as pool:
-        wait_until(lambda: terminal_count(rt, ids) >= len(ids) // 5, 120, what="progress")
+        wait_until(lambda: terminal_count(rt, ids) >= len(ids) // 2, 120, what="progress")
         # The API answers nothing but 529 until the circuit opens, and for OPEN_FOR s after.
         answered_before = fake.call_count()
         outage = fake.add_fault(Fault("overloaded", times=-1))
-        breaker = rt.admission.breaker  # the workers' circuit, in the same Redis
         outage_started = time.monotonic()
+        ids += post_tickets(client, bodies[TICKETS // 5 :])
+        breaker = rt.admission.breaker  # the workers' circuit, in the same Redis
         wait_until(
             lambda: breaker.open_seconds() > 0, OPENS_WITHIN, what="the circuit to open", every=0.05
         )

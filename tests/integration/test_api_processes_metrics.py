@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
-from pathlib import Path
 
 import httpx
 
@@ -21,10 +19,11 @@ def _accepted(metrics: str) -> float:
     return sum(float(v) for v in re.findall(pattern, metrics, flags=re.MULTILINE))
 
 
-def test_every_scrape_counts_the_webhooks_all_processes_accepted(pg_url, clean_redis):
+def test_every_scrape_counts_the_webhooks_all_processes_accepted(pg_url, clean_redis, tmp_path):
     truncate(pg_url)
-    before = set(Path(tempfile.gettempdir()).glob("triage-metrics-*"))
-    with served_api(stack_env(pg_url, clean_redis), workers=2) as api:
+    # A temporary directory of its own: other test processes serve APIs beside this one.
+    env = stack_env(pg_url, clean_redis, TMPDIR=str(tmp_path))
+    with served_api(env, workers=2) as api:
         for i in range(POSTS):
             body = json.dumps(ticket_payload(f"mp-{i}")).encode()
             # A connection per request, so the kernel spreads them over both processes.
@@ -35,4 +34,4 @@ def test_every_scrape_counts_the_webhooks_all_processes_accepted(pg_url, clean_r
         seen = [_accepted(httpx.get(f"{api.url}/metrics").text) for _ in range(SCRAPES)]
     assert seen == [POSTS] * SCRAPES, api.output[-3000:]
     # The directory the processes shared is gone with them (a later run must not add to it).
-    assert set(Path(tempfile.gettempdir()).glob("triage-metrics-*")) == before
+    assert list(tmp_path.glob("triage-metrics-*")) == []
