@@ -1,8 +1,9 @@
 """The classify stage's finish: answers become labels, routes and dispatches.
 
 `store_labels` stores a batch's labels, routes them and writes their dispatches and delivery
-messages, a statement per table, in the caller's transaction; `commit_labels` is that transaction
-for the workers. Answers the database could not take were paid for: they travel with the
+messages, a statement per table, in the caller's transaction; `commit_labels` records a wave for
+the workers: that transaction on SQLite, the same rows in one statement on PostgreSQL
+(`label_statement`). Answers the database could not take were paid for: they travel with the
 task's retry (`AnswersNotRecorded`) and are recorded first when it comes back
 (`record_carried`). Labels made outside the queue come in here too: reprocessing reopens a
 finished ticket (`reopen`), and Message Batches results are recorded by `record_label`.
@@ -20,11 +21,12 @@ from sqlalchemy.orm import Session
 
 from triage.classify.backends.base import ClassificationResult, Usage
 from triage.db.models import Attempt, Classification, Dispatch, Ticket, TicketState, utcnow
-from triage.db.session import insert_rows, session_scope
+from triage.db.session import engine_of, insert_rows, one_statement, session_scope
 from triage.metrics import TICKETS_CLASSIFIED
 from triage.pipeline.classify_claims import Claim, Holder
 from triage.pipeline.classify_requests import RESULT_ADAPTER, build_request
-from triage.pipeline.relay import Pending, delivery_values, write_outbox
+from triage.pipeline.label_statement import record_wave
+from triage.pipeline.relay import Pending, claimed_values, delivery_values, write_outbox
 from triage.pipeline.routing import Route, decide_route
 from triage.pipeline.runtime import Runtime
 from triage.pipeline.states import transition, transition_each
@@ -107,8 +109,11 @@ def commit_labels(
 ) -> dict[int, str]:
     if not done:
         return {}
-    with session_scope(rt.sessions) as session:
-        recorded = store_labels(rt, session, done, write=rt.publisher.write)
+    if engine_of(rt.sessions).dialect.name == "postgresql":
+        recorded = _record_in_one_statement(rt, done)
+    else:
+        with session_scope(rt.sessions) as session:
+            recorded = store_labels(rt, session, done, write=rt.publisher.write)
     for outcome in recorded.outcomes.values():
         TICKETS_CLASSIFIED.labels(outcome=outcome).inc()
     rt.publish_after_commit(recorded.outbox)
@@ -196,18 +201,12 @@ def store_labels(
                 "stage": "classify",
                 "number": claim.attempt,
                 "finished_at": finished,
-                "outcome": (
-                    "superseded"
+                **_attempt_values(result),
+                **(
+                    {"outcome": "superseded"}
                     if recorded.outcomes[claim.ticket_id] == "superseded"
-                    else "reused"
-                    if result.reused_from_id
-                    else "ok"
+                    else {}
                 ),
-                "request_id": result.request_id,
-                # Only this attempt's calls: a reused first answer is on its own attempt's row.
-                "api_calls": result.paid_now()[0],
-                "latency_ms": result.latency_ms,
-                **usage_values(result.paid_now()[1]),
             }
             for claim, result in done
         ],
@@ -238,6 +237,82 @@ def store_labels(
         ],
     )
     return recorded
+
+
+def _record_in_one_statement(
+    rt: Runtime, done: Sequence[tuple[Holder, ClassificationResult]]
+) -> _Recorded:
+    """`store_labels` with `rt.publisher.write`, as one statement on PostgreSQL
+    (`label_statement`): the same rows, the same outcomes."""
+    done = sorted(done, key=lambda answer: answer[0].ticket_id)
+    now = utcnow()
+    routes = {
+        claim.ticket_id: decide_route(rt.config.taxonomy, r.label, r.review_reason)
+        for claim, r in done
+    }
+    moves: list[dict[str, Any]] = [
+        {
+            "ticket_id": claim.ticket_id,
+            "generation": claim.generation,
+            "claim_attempts": claim.attempt,
+            "to_state": (S.NEEDS_REVIEW if route.needs_review else S.ROUTED).value,
+            "department": route.department,
+            "review_reason": route.reason,
+            "route": route.queue,
+            "rule": route.rule,
+        }
+        for claim, route in ((claim, routes[claim.ticket_id]) for claim, _ in done)
+    ]
+    # The delivery messages' shared columns, as `Publisher.write` would write them.
+    message = delivery_values(0, 0, "")
+    if rt.publisher.claims_on_write:
+        message = claimed_values([message])[0]
+    else:
+        message["publish_attempts"] = 0
+    with one_statement(rt.sessions) as connection:
+        rows = record_wave(
+            connection,
+            [_classification_values(rt, claim, result) for claim, result in done],
+            moves,
+            [_attempt_values(result) for _, result in done],
+            message,
+            now,
+        )
+    recorded = _Recorded(outcomes={}, label_ids={}, outbox=[])
+    for (ticket_id, label_id, dispatch_id, outbox_id), move in zip(rows, moves, strict=True):
+        if label_id is None or dispatch_id is None or outbox_id is None:
+            recorded.outcomes[ticket_id] = "superseded"
+            continue
+        recorded.label_ids[ticket_id] = label_id
+        recorded.outcomes[ticket_id] = (
+            "review" if move["to_state"] == S.NEEDS_REVIEW.value else "routed"
+        )
+        recorded.outbox.append(
+            Pending(
+                id=outbox_id,
+                ticket_id=ticket_id,
+                task=message["task"],
+                queue=move["route"],
+                args={"dispatch_id": dispatch_id},
+                countdown=message["countdown"],
+                created_at=message["created_at"],
+            )
+        )
+    return recorded
+
+
+def _attempt_values(result: ClassificationResult) -> dict[str, Any]:
+    """The columns of an answered attempt's row but its ticket, number and times; the outcome
+    is the one it has if its ticket takes the label (else `superseded`)."""
+    calls, usage = result.paid_now()
+    return {
+        "outcome": "reused" if result.reused_from_id else "ok",
+        "request_id": result.request_id,
+        # Only this attempt's calls: a reused first answer is on its own attempt's row.
+        "api_calls": calls,
+        "latency_ms": result.latency_ms,
+        **usage_values(usage),
+    }
 
 
 def _classification_values(
