@@ -147,7 +147,7 @@ def test_a_spooled_ticket_outwaits_the_other_tasks_retry_bound_and_is_stored_onc
             )
         except AssertionError:
             raise AssertionError(worker.log()) from None
-        log = worker.log()
+        log = worker.full_log()
     received = {e: at for e, _, at in _tickets(rt)}
     assert sent <= received["spool-webhook"] <= answered
     assert received["spool-long-outage"] == arrived_at
@@ -175,7 +175,7 @@ def test_a_spooled_ticket_that_no_longer_validates_is_logged_and_rejected_not_dr
         )
         wait_until(lambda: "not stored" in worker.log(), 30, what="the ERROR line")
         wait_until(lambda: "raised unexpected" in worker.log(), 10, what="Celery's failure line")
-        log = worker.log()
+        log = worker.full_log()
     [line] = [line for line in log.splitlines() if "not stored" in line]
     assert "ERROR" in line and "zendesk ticket '4711'" in line and "ValidationError" in line
     assert "card" not in log

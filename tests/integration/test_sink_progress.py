@@ -197,7 +197,7 @@ def test_a_dead_letter_replayed_after_a_zendesk_403_does_not_send_the_webhook_ag
         replayed = cli.invoke(app, ["dlq", "replay", str(letter["id"]), "--json"], env=env)
         assert replayed.exit_code == 0, replayed.output
         wait_until(lambda: _dispatch(rt, dispatch_id).delivered_at, 60, what="delivered")
-        log = worker.log()
+        log = worker.full_log()
 
     assert state() in ("routed", "needs_review")
     assert _posts(api, "/crm", dispatch_id) == 1

@@ -147,7 +147,13 @@ class WorkerProcess:
         return self
 
     def log(self) -> str:
+        """The log's last 6,000 characters, to show with a failure."""
         return self.log_path.read_text(errors="replace")[-6000:]
+
+    def full_log(self) -> str:
+        """The whole log, for assertions on what it says: on a slow machine retries and their
+        tracebacks push earlier lines out of `log()`'s tail."""
+        return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 30) -> None:
         if self.proc is None or self.proc.poll() is not None:
