@@ -250,19 +250,21 @@ def _record_in_one_statement(
         claim.ticket_id: decide_route(rt.config.taxonomy, r.label, r.review_reason)
         for claim, r in done
     }
-    moves: list[dict[str, Any]] = [
-        {
-            "ticket_id": claim.ticket_id,
-            "generation": claim.generation,
-            "claim_attempts": claim.attempt,
-            "to_state": (S.NEEDS_REVIEW if route.needs_review else S.ROUTED).value,
-            "department": route.department,
-            "review_reason": route.reason,
-            "route": route.queue,
-            "rule": route.rule,
-        }
-        for claim, route in ((claim, routes[claim.ticket_id]) for claim, _ in done)
-    ]
+    moves: list[dict[str, Any]] = []
+    for claim, _ in done:
+        route = routes[claim.ticket_id]
+        moves.append(
+            {
+                "ticket_id": claim.ticket_id,
+                "generation": claim.generation,
+                "claim_attempts": claim.attempt,
+                "to_state": (S.NEEDS_REVIEW if route.needs_review else S.ROUTED).value,
+                "department": route.department,
+                "review_reason": route.reason,
+                "route": route.queue,
+                "rule": route.rule,
+            }
+        )
     # The delivery messages' shared columns, as `Publisher.write` would write them.
     message = delivery_values(0, 0, "")
     if rt.publisher.claims_on_write:
@@ -279,20 +281,20 @@ def _record_in_one_statement(
             now,
         )
     recorded = _Recorded(outcomes={}, label_ids={}, outbox=[])
-    for (ticket_id, label_id, dispatch_id, outbox_id), move in zip(rows, moves, strict=True):
-        if label_id is None or dispatch_id is None or outbox_id is None:
+    for claim, _ in done:
+        ticket_id, route = claim.ticket_id, routes[claim.ticket_id]
+        if ticket_id not in rows:
             recorded.outcomes[ticket_id] = "superseded"
             continue
+        label_id, dispatch_id, outbox_id = rows[ticket_id]
         recorded.label_ids[ticket_id] = label_id
-        recorded.outcomes[ticket_id] = (
-            "review" if move["to_state"] == S.NEEDS_REVIEW.value else "routed"
-        )
+        recorded.outcomes[ticket_id] = "review" if route.needs_review else "routed"
         recorded.outbox.append(
             Pending(
                 id=outbox_id,
                 ticket_id=ticket_id,
                 task=message["task"],
-                queue=move["route"],
+                queue=route.queue,
                 args={"dispatch_id": dispatch_id},
                 countdown=message["countdown"],
                 created_at=message["created_at"],

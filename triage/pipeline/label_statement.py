@@ -71,12 +71,12 @@ def record_wave(
     attempts: Sequence[dict[str, Any]],
     message: dict[str, Any],
     now: datetime,
-) -> list[tuple[int, int | None, int | None, int | None]]:
+) -> dict[int, tuple[int, int, int]]:
     """Record a wave: for each answer (in ticket order) its label's columns
-    (`classification_values`), its ticket's move (the `_TICKET_FIELDS`), its attempt row's
-    columns (`_ATTEMPT_COLUMNS`, with the outcome it has if its ticket moves); `message` the
-    columns the delivery messages share. Returns per answer (ticket id, label id, dispatch id,
-    outbox id), the last three None for a ticket that did not move."""
+    (`classify_labels._classification_values`), its ticket's move (the `_TICKET_FIELDS`), its
+    attempt row's columns (`_ATTEMPT_COLUMNS`, with the outcome it has if its ticket moves);
+    `message` the columns the delivery messages share. Returns, for each ticket that moved,
+    its label id, dispatch id and outbox id; a ticket missing from it was superseded."""
     label_columns = tuple(name for name in labels[0] if name not in ("ticket_id", "generation"))
     rows = [
         {
@@ -93,15 +93,7 @@ def record_wave(
         **{f"m_{name}": message[name] for name in _MESSAGE_COLUMNS},
     }
     result = connection.execute(_statement(label_columns), params)
-    found = {row.ticket_id: row for row in result}
-    recorded = []
-    for move in moves:
-        row = found[move["ticket_id"]]
-        moved = row.dispatch_id is not None
-        recorded.append(
-            (row.ticket_id, row.label_id if moved else None, row.dispatch_id, row.outbox_id)
-        )
-    return recorded
+    return {row.ticket_id: (row.label_id, row.dispatch_id, row.outbox_id) for row in result}
 
 
 def _json_value(value: Any) -> Any:
@@ -187,7 +179,7 @@ messages AS (
 )
 SELECT input.ticket_id, input.label_id, dispatched.id AS dispatch_id, messages.id AS outbox_id
 FROM input
-LEFT JOIN dispatched ON dispatched.ticket_id = input.ticket_id
-LEFT JOIN messages ON messages.ticket_id = input.ticket_id
+JOIN dispatched ON dispatched.ticket_id = input.ticket_id
+JOIN messages ON messages.ticket_id = input.ticket_id
 """  # noqa: S608 - only the models' table and column names are formatted in; values are bound
     return text(sql)
