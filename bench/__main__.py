@@ -21,6 +21,7 @@ from rich.console import Console
 
 from bench import scenarios
 from bench.anchor import run_anchor
+from bench.calibrate import machine_speed
 from bench.infra import (
     BenchDatabase,
     FakeApi,
@@ -93,6 +94,8 @@ def main() -> None:
         "notes": [],
     }
     with BenchDatabase() as db, RedisLease() as lease:
+        # Before any process of the run starts: nothing else competes for the cores.
+        result["machine"]["speed"] = machine_speed(lease.url)
         fake = FakeApi(triage_env(db.url, lease.url, ""))
         batching = {"TRIAGE_BATCH_SIZE": str(args.batch_size)} if args.batch_size else {}
         env = triage_env(db.url, lease.url, fake.base_url, **batching)

@@ -31,6 +31,14 @@ def _cpu(figures: dict[str, Any]) -> str:
     return text + (f", load generator {client:.1f}" if client is not None else "")
 
 
+def _cpu_ceiling(figures: dict[str, Any], cores: int) -> float | None:
+    """Tickets/s at which the run's processes (the fake API and the load generator included:
+    they share the cores) would keep every core busy at this CPU per ticket. Above the ideal,
+    the call slots set the rate; below it, the CPU does."""
+    total = sum((figures.get("cpu_ms_per_ticket") or {}).values())
+    return round(cores * 1000 / total, 1) if total > 0 else None
+
+
 def rows(result: dict[str, Any]) -> list[Row]:
     out: list[Row] = []
     anchor = result.get("anchor") or {}
@@ -60,6 +68,7 @@ def rows(result: dict[str, Any]) -> list[Row]:
                 None if ratio is None else ratio >= 0.6,
             )
         )
+    cores = result["machine"]["cores"] or 1
     io_rows = (
         ("io_fixed", "3a. I/O-bound, fake 0.5 s"),
         ("io_random", "3b. I/O-bound, fake 0.2-2 s"),
@@ -69,6 +78,7 @@ def rows(result: dict[str, Any]) -> list[Row]:
         if not io:
             continue
         ok = io["fraction_of_ideal"] >= 0.9 and io["peak_in_flight"] >= 200
+        io["cpu_ceiling_per_second"] = ceiling = _cpu_ceiling(io, cores)
         out.append(
             (
                 label,
@@ -76,7 +86,8 @@ def rows(result: dict[str, Any]) -> list[Row]:
                 f"{io['tickets_per_second']} of {io['ideal_per_second']} tickets/s = "
                 f"{io['fraction_of_ideal']:.0%}; peak {io['peak_in_flight']} in flight "
                 f"(mean {io['mean_in_flight']}); CPU {_cpu(io)} ms/ticket, "
-                f"{io.get('cores_busy', '?')} cores busy",
+                f"{io.get('cores_busy', '?')} cores busy; at this CPU per ticket the "
+                f"{cores} cores allow {ceiling if ceiling else '?'} tickets/s",
                 ok if key == "io_fixed" else None,
             )
         )
@@ -143,6 +154,14 @@ def print_table(result: dict[str, Any], console: Console | None = None) -> None:
         f"{' '.join(str(x) for x in m['load_average_at_start'])}; fleet "
         f"{fleet['processes']} worker processes x {fleet['concurrency']} threads"
     )
+    speed = m.get("speed")
+    if speed:
+        title += (
+            f"\nmachine speed: an empty Python loop {speed['python_loop_seconds']} s per 10M; "
+            f"a wake-up round trip between two processes {speed['wake_round_trip_cpu_us']} µs "
+            f"of CPU ({speed['wake_round_trip_wall_us']} µs wall); a Redis PING "
+            f"{speed['redis_ping_cpu_us']} µs of CPU ({speed['redis_ping_wall_us']} µs wall)"
+        )
     table = Table(title=title, show_lines=False)
     table.add_column("scenario")
     table.add_column("target")
