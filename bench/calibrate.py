@@ -1,8 +1,9 @@
 """How fast this machine is at the two things triage's rates depend on, measured before the
 scenarios: running Python, and waking another process (every broker, database and HTTP round
-trip does). Machines of the same kind have differed by 2-3 times in the second while close
-in the first (bench/RESULTS.md, session 21), so a run's absolute rates (3a's ideal, the rate
-scenario 5 runs at) only compare between runs whose figures here are alike."""
+trip does, and so does every GIL handoff between threads). Between two sessions on
+2026-11-28 the bare anchor's CPU per ticket doubled while a Python loop got faster
+(bench/RESULTS.md, session 21), so a run's absolute rates (3a's ideal, the rate scenario 5
+runs at) compare only between runs whose figures here are alike."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from urllib.parse import urlparse
 # As `python3 -c "for i in range(10_000_000): pass"`, the loop of earlier notes: at module
 # level, where the loop variable is a global (slower than a function's local).
 LOOP = compile("for i in range(10_000_000): pass", "<calibrate>", "exec")
-# Round trips per trial, and trials: the median trial is reported. Trials of one machine
-# differ by two to four times (where the scheduler puts the two sides, one core or both).
+# Round trips per trial, and trials: the median trial is reported, since trials a minute apart
+# on one machine differed by up to four times.
 WAKE_ROUND_TRIPS = 1_000
 PING_ROUND_TRIPS = 1_000
 TRIALS = 5
