@@ -9,6 +9,7 @@ import threading
 import pytest
 from sqlalchemy import text
 
+from tests.support.stack import wait_until
 from triage.db.session import _has_unread_input, make_engine
 from triage.errors import ConfigError
 
@@ -67,13 +68,17 @@ def test_a_connection_the_server_closed_is_not_handed_out_even_just_after_use(pg
             pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
         with admin.begin() as conn:
             assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar()
-            # The server has closed it once the backend is gone.
-            conn.execute(
-                text(
-                    "DO $$ BEGIN WHILE EXISTS (SELECT FROM pg_stat_activity WHERE pid = "
-                    f"{int(pid)}) LOOP PERFORM pg_sleep(0.01); END LOOP; END $$"
-                )
-            )
+
+        def backend_gone() -> bool:
+            # A transaction of its own per look: pg_stat_activity is a snapshot held for the
+            # whole transaction, so a loop inside one transaction that first saw the backend
+            # never saw it leave (it hung until pytest's timeout once on a slow machine).
+            with admin.begin() as conn:
+                query = text("SELECT NOT EXISTS (SELECT FROM pg_stat_activity WHERE pid = :pid)")
+                return bool(conn.execute(query, {"pid": pid}).scalar())
+
+        # The server has closed the connection once the backend is gone.
+        wait_until(backend_gone, 10, what="the terminated backend to exit", every=0.01)
         with engine.begin() as conn:
             assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid
     finally:
