@@ -20,7 +20,7 @@ from triage.db.models import OutboxMessage, Ticket, TicketState, utcnow
 from triage.db.repo import Accepted, accept_ticket, ticket_values
 from triage.db.session import engine_of, one_statement, session_scope
 from triage.ingest.models import InboundTicket
-from triage.pipeline.relay import Pending, Publisher, claimed_values, classify_values
+from triage.pipeline.relay import Publisher, as_written, classify_values, pending_of
 
 # The ticket columns the statement writes: what `ticket_values` gives, and when it arrived.
 _TICKET_COLUMNS = (
@@ -69,11 +69,7 @@ def _insert_new(
     now = utcnow()
     ticket = {**ticket_values(inbound), "received_at": now, "state_changed_at": now}
     # The message as `accept_ticket` writes it (`Publisher.write`), its ticket id still unknown.
-    message = classify_values(0)
-    if publisher is not None and publisher.claims_on_write:
-        message = claimed_values([message])[0]
-    else:
-        message["publish_attempts"] = 0  # the column's default: not claimed by anyone yet
+    message = as_written(classify_values(0), publisher)
     params: dict[str, Any] = {name: ticket[name] for name in _TICKET_COLUMNS}
     params.update({f"m_{name}": message[name] for name in _MESSAGE_COLUMNS})
     with one_statement(sessions) as connection:
@@ -81,20 +77,12 @@ def _insert_new(
     if row is None:
         return None
     message_id, ticket_id = row
-    args = classify_values(ticket_id)["args"]
+    written = {**message, "ticket_id": ticket_id, "args": classify_values(ticket_id)["args"]}
     return Accepted(
         ticket_id=ticket_id,
         duplicate=False,
         status=TicketState.RECEIVED,
-        outbox=Pending(
-            id=message_id,
-            ticket_id=ticket_id,
-            task=message["task"],
-            queue=message["queue"],
-            args=args,
-            countdown=message["countdown"],
-            created_at=message["created_at"],
-        ),
+        outbox=pending_of(message_id, written),
     )
 
 

@@ -26,7 +26,13 @@ from triage.metrics import TICKETS_CLASSIFIED
 from triage.pipeline.classify_claims import Claim, Holder
 from triage.pipeline.classify_requests import RESULT_ADAPTER, build_request
 from triage.pipeline.label_statement import record_wave
-from triage.pipeline.relay import Pending, claimed_values, delivery_values, write_outbox
+from triage.pipeline.relay import (
+    Pending,
+    as_written,
+    delivery_values,
+    pending_of,
+    write_outbox,
+)
 from triage.pipeline.routing import Route, decide_route
 from triage.pipeline.runtime import Runtime
 from triage.pipeline.states import transition, transition_each
@@ -266,11 +272,7 @@ def _record_in_one_statement(
             }
         )
     # The delivery messages' shared columns, as `Publisher.write` would write them.
-    message = delivery_values(0, 0, "")
-    if rt.publisher.claims_on_write:
-        message = claimed_values([message])[0]
-    else:
-        message["publish_attempts"] = 0
+    message = as_written(delivery_values(0, 0, ""), rt.publisher)
     with one_statement(rt.sessions) as connection:
         rows = record_wave(
             connection,
@@ -289,17 +291,9 @@ def _record_in_one_statement(
         label_id, dispatch_id, outbox_id = rows[ticket_id]
         recorded.label_ids[ticket_id] = label_id
         recorded.outcomes[ticket_id] = "review" if route.needs_review else "routed"
-        recorded.outbox.append(
-            Pending(
-                id=outbox_id,
-                ticket_id=ticket_id,
-                task=message["task"],
-                queue=route.queue,
-                args={"dispatch_id": dispatch_id},
-                countdown=message["countdown"],
-                created_at=message["created_at"],
-            )
-        )
+        # The row's own columns; the rest are the shared ones the statement wrote.
+        row = {"ticket_id": ticket_id, "queue": route.queue, "args": {"dispatch_id": dispatch_id}}
+        recorded.outbox.append(pending_of(outbox_id, {**message, **row}))
     return recorded
 
 

@@ -115,18 +115,29 @@ def write_outbox(session: Session, rows: list[dict[str, Any]], *, claimed: bool)
     if claimed:
         rows = claimed_values(rows)
     ids = insert_rows(session, OutboxMessage, rows)
-    return [
-        Pending(
-            id=row_id,
-            ticket_id=values["ticket_id"],
-            task=values["task"],
-            queue=values["queue"],
-            args=values["args"],
-            countdown=values["countdown"],
-            created_at=values["created_at"],
-        )
-        for row_id, values in zip(ids, rows, strict=True)
-    ]
+    return [pending_of(row_id, values) for row_id, values in zip(ids, rows, strict=True)]
+
+
+def pending_of(row_id: int, values: dict[str, Any]) -> Pending:
+    """The `Pending` of an outbox row written with these values (`outbox_values`)."""
+    return Pending(
+        id=row_id,
+        ticket_id=values["ticket_id"],
+        task=values["task"],
+        queue=values["queue"],
+        args=values["args"],
+        countdown=values["countdown"],
+        created_at=values["created_at"],
+    )
+
+
+def as_written(values: dict[str, Any], publisher: Publisher | None) -> dict[str, Any]:
+    """An outbox row's values (`outbox_values`) as `publisher.write` stores them, for a
+    statement that writes the row itself: claimed where the publisher claims on write,
+    else unclaimed (no publish attempt yet)."""
+    if publisher is not None and publisher.claims_on_write:
+        return claimed_values([values])[0]
+    return {**values, "publish_attempts": 0}
 
 
 def claimed_values(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
