@@ -133,7 +133,9 @@ def test_a_spooled_ticket_outwaits_the_other_tasks_retry_bound_and_is_stored_onc
             past_bound = f"(retry {INFRASTRUCTURE_RETRIES + 2})"
             try:
                 # Twice past the bound: it ran again, found the database still down, went back.
-                wait_until(lambda: past_bound in worker.log(), 45, what="a retry past the bound")
+                wait_until(
+                    lambda: past_bound in worker.full_log(), 45, what="a retry past the bound"
+                )
             except AssertionError:
                 raise AssertionError(worker.log()) from None
             assert _tickets(rt) == []
@@ -173,8 +175,10 @@ def test_a_spooled_ticket_that_no_longer_validates_is_logged_and_rejected_not_dr
             },
             queue=CLASSIFY_QUEUE,
         )
-        wait_until(lambda: "not stored" in worker.log(), 30, what="the ERROR line")
-        wait_until(lambda: "raised unexpected" in worker.log(), 10, what="Celery's failure line")
+        wait_until(lambda: "not stored" in worker.full_log(), 30, what="the ERROR line")
+        wait_until(
+            lambda: "raised unexpected" in worker.full_log(), 10, what="Celery's failure line"
+        )
         log = worker.full_log()
     [line] = [line for line in log.splitlines() if "not stored" in line]
     assert "ERROR" in line and "zendesk ticket '4711'" in line and "ValidationError" in line

@@ -31,7 +31,7 @@ def _frozen(output: str, process: str) -> list[int]:
 def test_a_ready_worker_has_frozen_its_start_up_objects(pg_url, clean_redis):
     truncate(pg_url)
     with WorkerProcess(stack_env(pg_url, clean_redis), concurrency=4) as worker:
-        counts = wait_until(lambda: _frozen(worker.log(), "worker"), 30, what="the freeze")
+        counts = wait_until(lambda: _frozen(worker.full_log(), "worker"), 30, what="the freeze")
     assert len(counts) == 1 and counts[0] > AT_LEAST, worker.log()
 
 
