@@ -32,6 +32,21 @@ def test_slots_hand_out_what_is_free_up_to_the_wish():
     assert slots.free == 5
 
 
+def test_a_taker_whose_slots_another_took_while_it_waited_for_more_waits_for_one_again():
+    slots = CallSlots(4)
+    assert slots.take(3) == 3
+    got: list[int] = []
+    patient = threading.Thread(target=lambda: got.append(slots.take(4, patience=0.3)))
+    patient.start()
+    time.sleep(0.1)  # one slot is free: the patient taker waits for three more
+    assert slots.take(1) == 1  # another taker empties the slots meanwhile
+    time.sleep(0.4)  # past the patience, with none free
+    assert got == []  # it did not come back with nothing
+    slots.give(2)
+    patient.join(2)
+    assert got == [2]
+
+
 def test_slots_count_the_tickets_waiting_for_them_and_never_below_zero():
     slots = CallSlots(4)
     slots.expect(10)

@@ -35,18 +35,25 @@ class CallSlots:
         self._cond = threading.Condition()
 
     def take(self, wanted: int, patience: float = 0.0) -> int:
-        """Block until a slot is free; take up to `wanted` of them and say how many. With
-        fewer free than wanted, wait up to `patience` seconds for more first: slots come back
-        a call at a time, and a batch split into many small chunks costs a transaction pair
-        per chunk."""
+        """Block until a slot is free; take up to `wanted` of them and say how many (at least
+        one). With fewer free than wanted, wait up to `patience` seconds for more first: slots
+        come back a call at a time, and a batch split into many small chunks costs a
+        transaction pair per chunk."""
         wanted = max(1, wanted)
+        deadline: float | None = None
         with self._cond:
-            while self._free == 0:
-                self._cond.wait()
-            if self._free < wanted and patience > 0:
-                deadline = time.monotonic() + patience
+            # Another taker can empty the slots while this one waits for more: then it waits
+            # for one again. Handing back none would start a part with no tickets, a claim
+            # transaction for nothing (seen in a trace of `make bench`).
+            while True:
+                while self._free == 0:
+                    self._cond.wait()
+                if deadline is None:
+                    deadline = time.monotonic() + patience
                 while self._free < wanted and (left := deadline - time.monotonic()) > 0:
                     self._cond.wait(left)
+                if self._free > 0:
+                    break
             got = min(self._free, wanted)
             self._free -= got
             return got
