@@ -20,7 +20,7 @@ from typing import Any
 from rich.console import Console
 
 from bench import scenarios
-from bench.anchor import run_anchor
+from bench.anchor import run_anchor, run_io_anchor
 from bench.calibrate import machine_speed
 from bench.infra import (
     BenchDatabase,
@@ -191,6 +191,21 @@ def run_scenarios(
         )
         queued = result.get("ingestion", {}).get("queued", 0)
         if wanted("io") and queued:
+            # The same tickets, latency and fleet through the bare two hops with triage's call.
+            measure(
+                "io_anchor",
+                f"3a (anchor). bare Celery two-hop with triage's call at 0.5 s, {queued} queued",
+                lambda: run_io_anchor(
+                    broker_url,
+                    stack.env,
+                    stack.fake,
+                    tickets=queued,
+                    processes=args.processes,
+                    concurrency=args.concurrency,
+                    latency=0.5,
+                    settle_seconds=scenarios.BOOT_SETTLE_SECONDS,
+                ),
+            )
             measure(
                 "io_fixed",
                 f"3a. I/O-bound at 0.5 s, {queued} queued tickets",

@@ -73,18 +73,39 @@ def rows(result: dict[str, Any]) -> list[Row]:
         ("io_fixed", "3a. I/O-bound, fake 0.5 s"),
         ("io_random", "3b. I/O-bound, fake 0.2-2 s"),
     )
+    io_anchor = result.get("io_anchor")
+    if io_anchor:
+        io_anchor["cpu_ceiling_per_second"] = ceiling = _cpu_ceiling(io_anchor, cores)
+        out.append(
+            (
+                "3a (anchor). bare Celery two-hop with triage's call, fake 0.5 s",
+                "(reference)",
+                f"{io_anchor['tickets_per_second']} of {io_anchor['ideal_per_second']} "
+                f"tickets/s = {io_anchor['fraction_of_ideal']:.0%}; peak "
+                f"{io_anchor['peak_in_flight']} in flight (mean {io_anchor['mean_in_flight']}); "
+                f"CPU {_cpu(io_anchor)} ms/ticket, {io_anchor.get('cores_busy', '?')} cores "
+                f"busy; the {cores} cores allow {ceiling if ceiling else '?'} tickets/s",
+                None,
+            )
+        )
     for key, label in io_rows:
         io = result.get(key)
         if not io:
             continue
         ok = io["fraction_of_ideal"] >= 0.9 and io["peak_in_flight"] >= 200
         io["cpu_ceiling_per_second"] = ceiling = _cpu_ceiling(io, cores)
+        versus = ""
+        if key == "io_fixed" and io_anchor:
+            io["ratio_to_io_anchor"] = ratio = round(
+                io["tickets_per_second"] / io_anchor["tickets_per_second"], 3
+            )
+            versus = f" = {ratio:.2f}x the anchor with the same call"
         out.append(
             (
                 label,
                 ">= 90% of ideal, >= 200 in flight",
                 f"{io['tickets_per_second']} of {io['ideal_per_second']} tickets/s = "
-                f"{io['fraction_of_ideal']:.0%}; peak {io['peak_in_flight']} in flight "
+                f"{io['fraction_of_ideal']:.0%}{versus}; peak {io['peak_in_flight']} in flight "
                 f"(mean {io['mean_in_flight']}); CPU {_cpu(io)} ms/ticket, "
                 f"{io.get('cores_busy', '?')} cores busy; at this CPU per ticket the "
                 f"{cores} cores allow {ceiling if ceiling else '?'} tickets/s",
