@@ -247,6 +247,39 @@ def test_held_slots_go_back_as_calls_finish_and_the_rest_at_the_end():
     assert slots.free == 8
 
 
+def test_a_call_gives_its_slot_back_as_it_returns_while_its_batch_is_busy_with_another():
+    slots = CallSlots(3)
+    held = HeldSlots(slots, slots.take(3))
+    pool = CallPool(3)
+    release = threading.Event()
+
+    def slow(n: int, seconds: float) -> Callable[[], int]:
+        def call() -> int:
+            time.sleep(seconds)
+            return n
+
+        return call
+
+    waves = pool.waves(
+        [
+            held.released(slow(1, 0.0)),
+            held.released(slow(2, 0.3)),
+            held.released(lambda: 3 if release.wait(10) else 0),
+        ]
+    )
+    assert [i for i, _ in next(waves)] == [0]
+    # The batch's thread is busy with the first wave (recording it, say) and does not ask for
+    # the next one: the second call's slot comes back all the same when it returns.
+    _wait_for(lambda: slots.free == 2, 5)
+    assert slots.free == 2
+    release.set()
+    assert sorted(i for wave in waves for i, _ in wave) == [1, 2]
+    assert slots.free == 3
+    held.give_rest()  # nothing left to give: the slots are never over-counted
+    assert slots.free == 3
+    pool.shutdown()
+
+
 def test_sent_rows_are_marked_together_a_moment_later_and_on_stop():
     recorder = Recorder(delay=0.0)
     batcher = PublishBatcher(recorder, linger=0.0)  # type: ignore[arg-type]

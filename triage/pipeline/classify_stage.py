@@ -188,8 +188,7 @@ def _classify_chunk(
     # With the database gone, the later waves' answers are paid for too: take them all
     # before failing, so the retry carries every one.
     outages: list[Exception] = []
-    for wave in rt.calls.waves([call_for(rt, claim) for claim in calling]):
-        held.give(len(wave))
+    for wave in rt.calls.waves([held.released(call_for(rt, claim)) for claim in calling]):
         try:
             outcomes.update(_settle(rt, [(calling[i], result) for i, result in wave]))
         except Exception as exc:

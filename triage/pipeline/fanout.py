@@ -85,12 +85,29 @@ class HeldSlots:
         self._slots = slots
         self.count = count
         self._held = count
+        # The call threads give back their own slots (`released`) while the task's thread
+        # gives back the rest.
+        self._lock = threading.Lock()
 
     def give(self, n: int) -> None:
-        n = min(n, self._held)
-        if n > 0:
+        with self._lock:
+            n = max(0, min(n, self._held))
             self._held -= n
+        if n > 0:
             self._slots.give(n)
+
+    def released(self, call: Callable[[], T]) -> Callable[[], T]:
+        """`call`, giving one slot back on its own thread as soon as it returns or raises.
+        The task's thread may still be recording an earlier wave of answers then; a slot
+        given back only when it came round to this answer would stand idle meanwhile."""
+
+        def run() -> T:
+            try:
+                return call()
+            finally:
+                self.give(1)
+
+        return run
 
     def give_rest(self) -> None:
         self.give(self._held)
