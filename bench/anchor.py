@@ -27,7 +27,7 @@ import redis
 from celery import Celery
 from celery.signals import after_setup_logger, worker_init
 
-from bench.infra import CpuMeter, FakeApi, Proc, rss_mib, wait_until
+from bench.infra import CpuMeter, FakeApi, FakeWatch, Proc, wait_until
 from triage.pipeline.worker_logs import quiet_per_message_logs
 
 QUEUE_A = "bench.a"
@@ -199,28 +199,19 @@ def run_io_anchor(
         meter = CpuMeter(lambda: {"workers": [w.pid for w in workers], "fake_api": [fake.proc.pid]})
         meter.start()
         client.rename(aside, QUEUE_A)
-        first_call: float | None = None
-        in_flight: list[int] = []
-        rss: dict[int, float] = {}
+        seen = FakeWatch()
         deadline = time.monotonic() + 300
         while not client.get(END_KEY):
-            stats = fake.stats()
-            if first_call is None and stats["calls"] > 0:
-                first_call = time.time()
-            if stats["in_flight"]:
-                in_flight.append(int(stats["in_flight"]))
-            for worker in workers:
-                rss[worker.pid] = max(rss.get(worker.pid, 0.0), rss_mib(worker.pid))
+            seen.look(fake, [worker.pid for worker in workers])
             if time.monotonic() > deadline:
                 done = int(client.get(DONE_KEY) or 0)
                 raise TimeoutError(f"I/O anchor: {done} of {tickets} done")
             time.sleep(0.1)
         cpu = meter.stop()
         ended = float(client.get(END_KEY) or 0)
-        elapsed = ended - (first_call or ended)
+        elapsed = ended - (seen.first_call or ended)
         stats = fake.stats()
         ideal = processes * concurrency / latency
-        steady = in_flight[: max(1, int(len(in_flight) * 0.8))]
         return {
             "latency_seconds": latency,
             "tickets": tickets,
@@ -229,9 +220,9 @@ def run_io_anchor(
             "ideal_per_second": round(ideal, 1),
             "fraction_of_ideal": round(tickets / elapsed / ideal, 3),
             "peak_in_flight": stats["peak_in_flight"],
-            "mean_in_flight": round(sum(steady) / len(steady), 1) if steady else 0,
+            "mean_in_flight": seen.mean_in_flight(),
             "api_calls": stats["calls"],
-            "worker_rss_mib": [round(v, 1) for v in rss.values()],
+            "worker_rss_mib": [round(v, 1) for v in seen.rss.values()],
             "cpu_ms_per_ticket": {k: round(v * 1000 / tickets, 2) for k, v in cpu.items()},
             "cores_busy": round(sum(cpu.values()) / elapsed, 2) if elapsed > 0 else None,
         }

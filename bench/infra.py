@@ -15,6 +15,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,31 @@ def server_cpu_seconds(pid: int) -> float:
     own = sum(int(f) for f in fields[11:15]) / _TICKS
     children = [c for c in with_children(pid) if c != pid]
     return own + sum(cpu_seconds(c) for c in children)
+
+
+@dataclass
+class FakeWatch:
+    """What a drain saw of the fake Messages API and the workers, one `look` at a time: when
+    the first call came, the calls in flight, each worker's peak memory."""
+
+    first_call: float | None = None
+    in_flight: list[int] = field(default_factory=list)
+    rss: dict[int, float] = field(default_factory=dict)
+
+    def look(self, fake: FakeApi, pids: list[int]) -> None:
+        stats = fake.stats()
+        if self.first_call is None and stats["calls"] > 0:
+            self.first_call = time.time()
+        if stats["in_flight"]:
+            self.in_flight.append(int(stats["in_flight"]))
+        for pid in pids:
+            self.rss[pid] = max(self.rss.get(pid, 0.0), rss_mib(pid))
+
+    def mean_in_flight(self) -> float:
+        """Over the looks while the queue was still full: the ramp-down at the end (the
+        last fifth of the looks) is not steady state."""
+        steady = self.in_flight[: max(1, int(len(self.in_flight) * 0.8))]
+        return round(sum(steady) / len(steady), 1) if steady else 0.0
 
 
 class CpuMeter:

@@ -4,7 +4,6 @@ overhead. Each one returns a plain dict of measured figures for the table and th
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -20,8 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.infra import (
     CpuMeter,
     FakeApi,
+    FakeWatch,
     Proc,
-    rss_mib,
     server_cpu_seconds,
     start_triage_workers,
     stop_all,
@@ -157,29 +156,14 @@ def _steady(read: Callable[[], Any], seconds: float = 0.6) -> Callable[[], bool]
     return check
 
 
-@dataclass
-class Drain:
-    """Observations taken while waiting for a scenario's tickets to finish."""
-
-    first_call: float | None = None
-    in_flight: list[int] = field(default_factory=list)
-    rss: dict[int, float] = field(default_factory=dict)
-
-
-def _drain(stack: Stack, since: int, n: int, timeout: float, *, watch: bool = False) -> Drain:
+def _drain(stack: Stack, since: int, n: int, timeout: float, *, watch: bool = False) -> FakeWatch:
     """Poll until `n` tickets above `since` are finished; with `watch`, sample the fake's
     calls in flight and the workers' memory meanwhile."""
-    seen = Drain()
+    seen = FakeWatch()
     deadline = time.monotonic() + timeout
     while True:
         if watch:
-            stats = stack.fake.stats()
-            if seen.first_call is None and stats["calls"] > 0:
-                seen.first_call = time.time()
-            if stats["in_flight"]:
-                seen.in_flight.append(int(stats["in_flight"]))
-            for worker in stack.workers:
-                seen.rss[worker.pid] = max(seen.rss.get(worker.pid, 0.0), rss_mib(worker.pid))
+            seen.look(stack.fake, [worker.pid for worker in stack.workers])
         if stack.probe.done(since) >= n:
             return seen
         if time.monotonic() > deadline:
@@ -296,8 +280,6 @@ def io_bound(
     in_flight_total = stack.processes * stack.concurrency
     ideal = in_flight_total / mean_latency
     rate = preload / elapsed
-    # Samples while the queue was still full: the ramp-down at the end is not steady state.
-    steady = seen.in_flight[: max(1, int(len(seen.in_flight) * 0.8))]
     return {
         "latency_seconds": latency,
         "tickets": preload,
@@ -307,7 +289,7 @@ def io_bound(
         "ideal_per_second": round(ideal, 1),
         "fraction_of_ideal": round(rate / ideal, 3),
         "peak_in_flight": stats["peak_in_flight"],
-        "mean_in_flight": round(statistics.mean(steady), 1) if steady else 0,
+        "mean_in_flight": seen.mean_in_flight(),
         "mean_model_ms": round(times["mean_model_ms"] or 0, 1),
         "api_calls": stats["calls"],
         "worker_rss_mib": [round(v, 1) for v in seen.rss.values()],
