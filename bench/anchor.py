@@ -27,7 +27,7 @@ import redis
 from celery import Celery
 from celery.signals import after_setup_logger, worker_init
 
-from bench.infra import CpuMeter, FakeApi, FakeWatch, Proc, wait_until
+from bench.infra import CpuMeter, FakeApi, FakeWatch, Proc, queue_aside, wait_until
 from triage.pipeline.worker_logs import quiet_per_message_logs
 
 QUEUE_A = "bench.a"
@@ -188,17 +188,15 @@ def run_io_anchor(
             app.send_task(
                 "bench.anchor.classify", args=[i, tickets], queue=QUEUE_A, producer=producer
             )
-    aside = f"bench.aside.{QUEUE_A}"
-    client.rename(QUEUE_A, aside)
     fake.set_latency(latency)
     fake.reset()
     workers: list[Proc] = []
     try:
-        _start_workers(workers, env, processes, concurrency)
-        time.sleep(settle_seconds)
+        with queue_aside(broker_url, QUEUE_A):
+            _start_workers(workers, env, processes, concurrency)
+            time.sleep(settle_seconds)
         meter = CpuMeter(lambda: {"workers": [w.pid for w in workers], "fake_api": [fake.proc.pid]})
         meter.start()
-        client.rename(aside, QUEUE_A)
         seen = FakeWatch()
         deadline = time.monotonic() + 300
         while not client.get(END_KEY):
@@ -229,5 +227,5 @@ def run_io_anchor(
     finally:
         for worker in workers:
             worker.stop()
-        client.delete(aside, QUEUE_A)
+        client.delete(QUEUE_A)
         client.close()

@@ -14,7 +14,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,44 @@ def server_cpu_seconds(pid: int) -> float:
     own = sum(int(f) for f in fields[11:15]) / _TICKS
     children = [c for c in with_children(pid) if c != pid]
     return own + sum(cpu_seconds(c) for c in children)
+
+
+@contextmanager
+def queue_aside(redis_url: str, queue: str) -> Iterator[None]:
+    """Keep the messages waiting on `queue` out of the workers' reach meanwhile (the
+    broker's list, renamed and back). First waits for publishing to end: triage's API
+    batching thread sends the last accepted tickets a moment after their 202s."""
+    client = redis.Redis.from_url(redis_url)
+    aside = f"bench.aside.{queue}"
+    wait_until(_steady(lambda: client.llen(queue)), 30, f"{queue} no longer growing")
+    moved = bool(client.exists(queue))
+    if moved:
+        client.rename(queue, aside)
+    try:
+        yield
+    finally:
+        if moved and not client.renamenx(aside, queue):
+            # Published meanwhile: the older messages go back to the consuming end
+            # (workers pop from the right), in their order.
+            while client.lmove(aside, queue, "LEFT", "RIGHT") is not None:
+                pass
+        client.close()
+
+
+def _steady(read: Callable[[], Any], seconds: float = 0.6) -> Callable[[], bool]:
+    """A condition for `wait_until`: `read()` has returned the same value for `seconds`."""
+    seen: Any = object()
+    since = time.monotonic()
+
+    def check() -> bool:
+        nonlocal seen, since
+        value = read()
+        if value != seen:
+            seen, since = value, time.monotonic()
+            return False
+        return time.monotonic() - since >= seconds
+
+    return check
 
 
 @dataclass

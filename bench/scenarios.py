@@ -6,14 +6,11 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 from typing import Any
 
 import httpx
-import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.infra import (
@@ -21,6 +18,7 @@ from bench.infra import (
     FakeApi,
     FakeWatch,
     Proc,
+    queue_aside,
     server_cpu_seconds,
     start_triage_workers,
     stop_all,
@@ -117,43 +115,6 @@ class Stack:
     def stop_workers(self) -> None:
         stop_all(self.workers)
         self.workers = []
-
-    @contextmanager
-    def queue_aside(self, queue: str) -> Iterator[None]:
-        """Keep the messages waiting on `queue` out of the workers' reach meanwhile (the
-        broker's list, renamed and back). First waits for the API to finish publishing: its
-        batching thread sends the last accepted tickets a moment after their 202s."""
-        client = redis.Redis.from_url(self.env["REDIS_URL"])
-        aside = f"bench.aside.{queue}"
-        wait_until(_steady(lambda: client.llen(queue)), 30, f"{queue} no longer growing")
-        moved = bool(client.exists(queue))
-        if moved:
-            client.rename(queue, aside)
-        try:
-            yield
-        finally:
-            if moved and not client.renamenx(aside, queue):
-                # Published meanwhile: the older messages go back to the consuming end
-                # (workers pop from the right), in their order.
-                while client.lmove(aside, queue, "LEFT", "RIGHT") is not None:
-                    pass
-            client.close()
-
-
-def _steady(read: Callable[[], Any], seconds: float = 0.6) -> Callable[[], bool]:
-    """A condition for `wait_until`: `read()` has returned the same value for `seconds`."""
-    seen: Any = object()
-    since = time.monotonic()
-
-    def check() -> bool:
-        nonlocal seen, since
-        value = read()
-        if value != seen:
-            seen, since = value, time.monotonic()
-            return False
-        return time.monotonic() - since >= seconds
-
-    return check
 
 
 def _drain(stack: Stack, since: int, n: int, timeout: float, *, watch: bool = False) -> FakeWatch:
@@ -264,7 +225,7 @@ def io_bound(
     stack.fake.reset()
     # The whole fleet boots before the first ticket is taken: booting workers are CPU-bound
     # (imports, connections) and, on a small machine, would slow the first ones' calls.
-    with stack.queue_aside(CLASSIFY_QUEUE):
+    with queue_aside(stack.env["REDIS_URL"], CLASSIFY_QUEUE):
         stack.start_workers()
         time.sleep(BOOT_SETTLE_SECONDS)
     batches = stack.batch_counts()
