@@ -113,6 +113,16 @@ class TransientError(TriageError):
     retry_after: float | None = None
 
 
+class CallNotStarted(TransientError):
+    """A claimed ticket's call was not made: it waited too long for a free call slot
+    (fanout.CallGate), or the circuit opened while it waited. The ticket goes back on the
+    queue, to come back after `retry_in` seconds, without spending an attempt."""
+
+    def __init__(self, reason: str, *, retry_in: float = 0.0) -> None:
+        super().__init__(f"the call was not made: {reason}")
+        self.retry_in = retry_in
+
+
 class RateLimited(TransientError):
     """429/529 and friends, with the server's retry-after when it gave one."""
 

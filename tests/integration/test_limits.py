@@ -187,3 +187,25 @@ def test_a_call_told_to_go_is_always_charged_even_when_its_wait_was_under_a_mill
     # Each admitted call moves the budget on by 0.5 ms: no more can go than time allows.
     # (Before, a wait under 1 ms came back as 0, "go", without being charged: all 200 went.)
     assert admitted <= elapsed_ms / 0.5 + 2
+
+
+def test_a_process_knows_of_an_opening_without_asking_redis_until_it_reads_the_circuit(
+    clean_redis,
+):
+    client = redis.Redis.from_url(clean_redis)
+    here = CircuitBreaker(client, threshold=1, cooldown=30)
+    elsewhere = CircuitBreaker(client, threshold=1, cooldown=30)
+    assert here.known_open_seconds() == 0
+    # Its own answer opened the circuit: it knows at once.
+    assert here.record_overload() is True
+    assert 29 < here.known_open_seconds() <= 30
+    # Another process learns of it when it next reads the circuit, not before.
+    assert elsewhere.known_open_seconds() == 0
+    assert elsewhere.open_seconds() > 29
+    assert 29 < elsewhere.known_open_seconds() <= 30
+    # What it knows is what it last read: closed in Redis (a person reset it), still open
+    # here until the next read says otherwise.
+    client.delete("triage:circuit:open-until")
+    assert here.known_open_seconds() > 29
+    assert here.wait_seconds() == 0
+    assert here.known_open_seconds() == 0

@@ -6,12 +6,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
 
+from triage.errors import CallNotStarted
 from triage.pipeline.consumption import held_tickets
-from triage.pipeline.fanout import CallPool, CallSlots, HeldSlots
+from triage.pipeline.fanout import CallGate, CallPool, CallSlots, HeldSlots, claim_ahead
 from triage.pipeline.publishing import MARK_DELAY_SECONDS, Backlog, PublishBatcher
 from triage.pipeline.relay import CLASSIFY_TASK, DELIVER_TASK
 
@@ -329,3 +331,88 @@ def test_one_handoff_of_several_rows_is_not_held_back():
     _wait_for(lambda: recorder.batches, 5)
     assert recorder.batches == [[1, 2, 3, 4]]
     batcher.stop()
+
+
+def test_the_gate_runs_at_most_its_limit_and_the_next_in_line_on_the_thread_just_freed():
+    threads = ThreadPoolExecutor(4)
+    gate = CallGate(2, threads, max_wait=30)
+    release = threading.Event()
+    order: list[str] = []
+    ran_on: dict[str, int] = {}
+
+    def call(name: str, wait: bool) -> Callable[[], str]:
+        def run() -> str:
+            order.append(name)
+            ran_on[name] = threading.get_ident()
+            if wait:
+                assert release.wait(10)
+            return name
+
+        return run
+
+    futures = [gate.submit(call(n, wait=n in "ab")) for n in "abcd"]
+    _wait_for(lambda: gate.running == 2 and gate.waiting == 2, 5)
+    time.sleep(0.1)
+    # Four threads are free for the asking, but only two calls run: the others wait in line.
+    assert order == ["a", "b"] and gate.waiting == 2
+    release.set()
+    assert [f.result(10) for f in futures] == ["a", "b", "c", "d"]
+    assert order[2:] == ["c", "d"]  # in the order they came
+    # Each waiting call started on a thread whose call had just ended, not on a fresh one.
+    assert {ran_on["c"], ran_on["d"]} <= {ran_on["a"], ran_on["b"]}
+    assert gate.running == 0 and gate.waiting == 0
+    threads.shutdown()
+
+
+def test_a_call_that_waited_too_long_in_line_is_not_made():
+    threads = ThreadPoolExecutor(2)
+    gate = CallGate(1, threads, max_wait=0.1)
+    made: list[str] = []
+
+    def slow() -> str:
+        made.append("slow")
+        time.sleep(0.3)
+        return "slow"
+
+    first = gate.submit(slow)
+    late = gate.submit(lambda: made.append("late") or "late")
+    assert first.result(5) == "slow"
+    with pytest.raises(CallNotStarted, match="waited"):
+        late.result(5)
+    assert made == ["slow"]
+    # The slot it would have had is free again.
+    assert gate.submit(lambda: "next").result(5) == "next"
+    _wait_for(lambda: gate.running == 0, 5)
+    assert gate.running == 0
+    threads.shutdown()
+
+
+def test_run_here_uses_the_callers_thread_when_a_slot_is_free_and_waits_in_line_when_not():
+    threads = ThreadPoolExecutor(2)
+    gate = CallGate(1, threads, max_wait=30)
+    caller = threading.get_ident()
+    assert gate.run_here(threading.get_ident).result() == caller
+    release = threading.Event()
+    busy = gate.submit(lambda: release.wait(10))
+    _wait_for(lambda: gate.running == 1, 5)
+    got: list[int] = []
+    waiter = threading.Thread(
+        target=lambda: got.append(gate.run_here(threading.get_ident).result())
+    )
+    waiter.start()
+    _wait_for(lambda: gate.waiting == 1, 5)
+    assert gate.waiting == 1 and got == []
+    release.set()
+    waiter.join(5)
+    assert busy.result() is True
+    # It ran on the thread that freed the slot, and its caller got the answer.
+    assert len(got) == 1 and got[0] not in (caller, waiter.ident)
+    threads.shutdown()
+
+
+def test_a_pool_claims_a_few_tickets_more_than_it_calls():
+    pool = CallPool(64)
+    assert pool.gate.limit == 64
+    assert pool.slots.limit == 64 + claim_ahead(64) == 80
+    assert CallPool(1).slots.limit == 2  # even the smallest pool has one ticket ready
+    pool.shutdown()

@@ -75,7 +75,7 @@ def worker(
     from triage.gc_pauses import freeze_startup_objects
     from triage.pipeline import tasks  # noqa: F401 - registers the tasks
     from triage.pipeline.celery_app import all_queues
-    from triage.pipeline.fanout import CallPool
+    from triage.pipeline.fanout import call_pool
     from triage.pipeline.runtime import get_runtime
     from triage.pipeline.worker_logs import content_free_task_failures, quiet_per_message_logs
     from triage.reliability.sweeper import Periodic, sweep_once
@@ -86,7 +86,7 @@ def worker(
     # sinks.yaml and the secrets it names: a mistake there stops start-up, not each delivery.
     rt.sinks  # noqa: B018
     threads = concurrency or settings.worker_concurrency
-    rt.calls = CallPool(threads)
+    rt.calls = call_pool(settings, threads)
     require_current_schema(settings.database_url)
     rt.backend  # noqa: B018 - train/connect once before taking messages
     sweeper = Periodic("triage-sweeper", settings.sweep_interval_seconds, lambda: sweep_once(rt))

@@ -2,20 +2,22 @@
 
 Before the calls, the shared API budget and the circuit breaker (reliability.limits) say how
 long each must wait (`admission_waits`), and a text that several tickets of a batch share is
-asked once (`one_call_per_text`). After them, the budget is charged for what it was not asked
-about, the breaker hears of answers, 429s and 401s, and each answer is counted. Redis trouble
-here is logged and never fails a ticket.
+asked once (`one_call_per_text`). Each call hands a 429 or 401 it meets to the breaker itself,
+and is not made if the circuit is known to have opened since admission (`guarded_call`).
+After them, the budget is charged for what it was not asked about, the breaker hears of
+answers, and each answer is counted. Redis trouble here is logged and never fails a ticket.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from triage.classify.backends.base import ClassificationResult, Usage
 from triage.classify.prompt import estimate_input_tokens
-from triage.errors import ApiKeyRejected, RateLimited, TriageError
+from triage.errors import ApiKeyRejected, CallNotStarted, RateLimited, TriageError
 from triage.metrics import CLASSIFICATIONS, CLASSIFY_LATENCY
 from triage.pipeline.classify_claims import Claim, defer_claim
 from triage.pipeline.routing import CLASSIFY_QUEUE
@@ -23,6 +25,7 @@ from triage.pipeline.runtime import Runtime
 from triage.reliability.limits import Admission
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 # A ticket with the same text as another of its batch comes back after this long (plus
@@ -83,7 +86,32 @@ def call_for(rt: Runtime, claim: Claim) -> Any:
     if claim.reuse is not None:
         reused = claim.reuse
         return lambda: reused
-    return lambda: rt.backend.classify(claim.request)
+    return guarded_call(rt, lambda: rt.backend.classify(claim.request))
+
+
+def guarded_call(rt: Runtime, call: Callable[[], T]) -> Callable[[], T]:
+    """`call`, on its call thread: not made if the circuit is known to have opened since the
+    ticket was admitted (it may have waited at the call gate meanwhile), and a 429 or 401 it
+    meets reported to the breaker before the call's slot goes to the next ticket in line,
+    which would otherwise start before the breaker heard."""
+    admission = rt.admission
+    if admission is None:
+        return call
+
+    def run() -> T:
+        opened = admission.breaker.known_open_seconds()
+        if opened > 0:
+            raise CallNotStarted("the circuit opened while it waited", retry_in=opened)
+        try:
+            return call()
+        except RateLimited as exc:
+            report_overload(admission, exc)
+            raise
+        except ApiKeyRejected as exc:
+            report_key_rejected(admission, exc)
+            raise
+
+    return run
 
 
 def charge_unadmitted(

@@ -26,8 +26,7 @@ from typing import Any
 
 from triage.classify.backends.base import ClassificationResult
 from triage.errors import (
-    ApiKeyRejected,
-    RateLimited,
+    CallNotStarted,
     TransientError,
     TriageError,
     loggable_traceback,
@@ -38,8 +37,6 @@ from triage.pipeline.classify_calls import (
     charge_unadmitted,
     count_answer,
     one_call_per_text,
-    report_key_rejected,
-    report_overload,
     report_success,
 )
 from triage.pipeline.classify_claims import Claim, claim_chunk, defer_claim, failure_of
@@ -89,7 +86,7 @@ def classify_tickets_stage(
     answers an earlier run of the message could not record (`AnswersNotRecorded.carried`):
     they are recorded first, with no call.
 
-    A batch larger than the free call slots goes in parts, each claiming only the tickets it
+    A batch larger than the free claim slots goes in parts, each claiming only the tickets it
     has slots for. A part that leaves tickets behind runs beside the next ones, which start
     as slots come back, so one slow call does not hold up the tickets after it. Every part
     has finished before this returns (or raises): the message is acknowledged only then."""
@@ -211,11 +208,12 @@ def _settle(
     failed: list[tuple[Claim, Exception]] = []
     answered = 0
     for claim, result in answers:
+        if isinstance(result, CallNotStarted):
+            # Claimed ahead, then kept waiting for a call slot (the calls before it were
+            # slow) or the circuit opened meanwhile: not the ticket's failure.
+            outcomes[claim.ticket_id] = defer_claim(rt, claim, result.retry_in)
+            continue
         if isinstance(result, Exception):
-            if isinstance(result, RateLimited) and rt.admission is not None:
-                report_overload(rt.admission, result)
-            elif isinstance(result, ApiKeyRejected) and rt.admission is not None:
-                report_key_rejected(rt.admission, result)
             failed.append((claim, result))
             continue
         answered += 1 if result.paid_now()[0] else 0

@@ -138,10 +138,10 @@ def held_tickets(requests: Iterable[Any]) -> int:
 
 
 class HoldOnlyWhatCanRun(bootsteps.StartStopStep):  # type: ignore[misc]
-    """A worker takes another message only while the tickets it already holds without a call
-    slot are fewer than its free call slots plus a reserve of a quarter of its slots: those in
-    messages waiting for a thread, and those of running batches still waiting for slots
-    (`CallSlots.waiting`).
+    """A worker takes another message only while the tickets it already holds without a claim
+    slot are fewer than its free claim slots plus a reserve of a quarter of its call slots:
+    those in messages waiting for a thread, and those of running batches still waiting for
+    claim slots (`CallSlots.waiting`; fanout explains claim and call slots).
 
     Celery's prefetch counts messages (one per thread), but a message can carry a batch of
     tickets. Without this, the first worker to start after an outage would take up to a
@@ -166,8 +166,9 @@ class HoldOnlyWhatCanRun(bootsteps.StartStopStep):  # type: ignore[misc]
 
         if c.task_consumer is None or c.connection.transport.driver_type != "redis":
             return
-        slots = get_runtime().calls.slots
-        reserve = max(1, slots.limit // RESERVE_DIVISOR)
+        calls = get_runtime().calls
+        slots = calls.slots
+        reserve = max(1, calls.gate.limit // RESERVE_DIVISOR)
         qos = c.task_consumer.channel.qos
         by_prefetch = qos.can_consume
 

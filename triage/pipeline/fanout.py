@@ -1,19 +1,30 @@
 """Model calls in flight in one worker process: a bound on them, and the threads they run on.
 
-A task message can carry many tickets. The task takes as many call slots as it can get (at
-least one, at most one per ticket), claims that many tickets, and runs their calls side by
-side; tickets it has no slot for yet stay unclaimed in `queued`, so a busy process never holds
-claims (and their leases) it cannot serve. Those go in a later part of the batch, which starts
-beside the earlier ones as slots come back (each call's slot is given back as it answers).
+A task message can carry many tickets. The task takes as many claim slots as it can get (at
+least one, at most one per ticket), claims that many tickets, and hands their calls to the
+call gate, which runs at most `limit` at once. There are a few more claim slots than calls
+(`claim_ahead`), so a process holds a few tickets claimed and ready to call: the moment a
+call answers, the gate starts the next on the same thread, where a ticket claimed only then
+would leave the slot idle for its claim's transaction. Tickets a task has no claim slot for
+yet stay unclaimed in `queued`, so a busy process never holds more claims than it can start
+soon (a claim's lease runs from the claim). Those go in a later part of the batch, which
+starts beside the earlier ones as claim slots come back (each call's is given back as it
+answers).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from triage.errors import CallNotStarted
+
+if TYPE_CHECKING:
+    from triage.config import Settings
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -24,7 +35,8 @@ SLOT_PATIENCE_SECONDS = 0.05
 
 
 class CallSlots:
-    """A counting semaphore that hands out as many permits as are free, up to a wish."""
+    """A counting semaphore that hands out as many permits as are free, up to a wish: the
+    claim slots, one per ticket claimed for a call (running, or next in line at the gate)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = max(1, limit)
@@ -129,22 +141,135 @@ SEND_RESERVE_MIN = 2
 SEND_RESERVE_SHARE = 8
 
 
-class CallPool:
-    """Runs a batch's calls concurrently. The first runs on the caller's own thread (a batch
-    of one never changes threads); the rest on a shared pool as large as the slot limit, plus
-    a few threads (`send_reserve`) that model calls never fill."""
+def claim_ahead(limit: int) -> int:
+    """Tickets a process may hold claimed beyond its calls in flight, ready for the next
+    free call."""
+    return max(1, limit // CLAIM_AHEAD_SHARE)
 
-    def __init__(self, limit: int) -> None:
-        self.slots = CallSlots(limit)
+
+# A call answers every 4 ms in a process of 64 slots with the model at 0.25 s: a refill (the
+# claim slot's patience, the claim's transaction, admission) takes tens of ms, and this many
+# tickets in line cover it. More would hold claims longer and leave the fleet's last tickets
+# in fewer workers' hands.
+CLAIM_AHEAD_SHARE = 4
+# A ticket claimed ahead that waited this long for a call is put back instead of called: its
+# claim's lease counts on its calls fitting in it, with only its grace for waiting. Workers
+# use half the configured grace (`call_pool`); this is half the default's.
+MAX_GATE_WAIT_SECONDS = 15.5
+
+
+def call_pool(settings: Settings, limit: int) -> CallPool:
+    """A process's pool of `limit` calls, its claimed tickets waiting at most half their
+    lease's grace for a call slot (`retry.classify_lease_seconds`)."""
+    return CallPool(limit, max_wait=settings.claim_grace_seconds / 2)
+
+
+class _Entry(Generic[T]):
+    __slots__ = ("call", "future", "since")
+
+    def __init__(self, call: Callable[[], T]) -> None:
+        self.call = call
+        self.future: Future[T] = Future()
+        self.since = time.monotonic()
+
+    def run(self, max_wait: float) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return
+        waited = time.monotonic() - self.since
+        if waited > max_wait:
+            reason = f"it waited {waited:.1f}s for a free call slot"
+            self.future.set_exception(CallNotStarted(reason))
+            return
+        try:
+            result = self.call()
+        except BaseException as exc:  # noqa: BLE001 - the waiter decides (see _outcome)
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(result)
+
+
+class CallGate:
+    """At most `limit` calls running at once; the others wait in arrival order. When a call
+    ends, the next waiting one starts on the same thread at once: no thread hand-off, and no
+    moment with a free slot and a call waiting."""
+
+    def __init__(self, limit: int, threads: ThreadPoolExecutor, max_wait: float) -> None:
+        self.limit = max(1, limit)
+        self.max_wait = max_wait
+        self._threads = threads
+        self._running = 0
+        self._waiting: deque[_Entry[Any]] = deque()
+        self._lock = threading.Lock()
+
+    def submit(self, call: Callable[[], T]) -> Future[T]:
+        """`call` on a pool thread when a slot is free."""
+        entry = _Entry(call)
+        if self._start_or_wait(entry):
+            self._threads.submit(self._run_from, entry)
+        return entry.future
+
+    def run_here(self, call: Callable[[], T]) -> Future[T]:
+        """`call` on this thread when a slot is free now (a batch of one never changes
+        threads); otherwise in line like any other. The returned future is done when the
+        call has run here."""
+        entry = _Entry(call)
+        if self._start_or_wait(entry):
+            entry.run(self.max_wait)
+            following = self._next()
+            if following is not None:
+                self._threads.submit(self._run_from, following)
+        return entry.future
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def _start_or_wait(self, entry: _Entry[Any]) -> bool:
+        with self._lock:
+            if self._running < self.limit:
+                self._running += 1
+                return True
+            self._waiting.append(entry)
+            return False
+
+    def _run_from(self, entry: _Entry[Any] | None) -> None:
+        while entry is not None:
+            entry.run(self.max_wait)
+            entry = self._next()
+
+    def _next(self) -> _Entry[Any] | None:
+        """The slot just freed goes to the next call in line, if any."""
+        with self._lock:
+            if self._waiting:
+                return self._waiting.popleft()
+            self._running -= 1
+            return None
+
+
+class CallPool:
+    """Runs a batch's calls concurrently, at most `limit` at once in the process (the gate).
+    The first of a batch of one runs on the caller's own thread; the rest on a shared pool
+    as large as the slot limit, plus a few threads (`send_reserve`) that model calls never
+    fill. Claim slots (`slots`) are a few more than calls (`claim_ahead`)."""
+
+    def __init__(self, limit: int, max_wait: float = MAX_GATE_WAIT_SECONDS) -> None:
+        limit = max(1, limit)
+        self.slots = CallSlots(limit + claim_ahead(limit))
         # Threads start on first use, not here. Parts get their own: a part waits on its
         # calls, which need the call threads.
         self._calls = ThreadPoolExecutor(
-            self.slots.limit + send_reserve(self.slots.limit), thread_name_prefix="triage-call"
+            limit + send_reserve(limit), thread_name_prefix="triage-call"
         )
+        self.gate = CallGate(limit, self._calls, max_wait)
         self._parts = ThreadPoolExecutor(self.slots.limit, thread_name_prefix="triage-part")
 
     def run(self, calls: Sequence[Callable[[], T]]) -> list[T | Exception]:
-        """Each call's result, or the exception it raised, in order."""
+        """Each call's result, or the exception it raised, in order. Not through the gate:
+        for a delivery's sink requests, which the send reserve's threads are kept for."""
         if not calls:
             return []
         futures: list[Future[T]] = [self._calls.submit(call) for call in calls[1:]]
@@ -160,9 +285,9 @@ class CallPool:
         not held back for a slow one, and answers that arrive together are handled together."""
         if len(calls) <= 1:
             if calls:
-                yield [(0, _capture(calls[0]))]
+                yield [(0, _outcome(self.gate.run_here(calls[0])))]
             return
-        futures = {self._calls.submit(call): i for i, call in enumerate(calls)}
+        futures = {self.gate.submit(call): i for i, call in enumerate(calls)}
         pending: set[Future[T]] = set(futures)
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -179,7 +304,7 @@ class CallPool:
 
     def beside(self, part: Callable[[], T]) -> Future[T]:
         """Run one part of a batch on its own thread. Each running part holds at least one
-        slot, so `limit` threads suffice."""
+        claim slot, so as many threads as claim slots suffice."""
         return self._parts.submit(part)
 
     def shutdown(self) -> None:

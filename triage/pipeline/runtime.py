@@ -17,7 +17,7 @@ from triage.config import AppConfig, Settings, get_config
 from triage.db.session import get_sessionmaker
 from triage.pipeline.broker import QueueDepth
 from triage.pipeline.celery_app import make_celery
-from triage.pipeline.fanout import CallPool
+from triage.pipeline.fanout import CallPool, call_pool
 from triage.pipeline.publishing import Backlog, PublishBatcher
 from triage.pipeline.relay import Pending, Publisher
 from triage.pipeline.routing import CLASSIFY_QUEUE
@@ -82,7 +82,7 @@ class Runtime:
     @cached_property
     def calls(self) -> CallPool:
         """Model calls in flight in this process, at most `worker_concurrency`."""
-        return CallPool(self.settings.worker_concurrency)
+        return call_pool(self.settings, self.settings.worker_concurrency)
 
     @cached_property
     def sinks(self) -> SinkTable:

@@ -20,6 +20,7 @@ the circuit open minutes past its cool-down for everyone else.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -265,11 +266,25 @@ class CircuitBreaker:
         self._key_rejected: Any = client.register_script(_KEY_REJECTED)
         self._success: Any = client.register_script(_SUCCESS)
         self._check: Any = client.register_script(_CHECK)
+        # What this process last learned of the circuit (monotonic time it stays open to),
+        # for a look that costs no round trip (`known_open_seconds`).
+        self._known_open_until = 0.0
 
     def open_seconds(self) -> float:
         """Seconds the circuit stays fully open (0.0 when closed or half-open). Consumers stop
         taking new work while it is open, and take it again for the half-open probe."""
-        return max(0, int(self._client.pttl(self._open_until))) / 1000
+        seconds = max(0, int(self._client.pttl(self._open_until))) / 1000
+        self._learn(seconds)
+        return seconds
+
+    def known_open_seconds(self) -> float:
+        """`open_seconds` as this process last learned it, from its own reports and reads of
+        the circuit, without asking Redis: a worker reads the circuit every second, and
+        learns at once of an opening its own answers caused."""
+        return max(0.0, self._known_open_until - time.monotonic())
+
+    def _learn(self, open_for: float) -> None:
+        self._known_open_until = time.monotonic() + open_for if open_for > 0 else 0.0
 
     def open_reason(self) -> str | None:
         """Why the circuit last opened (OVERLOAD or API_KEY_REJECTED), until a probe closes
@@ -291,6 +306,7 @@ class CircuitBreaker:
                 args=[max(1, int(self.probe_interval * 1000))],
             )
         )
+        self._learn(state / 1000 if state > 0 else 0.0)
         if state > 0:
             return state / 1000, False
         if state == -1:
@@ -307,6 +323,8 @@ class CircuitBreaker:
             keys=self._keys,
             args=[self._prefix, self.window, self.threshold, self.ratio, self.cooldown, wait],
         )
+        if opened:
+            self._learn(max(self.cooldown, wait))
         return bool(opened)
 
     def record_key_rejected(self) -> bool:
@@ -315,6 +333,8 @@ class CircuitBreaker:
         opened = self._key_rejected(
             keys=[self._open_until, self._half_open, self._reason], args=[self.auth_cooldown]
         )
+        if opened:
+            self._learn(self.auth_cooldown)
         return bool(opened)
 
     def record_success(self, count: int = 1) -> None:
