@@ -53,8 +53,8 @@ def test_claimed_tickets_wait_for_a_call_slot_and_the_limit_holds(pg_url, clean_
     rt = _runtime(pg_url, clean_redis, fake.base_url, pool)
     ids = [_post(rt, n) for n in range(3)]
 
-    # Two call slots and a claim slot more: all three are claimed together, and the third
-    # call waits for one of the first two.
+    # Two call slots and a claim slot more: the batch goes in one part, and the third call
+    # waits at the gate for one of the first two.
     outcomes = classify_tickets_stage(rt, ids)
 
     assert outcomes == {i: "routed" for i in ids}
