@@ -3,6 +3,7 @@ spent in triage outside the model call. Tickets of one scenario are those above 
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +32,23 @@ _TIMES = text(
 )
 # Time in triage minus the recorded model call: webhook commit -> dispatch delivered; and its
 # two halves: up to the model call (publish, queue, claim) and after the label is stored
-# (publish, queue, deliver).
+# (publish, queue, deliver). Last, the second of the run the ticket arrived in.
 _OVERHEAD = text(
     """
     SELECT extract(epoch FROM d.delivered_at - t.received_at) * 1000 - c.latency_ms,
            extract(epoch FROM c.created_at - t.received_at) * 1000 - c.latency_ms,
-           extract(epoch FROM d.delivered_at - c.created_at) * 1000
+           extract(epoch FROM d.delivered_at - c.created_at) * 1000,
+           floor(extract(epoch FROM t.received_at - min(t.received_at) OVER ()))
       FROM tickets t
       JOIN dispatches d ON d.ticket_id = t.id AND d.delivered_at IS NOT NULL
       JOIN classifications c ON c.id = d.classification_id
      WHERE t.id > :w
     """
 )
+
+
+# Scenario 5's bound on a ticket's time outside the model call (its p99 target).
+SLOW_MS = 100.0
 
 
 class Probe:
@@ -75,13 +81,18 @@ class Probe:
         out["mean_model_ms"] = float(row[4]) if row[4] is not None else None
         return out
 
-    def overhead_ms(self, since: int) -> dict[str, list[float]]:
+    def overhead_ms(self, since: int) -> tuple[dict[str, list[float]], dict[int, int]]:
+        """Per part, each ticket's time outside the model call; and per second of the run
+        (from its first ticket), how many tickets spent over SLOW_MS there: whether slow
+        tickets come in a burst or throughout."""
         with self._engine.connect() as conn:
             rows = conn.execute(_OVERHEAD, {"w": since}).all()
         parts = ("total", "before_model", "after_label")
-        return {
+        times = {
             part: [float(r[i]) for r in rows if r[i] is not None] for i, part in enumerate(parts)
         }
+        slow = Counter(int(r[3]) for r in rows if r[0] is not None and float(r[0]) > SLOW_MS)
+        return times, dict(sorted(slow.items()))
 
     def postmaster_pid(self) -> int:
         """The PostgreSQL server's main process, the parent of every backend (for CPU

@@ -160,11 +160,22 @@ def rows(result: dict[str, Any]) -> list[Row]:
                 target,
                 f"p50 {o['p50']} ms, p99 {o['p99']} ms (model {ov['model_latency_seconds']} s "
                 f"excluded); before the call p50 {ov['overhead_ms_before_model']['p50']} ms, "
-                f"after the label p50 {ov['overhead_ms_after_label']['p50']} ms",
+                f"after the label p50 {ov['overhead_ms_after_label']['p50']} ms; "
+                f"{_slow_seconds(ov.get('over_100ms_by_second', {}))}",
                 o["p99"] < 100 if key == "overhead" else None,
             )
         )
     return out
+
+
+def _slow_seconds(by_second: dict[Any, int]) -> str:
+    """Tickets over 100 ms, and how many of them arrived in the run's first two seconds (JSON
+    gives the keys back as strings)."""
+    total = sum(by_second.values())
+    if not total:
+        return "none over 100 ms"
+    early = sum(n for second, n in by_second.items() if int(second) < 2)
+    return f"{total} over 100 ms, {early} of them in the first 2 s"
 
 
 def print_table(result: dict[str, Any], console: Console | None = None) -> None:
