@@ -209,3 +209,21 @@ def test_a_process_knows_of_an_opening_without_asking_redis_until_it_reads_the_c
     assert here.known_open_seconds() > 29
     assert here.wait_seconds() == 0
     assert here.known_open_seconds() == 0
+
+
+def test_a_process_that_meets_a_401_after_another_opened_the_circuit_knows_it_is_open(
+    clean_redis,
+):
+    client = redis.Redis.from_url(clean_redis)
+    first = CircuitBreaker(client, auth_cooldown=60)
+    second = CircuitBreaker(client, auth_cooldown=60)
+    assert first.record_key_rejected() is True
+    # The same opening, announced once; but the thread that met this 401 knows of it too,
+    # before it hands its call slot to the next call in line.
+    assert second.record_key_rejected() is False
+    assert 59 < second.known_open_seconds() <= 60
+    # Likewise an overload answer while the circuit is open.
+    third = CircuitBreaker(client, auth_cooldown=60)
+    assert third.record_overload() is False
+    assert 59 < third.known_open_seconds() <= 60
+

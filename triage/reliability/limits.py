@@ -286,6 +286,15 @@ class CircuitBreaker:
     def _learn(self, open_for: float) -> None:
         self._known_open_until = time.monotonic() + open_for if open_for > 0 else 0.0
 
+    def _learn_after_report(self, opened: bool, open_for: float) -> None:
+        """After a 429 or 401 is reported: this answer opened the circuit for `open_for`, or
+        it may have been opened by another, whose own learning this thread must not wait
+        for (a thread that met a 401 at the same moment hands its call slot on at once)."""
+        if opened:
+            self._learn(open_for)
+        else:
+            self.open_seconds()
+
     def open_reason(self) -> str | None:
         """Why the circuit last opened (OVERLOAD or API_KEY_REJECTED), until a probe closes
         it; None when closed."""
@@ -323,8 +332,7 @@ class CircuitBreaker:
             keys=self._keys,
             args=[self._prefix, self.window, self.threshold, self.ratio, self.cooldown, wait],
         )
-        if opened:
-            self._learn(max(self.cooldown, wait))
+        self._learn_after_report(bool(opened), max(self.cooldown, wait))
         return bool(opened)
 
     def record_key_rejected(self) -> bool:
@@ -333,8 +341,7 @@ class CircuitBreaker:
         opened = self._key_rejected(
             keys=[self._open_until, self._half_open, self._reason], args=[self.auth_cooldown]
         )
-        if opened:
-            self._learn(self.auth_cooldown)
+        self._learn_after_report(bool(opened), self.auth_cooldown)
         return bool(opened)
 
     def record_success(self, count: int = 1) -> None:
