@@ -8,6 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from bench.probe import SLOW_MS
+
 # name, target text, check(result) -> (figure text, passed or None when not applicable)
 Row = tuple[str, str, str, bool | None]
 
@@ -169,13 +171,13 @@ def rows(result: dict[str, Any]) -> list[Row]:
 
 
 def _slow_seconds(by_second: dict[Any, int]) -> str:
-    """Tickets over 100 ms, and how many of them arrived in the run's first two seconds (JSON
+    """Tickets over SLOW_MS, and how many of them arrived in the run's first two seconds (JSON
     gives the keys back as strings)."""
     total = sum(by_second.values())
     if not total:
-        return "none over 100 ms"
+        return f"none over {SLOW_MS:.0f} ms"
     early = sum(n for second, n in by_second.items() if int(second) < 2)
-    return f"{total} over 100 ms, {early} of them in the first 2 s"
+    return f"{total} over {SLOW_MS:.0f} ms, {early} of them in the first 2 s"
 
 
 def print_table(result: dict[str, Any], console: Console | None = None) -> None:
