@@ -55,6 +55,11 @@ def make_celery(config: AppConfig) -> Celery:
             # Fail fast on a dead broker; the outbox keeps the message until it is back.
             "socket_connect_timeout": 5,
             "socket_timeout": 10,
+            # kombu emulates message priorities with a list per queue per step (four by
+            # default), and every poll's BRPOP names them all: 40 keys for triage's ten
+            # queues, rebuilt and sent by the consumer loop each time round. Triage never
+            # publishes with a priority, so every message is in the first list anyway.
+            "priority_steps": [0],
         },
         # Publishing is done by the outbox relay, which has its own recovery; a publish that
         # blocks retrying inside a web request or task would only hold a thread.
