@@ -72,6 +72,9 @@ def _finite(number: str) -> float:
     return value
 
 
+# One decoder for every body: json.loads with hooks builds a new one per call.
+_DECODER = json.JSONDecoder(parse_constant=_not_json, parse_float=_finite)
+
 # Characters a parsed body can hold that the database cannot store: NUL (JSON's "\u0000";
 # PostgreSQL text refuses it, so the INSERT failed on every retry of the helpdesk) and half
 # of a UTF-16 surrogate pair (an escaped emoji cut in two; validation refused the ticket).
@@ -148,7 +151,7 @@ def load_json(body: bytes) -> Any:
     """The parsed body, every string in it storable: NUL and lone surrogates become U+FFFD."""
     text = _utf8_text(body)
     try:
-        data = json.loads(text, parse_constant=_not_json, parse_float=_finite)
+        data = _DECODER.decode(text)
     except (json.JSONDecodeError, ValueError) as exc:
         raise IngestError(
             f"body is not valid JSON: {exc}", status=400, title="Malformed JSON"
