@@ -15,10 +15,11 @@ import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import timedelta
+from functools import lru_cache
 from typing import Any, Protocol
 
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import Select, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from triage.classify.backends.base import (
@@ -30,6 +31,7 @@ from triage.classify.backends.base import (
 from triage.classify.redact import Redactor
 from triage.classify.schema import TicketLabel, validate_label
 from triage.db.models import Attempt, Classification, Ticket, utcnow
+from triage.db.session import among, not_among
 from triage.pipeline.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -160,7 +162,7 @@ def reusable_labels(
     if window <= 0 or not tickets:
         return {}
     rows = session.execute(
-        _REUSABLE,
+        _reusable(session.get_bind().dialect.name),
         {
             "hashes": sorted({t.content_hash for t in tickets}),
             "ids": [t.id for t in tickets],
@@ -174,40 +176,42 @@ def reusable_labels(
     return {t.id: by_hash[t.content_hash] for t in tickets if t.content_hash in by_hash}
 
 
-# Built once (every value is a parameter). Driven from the tickets with these hashes (their
-# index), each one's newest label found through the classifications' ticket index (a
-# correlated subquery, which SQLite runs too). A join that left the order to the planner
-# scanned every label in the window for each claim on PostgreSQL, whose statistics lag a
-# fast-growing table: 7.7 ms against 0.1 ms at 4,000 labels.
-_NEWEST_LABEL = (
-    select(Classification.id)
-    .where(
-        Classification.ticket_id == Ticket.id,
-        Classification.taxonomy_version == bindparam("taxonomy"),
-        Classification.backend == bindparam("backend"),
-        Classification.model.in_(bindparam("models", expanding=True)),
-        Classification.reused_from_id.is_(None),
-        Classification.created_at >= bindparam("since"),
+@lru_cache(maxsize=2)
+def _reusable(dialect: str) -> Select[Classification, str]:
+    """Built once per dialect (every value is a parameter). Driven from the tickets with these
+    hashes (their index), each one's newest label found through the classifications' ticket
+    index (a correlated subquery, which SQLite runs too). A join that left the order to the
+    planner scanned every label in the window for each claim on PostgreSQL, whose statistics
+    lag a fast-growing table: 7.7 ms against 0.1 ms at 4,000 labels."""
+    newest_label = (
+        select(Classification.id)
+        .where(
+            Classification.ticket_id == Ticket.id,
+            Classification.taxonomy_version == bindparam("taxonomy"),
+            Classification.backend == bindparam("backend"),
+            among(Classification.model, "models", dialect),
+            Classification.reused_from_id.is_(None),
+            Classification.created_at >= bindparam("since"),
+        )
+        .order_by(Classification.id.desc())
+        .limit(1)
+        .scalar_subquery()
     )
-    .order_by(Classification.id.desc())
-    .limit(1)
-    .scalar_subquery()
-)
-_NEWEST_PER_HASH = (
-    select(func.max(_NEWEST_LABEL).label("id"))
-    .where(
-        Ticket.content_hash.in_(bindparam("hashes", expanding=True)),
-        Ticket.id.not_in(bindparam("ids", expanding=True)),
+    newest_per_hash = (
+        select(func.max(newest_label).label("id"))
+        .where(
+            among(Ticket.content_hash, "hashes", dialect),
+            not_among(Ticket.id, "ids", dialect),
+        )
+        .group_by(Ticket.content_hash)
+        .subquery("per_hash")
     )
-    .group_by(Ticket.content_hash)
-    .subquery("per_hash")
-)
-_REUSABLE = (
-    select(Classification, Ticket.content_hash)
-    .select_from(_NEWEST_PER_HASH)
-    .join(Classification, Classification.id == _NEWEST_PER_HASH.c.id)
-    .join(Ticket, Ticket.id == Classification.ticket_id)
-)
+    return (
+        select(Classification, Ticket.content_hash)
+        .select_from(newest_per_hash)
+        .join(Classification, Classification.id == newest_per_hash.c.id)
+        .join(Ticket, Ticket.id == Classification.ticket_id)
+    )
 
 
 def reused_result(source: Classification) -> ClassificationResult:

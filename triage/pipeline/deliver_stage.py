@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from triage.db.models import Attempt, Classification, Dispatch, Ticket, TicketState, utcnow
 from triage.db.repo import APPLIED_UPDATES
-from triage.db.session import engine_of, insert_rows, one_statement, session_scope
+from triage.db.session import among, engine_of, insert_rows, one_statement, session_scope
 from triage.errors import TransientError
 from triage.metrics import SINK_SKIPPED
 from triage.pipeline.relay import DELIVER_TASK
@@ -146,7 +146,7 @@ def _record_queue_only(rt: Runtime, dispatch_ids: list[int]) -> dict[int, str]:
             rows = connection.execute(_queue_only_recorded(everything_but, names), params).all()
     else:
         with session_scope(rt.sessions) as session:
-            marking = _queue_only_statement(everything_but, names)
+            marking = _queue_only_statement(everything_but, names, "sqlite")
             rows = session.connection().execute(marking, params).all()
             if rows:
                 insert_rows(session, Attempt, _delivered_attempts(rows, now), returning=None)
@@ -172,7 +172,7 @@ def _delivered_attempts(rows: Sequence[Any], now: datetime) -> list[dict[str, An
 def _queue_only_recorded(everything_but: bool, names: tuple[str, ...]) -> Select[Any]:
     """`_queue_only_statement` and the attempt rows of what it marked, in one statement (the
     attempts in ticket order, as `_delivered_attempts` has them); returns what it marked."""
-    marked = _queue_only_statement(everything_but, names).cte("marked")
+    marked = _queue_only_statement(everything_but, names, "postgresql").cte("marked")
     now = bindparam("now", type_=Attempt.__table__.c.started_at.type)
     # Every column without a server default named here: a statement that is not itself an
     # INSERT leaves its CTE's client-side defaults unset.
@@ -195,9 +195,10 @@ def _queue_only_recorded(everything_but: bool, names: tuple[str, ...]) -> Select
 
 
 @lru_cache(maxsize=8)
-def _queue_only_statement(everything_but: bool, names: tuple[str, ...]) -> Update:
+def _queue_only_statement(everything_but: bool, names: tuple[str, ...], dialect: str) -> Update:
     """Mark the live, undelivered dispatches among `ids` to queue-only departments delivered.
-    Built once per sinks table: the statement is the same for every batch."""
+    Built once per sinks table: the statement is the same for every batch (and on
+    PostgreSQL, whatever the number of ids, so the server prepares it once)."""
     if everything_but:
         quiet = or_(Dispatch.department.is_(None), Dispatch.department.not_in(names))
     else:
@@ -210,7 +211,7 @@ def _queue_only_statement(everything_but: bool, names: tuple[str, ...]) -> Updat
     return (
         update(Dispatch)
         .where(
-            Dispatch.id.in_(bindparam("ids", expanding=True)),
+            among(Dispatch.id, "ids", dialect),
             Dispatch.delivered_at.is_(None),
             quiet,
             live,

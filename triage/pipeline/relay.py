@@ -11,13 +11,14 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Update, bindparam, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from triage.db.models import OutboxMessage, TicketState, utcnow
-from triage.db.session import insert_rows, one_statement, session_scope
+from triage.db.session import among, insert_rows, one_statement, session_scope
 from triage.pipeline.routing import CLASSIFY_QUEUE
 from triage.pipeline.states import transition_ids
 
@@ -296,10 +297,11 @@ class Publisher:
         if not classify:
             # A worker's delivery messages: the one statement commits alone.
             with one_statement(self._sessions) as connection:
-                connection.execute(_MARK_SENT, params)
+                connection.execute(_mark_sent(connection.dialect.name), params)
             return
         with session_scope(self._sessions) as session:
-            session.connection().execute(_MARK_SENT, params)
+            connection = session.connection()
+            connection.execute(_mark_sent(connection.dialect.name), params)
             transition_ids(
                 session, classify, TicketState.QUEUED, only_from=frozenset({TicketState.RECEIVED})
             )
@@ -341,11 +343,13 @@ _CLAIM = (
         OutboxMessage.created_at,
     )
 )
-_MARK_SENT = (
-    update(OutboxMessage)
-    .where(OutboxMessage.id.in_(bindparam("ids", expanding=True)))
-    .values(sent_at=bindparam("now"))
-)
+@lru_cache(maxsize=2)
+def _mark_sent(dialect: str) -> Update:
+    return (
+        update(OutboxMessage)
+        .where(among(OutboxMessage.id, "ids", dialect))
+        .values(sent_at=bindparam("now"))
+    )
 
 
 class OutboxOnlyPublisher(Publisher):

@@ -13,7 +13,6 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
-    BindParameter,
     ClauseElement,
     ColumnElement,
     Table,
@@ -30,6 +29,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from triage.db.models import Ticket, TicketState, utcnow
+from triage.db.session import among
 
 S = TicketState
 
@@ -92,18 +92,18 @@ def claim_for_classification(
     lease is over). Returns the rows that moved, every column by name, locked in id order."""
     if not ticket_ids:
         return []
-    stmt = _claim_statement(only_from)
+    connection = session.connection()
+    stmt = _claim_statement(only_from, connection.dialect.name)
     params = {"ids": sorted(set(ticket_ids)), "stale_before": stale_before, "now": utcnow()}
-    return list(session.connection().execute(stmt, params).all())
+    return list(connection.execute(stmt, params).all())
 
 
 @lru_cache(maxsize=4)
-def _claim_statement(only_from: frozenset[TicketState]) -> Update:
+def _claim_statement(only_from: frozenset[TicketState], dialect: str) -> Update:
     if not only_from <= ALLOWED_FROM[S.CLASSIFYING]:
         raise IllegalTransitionError(f"{sorted(only_from - ALLOWED_FROM[S.CLASSIFYING])}")
     table = Ticket.__table__
     assert isinstance(table, Table)
-    ids: BindParameter[Any] = bindparam("ids", expanding=True)
     claimable = and_(
         Ticket.state.in_(sorted(s.value for s in only_from)),
         # The lease in the same atomic check: the relay may move received -> queued at any
@@ -115,7 +115,7 @@ def _claim_statement(only_from: frozenset[TicketState]) -> Update:
     )
     return (
         update(Ticket)
-        .where(claimable, _locked_in_id_order(Ticket.id.in_(ids), claimable))
+        .where(claimable, _locked_in_id_order(among(Ticket.id, "ids", dialect), claimable))
         .values(
             state=S.CLASSIFYING.value,
             state_changed_at=bindparam("now"),
@@ -137,10 +137,11 @@ def transition_ids(
     locked in id order (`_locked_in_id_order`)."""
     if not ticket_ids:
         return set()
+    connection = session.connection()
     stmt = _update(to, only_from, (), fields)
-    member = Ticket.id.in_(sorted(set(ticket_ids)))
+    member = among(Ticket.id, "ids", connection.dialect.name)
     stmt = stmt.where(_locked_in_id_order(member, stmt.whereclause)).returning(Ticket.id)
-    return set(session.connection().execute(stmt).scalars())
+    return set(connection.execute(stmt, {"ids": sorted(set(ticket_ids))}).scalars())
 
 
 def transition_each(
