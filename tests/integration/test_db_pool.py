@@ -116,7 +116,7 @@ def _prepared_after_repeats(url: str) -> int:
 def test_prepared_statements_can_be_turned_off_for_a_transaction_pooler(pg_url):
     """Behind PgBouncer in transaction mode a statement psycopg prepared on one server
     connection is missing on the next; `?prepare_threshold=none` keeps it from preparing."""
-    assert _prepared_after_repeats(pg_url) > 0  # psycopg's default: prepared after 5 runs
+    assert _prepared_after_repeats(pg_url) > 0  # triage's default: prepared on the second run
     assert _prepared_after_repeats(f"{pg_url}?prepare_threshold=none") == 0
     assert _prepared_after_repeats(f"{pg_url}?prepare_threshold=0") > 0
 
