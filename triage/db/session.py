@@ -230,7 +230,7 @@ def among(column: Column_, name: str, dialect: str) -> ColumnElement[bool]:
     which the server parsed and planned on every call: psycopg prepares a statement only once
     a connection has run the same text a few times. With one array the text never changes,
     and is prepared once per connection. Unprepared, a queue-only delivery's statement cost the
-    server 0.97 ms of CPU, prepared 0.56 (`log_statement_stats`, `make bench` scenario 2)."""
+    server 0.97-1.17 ms of CPU, prepared 0.60 (`log_statement_stats`, `make bench` scenario 2)."""
     if dialect == "postgresql":
         return column == any_(bindparam(name, type_=postgresql.ARRAY(column.type)))
     return column.in_(bindparam(name, expanding=True))

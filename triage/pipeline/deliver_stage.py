@@ -141,12 +141,13 @@ def _record_queue_only(rt: Runtime, dispatch_ids: list[int]) -> dict[int, str]:
     names = tuple(listed)
     now = utcnow()
     params = {"ids": sorted(dispatch_ids), "now": now}
-    if engine_of(rt.sessions).dialect.name == "postgresql":
+    dialect = engine_of(rt.sessions).dialect.name
+    if dialect == "postgresql":
         with one_statement(rt.sessions) as connection:
             rows = connection.execute(_queue_only_recorded(everything_but, names), params).all()
     else:
         with session_scope(rt.sessions) as session:
-            marking = _queue_only_statement(everything_but, names, "sqlite")
+            marking = _queue_only_statement(everything_but, names, dialect)
             rows = session.connection().execute(marking, params).all()
             if rows:
                 insert_rows(session, Attempt, _delivered_attempts(rows, now), returning=None)

@@ -343,6 +343,8 @@ _CLAIM = (
         OutboxMessage.created_at,
     )
 )
+
+
 @lru_cache(maxsize=2)
 def _mark_sent(dialect: str) -> Update:
     return (
