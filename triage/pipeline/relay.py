@@ -231,8 +231,10 @@ class Publisher:
     def _claim(self, ids: Iterable[int]) -> list[Pending]:
         now = utcnow()
         with session_scope(self._sessions) as session:
-            rows = session.connection().execute(
-                _CLAIM, {"ids": sorted(ids), "now": now, "lease_until": now + CLAIM_LEASE}
+            connection = session.connection()
+            rows = connection.execute(
+                _claim_rows(connection.dialect.name),
+                {"ids": sorted(ids), "now": now, "lease_until": now + CLAIM_LEASE},
             )
             return [Pending(*row) for row in rows]
 
@@ -321,28 +323,30 @@ class Pending:
     created_at: datetime
 
 
-# Built once: the same statement for every batch (its ids are an expanding parameter).
-_CLAIM = (
-    update(OutboxMessage)
-    .where(
-        OutboxMessage.id.in_(bindparam("ids", expanding=True)),
-        OutboxMessage.sent_at.is_(None),
-        OutboxMessage.available_at <= bindparam("now"),
+# Built once per dialect: the same statement for every batch (its ids one parameter, `among`).
+@lru_cache(maxsize=2)
+def _claim_rows(dialect: str) -> Update:
+    return (
+        update(OutboxMessage)
+        .where(
+            among(OutboxMessage.id, "ids", dialect),
+            OutboxMessage.sent_at.is_(None),
+            OutboxMessage.available_at <= bindparam("now"),
+        )
+        .values(
+            available_at=bindparam("lease_until"),
+            publish_attempts=OutboxMessage.publish_attempts + 1,
+        )
+        .returning(
+            OutboxMessage.id,
+            OutboxMessage.ticket_id,
+            OutboxMessage.task,
+            OutboxMessage.queue,
+            OutboxMessage.args,
+            OutboxMessage.countdown,
+            OutboxMessage.created_at,
+        )
     )
-    .values(
-        available_at=bindparam("lease_until"),
-        publish_attempts=OutboxMessage.publish_attempts + 1,
-    )
-    .returning(
-        OutboxMessage.id,
-        OutboxMessage.ticket_id,
-        OutboxMessage.task,
-        OutboxMessage.queue,
-        OutboxMessage.args,
-        OutboxMessage.countdown,
-        OutboxMessage.created_at,
-    )
-)
 
 
 @lru_cache(maxsize=2)
