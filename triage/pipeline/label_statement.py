@@ -17,8 +17,10 @@ in one statement over data-modifying CTEs, in autocommit:
   dispatched  a dispatch for each ticket that moved, and its delivery message in the outbox
 
 Foreign keys are checked at the end of the statement, so a ticket may point at the label
-inserted beside it. `store_labels` stays the path on SQLite (no data-modifying CTEs) and for
-callers that record a label inside a transaction of their own (reprocessing, Message Batches).
+inserted beside it. The state is checked as `(state || '')`, which no index serves: the
+tickets are found by id (see `states.state_among`). `store_labels` stays the path on SQLite
+(no data-modifying CTEs) and for callers that record a label inside a transaction of their
+own (reprocessing, Message Batches).
 tests/integration/test_label_statement.py holds the rows of the two paths equal.
 """
 
@@ -136,12 +138,13 @@ moved AS (
         review_reason = input.review_reason, last_error = NULL
     FROM input
     WHERE t.id = input.ticket_id
-      AND t.state = :classifying
+      AND (t.state || '') = :classifying
       AND t.generation = input.generation
       AND t.attempts = input.claim_attempts
       AND t.id IN (
           SELECT locked.id FROM {Ticket.__tablename__} AS locked
-          WHERE locked.id IN (SELECT ticket_id FROM input) AND locked.state = :classifying
+          WHERE locked.id IN (SELECT ticket_id FROM input)
+            AND (locked.state || '') = :classifying
           ORDER BY locked.id FOR UPDATE
       )
     RETURNING t.id
