@@ -17,8 +17,10 @@ in one statement over data-modifying CTEs, in autocommit:
   dispatched  a dispatch for each ticket that moved, and its delivery message in the outbox
 
 Foreign keys are checked at the end of the statement, so a ticket may point at the label
-inserted beside it. The state is checked as `(state || '')`, which no index serves: the
-tickets are found by id (see `states.state_among`). `store_labels` stays the path on SQLite
+inserted beside it. The tickets are found by id, through the primary key: the state is
+checked as `(state || '')`, which no index serves (see `states.state_among`), and the ids to
+lock are one array (`ANY(ARRAY(...))`), which the planner looks up in the index however few
+statistics it has; as a join with `input` it read the whole table while the table was small. `store_labels` stays the path on SQLite
 (no data-modifying CTEs) and for callers that record a label inside a transaction of their
 own (reprocessing, Message Batches).
 tests/integration/test_label_statement.py holds the rows of the two paths equal.
@@ -143,7 +145,7 @@ moved AS (
       AND t.attempts = input.claim_attempts
       AND t.id IN (
           SELECT locked.id FROM {Ticket.__tablename__} AS locked
-          WHERE locked.id IN (SELECT ticket_id FROM input)
+          WHERE locked.id = ANY(ARRAY(SELECT ticket_id FROM input))
             AND (locked.state || '') = :classifying
           ORDER BY locked.id FOR UPDATE
       )
