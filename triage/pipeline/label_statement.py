@@ -20,9 +20,9 @@ Foreign keys are checked at the end of the statement, so a ticket may point at t
 inserted beside it. The tickets are found by id, through the primary key: the state is
 checked as `(state || '')`, which no index serves (see `states.state_among`), and the ids to
 lock are one array (`ANY(ARRAY(...))`), which the planner looks up in the index however few
-statistics it has; as a join with `input` it read the whole table while the table was small. `store_labels` stays the path on SQLite
-(no data-modifying CTEs) and for callers that record a label inside a transaction of their
-own (reprocessing, Message Batches).
+statistics it has; as a join with `input` it read the whole table while the table was small.
+`store_labels` stays the path on SQLite (no data-modifying CTEs) and for callers that record
+a label inside a transaction of their own (reprocessing, Message Batches).
 tests/integration/test_label_statement.py holds the rows of the two paths equal.
 """
 
