@@ -62,10 +62,10 @@ def state_among(states: Iterable[TicketState]) -> ColumnElement[bool]:
     entries for the states asked (no statistics, or stale ones, price them at a few rows).
     Every state change is an update that adds an index entry, and the entries of states a
     ticket has left stay until a vacuum: the scan read every ticket's `received`, `queued`
-    and `classifying` entries. In `make bench` on a database without autovacuum, the claim
-    cost the server 3-11 ms in one execution of five, against 0.4 ms from the ids alone,
-    and the label statement 2.9 ms a wave against 1.3. The sweeper, which looks tickets up
-    by state, keeps the index."""
+    and `classifying` entries. In `make bench` on a database without autovacuum, one claim
+    in ten cost the server 3-4.4 ms (0.4 at the median), and the label statement 2.9 ms a
+    wave on average against 1.3 once found by id. The sweeper, which looks tickets up by
+    state, keeps the index."""
     return (Ticket.state + literal_column("''")).in_(sorted(s.value for s in states))
 
 
