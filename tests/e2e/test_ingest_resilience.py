@@ -21,7 +21,7 @@ from tests.support.stack import (
 )
 from triage.db.models import Classification, DeadLetter, Dispatch, OutboxMessage, Ticket
 from triage.db.session import session_scope
-from triage.embedded import EmbeddedRedis, _free_port
+from triage.embedded import EmbeddedRedis, free_port
 from triage.ingest.app import create_app
 from triage.reliability.deadletter import replay
 
@@ -37,7 +37,7 @@ def _states(rt, ids):
 
 def test_broker_down_during_ingestion_accepts_and_classifies_once_it_is_back(pg_url, tmp_path):
     truncate(pg_url)
-    broker = EmbeddedRedis(tmp_path / "redis", port=_free_port())
+    broker = EmbeddedRedis(tmp_path / "redis", port=free_port())
     env = stack_env(pg_url, broker.url)
     rt = make_runtime(env)
     with TestClient(create_app(rt, relay_interval=0.5)) as client:

@@ -23,7 +23,7 @@ from tests.support.stack import (
     wait_until,
 )
 from triage.db.models import Ticket
-from triage.embedded import _free_port
+from triage.embedded import free_port
 from triage.ingest.app import create_app
 
 
@@ -94,7 +94,7 @@ def test_a_webhook_spooled_on_rabbitmq_while_the_database_is_down_is_triaged_onc
     # A fresh vhost: the spool's publish must declare triage.classify itself, or RabbitMQ
     # drops the message as unroutable and the ticket answered 202 is lost.
     truncate(pg_url)
-    down = pg_url.rsplit("@", 1)[0] + f"@127.0.0.1:{_free_port()}/test"
+    down = pg_url.rsplit("@", 1)[0] + f"@127.0.0.1:{free_port()}/test"
     api_rt = make_runtime(stack_env(down, clean_redis, TRIAGE_BROKER_URL=amqp_url))
     with TestClient(create_app(api_rt, relay_interval=3600)) as client:
         resp = post_ticket(client, ticket_payload("amqp-spooled", body="My parcel is lost"))

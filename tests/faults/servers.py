@@ -13,13 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from triage.embedded import free_port
+
 PG_BIN = Path(os.environ.get("TRIAGE_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_port(port: int, *, up: bool, timeout: float, what: str) -> None:

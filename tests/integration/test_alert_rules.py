@@ -35,7 +35,7 @@ from tests.support.stack import (
     wait_until,
 )
 from triage.config import PROJECT_ROOT
-from triage.embedded import _free_port
+from triage.embedded import free_port
 
 RULES = PROJECT_ROOT / "deploy" / "prometheus" / "triage-alerts.yml"
 README = PROJECT_ROOT / "README.md"
@@ -258,7 +258,7 @@ def exposed(pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactor
     redis.Redis.from_url(redis_url).flushdb()
     zendesk = FakeZendesk()
     zendesk.ticket(CLOSED_ZENDESK_TICKET, status="closed")
-    worker_port = _free_port()
+    worker_port = free_port()
     with FakeAnthropic() as fake, running_api(zendesk) as zendesk_api:
         fake.add_fault(Fault("bad_request", times=-1, match=POISON))
         env = anthropic_env(

@@ -28,6 +28,7 @@ from tests.support.stack import (
 )
 from triage.config import PROJECT_ROOT
 from triage.db.models import Classification, Dispatch, OutboxMessage, Ticket
+from triage.embedded import free_port
 from triage.sinks.django_helpdesk import PRIORITIES
 
 pytestmark = pytest.mark.slow
@@ -89,12 +90,6 @@ User.objects.create_superuser("{ADMIN[0]}", "triage@example.com", "{ADMIN[1]}")
 for slug in ["billing", "support", "accounts", "general"]:
     Queue.objects.create(title=slug.title(), slug=slug)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def listening(port: int) -> bool:

@@ -20,7 +20,7 @@ from tests.support.stack import (
     ticket_payload,
     truncate,
 )
-from triage.embedded import _free_port
+from triage.embedded import free_port
 from triage.errors import PermanentError, RateLimited
 from triage.ingest.app import create_app
 from triage.pipeline.classify_stage import classify_tickets_stage
@@ -171,7 +171,7 @@ def test_a_scrape_with_the_broker_down_is_quick_and_still_reports_the_database(p
     # (22 s with this taxonomy) when the broker was down: past any scrape timeout, so the
     # ticket gauges were lost with the queue ones.
     truncate(pg_url)
-    rt = make_runtime(stack_env(pg_url, f"redis://127.0.0.1:{_free_port()}/0"))
+    rt = make_runtime(stack_env(pg_url, f"redis://127.0.0.1:{free_port()}/0"))
     with TestClient(create_app(rt, relay_interval=3600)) as client:
         started = time.monotonic()
         seen = scrape(client)
@@ -183,7 +183,7 @@ def test_a_scrape_with_the_broker_down_is_quick_and_still_reports_the_database(p
 
 @pytest.mark.parametrize("down", ["database", "broker"])
 def test_readyz_is_503_naming_what_is_unreachable_and_healthz_stays_200(pg_url, clean_redis, down):
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     database = (
         PG_ADMIN_URL.rsplit("@", 1)[0] + f"@127.0.0.1:{port}/test" if down == "database" else pg_url
     )

@@ -29,17 +29,17 @@ from tests.support.stack import (
     ticket_payload,
     truncate,
 )
-from triage.embedded import _free_port
+from triage.embedded import free_port
 from triage.ingest.app import create_app
 from triage.pipeline.routing import CLASSIFY_QUEUE
 
 
 def _down_db() -> str:
-    return PG_ADMIN_URL.rsplit("@", 1)[0] + f"@127.0.0.1:{_free_port()}/test"
+    return PG_ADMIN_URL.rsplit("@", 1)[0] + f"@127.0.0.1:{free_port()}/test"
 
 
 def _down_broker() -> str:
-    return f"redis://127.0.0.1:{_free_port()}/0"
+    return f"redis://127.0.0.1:{free_port()}/0"
 
 
 def counter(name: str, **labels: str) -> float:

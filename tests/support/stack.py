@@ -314,9 +314,9 @@ def served_api(env: dict[str, str], *, workers: int = 1) -> Iterator[ServedApi]:
     SIGTERM on the way out, its output kept for the test's assertions."""
     import httpx
 
-    from triage.embedded import _free_port
+    from triage.embedded import free_port
 
-    port = _free_port()
+    port = free_port()
     args = [sys.executable, "-m", "triage.cli.main", "serve", "--workers", str(workers)]
     proc = subprocess.Popen(
         [*args, "--port", str(port)],

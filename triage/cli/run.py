@@ -70,7 +70,7 @@ def run(
     """
     from triage.config import PROJECT_ROOT, Settings
     from triage.db.migrate import upgrade
-    from triage.embedded import EmbeddedRedis, _free_port
+    from triage.embedded import EmbeddedRedis, free_port
 
     # Ctrl-C and a plain `kill` both stop everything in order (SIGINT is ignored when a
     # shell starts us in the background; this demo should still stop on it).
@@ -104,7 +104,7 @@ def run(
         )
         if redis is not None:
             _resend_unfinished(redis.url)
-        port = port or _free_port()
+        port = port or free_port()
         worker_args = ["worker", "-c", str(concurrency), "--loglevel", "WARNING"]
         children.append(_spawn("the worker", worker_args, env, var))
         children.append(_spawn("the API", ["serve", "--port", str(port)], env, var))
