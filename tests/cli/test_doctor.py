@@ -3,17 +3,9 @@
 from __future__ import annotations
 
 import json
-import socket
 
 from tests.fakeanthropic import Fault
-
-
-def _closed_port() -> int:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()  # nothing listens here any more
-    return port
+from triage.embedded import free_port
 
 
 def _by_name(report):
@@ -35,7 +27,7 @@ def test_doctor_passes_when_everything_is_up(cli):
 
 
 def test_doctor_reports_a_stopped_database_with_exit_1_and_what_to_do(cli):
-    url = f"postgresql://postgres@127.0.0.1:{_closed_port()}/triage"
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/triage"
 
     result = cli("doctor", code=1, DATABASE_URL=url)
 
@@ -46,7 +38,7 @@ def test_doctor_reports_a_stopped_database_with_exit_1_and_what_to_do(cli):
 
 def test_doctor_reports_a_rejected_key_and_an_unreachable_broker(cli, fake):
     fake.add_fault(Fault("auth"))
-    report = cli("doctor", "--json", code=1, REDIS_URL=f"redis://127.0.0.1:{_closed_port()}/0")
+    report = cli("doctor", "--json", code=1, REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
     checks = _by_name(json.loads(report.stdout))
     assert checks["anthropic api"]["status"] == "problem"
     assert checks["anthropic api"]["todo"] == "set a valid ANTHROPIC_API_KEY"
@@ -82,7 +74,7 @@ def test_doctor_reports_a_missing_sqlite_file_without_creating_it(cli, tmp_path)
 
 
 def test_a_broken_config_does_not_hide_a_stopped_database(cli, tmp_path):
-    url = f"postgresql://postgres@127.0.0.1:{_closed_port()}/triage"
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/triage"
 
     report = cli("doctor", "--json", code=1, DATABASE_URL=url, TRIAGE_CONFIG_DIR=str(tmp_path))
 
