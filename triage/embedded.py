@@ -15,12 +15,12 @@ from triage.errors import ConfigError
 _PORTS_FROM = 20000  # above the usual fixed services, below the kernel's ephemeral range
 
 
-def _ephemeral_range() -> tuple[int, int]:
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range."""
     try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; other systems start theirs higher
 
 
 def free_port() -> int:
@@ -30,10 +30,8 @@ def free_port() -> int:
     where any outgoing connection made before the server binds can take it (CI saw a worker's
     metrics server fail so, with "Address already in use"). Ports below that range are taken
     only by servers that ask for them."""
-    low, _ = _ephemeral_range()
-    candidates = list(range(_PORTS_FROM, low)) if low > _PORTS_FROM + 100 else []
-    random.shuffle(candidates)
-    for port in candidates[:200]:
+    below = range(_PORTS_FROM, _ephemeral_low())
+    for port in random.sample(below, min(200, len(below))):
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
