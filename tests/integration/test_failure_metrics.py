@@ -39,9 +39,7 @@ def _ticket(rt: Runtime, external_id: str) -> int:
         return accept_ticket(session, inbound).ticket_id
 
 
-@pytest.mark.parametrize(
-    ("fault", "outcome"), [("bad_request", "dead"), ("overloaded", "retry")]
-)
+@pytest.mark.parametrize(("fault", "outcome"), [("bad_request", "dead"), ("overloaded", "retry")])
 def test_each_failed_attempt_is_counted_by_the_guards_decision(runtime, fake, fault, outcome):
     rt = runtime()
     tid = _ticket(rt, f"metrics-{fault}")

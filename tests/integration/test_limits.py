@@ -226,4 +226,3 @@ def test_a_process_that_meets_a_401_after_another_opened_the_circuit_knows_it_is
     third = CircuitBreaker(client, auth_cooldown=60)
     assert third.record_overload() is False
     assert 59 < third.known_open_seconds() <= 60
-

@@ -74,4 +74,3 @@ def test_hosts_whose_clocks_differ_share_one_budget(clean_redis):
     # A minute's burst is 60 calls; one is spent.
     assert [limiter().acquire(1) for _ in range(59)] == [0.0] * 59
     assert 0 < limiter().acquire(1) <= 1.01
-

@@ -38,7 +38,9 @@ local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
 
 # KEYS: one GCRA key per limit. ARGV: (interval_ms, burst_ms, quantity) per key.
 # Returns 0 when every limit admits the request (and records it), else ms to wait.
-_GCRA = _NOW_MS + """
+_GCRA = (
+    _NOW_MS
+    + """
 local wait = 0
 local tats = {}
 for i, key in ipairs(KEYS) do
@@ -60,11 +62,14 @@ for i, key in ipairs(KEYS) do
 end
 return 0
 """
+)
 
 # The same buckets, charged without asking: for calls that went without admission (a repair
 # call, an escalation) and input beyond what was estimated. Later calls wait for them.
 # KEYS and ARGV as _GCRA's (burst unused).
-_CHARGE = _NOW_MS + """
+_CHARGE = (
+    _NOW_MS
+    + """
 for i, key in ipairs(KEYS) do
   local interval = tonumber(ARGV[1 + (i - 1) * 3])
   local qty = tonumber(ARGV[3 + (i - 1) * 3])
@@ -75,6 +80,7 @@ for i, key in ipairs(KEYS) do
 end
 return 0
 """
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +157,9 @@ REASONS = (OVERLOAD, API_KEY_REJECTED)
 # Counts one overload answer; opens the circuit when the window holds at least `threshold`
 # overloads and they are at least `ratio` of the answers (or at once when half-open). Open is
 # the open-until key's TTL; its value (Redis's time when it closes) is for people reading it.
-_OVERLOAD = _NOW_S + """
+_OVERLOAD = (
+    _NOW_S
+    + """
 local prefix = ARGV[1]
 local window = tonumber(ARGV[2])
 local threshold = tonumber(ARGV[3])
@@ -179,6 +187,7 @@ redis.call('SET', KEYS[2], '1', 'PX', math.ceil((until_ - now + 3600) * 1000))
 redis.call('SET', KEYS[4], 'overload', 'PX', math.ceil((until_ - now + 3600) * 1000))
 return 1
 """
+)
 
 # KEYS: open-until key, half-open key, reason key. ARGV: cooldown (s).
 # A rejected API key opens the circuit at once: one 401 is conclusive, every other call would
@@ -200,12 +209,15 @@ return 1
 # KEYS as _OVERLOAD's. ARGV: prefix, window (s), count. Counts good answers; one that comes
 # while half-open, once the cool-down is over, closes the circuit (an answer to a call sent
 # before the circuit opened proves nothing; only one after it, the probe's, does).
-_SUCCESS = _NOW_S + """
+_SUCCESS = (
+    _NOW_S
+    + """
 redis.call('INCRBY', calls_key, ARGV[3]); redis.call('EXPIRE', calls_key, tonumber(ARGV[2]) + 5)
 redis.call('DEL', KEYS[3])
 if redis.call('PTTL', KEYS[1]) <= 0 then redis.call('DEL', KEYS[2], KEYS[4]) end
 return 0
 """
+)
 
 # KEYS: open-until key, half-open key, probe key. ARGV: probe interval (ms).
 # Returns ms the circuit stays open (> 0), 0 when closed, -1 when the caller won the half-open
