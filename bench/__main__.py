@@ -48,6 +48,17 @@ def parse_args() -> argparse.Namespace:
         "--db-pool", type=int, default=8, help="workers' TRIAGE_DB_POOL_SIZE (0: triage's default)"
     )
     parser.add_argument("--api-workers", type=int, default=1, help="triage serve --workers")
+    # Off by default, as in a fresh install; a production fleet sets its tier's limits, and
+    # then every batch asks the shared budget in Redis before its calls.
+    parser.add_argument(
+        "--calls-per-minute", type=int, default=0, help="workers' TRIAGE_API_CALLS_PER_MINUTE"
+    )
+    parser.add_argument(
+        "--tokens-per-minute",
+        type=int,
+        default=0,
+        help="workers' TRIAGE_API_INPUT_TOKENS_PER_MINUTE",
+    )
     parser.add_argument(
         "--batch-size", type=int, default=0, help="TRIAGE_BATCH_SIZE (0: triage's default)"
     )
@@ -70,6 +81,18 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def worker_env(args: argparse.Namespace) -> dict[str, str]:
+    """Settings for the workers alone."""
+    env: dict[str, str] = {}
+    if args.db_pool:
+        env["TRIAGE_DB_POOL_SIZE"] = str(args.db_pool)
+    if args.calls_per_minute:
+        env["TRIAGE_API_CALLS_PER_MINUTE"] = str(args.calls_per_minute)
+    if args.tokens_per_minute:
+        env["TRIAGE_API_INPUT_TOKENS_PER_MINUTE"] = str(args.tokens_per_minute)
+    return env
+
+
 def main() -> None:
     # A bench stopped with SIGTERM (kill, a CI timeout) stops its child processes too: the
     # handler turns the signal into SystemExit, so the `finally` below runs.
@@ -88,6 +111,8 @@ def main() -> None:
             "processes": args.processes,
             "concurrency": args.concurrency,
             "db_pool_size": args.db_pool or "default",
+            "api_calls_per_minute": args.calls_per_minute,
+            "api_input_tokens_per_minute": args.tokens_per_minute,
             "api_workers": args.api_workers,
             "batch_size": args.batch_size or "default",
         },
@@ -110,7 +135,7 @@ def main() -> None:
             concurrency=args.concurrency,
             run=uuid.uuid4().hex[:6],
             serve_pid=serve.pid,
-            worker_env={"TRIAGE_DB_POOL_SIZE": str(args.db_pool)} if args.db_pool else {},
+            worker_env=worker_env(args),
         )
         try:
             run_scenarios(started, args, stack, lease.url, result, wanted)

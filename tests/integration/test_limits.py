@@ -226,3 +226,41 @@ def test_a_process_that_meets_a_401_after_another_opened_the_circuit_knows_it_is
     third = CircuitBreaker(client, auth_cooldown=60)
     assert third.record_overload() is False
     assert 59 < third.known_open_seconds() <= 60
+
+
+def test_a_batch_is_decided_in_one_call_as_calls_one_by_one_would_decide_it(clean_redis):
+    client = redis.Redis.from_url(clean_redis)
+    limits = Limits(calls_per_minute=60, input_tokens_per_minute=1_000)
+    batch = ApiLimiter(client, limits, prefix="triage:limit:batch")
+    single = ApiLimiter(client, limits, prefix="triage:limit:single")
+    # 600 and 300 fit the minute's 1,000 tokens; 300 more must wait, and is not charged, so
+    # the 100 after it still fits; then the tokens are spent.
+    tokens = [600, 300, 300, 100, 50]
+    script, scripts_run = batch._script, []
+    batch._script = lambda **kw: scripts_run.append(kw) or script(**kw)
+    waits = batch.acquire_each(tokens)
+    assert len(scripts_run) == 1  # one round trip for the five
+    assert waits[:2] == [0.0, 0.0] and waits[3] == 0.0
+    assert waits[2] > 0 and waits[4] > 0
+    one_by_one = [single.acquire(t) for t in tokens]
+    assert [w == 0 for w in waits] == [w == 0 for w in one_by_one]
+    assert abs(waits[2] - one_by_one[2]) < 0.5 and abs(waits[4] - one_by_one[4]) < 0.5
+    # Both budgets now hold the same charge: 1,000 tokens and four calls.
+    assert batch.acquire(1) > 0 and single.acquire(1) > 0
+
+
+def test_admission_charges_a_batch_in_one_call_and_only_the_probe_when_half_open(clean_redis):
+    client = redis.Redis.from_url(clean_redis)
+    breaker = CircuitBreaker(client, threshold=2, window=10, cooldown=0.2, probe_interval=5)
+    admission = Admission(ApiLimiter(client, Limits(calls_per_minute=5)), breaker)
+    waits = admission.admit([10, 10, 10])
+    assert waits == [0.0, 0.0, 0.0]
+    breaker.record_overload()
+    assert breaker.record_overload() is True
+    wait_until(lambda: breaker.open_seconds() == 0, 5, what="cool-down over")
+    # Half open: the first ticket is the probe, the others wait the probe interval.
+    assert admission.admit([10, 10, 10]) == [0.0, 5.0, 5.0]
+    breaker.record_success()
+    # The probe was the only one of those charged: one call of the burst of five is left.
+    waits = admission.admit([10, 10])
+    assert waits[0] == 0.0 and waits[1] > 0

@@ -36,31 +36,47 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
 """
 
-# KEYS: one GCRA key per limit. ARGV: (interval_ms, burst_ms, quantity) per key.
-# Returns 0 when every limit admits the request (and records it), else ms to wait.
+# KEYS: one GCRA key per limit. ARGV: for each request in turn, (interval_ms, burst_ms, quantity)
+# per key. Returns, per request, 0 when every limit admits it (and it is recorded), else ms to
+# wait. The requests are decided in order, as separate calls would decide them: one that must
+# wait is not recorded, and a smaller one after it may still fit. One call for a batch's
+# tickets instead of a round trip each.
 _GCRA = (
     _NOW_MS
     + """
-local wait = 0
 local tats = {}
 for i, key in ipairs(KEYS) do
-  local interval = tonumber(ARGV[1 + (i - 1) * 3])
-  local burst = tonumber(ARGV[2 + (i - 1) * 3])
-  local qty = tonumber(ARGV[3 + (i - 1) * 3])
   local tat = tonumber(redis.call('GET', key) or now)
   if tat < now then tat = now end
-  local new_tat = tat + interval * qty
-  local allow_at = new_tat - burst
-  if allow_at > now and (allow_at - now) > wait then wait = allow_at - now end
-  tats[i] = new_tat
+  tats[i] = tat
 end
--- Whole ms, rounded up: the reply is an integer, and a wait under 1 ms truncated to 0 would
--- read as "go" for a call that was not charged.
-if wait > 0 then return math.ceil(wait) end
-for i, key in ipairs(KEYS) do
-  redis.call('SET', key, tats[i], 'PX', math.ceil(tats[i] - now) + 1000)
+local per = #KEYS * 3
+local waits = {}
+local admitted = false
+for j = 0, #ARGV / per - 1 do
+  local wait = 0
+  local new_tats = {}
+  for i = 1, #KEYS do
+    local at = j * per + (i - 1) * 3
+    local new_tat = tats[i] + tonumber(ARGV[at + 1]) * tonumber(ARGV[at + 3])
+    local allow_at = new_tat - tonumber(ARGV[at + 2])
+    if allow_at > now and (allow_at - now) > wait then wait = allow_at - now end
+    new_tats[i] = new_tat
+  end
+  -- Whole ms, rounded up: the reply is an integer, and a wait under 1 ms truncated to 0 would
+  -- read as "go" for a call that was not charged.
+  waits[j + 1] = math.ceil(wait)
+  if wait == 0 then
+    tats = new_tats
+    admitted = true
+  end
 end
-return 0
+if admitted then
+  for i, key in ipairs(KEYS) do
+    redis.call('SET', key, tats[i], 'PX', math.ceil(tats[i] - now) + 1000)
+  end
+end
+return waits
 """
 )
 
@@ -109,11 +125,18 @@ class ApiLimiter:
 
     def acquire(self, input_tokens: int) -> float:
         """0.0 when the call may go now (and is counted); otherwise seconds to wait."""
-        keys, args = self._buckets(1, max(1, input_tokens))
+        return self.acquire_each([input_tokens])[0]
+
+    def acquire_each(self, input_tokens: Sequence[int]) -> list[float]:
+        """`acquire` for each of several calls in turn, in one round trip to Redis."""
+        keys: list[str] = []
+        args: list[float] = []
+        for tokens in input_tokens:
+            keys, call_args = self._buckets(1, max(1, tokens))
+            args += call_args
         if not keys:
-            return 0.0
-        wait_ms = float(self._script(keys=keys, args=args))
-        return wait_ms / 1000
+            return [0.0] * len(input_tokens)
+        return [float(ms) / 1000 for ms in self._script(keys=keys, args=args)]
 
     def charge(self, calls: int, input_tokens: int) -> None:
         """Count calls and input tokens already spent without `acquire` (a repair call, an
@@ -383,7 +406,8 @@ class Admission:
         paused, probe = self.breaker.check()
         if paused > 0:
             return [paused] * len(input_tokens)
-        waits = [self.limiter.acquire(input_tokens[0])]
-        for tokens in input_tokens[1:]:
-            waits.append(self.breaker.probe_interval if probe else self.limiter.acquire(tokens))
-        return waits
+        if probe:
+            return self.limiter.acquire_each(input_tokens[:1]) + [self.breaker.probe_interval] * (
+                len(input_tokens) - 1
+            )
+        return self.limiter.acquire_each(input_tokens)
