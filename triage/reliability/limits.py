@@ -82,7 +82,7 @@ return waits
 
 # The same buckets, charged without asking: for calls that went without admission (a repair
 # call, an escalation) and input beyond what was estimated. Later calls wait for them.
-# KEYS and ARGV as _GCRA's (burst unused).
+# KEYS as _GCRA's; ARGV as one request's in _GCRA's (burst unused).
 _CHARGE = (
     _NOW_MS
     + """
